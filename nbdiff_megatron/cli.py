@@ -1,0 +1,69 @@
+"""The `nbdiff` command: parses the sub-command and hands over to one function per job.
+
+Sub-command modules are imported lazily (megatron-core and transformers are slow to import), and each
+exposes `add_arguments(parser, command)` and `run(args) -> int | None` (`args.command` names the
+sub-command, for modules that serve several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nbdiff_megatron.errors import NBDiffError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("nbdiff_megatron.demo", "train a tiny AR model, adapt it with NBDiff, decode (CPU)"),
+    "train": ("nbdiff_megatron.training.cli", "adapt / fine-tune a model (YAML config + --key=value)"),
+    "preprocess": ("nbdiff_megatron.data.preprocess", "tokenize text into Megatron indexed datasets"),
+    "convert": ("nbdiff_megatron.convert.cli", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
+    "generate": ("nbdiff_megatron.inference.cli", "decode text with block diffusion (or AR)"),
+    "eval": ("nbdiff_megatron.inference.lm_eval_adapter", "evaluate with lm-evaluation-harness"),
+    "show-mask": ("nbdiff_megatron.plots", "draw the 2L x 2L training mask as a PNG"),
+    "show-curriculum": ("nbdiff_megatron.plots", "plot B(s), lambda(s) and the LR of a config"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: nbdiff <command> [options]", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`nbdiff <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"nbdiff {command}", description=help_)
+    module.add_arguments(parser, command)
+    parser.set_defaults(_module=module, command=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"nbdiff: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    parser = build_parser(command)
+    args = parser.parse_args(rest)
+    try:
+        code = args._module.run(args)
+    except NBDiffError as exc:
+        print(f"nbdiff {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

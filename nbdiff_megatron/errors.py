@@ -1,0 +1,28 @@
+"""One exception type per area a user can get wrong; the CLI prints their message without a traceback.
+
+Each message names the field or file at fault and the fix.
+"""
+
+
+class NBDiffError(Exception):
+    """Base class of the errors a user can cause (bad config, data, checkpoint, arguments)."""
+
+
+class ConfigError(NBDiffError, ValueError):
+    """A configuration field has a bad value, or fields disagree with each other."""
+
+
+class DataError(NBDiffError):
+    """Input data cannot be read, parsed or tokenized."""
+
+
+class CheckpointError(NBDiffError):
+    """A checkpoint is missing, incomplete or does not match the model."""
+
+
+class ConversionError(NBDiffError):
+    """A checkpoint cannot be converted between HF and megatron-core."""
+
+
+class InferenceError(NBDiffError, ValueError):
+    """A decoding request is invalid (empty prompt, too long, unknown checkpoint)."""
