@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbdiff: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     parser = build_parser(command)
-    args = parser.parse_args(rest)
+    args, extra = parser.parse_known_args(rest)
+    if getattr(args._module, "ACCEPTS_OVERRIDES", False):
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args._module.run(args)
     except NBDiffError as exc:
