@@ -1,0 +1,295 @@
+"""NBDiffAttention: the core-attention module of the NBDiff layer spec, and the masks it consumes.
+
+megatron-core hands the core attention q/k/v as `[s, b, heads_per_rank, head_dim]` (GQA: fewer k/v heads)
+and whatever object the model's forward received as `attention_mask`. This module accepts:
+
+- `AttentionMask` (this project's object, built by `model/builder.py`): a dense boolean mask in the
+  project convention (True = MAY attend), run with SDPA; or a FlexAttention `BlockMask`, run with
+  FlexAttention (compiled on CUDA).
+- a bare FlexAttention `BlockMask`.
+- a bare boolean tensor in megatron-core's convention (True = masked OUT), as megatron's own callers pass
+  it; `allowed_from_megatron_mask` converts it.
+- None: causal attention (megatron's default for GPT).
+
+The mask-convention adapter (`megatron_mask_from_allowed` / `allowed_from_megatron_mask`) lives here and
+nowhere else. Queries and keys may have different lengths (prefix + block forwards, KV-cache decoding).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    HAVE_FLEX = True
+except ImportError:  # pragma: no cover - old torch
+    BlockMask = None  # type: ignore[assignment,misc]
+    create_block_mask = None  # type: ignore[assignment]
+    flex_attention = None  # type: ignore[assignment]
+    HAVE_FLEX = False
+
+# SDPA's enable_gqa (torch >= 2.5) lets the causal fast path skip materialising repeated k/v heads.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+# ------------------------------------------------------------------------------- mask conventions
+def megatron_mask_from_allowed(allowed: torch.Tensor) -> torch.Tensor:
+    """Project mask (True = may attend) -> megatron-core boolean mask (True = masked out)."""
+    return ~allowed.bool()
+
+
+def allowed_from_megatron_mask(masked_out: torch.Tensor) -> torch.Tensor:
+    """megatron-core boolean mask (True = masked out) -> project mask (True = may attend)."""
+    if masked_out.dtype != torch.bool:
+        raise TypeError(
+            f"attention_mask tensors must be boolean (megatron convention), got {masked_out.dtype}"
+        )
+    return ~masked_out
+
+
+def _as_4d(allowed: torch.Tensor) -> torch.Tensor:
+    """[Q, K] / [b, Q, K] / [b, 1, Q, K] -> [b or 1, 1, Q, K]."""
+    if allowed.dim() == 2:
+        return allowed[None, None]
+    if allowed.dim() == 3:
+        return allowed[:, None]
+    if allowed.dim() == 4:
+        return allowed
+    raise ValueError(f"attention mask must have 2, 3 or 4 dims, got shape {tuple(allowed.shape)}")
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """The `attention_mask` object our model forwards carry through megatron-core to NBDiffAttention.
+
+    Exactly one of `allowed` (dense, [b or 1, 1, Q, K], True = may attend; SDPA backend) and
+    `block_mask` (FlexAttention BlockMask; flex backend) is set.
+    """
+
+    allowed: torch.Tensor | None = None
+    block_mask: Any = None
+
+    def __post_init__(self) -> None:
+        if (self.allowed is None) == (self.block_mask is None):
+            raise ValueError("AttentionMask needs exactly one of `allowed` and `block_mask`")
+        if self.allowed is not None:
+            object.__setattr__(self, "allowed", _as_4d(self.allowed.bool()))
+
+    @classmethod
+    def dense(cls, allowed: torch.Tensor) -> AttentionMask:
+        """Wrap a dense project-convention mask ([Q, K], [b, Q, K] or [b, 1, Q, K])."""
+        return cls(allowed=allowed)
+
+    @classmethod
+    def flex(cls, block_mask: Any) -> AttentionMask:
+        """Wrap a FlexAttention BlockMask."""
+        return cls(block_mask=block_mask)
+
+    @property
+    def backend(self) -> str:
+        """"sdpa" for a dense mask, "flex" for a BlockMask."""
+        return "sdpa" if self.allowed is not None else "flex"
+
+    def to_megatron(self) -> torch.Tensor:
+        """The dense mask in megatron-core's convention, for megatron's own attention modules."""
+        if self.allowed is None:
+            raise ValueError("a FlexAttention BlockMask has no dense megatron-core form")
+        return megatron_mask_from_allowed(self.allowed)
+
+
+# ------------------------------------------------------------------------------- flex kernels
+_COMPILED_FLEX: Callable | None = None
+
+
+def _flex_kernel(device: torch.device) -> Callable:
+    """flex_attention, compiled on CUDA (eager flex is an unfused reference, far too slow for GPUs)."""
+    global _COMPILED_FLEX
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+class BlockMaskCache:
+    """LRU cache of FlexAttention BlockMasks keyed by (kind, L, B, document layout, batch, device).
+
+    A training step reuses one mask in every layer and every micro-batch with the same layout (unpacked
+    data: every step of a curriculum plateau). Packed batches key on the bytes of their doc_ids.
+    """
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.last_build_seconds = 0.0
+
+    @staticmethod
+    def layout_key(doc_ids: torch.Tensor | None) -> Any:
+        """Hashable description of a document layout (None when unpacked)."""
+        if doc_ids is None:
+            return None
+        flat = doc_ids.detach().to("cpu", torch.int64).contiguous()
+        return (tuple(flat.shape), hash(flat.numpy().tobytes()))
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The cached mask for `key`, built with `build()` on a miss."""
+        import time
+
+        with self._lock:
+            if key in self._entries:
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        start = time.perf_counter()
+        value = build()
+        self.last_build_seconds = time.perf_counter() - start
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = value
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        """Drop every cached mask and reset the counters."""
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+
+BLOCK_MASK_CACHE = BlockMaskCache()
+
+
+def build_block_mask(mask_mod: Callable, batch: int | None, q_len: int, kv_len: int,
+                     device: torch.device | str) -> Any:
+    """A BlockMask for `mask_mod` (heads broadcast; batch None = broadcast over the batch)."""
+    if not HAVE_FLEX:
+        raise RuntimeError("FlexAttention needs torch >= 2.5; use attention_backend='sdpa'")
+    device = torch.device(device)
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len,
+                             device=device, _compile=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------- the module
+class NBDiffAttention(MegatronModule):
+    """Core attention over an arbitrary mask: SDPA with a dense mask, or FlexAttention with a BlockMask.
+
+    Constructed by megatron-core's SelfAttention with DotProductAttention's arguments; returns
+    `[sq, b, heads_per_rank * head_dim]`.
+    """
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any = None,
+                 attention_type: str = "self", attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
+                 pg_collection: Any = None, **kwargs: Any) -> None:
+        super().__init__(config=config)
+        if getattr(config, "context_parallel_size", 1) > 1:
+            raise NotImplementedError(
+                "NBDiffAttention has no context-parallel path yet: set context_parallel_size=1"
+            )
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Any, attn_mask_type: Any = None, attention_bias: Any = None,
+                packed_seq_params: Any = None, **kwargs: Any) -> torch.Tensor:
+        """q [sq, b, hq, d], k/v [sk, b, hk, d] -> [sq, b, hq * d]."""
+        if attention_bias is not None:
+            raise NotImplementedError("NBDiffAttention does not take an attention_bias")
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "NBDiffAttention takes packed documents through the mask (doc_ids), not THD "
+                "packed_seq_params"
+            )
+        sq, batch, hq, head_dim = query.shape
+        q = query.permute(1, 2, 0, 3)  # [b, hq, sq, d]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+
+        if isinstance(attention_mask, AttentionMask):
+            mask = attention_mask
+        elif HAVE_FLEX and isinstance(attention_mask, BlockMask):
+            mask = AttentionMask.flex(attention_mask)
+        elif isinstance(attention_mask, torch.Tensor):
+            mask = AttentionMask.dense(allowed_from_megatron_mask(attention_mask))
+        elif attention_mask is None:
+            mask = None
+        else:
+            raise TypeError(f"unsupported attention_mask type {type(attention_mask).__name__}")
+
+        if mask is not None and mask.backend == "flex":
+            out = self._flex(q, k, v, mask.block_mask)
+        else:
+            out = self._sdpa(q, k, v, None if mask is None else mask.allowed)
+        # [b, hq, sq, d] -> [sq, b, hq * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, batch, hq * head_dim)
+
+    def _dropout(self) -> float:
+        return self.dropout_p if self.training else 0.0
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              allowed: torch.Tensor | None) -> torch.Tensor:
+        hq, hk = q.shape[1], k.shape[1]
+        extra: dict[str, Any] = {}
+        if hq != hk:
+            if allowed is None and _SDPA_HAS_GQA:
+                extra["enable_gqa"] = True
+            else:
+                # megatron groups query heads contiguously per k/v head
+                k = k.repeat_interleave(hq // hk, dim=1)
+                v = v.repeat_interleave(hq // hk, dim=1)
+        sq, sk = q.shape[2], k.shape[2]
+        is_causal = False
+        if allowed is None:
+            if sq != sk:
+                raise ValueError(
+                    "attention_mask=None means causal attention and needs equal query/key lengths; "
+                    "pass an AttentionMask for prefix + block forwards"
+                )
+            is_causal = True
+        else:
+            if allowed.shape[-2:] != (sq, sk):
+                raise ValueError(
+                    f"attention mask covers {tuple(allowed.shape[-2:])} query x key positions, the "
+                    f"attention has {(sq, sk)}"
+                )
+            allowed = allowed.to(q.device)
+        dropout = self._dropout()
+        if dropout > 0.0:
+            from megatron.core import tensor_parallel
+
+            # Heads are split across TP ranks: draw dropout from the model-parallel RNG stream.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                                      is_causal=is_causal, scale=self.softmax_scale,
+                                                      **extra)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal,
+                                              scale=self.softmax_scale, **extra)
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+        if not HAVE_FLEX:
+            raise RuntimeError("FlexAttention needs torch >= 2.5; use attention_backend='sdpa'")
+        if self._dropout() > 0.0:
+            raise NotImplementedError("FlexAttention has no attention dropout: use the sdpa backend")
+        hq, hk = q.shape[1], k.shape[1]
+        kernel = _flex_kernel(q.device)
+        return kernel(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
+                      enable_gqa=hq != hk)
