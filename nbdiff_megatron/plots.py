@@ -27,7 +27,7 @@ def _pyplot():
 
 
 def parse_doc_lengths(text: str | None, seq_len: int) -> torch.Tensor | None:
-    """"3,5,8" -> doc ids [0,0,0,1,1,1,1,1,2,...]; the lengths must add up to seq_len."""
+    """ "3,5,8" -> doc ids [0,0,0,1,1,1,1,1,2,...]; the lengths must add up to seq_len."""
     if not text:
         return None
     try:
@@ -164,8 +164,65 @@ def run(args: argparse.Namespace) -> int:
 
 def _add_show_curriculum(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a training YAML config (examples/*.yaml)")
-    parser.add_argument("--out", default="curriculum.png", help="output PNG (default curriculum.png)")
+    parser.add_argument(
+        "--out", default="curriculum.png", help="output PNG (default curriculum.png)"
+    )
+
+
+def curriculum_series(cfg, max_points: int = 4000) -> dict[str, list]:
+    """B(s), λ(s) and LR(s) of a training config, at up to ``max_points`` steps (every step if fewer)."""
+    from nbdiff_megatron.training.loop import ar_weight_of, block_size_of, lr_of
+
+    total = cfg.train.steps
+    stride = max(1, -(-total // max_points))
+    steps = sorted(set(range(0, total, stride)) | {total - 1})
+    return {
+        "step": steps,
+        "block_size": [block_size_of(cfg, s) for s in steps],
+        "ar_weight": [ar_weight_of(cfg, s) for s in steps],
+        "lr": [lr_of(cfg, s) for s in steps],
+    }
+
+
+def draw_curriculum(series: dict[str, list], path: str | Path, *, title: str) -> Path:
+    """Three stacked step plots: block size (log2 axis), AR weight λ, learning rate."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
+    panels = [
+        ("block_size", "block size B(s)", "tab:blue"),
+        ("ar_weight", "AR weight λ(s)", "tab:orange"),
+        ("lr", "learning rate", "tab:green"),
+    ]
+    for ax, (key, label, color) in zip(axes, panels):
+        ax.step(series["step"], series[key], where="post", color=color)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log", base=2)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _run_show_curriculum(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from nbdiff_megatron.training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    series = curriculum_series(cfg)
+    blocks = series["block_size"]
+    reached = next((s for s, b in zip(series["step"], blocks) if b == max(blocks)), None)
+    title = f"{Path(args.config).name}: {cfg.train.steps} steps"
+    path = draw_curriculum(series, args.out, title=title)
+    print(f"wrote {path}")
+    print(f"  block size {blocks[0]} -> {blocks[-1]} (reached {max(blocks)} at step ~{reached})")
+    lam = series["ar_weight"]
+    print(f"  AR weight  {lam[0]:.3g} -> {lam[-1]:.3g} ({cfg.curriculum.ar_weight_anneal})")
+    print(
+        f"  LR         peak {max(series['lr']):.3g}, final {series['lr'][-1]:.3g} "
+        f"({cfg.schedule.style})"
+    )
+    return 0

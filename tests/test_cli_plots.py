@@ -41,3 +41,26 @@ def test_unknown_command_suggests_the_nearest(capsys):
     assert main(["show-mas"]) == 2
     assert "Did you mean 'show-mask'" in capsys.readouterr().err
     assert main([]) == 0
+
+
+def test_show_curriculum_plots_a_config(tmp_path, capsys):
+    out = tmp_path / "cur.png"
+    assert (
+        main(["show-curriculum", "--config", "examples/ablation_8k.yaml", "--out", str(out)]) == 0
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the Table 2 setting: growth 1 -> 32 finished by step 2500
+    assert "block size 1 -> 32 (reached 32 at step ~2500)" in capsys.readouterr().out
+
+
+def test_show_curriculum_series_follows_the_overrides():
+    from nbdiff_megatron.plots import curriculum_series
+    from nbdiff_megatron.training.config import load_config
+
+    cfg = load_config(
+        "examples/ablation_8k.yaml", ["--curriculum.growth_interval=100", "--train.steps=1000"]
+    )
+    series = curriculum_series(cfg)
+    assert series["step"] == list(range(1000))
+    assert series["block_size"][:101:100] == [1, 2]
+    assert all(a <= b for a, b in zip(series["block_size"], series["block_size"][1:]))
