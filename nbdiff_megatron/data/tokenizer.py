@@ -1,0 +1,422 @@
+"""Tokenizers behind one small interface: HF `tokenizer.json` / folder, sentencepiece, tiktoken BPE.
+
+Every tokenizer exposes `vocab_size`, `eod`, `pad`, `mask_id`, `encode` and `decode`. NBDiff needs a
+`[MASK]` token: when the tokenizer has none, one is appended at the end of the vocabulary and recorded
+(`mask_added`) in the metadata that travels with the dataset (`{prefix}_document.json`) and the
+checkpoint (`tokenizer_metadata()`), so the model's embedding gets the extra row.
+
+`encode(text)` never adds BOS/EOS and, by default, treats special-token strings in the text as plain
+text (a literal "<|endoftext|>" inside a document must not end it); templates pass
+`allow_special=True` for their own markers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from nbdiff_megatron.errors import ConfigError, DataError
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "TikTokenizer")
+# Megatron-LM spells some of these differently; accept its names too.
+_ALIASES = {
+    "huggingfacetokenizer": "HuggingFaceTokenizer",
+    "hf": "HuggingFaceTokenizer",
+    "huggingface": "HuggingFaceTokenizer",
+    "sentencepiecetokenizer": "SentencePieceTokenizer",
+    "gptsentencepiecetokenizer": "SentencePieceTokenizer",
+    "sentencepiece": "SentencePieceTokenizer",
+    "tiktokenizer": "TikTokenizer",
+    "tiktoken": "TikTokenizer",
+}
+MASK_TOKEN = "[MASK]"
+EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+MASK_CANDIDATES = ("[MASK]", "<|mask|>", "<mask>", "<MASK>")
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+# cl100k's pre-tokenization pattern; TikTokenizer(pattern=...) overrides it.
+TIKTOKEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+class Tokenizer:
+    """The interface every tokenizer implements (subclasses fill the fields and the two methods)."""
+
+    tokenizer_type: str = ""
+    tokenizer_model: str = ""
+    vocab_size: int = 0
+    eod: int = -1
+    pad: int = -1
+    mask_id: int = -1
+    bos: int | None = None
+    mask_added: bool = False
+    chat_template: str | None = None
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        return [self.encode(t, allow_special=allow_special) for t in texts]
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a special or ordinary token spelled exactly `token`, else None."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        return tokenizer_metadata(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.tokenizer_model!r}, vocab_size={self.vocab_size}, "
+            f"eod={self.eod}, pad={self.pad}, mask_id={self.mask_id})"
+        )
+
+
+def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a checkpoint or a dataset must record to be used with the same ids later."""
+    return {
+        "tokenizer_type": tokenizer.tokenizer_type,
+        "tokenizer_model": os.path.abspath(tokenizer.tokenizer_model),
+        "vocab_size": int(tokenizer.vocab_size),
+        "eod": int(tokenizer.eod),
+        "pad": int(tokenizer.pad),
+        "mask_id": int(tokenizer.mask_id),
+        "mask_added": bool(tokenizer.mask_added),
+        "bos": None if tokenizer.bos is None else int(tokenizer.bos),
+    }
+
+
+def check_tokenizer_metadata(expected: dict[str, Any], tokenizer: Tokenizer, where: str) -> None:
+    """Raise DataError when a dataset or checkpoint was made with ids this tokenizer lacks."""
+    actual = tokenizer_metadata(tokenizer)
+    for key in ("vocab_size", "eod", "mask_id"):
+        if key in expected and expected[key] != actual[key]:
+            raise DataError(
+                f"{where} was written with {key}={expected[key]} but the tokenizer "
+                f"{actual['tokenizer_model']} gives {key}={actual[key]}; use the tokenizer the "
+                "data was preprocessed with, or preprocess it again."
+            )
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer from a `tokenizer.json` file or an HF tokenizer folder."""
+
+    tokenizer_type = "HuggingFaceTokenizer"
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.tokenizer_model = path
+        config: dict[str, Any] = {}
+        if os.path.isdir(path):
+            config_path = os.path.join(path, "tokenizer_config.json")
+            if os.path.isfile(config_path):
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            json_path = os.path.join(path, "tokenizer.json")
+            if os.path.isfile(json_path):
+                self._tok = RustTokenizer.from_file(json_path)
+            else:
+                self._tok = _backend_from_transformers(path)
+            template_path = os.path.join(path, "chat_template.jinja")
+            if os.path.isfile(template_path):
+                with open(template_path, encoding="utf-8") as f:
+                    config.setdefault("chat_template", f.read())
+        else:
+            try:
+                self._tok = RustTokenizer.from_file(path)
+            except Exception as exc:  # noqa: BLE001 - the tokenizers error text is opaque
+                raise ConfigError(
+                    f"tokenizer_model {path!r} is not a readable tokenizer.json ({exc}); pass the "
+                    "tokenizer.json file or the HF tokenizer folder."
+                ) from exc
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+
+        self.eod = self._special_id(config.get("eos_token"), EOD_CANDIDATES, "end-of-document")
+        self.bos = self._special_id(config.get("bos_token"), (), "bos", required=False)
+        self.pad = self._special_id(config.get("pad_token"), PAD_CANDIDATES, "pad", required=False)
+        if self.pad is None:
+            self.pad = self.eod
+        mask = self._special_id(config.get("mask_token"), MASK_CANDIDATES, "mask", required=False)
+        if mask is None:
+            self._tok.add_special_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)])
+            mask = self._tok.token_to_id(MASK_TOKEN)
+            self.mask_added = True
+        self.mask_id = mask
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self._special_ids = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+
+    def _special_id(
+        self, configured: Any, candidates: Sequence[str], what: str, required: bool = True
+    ) -> int | None:
+        if isinstance(configured, dict):  # AddedToken serialised as a dict
+            configured = configured.get("content")
+        names = ([configured] if configured else []) + list(candidates)
+        for name in names:
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        if required:
+            raise ConfigError(
+                f"tokenizer {self.tokenizer_model!r} has no {what} token (looked for {names}); "
+                "set eos_token in its tokenizer_config.json."
+            )
+        return None
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        self._tok.encode_special_tokens = not allow_special
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        self._tok.encode_special_tokens = not allow_special
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+def _backend_from_transformers(path: str):
+    """A folder without tokenizer.json: let transformers build the fast tokenizer (offline)."""
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(
+            f"tokenizer_model folder {path!r} has no tokenizer.json and transformers could not "
+            f"load it ({exc})."
+        ) from exc
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(
+            f"tokenizer_model folder {path!r} holds a slow (Python) tokenizer only; save a fast one "
+            "with AutoTokenizer.from_pretrained(dir).save_pretrained(dir), or use "
+            "SentencePieceTokenizer with its .model file."
+        )
+    return backend
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `.model` file. Without a mask piece, [MASK] takes the id after the last."""
+
+    tokenizer_type = "SentencePieceTokenizer"
+
+    def __init__(self, path: str) -> None:
+        import sentencepiece
+
+        self.tokenizer_model = path
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(
+                f"tokenizer_model {path!r} is not a readable sentencepiece model ({exc})."
+            ) from exc
+        n = self._sp.get_piece_size()
+        self._pieces = {self._sp.id_to_piece(i): i for i in range(n)}
+        eod = self._sp.eos_id()
+        if eod < 0:
+            eod = next((self._pieces[c] for c in EOD_CANDIDATES if c in self._pieces), -1)
+        if eod < 0:
+            raise ConfigError(f"sentencepiece model {path!r} has no eos piece; train it with one.")
+        self.eod = eod
+        self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod
+        mask = next((self._pieces[c] for c in MASK_CANDIDATES if c in self._pieces), None)
+        if mask is None:
+            mask, self.mask_added = n, True
+        self.mask_id = mask
+        self.vocab_size = n + int(self.mask_added)
+        self._controls = {i for i in range(n) if self._sp.is_control(i)}
+        # Marker-like pieces ("<|user|>") that sentencepiece keeps whole (user-defined symbols) are
+        # split out of the text when specials are allowed; the Python API cannot list them directly.
+        self._user_specials = {
+            p: i
+            for p, i in self._pieces.items()
+            if p[:1] in "<["
+            and len(p) > 2
+            and i not in self._controls
+            and not self._sp.is_unknown(i)
+            and list(self._sp.encode(p)) == [i]
+        }
+        if self.mask_added:
+            self._user_specials[MASK_TOKEN] = self.mask_id
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if not allow_special or not self._user_specials:
+            return list(self._sp.encode(text))
+        ids: list[int] = []
+        for piece, is_special in _split_on_specials(text, self._user_specials):
+            ids.extend([self._user_specials[piece]] if is_special else self._sp.encode(piece))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i == self.mask_id and self.mask_added:
+                out.append(self._sp.decode(run))
+                run = []
+                if not skip_special:
+                    out.append(MASK_TOKEN)
+            elif skip_special and i in self._controls:
+                continue
+            else:
+                run.append(i)
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token == MASK_TOKEN:
+            return self.mask_id
+        return self._pieces.get(token)
+
+
+class TikTokenizer(Tokenizer):
+    """A tiktoken BPE file (one `base64(token) rank` per line, as OpenAI and Qwen ship them).
+
+    Such files carry no special tokens: `<|endoftext|>` (EOD), `<|pad|>` and `[MASK]` are appended
+    after the highest rank, in that order (with `mask_added` set).
+    """
+
+    tokenizer_type = "TikTokenizer"
+    SPECIALS = ("<|endoftext|>", "<|pad|>", MASK_TOKEN)
+
+    def __init__(self, path: str, pattern: str = TIKTOKEN_PATTERN) -> None:
+        import tiktoken
+
+        self.tokenizer_model = path
+        ranks: dict[bytes, int] = {}
+        line_no = 0
+        try:
+            with open(path, "rb") as f:
+                for line in f:
+                    line_no += 1
+                    if not line.strip():
+                        continue
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"tokenizer_model {path!r} is not a readable tiktoken BPE file "
+                f"(line {line_no}: {exc})."
+            ) from exc
+        if not ranks:
+            raise ConfigError(f"tokenizer_model {path!r} holds no tokens.")
+        base = max(ranks.values()) + 1
+        self._specials = {name: base + i for i, name in enumerate(self.SPECIALS)}
+        self._enc = tiktoken.Encoding(
+            name=os.path.basename(path),
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=self._specials,
+        )
+        self.eod, self.pad, self.mask_id = (self._specials[n] for n in self.SPECIALS)
+        self.mask_added = True
+        self.vocab_size = base + len(self.SPECIALS)
+        self._ranks = ranks
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if allow_special:
+            return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        special = set(self._specials.values())
+        ids = [int(i) for i in ids if not (skip_special and int(i) in special)]
+        return self._enc.decode(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._specials:
+            return self._specials[token]
+        return self._ranks.get(token.encode("utf-8"))
+
+
+def _split_on_specials(text: str, specials: dict[str, int]) -> list[tuple[str, bool]]:
+    """Cut text into (piece, is_special) with the longest special match first."""
+    names = sorted(specials, key=len, reverse=True)
+    parts: list[tuple[str, bool]] = []
+    start = i = 0
+    while i < len(text):
+        hit = next((n for n in names if text.startswith(n, i)), None)
+        if hit is None:
+            i += 1
+            continue
+        if i > start:
+            parts.append((text[start:i], False))
+        parts.append((hit, True))
+        i += len(hit)
+        start = i
+    if start < len(text):
+        parts.append((text[start:], False))
+    return parts
+
+
+def canonical_tokenizer_type(tokenizer_type: str) -> str:
+    """Map a user-given type (ours or Megatron-LM's spelling) to one of TOKENIZER_TYPES."""
+    name = _ALIASES.get(str(tokenizer_type).replace("_", "").replace("-", "").lower())
+    if name is None:
+        raise ConfigError(
+            f"tokenizer_type {tokenizer_type!r} is not supported; choose one of "
+            f"{', '.join(TOKENIZER_TYPES)}."
+        )
+    return name
+
+
+def load_tokenizer(tokenizer_type: str, tokenizer_model: str, **kwargs: Any) -> Tokenizer:
+    """Build the tokenizer of `tokenizer_type` from a file or folder (never from a hub)."""
+    name = canonical_tokenizer_type(tokenizer_type)
+    if not tokenizer_model or not os.path.exists(tokenizer_model):
+        raise ConfigError(
+            f"tokenizer_model {tokenizer_model!r} does not exist; pass a local tokenizer file or "
+            "folder (nothing is downloaded)."
+        )
+    cls = {
+        "HuggingFaceTokenizer": HuggingFaceTokenizer,
+        "SentencePieceTokenizer": SentencePieceTokenizer,
+        "TikTokenizer": TikTokenizer,
+    }[name]
+    return cls(tokenizer_model, **kwargs)
+
+
+def load_tokenizer_from_metadata(metadata: dict[str, Any]) -> Tokenizer:
+    """Rebuild the tokenizer a dataset sidecar or a checkpoint's metadata names, and check its ids."""
+    tokenizer = load_tokenizer(metadata["tokenizer_type"], metadata["tokenizer_model"])
+    check_tokenizer_metadata(metadata, tokenizer, "the metadata")
+    return tokenizer
+
+
+class MegatronTokenizerAdapter:
+    """The few attributes megatron-core's GPTDataset reads from its tokenizer.
+
+    `unique_identifiers` feeds megatron's dataset cache key, so it holds only stable fields.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod
+        # A pad that doubles as EOD would make megatron mask real EOD tokens; megatron then falls
+        # back to its own sentinel (-1), which is what we want, so pass the id unchanged.
+        self.pad = tokenizer.pad
+        meta = tokenizer_metadata(tokenizer)
+        self.unique_identifiers = {
+            "class": tokenizer.tokenizer_type,
+            "tokenizer_model": os.path.basename(os.path.normpath(meta["tokenizer_model"])),
+            "vocab_size": meta["vocab_size"],
+            "eod": meta["eod"],
+        }
