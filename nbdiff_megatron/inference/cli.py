@@ -1,0 +1,234 @@
+"""`nbdiff generate`: decode text with block diffusion (or the AR baseline) from a checkpoint.
+
+    nbdiff generate --load runs/tiny/ --prompt "Once upon a time" --max-new-tokens 64
+    nbdiff generate --load hf_out/ --input prompts.jsonl --output out.jsonl --batch-size 8
+
+With one prompt the text is streamed as blocks commit; with `--input` (a .jsonl file with a "prompt"
+field per line, or a text file with one prompt per line) completions are printed (or written to
+`--output` as JSONL) batch by batch. Decoding statistics (NFE, tokens per forward, tokens/s) go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from nbdiff_megatron.errors import InferenceError
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Decoding options shared by `nbdiff generate` and `nbdiff eval`."""
+    g = parser.add_argument_group("decoding")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tokens per block (default: the checkpoint's target block size)",
+    )
+    g.add_argument(
+        "--sub-block-size",
+        type=int,
+        default=None,
+        help="refine each block in sub-blocks of this size (e.g. 8 for 32 = 4 x 8)",
+    )
+    g.add_argument(
+        "--unmasking",
+        default="confidence",
+        choices=("confidence", "margin", "entropy", "topk"),
+        help="which masked tokens to commit per step (default: confidence)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="confidence/margin: unmask above it; entropy: below it (default 0.9)",
+    )
+    g.add_argument("--tokens-per-step", type=int, default=1, help="k of the topk rule")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    shift = g.add_mutually_exclusive_group()
+    shift.add_argument(
+        "--token-shift",
+        dest="token_shift",
+        action="store_true",
+        default=None,
+        help="logit i-1 predicts token i (default: as the checkpoint was trained)",
+    )
+    shift.add_argument("--no-token-shift", dest="token_shift", action="store_false")
+    g.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the prefix every forward instead of using the KV cache",
+    )
+    g.add_argument("--ar", action="store_true", help="decode autoregressively (the AR baseline)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    m = parser.add_argument_group("model")
+    m.add_argument(
+        "--load",
+        required=True,
+        help="megatron-core checkpoint (or save directory) or HF model folder",
+    )
+    m.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
+    m.add_argument(
+        "--tokenizer-type",
+        default=None,
+        help="HuggingFaceTokenizer | SentencePieceTokenizer | TikTokenizer",
+    )
+    m.add_argument(
+        "--dtype",
+        default=None,
+        choices=("fp32", "bf16"),
+        help="parameter dtype (default: the checkpoint's on GPU, fp32 on CPU)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Arguments of `nbdiff generate`."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--input", help="prompts: .jsonl ({'prompt': ...} per line) or one per line")
+    parser.add_argument("--output", default=None, help="write completions as JSONL here")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    parser.add_argument("--quiet-stats", action="store_true", help="do not print decoding stats")
+    add_decoding_arguments(parser)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .jsonl file ("prompt" / "question" / "text" field) or a text file."""
+    file = Path(path)
+    if not file.is_file():
+        raise InferenceError(f"--input {file} does not exist")
+    prompts: list[str] = []
+    lines = file.read_text(encoding="utf-8").splitlines()
+    if file.suffix == ".jsonl":
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InferenceError(f"{file}:{number} is not valid JSON ({exc})") from exc
+            text = next(
+                (
+                    record[k]
+                    for k in ("prompt", "question", "text")
+                    if isinstance(record, dict) and k in record
+                ),
+                None,
+            )
+            if not isinstance(text, str):
+                raise InferenceError(f"{file}:{number} has no string 'prompt' field")
+            prompts.append(text)
+    else:
+        prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise InferenceError(f"--input {file} holds no prompts")
+    return prompts
+
+
+def build_decoder(args: argparse.Namespace, loaded: Any, max_new_tokens: int) -> Any:
+    """BlockDecoder (or ARDecoder with --ar) from the command-line options and the loaded model."""
+    from nbdiff_megatron.inference.ar import ARDecoder
+    from nbdiff_megatron.inference.decoder import BlockDecoder, DecodeConfig
+    from nbdiff_megatron.inference.unmasking import SamplingConfig, UnmaskingConfig
+
+    try:
+        config = DecodeConfig(
+            block_size=args.block_size or loaded.block_size,
+            sub_block_size=args.sub_block_size,
+            max_new_tokens=max_new_tokens,
+            token_shift=loaded.token_shift if args.token_shift is None else args.token_shift,
+            unmasking=UnmaskingConfig(args.unmasking, args.threshold, args.tokens_per_step),
+            sampling=SamplingConfig(args.temperature, args.top_p),
+            use_cache=not args.no_cache,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from exc
+    if args.ar:
+        return ARDecoder(
+            loaded.model, eos_ids=loaded.eos_ids, mask_id=loaded.mask_id, config=config
+        )
+    return BlockDecoder(loaded.model, mask_id=loaded.mask_id, eos_ids=loaded.eos_ids, config=config)
+
+
+class _Streamer:
+    """Prints the decoded text of one row as tokens arrive (re-decoding, so multi-byte tokens work)."""
+
+    def __init__(self, tokenizer: Any, eos_ids: list[int], out: Any) -> None:
+        self.tokenizer, self.eos_ids, self.out = tokenizer, set(eos_ids), out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, step: int, new_tokens: list[list[int]]) -> None:
+        self.ids.extend(t for t in new_tokens[0] if t not in self.eos_ids)
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed) :])
+            self.out.flush()
+            self.printed = text
+
+
+def _stats_line(stats: Any, label: str) -> str:
+    return (
+        f"[{label}] {stats.generated_tokens} tokens, {stats.forward_passes} forwards, "
+        f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.tokens_per_second:.1f} tokens/s"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`nbdiff generate`."""
+    from nbdiff_megatron.inference.loading import load_for_inference
+
+    if args.max_new_tokens < 1:
+        raise InferenceError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise InferenceError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input)
+    if any(not p for p in prompts):
+        raise InferenceError("a prompt is empty: give some text to continue")
+    loaded = load_for_inference(
+        args.load,
+        tokenizer=args.tokenizer,
+        tokenizer_type=args.tokenizer_type,
+        params_dtype=args.dtype,
+    )
+    decoder = build_decoder(args, loaded, args.max_new_tokens)
+    tok = loaded.tokenizer
+    label = "ar" if args.ar else f"block {decoder.config.block_size}"
+    out_file = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    try:
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start : start + args.batch_size]
+            ids = [tok.encode(p) for p in chunk]
+            stream = len(prompts) == 1 and out_file is None
+            streamer = _Streamer(tok, loaded.eos_ids, sys.stdout) if stream else None
+            if stream:
+                sys.stdout.write(chunk[0])
+                sys.stdout.flush()
+            result = decoder.generate(ids, callback=streamer)
+            for i, prompt in enumerate(chunk):
+                text = tok.decode(result.tokens[i], skip_special=True)
+                if out_file is not None:
+                    record = {
+                        "prompt": prompt,
+                        "completion": text,
+                        "stop_reason": result.stop_reasons[i],
+                    }
+                    out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                elif stream:
+                    if streamer is not None and text.startswith(streamer.printed):
+                        sys.stdout.write(text[len(streamer.printed) :])
+                    sys.stdout.write("\n")
+                else:
+                    sys.stdout.write(f"=== prompt {start + i}\n{prompt}{text}\n")
+            if not args.quiet_stats:
+                print(_stats_line(result.stats, label), file=sys.stderr)
+    finally:
+        if out_file is not None:
+            out_file.close()
+    return 0

@@ -1,0 +1,270 @@
+"""Load a model + tokenizer for decoding from `--load PATH`: a megatron-core checkpoint or an HF folder.
+
+- megatron-core dist_checkpointing (written by `nbdiff train` or `nbdiff convert hf-to-mcore`): a
+  checkpoint directory or a save directory (its newest complete checkpoint). The model shape, the
+  tokenizer, the [MASK] id, token shift and the block size come from the checkpoint's stored config.
+- HF folder (config.json + safetensors, as `nbdiff convert mcore-to-hf` writes it): converted in memory
+  through `nbdiff_megatron.convert`; the tokenizer is the folder's own.
+
+`--tokenizer` overrides the stored tokenizer (e.g. a checkpoint copied from another machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbdiff_megatron.errors import (
+    CheckpointError,
+    ConfigError,
+    ConversionError,
+    InferenceError,
+    NBDiffError,
+)
+from nbdiff_megatron.model.config import ModelConfig
+
+# End-of-turn markers of chat templates that should stop generation as EOS does.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for decoding and what decoding needs to know about it."""
+
+    model: torch.nn.Module
+    """The NBDiffGPTModel (eval mode)."""
+    tokenizer: Any
+    """`nbdiff_megatron.data.tokenizer.Tokenizer`."""
+    model_config: ModelConfig
+    """The model's shape."""
+    mask_id: int
+    """Id of [MASK]."""
+    eos_ids: list[int]
+    """Ids that end generation."""
+    token_shift: bool = True
+    """Whether the model was trained with token shift."""
+    block_size: int = 32
+    """Block size the model was trained for (the curriculum target)."""
+    source: str = ""
+    """What was loaded (path and format)."""
+
+
+def _is_megatron_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "metadata.json").is_file()
+        or (path / "latest").is_file()
+        or any(path.glob("iter_*"))
+    )
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    ids = (
+        [int(tokenizer.eod)]
+        if getattr(tokenizer, "eod", -1) is not None and tokenizer.eod >= 0
+        else []
+    )
+    for token in END_OF_TURN_TOKENS:
+        try:
+            found = tokenizer.token_to_id(token)
+        except Exception:  # a tokenizer without that lookup
+            found = None
+        if found is not None and int(found) not in ids and int(found) != tokenizer.mask_id:
+            ids.append(int(found))
+    return ids
+
+
+def _tokenizer(kind: str, model: str, override: str | None, override_type: str | None) -> Any:
+    from nbdiff_megatron.data.tokenizer import load_tokenizer
+
+    name = override or model
+    if not name:
+        raise InferenceError(
+            "the checkpoint names no tokenizer: pass --tokenizer FILE_OR_FOLDER (and --tokenizer-type)"
+        )
+    try:
+        return load_tokenizer(override_type or kind or "HuggingFaceTokenizer", name)
+    except NBDiffError as exc:
+        raise InferenceError(
+            f"cannot load the tokenizer {name!r} ({exc}); pass --tokenizer with a local tokenizer file "
+            "or folder"
+        ) from exc
+
+
+def _build(cfg: ModelConfig, params_dtype: str | None) -> torch.nn.Module:
+    from nbdiff_megatron.model.builder import build_model
+
+    changes: dict[str, Any] = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
+    if params_dtype is not None:
+        changes["params_dtype"] = params_dtype
+    elif not torch.cuda.is_available():
+        changes["params_dtype"] = "fp32"
+    cfg = dataclasses.replace(cfg, **changes)
+    model = build_model(cfg, seed=0)
+    model.eval()
+    return model
+
+
+def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """Load the model tensors of a dist checkpoint, whatever wrapper prefix they were saved under.
+
+    `nbdiff train` saves the DDP-wrapped model, whose tensors are keyed `module.decoder...`, while
+    `nbdiff convert` saves the bare model (`decoder...`): read the stored keys and match them.
+    """
+    from megatron.core import dist_checkpointing
+
+    from nbdiff_megatron.model import cpu_compat
+
+    try:
+        stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read the tensor index of {ckpt} ({type(exc).__name__}: {exc})"
+        ) from exc
+    prefix = "module." if any(k.startswith("module.") for k in stored) else ""
+    sharded = model.sharded_state_dict(prefix=prefix)
+    try:
+        with cpu_compat.cuda_to_cpu():
+            loaded = dist_checkpointing.load({"model": sharded}, str(ckpt))
+        state = {k[len(prefix) :]: v for k, v in loaded["model"].items()}
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not match the model built from its stored config "
+            f"({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+
+
+def load_megatron(
+    path: Path,
+    *,
+    tokenizer: str | None = None,
+    tokenizer_type: str | None = None,
+    params_dtype: str | None = None,
+) -> LoadedModel:
+    """A model from a megatron-core dist checkpoint (training or converted)."""
+    from megatron.core import dist_checkpointing
+
+    from nbdiff_megatron.training import checkpointing
+
+    ckpt = checkpointing.find_checkpoint(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {exc})"
+        ) from exc
+    common = common if isinstance(common, dict) else {}
+    train_state = common.get("train_state") or {}
+    converted = common.get("nbdiff_metadata") or {}
+    config = train_state.get("config") or converted.get("config") or {}
+    model_section = config.get("model") or converted.get("model") or converted.get("model_config")
+    if not model_section:
+        raise CheckpointError(
+            f"checkpoint {ckpt} stores no model config (neither train_state.config.model nor "
+            "nbdiff_metadata): it was not written by nbdiff train / nbdiff convert"
+        )
+    cfg = ModelConfig.from_dict(dict(model_section))
+    tok_info = train_state.get("tokenizer") or converted.get("tokenizer") or {}
+    data = config.get("data") or {}
+    tok = _tokenizer(
+        tok_info.get("type") or tok_info.get("tokenizer_type") or data.get("tokenizer_type", ""),
+        tok_info.get("model") or tok_info.get("tokenizer_model") or data.get("tokenizer_model", ""),
+        tokenizer,
+        tokenizer_type,
+    )
+    if cfg.vocab_size < tok.vocab_size:
+        raise InferenceError(
+            f"the tokenizer has {tok.vocab_size} tokens but the checkpoint's model only "
+            f"{cfg.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)"
+        )
+    model = _build(cfg, params_dtype)
+    _load_weights(ckpt, model)
+    noise = config.get("noise") or {}
+    mask_id = noise.get("mask_token_id")
+    if mask_id is None:
+        mask_id = converted.get("mask_id")
+    mask_id = int(mask_id) if mask_id is not None else int(tok.mask_id)
+    token_shift = bool(
+        (config.get("loss") or {}).get("token_shift", converted.get("token_shift", True))
+    )
+    block = int(
+        (config.get("curriculum") or {}).get("target_block_size", converted.get("block_size", 32))
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        model_config=cfg,
+        mask_id=mask_id,
+        eos_ids=_eos_ids(tok),
+        token_shift=token_shift,
+        block_size=block,
+        source=f"{ckpt} (megatron-core)",
+    )
+
+
+def load_hf(
+    path: Path,
+    *,
+    tokenizer: str | None = None,
+    tokenizer_type: str | None = None,
+    params_dtype: str | None = None,
+) -> LoadedModel:
+    """A model from an HF folder: converted by `nbdiff_megatron.convert.hf_to_mcore` into a temporary
+    megatron-core checkpoint (the converter's own tables, so HF -> model mapping lives in one place),
+    then loaded like one. Costs a copy of the weights on disk while loading."""
+    import tempfile
+
+    try:
+        from nbdiff_megatron.convert.hf_to_mcore import hf_to_mcore
+    except ImportError as exc:
+        raise InferenceError(
+            f"{path} is an HF folder but nbdiff_megatron.convert is unavailable ({exc}); convert it "
+            "with `nbdiff convert hf-to-mcore` and pass the result to --load"
+        ) from exc
+    with tempfile.TemporaryDirectory(prefix="nbdiff_hf_") as tmp:
+        out = Path(tmp) / "mcore"
+        try:
+            dtype = params_dtype or (None if torch.cuda.is_available() else "fp32")
+            hf_to_mcore(path, out, tokenizer=tokenizer, dtype=dtype, show_progress=False)
+        except (ConversionError, ConfigError) as exc:
+            raise InferenceError(f"cannot load the HF folder {path}: {exc}") from exc
+        loaded = load_megatron(
+            out, tokenizer=tokenizer, tokenizer_type=tokenizer_type, params_dtype=params_dtype
+        )
+    loaded.source = f"{path} (HF)"
+    return loaded
+
+
+def load_for_inference(
+    path: str | Path,
+    *,
+    tokenizer: str | None = None,
+    tokenizer_type: str | None = None,
+    params_dtype: str | None = None,
+) -> LoadedModel:
+    """Load `--load PATH` (megatron-core checkpoint / save dir, or HF folder); InferenceError if unknown."""
+    path = Path(path)
+    if not path.exists():
+        raise InferenceError(
+            f"checkpoint path {path} does not exist: pass a megatron-core checkpoint (or save "
+            "directory) written by nbdiff train / nbdiff convert, or an HF model folder"
+        )
+    if _is_megatron_checkpoint_dir(path):
+        try:
+            return load_megatron(
+                path, tokenizer=tokenizer, tokenizer_type=tokenizer_type, params_dtype=params_dtype
+            )
+        except CheckpointError as exc:
+            raise InferenceError(str(exc)) from exc
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_hf(
+            path, tokenizer=tokenizer, tokenizer_type=tokenizer_type, params_dtype=params_dtype
+        )
+    raise InferenceError(
+        f"{path} is neither a megatron-core checkpoint (metadata.json, or iter_* sub-directories) nor "
+        "an HF model folder (config.json + safetensors)"
+    )

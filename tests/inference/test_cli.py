@@ -1,0 +1,232 @@
+"""`nbdiff generate` end to end on a checkpoint written the way `nbdiff train` writes it; load errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nbdiff_megatron.cli import main
+from nbdiff_megatron.errors import InferenceError
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A tiny random model saved with training's checkpointing and a train_state like train's."""
+    from nbdiff_megatron.data.bundled import bundled_tokenizer_path
+    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    from nbdiff_megatron.model.builder import build_model
+    from nbdiff_megatron.model.config import ModelConfig
+    from nbdiff_megatron.training import checkpointing
+
+    tok_path = bundled_tokenizer_path()
+    tok = load_tokenizer("HuggingFaceTokenizer", tok_path)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, seq_length=64, init_method_std=0.3)
+    model = build_model(cfg, seed=3)
+    save = tmp_path_factory.mktemp("ckpt")
+    train_state = {
+        "config": {
+            "model": cfg.to_dict(),
+            "loss": {"token_shift": True},
+            "curriculum": {"target_block_size": 8},
+            "noise": {"mask_token_id": None},
+            "data": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tok_path},
+        },
+        "tokenizer": {"type": "HuggingFaceTokenizer", "model": tok_path},
+    }
+    checkpointing.save_checkpoint(save, 5, [model], None, train_state)
+    return save, model, tok
+
+
+def test_load_megatron_checkpoint_gives_same_model(trained_checkpoint):
+    import torch
+
+    from nbdiff_megatron.inference.loading import load_for_inference
+
+    save, model, tok = trained_checkpoint
+    loaded = load_for_inference(save)
+    assert loaded.block_size == 8 and loaded.token_shift and loaded.mask_id == tok.mask_id
+    assert tok.eod in loaded.eos_ids
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+
+
+def test_generate_streams_and_writes_jsonl(trained_checkpoint, tmp_path, capsys):
+    save, _, _ = trained_checkpoint
+    assert (
+        main(
+            [
+                "generate",
+                "--load",
+                str(save),
+                "--prompt",
+                "The king said",
+                "--max-new-tokens",
+                "12",
+                "--threshold",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The king said")
+    assert "tokens/forward" in captured.err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["And God", "Thou art", "Yea"]))
+    out = tmp_path / "out.jsonl"
+    assert (
+        main(
+            [
+                "generate",
+                "--load",
+                str(save),
+                "--input",
+                str(prompts),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "10",
+                "--batch-size",
+                "2",
+                "--sub-block-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["And God", "Thou art", "Yea"]
+    assert all(r["stop_reason"] in ("eos", "length") for r in records)
+    assert (
+        main(
+            [
+                "generate",
+                "--load",
+                str(save),
+                "--input",
+                str(prompts),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "6",
+                "--ar",
+                "--quiet-stats",
+            ]
+        )
+        == 0
+    )
+
+
+def test_generate_user_errors(trained_checkpoint, tmp_path, capsys):
+    save, _, _ = trained_checkpoint
+    assert main(["generate", "--load", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--load", str(save), "--prompt", ""]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["generate", "--load", str(save), "--prompt", "word " * 80]) == 2
+    assert "context is 64" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    assert main(["generate", "--load", str(tmp_path / "junk"), "--prompt", "x"]) == 2
+    assert "neither" in capsys.readouterr().err
+    assert main(["generate", "--load", str(save), "--prompt", "x", "--sub-block-size", "3"]) == 2
+    assert "sub_block_size" in capsys.readouterr().err
+
+
+def test_unknown_path_raises_inference_error(tmp_path):
+    from nbdiff_megatron.inference.loading import load_for_inference
+
+    with pytest.raises(InferenceError, match="does not exist"):
+        load_for_inference(tmp_path / "missing")
+
+
+def test_eval_command_on_shipped_jsonl(trained_checkpoint, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    save, _, _ = trained_checkpoint
+    task = Path(__file__).parent / "assets" / "gsm8k_mini.jsonl"
+    out = tmp_path / "results.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--load",
+                str(save),
+                "--task-jsonl",
+                str(task),
+                "--limit",
+                "2",
+                "--max-gen-toks",
+                "8",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "gsm8k_local" in capsys.readouterr().out
+    assert "gsm8k_local" in json.loads(out.read_text())["results"]
+
+
+def test_eval_without_lm_eval_says_how_to_install(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
+    assert main(["eval", "--load", "x", "--task-jsonl", "y"]) == 2
+    assert "pip install" in capsys.readouterr().err
+
+
+def test_load_hf_folder_matches_transformers(tmp_path):
+    """An HF Llama folder loads (through the converter) into a model with the same causal logits."""
+    import shutil
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+
+    from nbdiff_megatron.data.bundled import bundled_tokenizer_dir
+    from nbdiff_megatron.inference.loading import load_for_inference
+    from nbdiff_megatron.model.builder import ar_forward
+
+    hf_dir = tmp_path / "hf"
+    config = transformers.LlamaConfig(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(hf_dir, safe_serialization=True)
+    for f in Path(bundled_tokenizer_dir()).iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    loaded = load_for_inference(hf_dir)
+    ids = torch.tensor([loaded.tokenizer.encode("And God said, Let there be light")])
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        got = ar_forward(loaded.model, ids)
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected, rtol=0, atol=1e-4)
+    assert (
+        main(
+            [
+                "generate",
+                "--load",
+                str(hf_dir),
+                "--prompt",
+                "And God",
+                "--max-new-tokens",
+                "4",
+                "--quiet-stats",
+            ]
+        )
+        == 0
+    )
