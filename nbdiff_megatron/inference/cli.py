@@ -146,6 +146,7 @@ def build_decoder(args: argparse.Namespace, loaded: Any, max_new_tokens: int) ->
             sampling=SamplingConfig(args.temperature, args.top_p),
             use_cache=not args.no_cache,
             seed=args.seed,
+            mask_kind=getattr(loaded, "mask_kind", "context_causal"),
         )
     except ValueError as exc:
         raise InferenceError(str(exc)) from exc

@@ -15,7 +15,14 @@ Per block: with token shift its first token is taken from the last committed log
 prediction); the rest is refined by forwards over the block that read the cached prefix and attend
 bidirectionally inside the block, without committing; each step unmasks the positions that pass the
 unmasking rule (at least one), sub-block by sub-block when sub-blocks are set. The finished block is then
-run once more causally to commit its k/v to the cache; that forward's last logit starts the next block.
+run once more to commit its k/v to the cache; that forward's last logit starts the next block.
+
+How committed tokens are encoded follows the x_0 half of the model's training mask (`mask_kind`,
+NBDIFF.md §2-3): "context_causal" (NBDiff) encodes the prompt and every committed block causally
+(`j <= i`); "block_causal" (BD3-LM / SDAR baseline, x_0 half `blk(j) <= blk(i)`) encodes each prompt
+block and each committed block bidirectionally inside the block, causally across blocks, blocks counted
+from the prompt's first token. Either way the last committed logit (the last token of a block sees its
+whole block and every earlier one) is the x_0 logit that predicts the next block's first token.
 A row stops at EOS, at `max_new_tokens` or at the context length; the batch stops when every row has.
 
 `use_cache=False` recomputes the whole prefix at every forward (the reference the cache is tested against).
@@ -38,6 +45,9 @@ from nbdiff_megatron.inference.unmasking import (
     propose_tokens,
     unmask_step,
 )
+
+# Training mask kinds whose x_0 half the decoder can reproduce in its cache (NBDIFF.md §2).
+MASK_KINDS = ("context_causal", "block_causal")
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,16 @@ class DecodeConfig:
     """Stop a row at its first EOS token."""
     seed: int | None = None
     """Seed of the sampling generator (None = torch's global RNG)."""
+    mask_kind: str = "context_causal"
+    """x_0-half mask the model was trained with: committed blocks are encoded causally
+    ("context_causal") or bidirectionally inside each block ("block_causal")."""
 
     def __post_init__(self) -> None:
+        if self.mask_kind not in MASK_KINDS:
+            raise InferenceError(
+                f"mask_kind must be one of {', '.join(MASK_KINDS)} (the checkpoint's "
+                f"curriculum.mask_kind), got {self.mask_kind!r}"
+            )
         if (
             isinstance(self.block_size, bool)
             or not isinstance(self.block_size, int)
@@ -212,7 +230,22 @@ class DecodeSession:
         pad_id: int,
         mask_id: int,
         use_cache: bool,
+        block_size: int | None = None,
+        mask_kind: str = "context_causal",
     ) -> None:
+        if mask_kind not in MASK_KINDS:
+            raise InferenceError(f"mask_kind must be one of {', '.join(MASK_KINDS)}, got {mask_kind!r}")
+        if mask_kind == "block_causal":
+            if block_size is None:
+                raise InferenceError("mask_kind 'block_causal' needs the session's block_size")
+            if any(pad % block_size for pad in layout.pads) or layout.first_block % block_size:
+                # Column blocks equal position blocks only when the padding is whole blocks.
+                raise InferenceError(
+                    f"block_causal decoding needs left padding in whole blocks of {block_size} "
+                    f"(aligned_layout); got pads {layout.pads}, first block {layout.first_block}"
+                )
+        self.block_size = block_size
+        self.mask_kind = mask_kind
         device = runner.device
         batch = len(prompts)
         self.runner = runner
@@ -246,12 +279,26 @@ class DecodeSession:
         self.valid &= ~beyond
         self.end = torch.where(rows, torch.minimum(self.end, column + 1), self.end)
 
+    def _committed_visible(self, rows: torch.Tensor, stop: int) -> torch.Tensor:
+        """Last key column each committed row `rows` sees, as its x_0 row did in training.
+
+        context_causal: itself (`j <= i`); block_causal: the end of its block (`blk(j) <= blk(i)`),
+        capped at `stop - 1` (the end of what is being encoded: a short last block). Columns and
+        positions share block boundaries because the left padding is whole blocks.
+        """
+        if self.mask_kind != "block_causal":
+            return rows
+        block = self.block_size
+        assert block is not None  # checked in __init__
+        return torch.clamp((rows // block + 1) * block - 1, max=stop - 1)
+
     def _run(self, start: int, block: torch.Tensor, causal: bool, commit: bool) -> torch.Tensor:
+        """One forward of `block` at columns start..; `causal` = encode as committed (x_0) rows."""
         n = block.shape[1]
         stop = start + n
         rows = torch.arange(start, stop, device=block.device)
         if causal:
-            visible = rows
+            visible = self._committed_visible(rows, stop)
         else:
             visible = torch.full_like(rows, stop - 1)
         if self.cache is not None:
@@ -263,17 +310,21 @@ class DecodeSession:
             return self.runner.forward(
                 block, self.positions[:, start:stop], allowed, cache=self.cache, commit=commit
             )
-        # Recompute: the committed prefix is re-encoded causally in the same forward.
+        # Recompute: the committed prefix is re-encoded (as x_0) in the same forward.
         prefix_rows = torch.arange(start, device=block.device)
         allowed = attention_allowed(
-            self.valid[:, :stop], 0, stop, torch.cat([prefix_rows, visible])
+            self.valid[:, :stop],
+            0,
+            stop,
+            torch.cat([self._committed_visible(prefix_rows, start), visible]),
         )
         tokens = torch.cat([self.tokens[:, :start], block], dim=1)
         logits = self.runner.forward(tokens, self.positions[:, :stop], allowed)
         return logits[:, start:]
 
     def prefill(self) -> torch.Tensor | None:
-        """Encode the prompt columns before the first active block causally; returns their logits."""
+        """Encode the prompt columns before the first active block as committed blocks (causally, or
+        block-causally for a block_causal model); returns their logits."""
         first = self.layout.first_block
         if first == 0:
             return None
@@ -287,7 +338,8 @@ class DecodeSession:
         return self._run(self.cursor, block, causal=False, commit=False)
 
     def commit(self, block: torch.Tensor) -> torch.Tensor:
-        """Write the finished block, encode it causally into the cache; returns its logits `[b, n, V]`."""
+        """Write the finished block and encode it into the cache as a committed block (causally, or
+        bidirectionally inside the block for block_causal); returns its logits `[b, n, V]`."""
         start = self.cursor
         self.tokens[:, start : start + block.shape[1]] = block
         logits = self._run(start, block, causal=True, commit=True)
@@ -375,6 +427,8 @@ class BlockDecoder:
             pad_id=self.pad_id,
             mask_id=self.mask_id,
             use_cache=config.use_cache,
+            block_size=block,
+            mask_kind=config.mask_kind,
         )
 
     def _no_mask(self, logits: torch.Tensor) -> torch.Tensor:

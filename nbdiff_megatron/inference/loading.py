@@ -49,6 +49,8 @@ class LoadedModel:
     """Whether the model was trained with token shift."""
     block_size: int = 32
     """Block size the model was trained for (the curriculum target)."""
+    mask_kind: str = "context_causal"
+    """Training mask of the x_0 half: "context_causal" or "block_causal" (how to commit blocks)."""
     source: str = ""
     """What was loaded (path and format)."""
 
@@ -138,6 +140,36 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
         ) from exc
 
 
+def _stored_mask_kind(config: dict, converted: dict, ckpt: Path) -> str:
+    """The training mask kind: train config's curriculum.mask_kind, else the convert metadata's."""
+    from nbdiff_megatron.inference.decoder import MASK_KINDS
+
+    kind = (config.get("curriculum") or {}).get("mask_kind")
+    if kind is None:
+        kind = converted.get("mask_kind") or (converted.get("nbdiff") or {}).get("mask_kind")
+    kind = kind or "context_causal"
+    if kind not in MASK_KINDS:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was trained with mask kind {kind!r}; the decoder supports "
+            f"{', '.join(MASK_KINDS)}"
+        )
+    return str(kind)
+
+
+def _hf_nbdiff_settings(path: Path) -> dict[str, Any]:
+    """block_size / token_shift / mask_kind from an exported HF config.json's `nbdiff` block."""
+    import json
+
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InferenceError(f"cannot read {path / 'config.json'} ({exc})") from exc
+    nbdiff = hf_config.get("nbdiff") if isinstance(hf_config, dict) else None
+    nbdiff = nbdiff if isinstance(nbdiff, dict) else {}
+    keys = ("block_size", "token_shift", "mask_kind")
+    return {k: nbdiff[k] for k in keys if nbdiff.get(k) is not None}
+
+
 def load_megatron(
     path: Path,
     *,
@@ -194,6 +226,7 @@ def load_megatron(
     block = int(
         (config.get("curriculum") or {}).get("target_block_size", converted.get("block_size", 32))
     )
+    mask_kind = _stored_mask_kind(config, converted, ckpt)
     return LoadedModel(
         model=model,
         tokenizer=tok,
@@ -202,6 +235,7 @@ def load_megatron(
         eos_ids=_eos_ids(tok),
         token_shift=token_shift,
         block_size=block,
+        mask_kind=mask_kind,
         source=f"{ckpt} (megatron-core)",
     )
 
@@ -229,7 +263,15 @@ def load_hf(
         out = Path(tmp) / "mcore"
         try:
             dtype = params_dtype or (None if torch.cuda.is_available() else "fp32")
-            hf_to_mcore(path, out, tokenizer=tokenizer, dtype=dtype, show_progress=False)
+            # Carry the exported NBDiff settings through the temporary checkpoint's metadata.
+            hf_to_mcore(
+                path,
+                out,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                show_progress=False,
+                **_hf_nbdiff_settings(path),
+            )
         except (ConversionError, ConfigError) as exc:
             raise InferenceError(f"cannot load the HF folder {path}: {exc}") from exc
         loaded = load_megatron(

@@ -154,18 +154,40 @@ def refine_steps_at(
     min_steps: int = 1,
     max_steps: int | None = None,
     table: Mapping[int, int] | None = None,
+    growth: float = 0.5,
 ) -> int:
-    """Refinement steps per block for a block size (NBDIFF.md §5, optional co-schedule).
+    """Refinement steps (denoising forwards) to spend on one block of ``block_size`` tokens.
 
-    Rule: ``steps = clamp(ceil(B / tokens_per_step), min_steps, max_steps)``, so the number of steps
-    per token, ``steps / B``, falls as B grows when ``max_steps`` caps it. A ``table`` {block size:
-    steps} overrides the rule: the entry of the largest key ``<= B`` is used (then clamped the same
-    way).
+    NBDIFF.md §5 lists "fewer refinement steps per block as B grows" as an optional co-schedule.
+    Read literally (fewer steps in absolute terms) it cannot hold from ``B = 1``, whose single
+    token takes exactly one step; this project reads it per token: **the number of steps per token
+    of the block, ``steps / B``, falls as B grows**, i.e. a larger block unmasks more tokens per
+    step (what parallel decoding buys). The rule::
+
+        tokens_per_step(B) = tokens_per_step * B ** growth        # grows with B for growth > 0
+        steps(B) = clamp(ceil(B / tokens_per_step(B)), min_steps, max_steps)
+                 = clamp(ceil(B ** (1 - growth) / tokens_per_step), min_steps, max_steps)
+
+    ``growth`` in ``[0, 1]``: 0 keeps a fixed number of tokens per step (steps proportional to B,
+    the rule of earlier versions), 1 a fixed number of steps per block; the default 0.5 gives
+    ``ceil(sqrt(B))`` steps: 1, 2, 2, 3, 4, 6 for B = 1, 2, 4, 8, 16, 32. Guarantees (tested):
+    ``steps(B)`` never decreases with B (a larger block never gets fewer steps), and for every
+    integer ``k >= 1`` the steps per token satisfy ``steps(k B) / (k B) <= steps(B) / B``, so the
+    steps per token never rise along the block-growth curriculum (``B0 r ** n``), with or without
+    the clamps; for ``growth > 0`` and no clamps they eventually fall strictly (``~ B ** -growth``).
+
+    A ``table`` {block size: steps} overrides the rule: the entry of the largest key ``<= B`` is
+    used (then clamped the same way); its monotonicity is the caller's.
     """
     if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     if not (tokens_per_step > 0):
         raise ValueError(f"tokens_per_step must be > 0, got {tokens_per_step!r}")
+    if not (0.0 <= growth <= 1.0):
+        raise ValueError(
+            f"growth must lie in [0, 1] (0: fixed tokens per step, 1: fixed steps per block), "
+            f"got {growth!r}"
+        )
     if not _is_int(min_steps) or min_steps < 1:
         raise ValueError(f"min_steps must be an integer >= 1, got {min_steps!r}")
     if max_steps is not None and (not _is_int(max_steps) or max_steps < min_steps):
@@ -186,7 +208,9 @@ def refine_steps_at(
             )
         steps = table[max(k for k in keys if k <= block_size)]
     else:
-        steps = math.ceil(block_size / tokens_per_step)
+        exact = block_size ** (1.0 - growth) / tokens_per_step
+        # Trim float noise so that e.g. 4 ** 0.5 = 2.0000000000000004 does not round up to 3.
+        steps = math.ceil(exact * (1.0 - 1e-12))
     steps = max(steps, min_steps)
     return steps if max_steps is None else min(steps, max_steps)
 
@@ -212,7 +236,9 @@ class Curriculum:
     ar_weight_style: str = "constant"
     """How λ moves between the two, in log2(B): constant, linear or cosine."""
     tokens_per_step: float = 1.0
-    """Refinement rule: ceil(B / tokens_per_step) steps per block."""
+    """Refinement rule: tokens unmasked per step at B = 1 (refine_steps_at)."""
+    refine_growth: float = 0.5
+    """Refinement rule: tokens per step grow as B ** refine_growth, so steps per token fall."""
     min_refine_steps: int = 1
     """Lower bound of the refinement steps per block."""
     max_refine_steps: int | None = None
@@ -239,6 +265,7 @@ class Curriculum:
         return refine_steps_at(
             size,
             tokens_per_step=self.tokens_per_step,
+            growth=self.refine_growth,
             min_steps=self.min_refine_steps,
             max_steps=self.max_refine_steps,
         )

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nbdiff_megatron.method.noise import block_layout
+
 __all__ = ["LossTerms", "loss_token_counts", "nbdiff_loss"]
 
 # Rows of logits upcast to fp32 at a time (~256 MiB of temporaries for the chunk).
@@ -84,6 +86,16 @@ def _as_doc_ids(doc_ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor
             f"got {list(doc_ids.shape)}"
         )
     return doc_ids
+
+
+def _positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """LongTensor [b, L]: each token's position inside its document (restarts at a new doc id)."""
+    batch, seq_len = doc_ids.shape
+    j = torch.arange(seq_len, device=doc_ids.device).expand(batch, seq_len)
+    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(new_doc, j, torch.zeros_like(j))
+    return j - torch.cummax(start, dim=1).values
 
 
 def _ar_targets(loss_mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
@@ -169,6 +181,8 @@ def nbdiff_loss(
     ar_denominator: torch.Tensor | float | None = None,
     chunk_rows: int | None = None,
     validate: bool = True,
+    block_size: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> LossTerms:
     """NBDiff loss, eq. 2: ``total = (1 - λ) L_MDM + λ L_AR`` (NBDIFF.md §4); reference version.
 
@@ -182,6 +196,14 @@ def nbdiff_loss(
     all), ``doc_ids [b, L]`` or ``[L]``. With ``token_shift`` the x_t logit at ``i - 1`` predicts
     masked token ``i``. A micro-batch without masked or loss tokens gives 0 (finite, with a zero
     gradient). ``validate=False`` skips the value checks that need a device synchronisation.
+
+    ``block_size`` and ``positions`` (LongTensor ``[b, L]`` or ``[L]``: each token's position
+    inside its document, as ``mask_tokens`` takes them) only feed validation: with ``token_shift``,
+    ``validate=True`` and ``block_size`` given, a masked loss token that starts a block (counted
+    from each document's start, ``noise.block_layout``) raises ``ValueError``, since its x_t
+    predecessor lies in the previous block and would score it silently. Without ``positions`` the
+    positions are derived from ``doc_ids`` (restarting at each document, as training does) or,
+    without ``doc_ids``, are ``0..L-1``.
     """
     if logits.dim() != 3 or not logits.dtype.is_floating_point:
         raise ValueError(
@@ -237,6 +259,19 @@ def nbdiff_loss(
                     "token_shift: a document's first token is masked (its x_t predecessor belongs "
                     "to another document); mask with mask_tokens(token_shift=True, positions=...)"
                 )
+            if block_size is not None:
+                if positions is None and docs is not None:
+                    positions = _positions_from_doc_ids(docs)
+                starts = block_layout(
+                    batch, seq_len, block_size=block_size, positions=positions, device=x0.device
+                ).is_start
+                if bool((selected & starts).any()):
+                    raise ValueError(
+                        f"token_shift: a block's first token is masked (block_size {block_size}); "
+                        "with shift it is decoded autoregressively and its x_t predecessor lies "
+                        "in the previous block; mask with mask_tokens(token_shift=True, "
+                        "block_size=..., positions=...) using the same block size and positions"
+                    )
 
     mdm_b, mdm_i = selected.nonzero(as_tuple=True)
     ar_valid = _ar_targets(lm, docs)

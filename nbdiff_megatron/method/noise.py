@@ -222,6 +222,25 @@ def _check_n_blocks(t: torch.Tensor, layout: BlockLayout, packed: bool, block_si
         )
 
 
+def _rank_and_length(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: its rank among its block's tokens in the row, and that block's token count.
+
+    The rank counts from the block's first token *present in the row*, so it equals ``offset``
+    except in a truncated document's first block (which starts at a non-zero offset); the count is
+    the block's actual length (``B``, or fewer for a row's, a document's or a truncated document's
+    edge block).
+    """
+    batch, seq_len = layout.index.shape
+    device = layout.index.device
+    j = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    start = torch.where(layout.is_start, j, torch.zeros_like(j))
+    rank = j - torch.cummax(start, dim=1).values
+    index = layout.index.contiguous()
+    counts = torch.zeros((batch, layout.n_blocks), dtype=torch.long, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index))
+    return rank, torch.gather(counts, 1, index)
+
+
 def mask_probability(
     t_token: torch.Tensor,
     layout: BlockLayout,
@@ -234,32 +253,36 @@ def mask_probability(
     """Probability that each token is masked, ``[b, L]`` (NBDIFF.md §4, "Noising", "Token shift").
 
     Uniform: ``p = t`` for every maskable token. With ``token_shift`` the first token of each block
-    is not maskable (``p = 0``; it is decoded autoregressively), so a block has ``m = B - 1``
-    maskable slots, otherwise ``m = B``. Slot ``q = offset - (1 if token_shift else 0)`` runs over
-    ``0..m-1``.
+    is not maskable (``p = 0``; it is decoded autoregressively).
 
-    Position-dependent (Efficient-DLM), this project's formula::
+    Position-dependent (Efficient-DLM), this project's formula, built per block from the block's
+    *actual* length ``n`` (``B``, or fewer for the short last block of a row or of a document,
+    NBDIFF.md §3): the block has ``m = n - 1`` maskable slots with ``token_shift``, else
+    ``m = n``; a token of rank ``r`` in its block (``r = offset``, counted from the first token the
+    row holds) sits in slot ``q = r - (1 if token_shift else 0)``, ``q = 0..m-1``::
 
         w_q = (2 q - (m - 1)) / (m - 1)          # in [-1, 1], rises linearly, sums to 0
         p_q = t + skew * min(t, 1 - t) * w_q     # skew in [0, 1]
 
     ``p_q`` lies in ``[0, 1]`` for every ``t`` in ``[0, 1]`` (the amplitude never exceeds the
-    distance of t to 0 or 1), the mean over the ``m`` slots is exactly ``t`` (the ``w_q`` sum to 0),
-    and for ``0 < t < 1`` and ``skew > 0`` it strictly increases with the position. At ``t = 0`` or
-    ``1`` it is flat (it must be). When ``m <= 1`` it falls back to ``p = t``. A short last block
-    (of a row or a document) uses the first slots of the full-size profile, so its own mean is below
-    ``t``.
+    distance of t to 0 or 1), the mean over the block's ``m`` slots is exactly ``t`` (the ``w_q``
+    sum to 0) for full and short blocks alike, and for ``0 < t < 1`` and ``skew > 0`` it strictly
+    increases with the position inside the block. At ``t = 0`` or ``1`` it is flat (it must be).
+    A block with ``m <= 1`` maskable slots gets ``p = t``.
     """
     _check_block_size(block_size)
     if not (0.0 <= skew <= 1.0):
         raise ValueError(f"skew must lie in [0, 1] (0 = uniform masking), got {skew!r}")
     shift = 1 if token_shift else 0
-    slots = block_size - shift
     p = t_token
-    if position_dependent and slots > 1:
-        slot = (layout.offset - shift).to(t_token.dtype)
-        weight = (2.0 * slot - (slots - 1)) / (slots - 1)
+    if position_dependent and block_size - shift > 1:
+        rank, length = _rank_and_length(layout)
+        slots = (length - shift).to(t_token.dtype)
+        slot = (rank - shift).to(t_token.dtype)
+        # Blocks with a single maskable slot keep p = t (w = 0); the clamp avoids 0 / 0 there.
+        weight = torch.where(slots > 1, (2.0 * slot - (slots - 1)) / (slots - 1).clamp(min=1), 0.0)
         amplitude = skew * torch.minimum(t_token, 1.0 - t_token)
+        # The clamp only absorbs float rounding: |amplitude * weight| <= min(t, 1 - t).
         p = (t_token + amplitude * weight).clamp(0.0, 1.0)
     if token_shift:
         # is_start also covers a truncated document's first token, whose left neighbour is missing.

@@ -36,3 +36,11 @@ def tiny_model():
 @pytest.fixture(scope="package")
 def gqa_model():
     return build_tiny(num_query_groups=2, qk_layernorm=True, seed=1)
+
+
+@pytest.fixture(scope="package")
+def tiny_model_fp64():
+    """`tiny_model`'s weights in fp64: equality checks free of fp32 summation-order noise."""
+    import torch
+
+    return build_tiny().to(torch.float64)

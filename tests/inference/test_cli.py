@@ -47,6 +47,7 @@ def test_load_megatron_checkpoint_gives_same_model(trained_checkpoint):
     save, model, tok = trained_checkpoint
     loaded = load_for_inference(save)
     assert loaded.block_size == 8 and loaded.token_shift and loaded.mask_id == tok.mask_id
+    assert loaded.mask_kind == "context_causal"  # train_state without curriculum.mask_kind
     assert tok.eod in loaded.eos_ids
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
         if isinstance(a, torch.Tensor):
@@ -209,7 +210,14 @@ def test_load_hf_folder_matches_transformers(tmp_path):
     hf_model.save_pretrained(hf_dir, safe_serialization=True)
     for f in Path(bundled_tokenizer_dir()).iterdir():
         shutil.copy(f, hf_dir / f.name)
+    # the `nbdiff` block `nbdiff convert mcore-to-hf` writes reaches the decoder
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    hf_config["nbdiff"] = {"block_size": 8, "token_shift": False, "mask_kind": "block_causal"}
+    (hf_dir / "config.json").write_text(json.dumps(hf_config))
     loaded = load_for_inference(hf_dir)
+    assert (loaded.block_size, loaded.token_shift, loaded.mask_kind) == (8, False, "block_causal")
+    decoder = _decoder_for(loaded, ["--load", str(hf_dir)])
+    assert decoder.config.mask_kind == "block_causal" and decoder.config.block_size == 8
     ids = torch.tensor([loaded.tokenizer.encode("And God said, Let there be light")])
     with torch.no_grad():
         expected = hf_model(ids).logits
@@ -230,3 +238,70 @@ def test_load_hf_folder_matches_transformers(tmp_path):
         )
         == 0
     )
+
+
+def _decoder_for(loaded, argv):
+    import argparse
+
+    from nbdiff_megatron.inference.cli import add_arguments, build_decoder
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "generate")
+    return build_decoder(parser.parse_args([*argv, "--prompt", "x"]), loaded, 4)
+
+
+@pytest.mark.parametrize(
+    "config, converted, expected",
+    [
+        ({}, {}, "context_causal"),
+        ({"curriculum": {"mask_kind": "block_causal"}}, {}, "block_causal"),
+        ({"curriculum": {"mask_kind": "context_causal"}}, {"mask_kind": "block_causal"},
+         "context_causal"),
+        ({}, {"nbdiff": {"mask_kind": "block_causal"}}, "block_causal"),
+        ({}, {"mask_kind": "block_causal"}, "block_causal"),
+    ],
+)
+def test_stored_mask_kind(config, converted, expected, tmp_path):
+    from nbdiff_megatron.inference.loading import _stored_mask_kind
+
+    assert _stored_mask_kind(config, converted, tmp_path) == expected
+
+
+def test_stored_mask_kind_rejects_unknown_kinds(tmp_path):
+    from nbdiff_megatron.errors import CheckpointError
+    from nbdiff_megatron.inference.loading import _stored_mask_kind
+
+    with pytest.raises(CheckpointError, match="annealed"):
+        _stored_mask_kind({"curriculum": {"mask_kind": "annealed"}}, {}, tmp_path)
+
+
+def test_block_causal_checkpoint_decodes_block_causally(tmp_path):
+    """A checkpoint whose train config says curriculum.mask_kind = block_causal loads with that
+    mask kind and `nbdiff generate` builds a block-causal decoder for it."""
+    from nbdiff_megatron.data.bundled import bundled_tokenizer_path
+    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    from nbdiff_megatron.inference.loading import load_for_inference
+    from nbdiff_megatron.model.builder import build_model
+    from nbdiff_megatron.model.config import ModelConfig
+    from nbdiff_megatron.training import checkpointing
+
+    tok_path = bundled_tokenizer_path()
+    tok = load_tokenizer("HuggingFaceTokenizer", tok_path)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, seq_length=32, init_method_std=0.3)
+    train_state = {
+        "config": {
+            "model": cfg.to_dict(),
+            "loss": {"token_shift": True},
+            "curriculum": {"target_block_size": 4, "mask_kind": "block_causal"},
+            "noise": {"mask_token_id": None},
+            "data": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tok_path},
+        },
+        "tokenizer": {"type": "HuggingFaceTokenizer", "model": tok_path},
+    }
+    checkpointing.save_checkpoint(tmp_path, 1, [build_model(cfg, seed=4)], None, train_state)
+    loaded = load_for_inference(tmp_path)
+    assert loaded.mask_kind == "block_causal" and loaded.block_size == 4
+    decoder = _decoder_for(loaded, ["--load", str(tmp_path)])
+    assert decoder.config.mask_kind == "block_causal"
+    out = decoder.generate([tok.encode("And God said")], max_new_tokens=6)
+    assert len(out.tokens[0]) <= 6

@@ -335,3 +335,58 @@ def test_token_shift_rejects_masked_first_tokens():
         token_shift=True,
         loss_mask=bools([[0, 1, 1], [1, 1, 1]]),
     )
+
+
+def test_token_shift_rejects_masked_block_starts_inside_a_document():
+    # L = 6, B = 3: token 3 starts block 1 inside the single document; with shift its x_t
+    # predecessor (logit 2) belongs to block 0, so a masked token 3 is a masking bug.
+    x0 = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    lg = torch.zeros(1, 12, 3)
+    t = torch.full((1, 6), 0.5)
+    bad = bools([[0, 1, 0, 1, 0, 0]])
+    # Without block_size only sequence and document starts are checked: this passes.
+    nbdiff_loss(lg, x0, bad, t, ar_weight=0.5, token_shift=True)
+    with pytest.raises(ValueError, match="block's first token"):
+        nbdiff_loss(lg, x0, bad, t, ar_weight=0.5, token_shift=True, block_size=3)
+    # Excluded by the loss mask, not shifted, or not validated: no error.
+    lm = bools([[1, 1, 1, 0, 1, 1]])
+    nbdiff_loss(lg, x0, bad, t, ar_weight=0.5, token_shift=True, block_size=3, loss_mask=lm)
+    nbdiff_loss(lg, x0, bad, t, ar_weight=0.5, token_shift=False, block_size=3)
+    nbdiff_loss(lg, x0, bad, t, ar_weight=0.5, token_shift=True, block_size=3, validate=False)
+    # Packed: documents of 2 and 4 tokens, B = 3 -> blocks start at 0, 2 and 5 (position 3 of
+    # document 2). Token 3 is inside a block there, token 5 is a block start.
+    pos = torch.tensor([0, 1, 0, 1, 2, 3])
+    docs = torch.tensor([0, 0, 1, 1, 1, 1])
+    ok = bools([[0, 1, 0, 1, 1, 0]])
+    nbdiff_loss(lg, x0, ok, t, ar_weight=0.5, token_shift=True, block_size=3, positions=pos)
+    for kwargs in ({"positions": pos}, {"doc_ids": docs}, {"positions": pos, "doc_ids": docs}):
+        nbdiff_loss(lg, x0, ok, t, ar_weight=0.5, token_shift=True, block_size=3, **kwargs)
+        with pytest.raises(ValueError, match="block's first token"):
+            nbdiff_loss(
+                lg, x0, bools([[0, 0, 0, 0, 0, 1]]), t, ar_weight=0.5, token_shift=True,
+                block_size=3, **kwargs,
+            )
+    with pytest.raises(ValueError, match="block_size"):
+        nbdiff_loss(lg, x0, ok, t, ar_weight=0.5, token_shift=True, block_size=0)
+
+
+@FAST
+@given(
+    block_size=st.integers(1, 5),
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mask_tokens_with_shift_always_passes_block_validation(block_size, lengths, seed):
+    # The masks mask_tokens(token_shift=True) draws never trip the block-start check.
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    seq_len = pos.numel()
+    x0 = torch.randint(0, 5, (2, seq_len), generator=g)
+    t = sample_t(2, generator=g)
+    _, masked = mask_tokens(
+        x0, t, block_size=block_size, mask_id=5, token_shift=True, positions=pos, generator=g
+    )
+    lg = torch.zeros(2, 2 * seq_len, 6)
+    nbdiff_loss(
+        lg, x0, masked, t, ar_weight=0.5, token_shift=True, block_size=block_size, positions=pos
+    )

@@ -218,6 +218,111 @@ def test_position_dependent_probability_keeps_mean_and_range(t, block_size, skew
         assert bool((maskable[1:] > maskable[:-1]).all()), "probability must rise with the position"
 
 
+def test_position_dependent_short_block_hand_cases():
+    # t = 0.5, B = 8, token shift, L = 10: blocks of 8 and 2 tokens. The short block's one maskable
+    # slot (m = 1) gets p = t, not the first slot of the 7-slot profile (which would be 0.25).
+    layout = block_layout(1, 10, block_size=8)
+    p = mask_probability(
+        torch.full((1, 10), 0.5, dtype=torch.float64),
+        layout,
+        block_size=8,
+        position_dependent=True,
+        token_shift=True,
+    )[0]
+    assert p[8].item() == 0.0 and p[9].item() == 0.5
+    assert p[1:8].mean().item() == pytest.approx(0.5, abs=1e-12)
+    # No shift, L = 11, B = 8, skew 1, t = 0.5: the 3-token last block has m = 3, w = [-1, 0, 1],
+    # amplitude 0.5 -> [0, 0.5, 1].
+    p = mask_probability(
+        torch.full((1, 11), 0.5, dtype=torch.float64),
+        block_layout(1, 11, block_size=8),
+        block_size=8,
+        position_dependent=True,
+        skew=1.0,
+    )[0]
+    torch.testing.assert_close(p[8:], torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    # Packed: documents 5 and 3 with B = 4, shift, t = 0.8, skew 0.5 (amplitude 0.1). Blocks:
+    # [0..3] m = 3 -> [0, 0.7, 0.8, 0.9]; [4] m = 0 -> [0]; [0..2] m = 2 -> [0, 0.7, 0.9].
+    p = mask_probability(
+        torch.full((1, 8), 0.8, dtype=torch.float64),
+        block_layout(1, 8, block_size=4, positions=positions_from_lengths([5, 3])),
+        block_size=4,
+        position_dependent=True,
+        token_shift=True,
+    )[0]
+    expected = [0.0, 0.7, 0.8, 0.9, 0.0, 0.0, 0.7, 0.9]
+    torch.testing.assert_close(p, torch.tensor(expected, dtype=torch.float64))
+    # A truncated document (the row starts at position 5, B = 4): its first block holds positions
+    # 5..7 only; without shift m = 3 -> [0.7, 0.8, 0.9] (profile over the tokens present).
+    p = mask_probability(
+        torch.full((1, 4), 0.8, dtype=torch.float64),
+        block_layout(1, 4, block_size=4, positions=torch.tensor([[5, 6, 7, 8]])),
+        block_size=4,
+        position_dependent=True,
+    )[0]
+    torch.testing.assert_close(p, torch.tensor([0.7, 0.8, 0.9, 0.8], dtype=torch.float64))
+
+
+@st.composite
+def packed_positions(draw):
+    """Rows of packed documents (lengths any), optionally starting inside a truncated document."""
+    block_size = draw(st.integers(1, 9))
+    batch = draw(st.integers(1, 3))
+    seq_len = draw(st.integers(1, 30))
+    rows = []
+    for _ in range(batch):
+        lengths, left = [], seq_len
+        while left:
+            n = draw(st.integers(1, left))
+            lengths.append(n)
+            left -= n
+        row = positions_from_lengths(lengths)
+        row[: lengths[0]] += draw(st.integers(0, 2 * block_size))  # truncated first document
+        rows.append(row)
+    return block_size, torch.stack(rows)
+
+
+@FAST
+@given(
+    data=packed_positions(),
+    packed=st.booleans(),
+    token_shift=st.booleans(),
+    skew=st.floats(1e-3, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_position_dependent_every_block_keeps_its_mean(data, packed, token_shift, skew, seed):
+    # Every block -- full, or short at a row's or a document's edge -- has mean exactly its own t
+    # over its maskable slots, probabilities in [0, 1], strictly rising inside the block.
+    block_size, positions = data
+    batch, seq_len = positions.shape
+    pos = positions if packed else None
+    layout = block_layout(batch, seq_len, block_size=block_size, positions=pos)
+    t = sample_t(batch, n_blocks=layout.n_blocks, lo=1e-3, generator=gen(seed)).double()
+    t_tok = torch.gather(t, 1, layout.index.contiguous())
+    p = mask_probability(
+        t_tok,
+        layout,
+        block_size=block_size,
+        position_dependent=True,
+        token_shift=token_shift,
+        skew=skew,
+    )
+    assert bool((p >= 0).all()) and bool((p <= 1).all())
+    for r in range(batch):
+        for k in range(int(layout.index[r, -1]) + 1):
+            in_block = (layout.index[r] == k).nonzero().flatten()
+            assert bool((in_block[1:] == in_block[:-1] + 1).all()), "blocks are contiguous"
+            maskable = in_block[1:] if token_shift else in_block
+            if token_shift:
+                assert p[r, in_block[0]].item() == 0.0
+            if maskable.numel() == 0:
+                continue
+            probs = p[r, maskable]
+            assert probs.mean().item() == pytest.approx(t[r, k].item(), abs=1e-12)
+            if probs.numel() > 1 and t[r, k].item() < 1 - 1e-6:
+                assert bool((probs[1:] > probs[:-1]).all()), "probability rises with the position"
+
+
 def test_position_dependent_masking_empirical_mean_and_order():
     # 2000 rows x 4 blocks of 8 tokens, t = 0.3 per sequence, skew 0.5.
     batch, block, seq_len, t = 2000, 8, 32, 0.3
