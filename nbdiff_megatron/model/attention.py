@@ -13,6 +13,12 @@ and whatever object the model's forward received as `attention_mask`. This modul
 
 The mask-convention adapter (`megatron_mask_from_allowed` / `allowed_from_megatron_mask`) lives here and
 nowhere else. Queries and keys may have different lengths (prefix + block forwards, KV-cache decoding).
+
+Context parallelism (CP > 1, layout in `model/context_parallel.py`): each CP rank holds the same zigzag
+chunks of x_t and of x_0 and an `AttentionMask` whose rows are its own queries' rows over the full 2L keys
+and whose `cp_gather_order` says how to put the gathered keys in sequence order. The module all-gathers
+K and V (the KV heads only, before any GQA expansion) over the CP group -- the backward reduce-scatters
+their gradients -- reorders them into the global order and attends its local queries to all 2L keys.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
@@ -77,7 +84,15 @@ class AttentionMask:
     """
 
     allowed: torch.Tensor | None = None
+    """Dense mask [b or 1, 1, Q, K], True = may attend (SDPA backend)."""
     block_mask: Any = None
+    """FlexAttention BlockMask (flex backend)."""
+    mask_mod: Any = None
+    """Flex: the full-sequence mask_mod the BlockMask was built from (lets a CP rank build its rows)."""
+    cache_key: Any = None
+    """Flex: the BlockMaskCache key of `block_mask` (CP shards cache their BlockMask under it + rank)."""
+    cp_gather_order: torch.Tensor | None = None
+    """CP shard only: LongTensor [K]; gathered keys (rank-major) indexed by it are in sequence order."""
 
     def __post_init__(self) -> None:
         if (self.allowed is None) == (self.block_mask is None):
@@ -86,14 +101,22 @@ class AttentionMask:
             object.__setattr__(self, "allowed", _as_4d(self.allowed.bool()))
 
     @classmethod
-    def dense(cls, allowed: torch.Tensor) -> AttentionMask:
+    def dense(cls, allowed: torch.Tensor, *,
+              cp_gather_order: torch.Tensor | None = None) -> AttentionMask:
         """Wrap a dense project-convention mask ([Q, K], [b, Q, K] or [b, 1, Q, K])."""
-        return cls(allowed=allowed)
+        return cls(allowed=allowed, cp_gather_order=cp_gather_order)
 
     @classmethod
-    def flex(cls, block_mask: Any) -> AttentionMask:
-        """Wrap a FlexAttention BlockMask."""
-        return cls(block_mask=block_mask)
+    def flex(cls, block_mask: Any, *, mask_mod: Any = None, cache_key: Any = None,
+             cp_gather_order: torch.Tensor | None = None) -> AttentionMask:
+        """Wrap a FlexAttention BlockMask (optionally with the mask_mod and cache key it came from)."""
+        return cls(block_mask=block_mask, mask_mod=mask_mod, cache_key=cache_key,
+                   cp_gather_order=cp_gather_order)
+
+    @property
+    def context_parallel(self) -> bool:
+        """True for a CP rank's shard (keys must be gathered over the CP group)."""
+        return self.cp_gather_order is not None
 
     @property
     def backend(self) -> str:
@@ -183,6 +206,66 @@ def build_block_mask(mask_mod: Callable, batch: int | None, q_len: int, kv_len: 
                              device=device, _compile=device.type == "cuda")
 
 
+# ------------------------------------------------------------------------------- context parallel
+def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: Any) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (deprecated alias kept); older torch lacks the new name.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
+
+
+def _reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group: Any) -> None:
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(output, tensor, group=group)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0 over a group; backward: reduce-scatter (sum) of the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        _all_gather_single(out, tensor, group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        world = dist.get_world_size(ctx.group)
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        # Every CP rank's queries attended to this rank's keys: their gradients add up here.
+        _reduce_scatter_single(out, grad, ctx.group)
+        return out, None
+
+
+def gather_sequence(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Autograd-aware all-gather of `[s, ...]` over `group` into `[world * s, ...]` (rank-major)."""
+    if dist.get_world_size(group) == 1:
+        return tensor
+    return _GatherSequence.apply(tensor, group)
+
+
+def gather_context_parallel_kv(key: torch.Tensor, value: torch.Tensor, gather_order: torch.Tensor,
+                               group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V `[s_local, b, hk, d]` of every CP rank, in sequence order: `[s_full, b, hk, d]` each.
+
+    One collective for both (concatenated along the head dim); `gather_order` maps the rank-major
+    gathered rows to the sequence order the mask's columns use.
+    """
+    key_dim = key.shape[-1]
+    both = torch.cat([key, value], dim=-1)
+    gathered = gather_sequence(both, group)
+    if gathered.shape[0] != gather_order.numel():
+        raise ValueError(
+            f"the CP ranks hold {gathered.shape[0]} keys together, the mask's gather order covers "
+            f"{gather_order.numel()}: every CP rank must shard the same micro-batch with the same layout"
+        )
+    gathered = gathered.index_select(0, gather_order.to(gathered.device))
+    return gathered[..., :key_dim], gathered[..., key_dim:]
+
+
 # ------------------------------------------------------------------------------- the module
 class NBDiffAttention(MegatronModule):
     """Core attention over an arbitrary mask: SDPA with a dense mask, or FlexAttention with a BlockMask.
@@ -196,10 +279,10 @@ class NBDiffAttention(MegatronModule):
                  softmax_scale: float | None = None, cp_comm_type: str | None = None,
                  pg_collection: Any = None, **kwargs: Any) -> None:
         super().__init__(config=config)
-        if getattr(config, "context_parallel_size", 1) > 1:
-            raise NotImplementedError(
-                "NBDiffAttention has no context-parallel path yet: set context_parallel_size=1"
-            )
+        self.cp_size = int(getattr(config, "context_parallel_size", 1) or 1)
+        # The CP group megatron built this layer for (its pg_collection, 0.16 and 0.19 pass one);
+        # None: parallel_state's, looked up at forward time.
+        self._cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -235,12 +318,36 @@ class NBDiffAttention(MegatronModule):
         else:
             raise TypeError(f"unsupported attention_mask type {type(attention_mask).__name__}")
 
+        if self.cp_size > 1:
+            if mask is None or not mask.context_parallel:
+                raise ValueError(
+                    f"context_parallel_size={self.cp_size}: NBDiffAttention needs this CP rank's "
+                    "shard of the inputs; build them with nbdiff_model_inputs(..., cp_layout="
+                    "ContextParallelLayout.current(L)) or model.context_parallel.shard_model_inputs"
+                )
+            key, value = gather_context_parallel_kv(key, value, mask.cp_gather_order,
+                                                    self._context_parallel_group())
+            k = key.permute(1, 2, 0, 3)
+            v = value.permute(1, 2, 0, 3)
+        elif mask is not None and mask.context_parallel:
+            raise ValueError(
+                "the attention mask is a context-parallel shard but the model was built with "
+                "context_parallel_size=1: shard the inputs only when the CP size is > 1"
+            )
+
         if mask is not None and mask.backend == "flex":
             out = self._flex(q, k, v, mask.block_mask)
         else:
             out = self._sdpa(q, k, v, None if mask is None else mask.allowed)
         # [b, hq, sq, d] -> [sq, b, hq * d]
         return out.permute(2, 0, 1, 3).reshape(sq, batch, hq * head_dim)
+
+    def _context_parallel_group(self) -> Any:
+        if self._cp_group is not None:
+            return self._cp_group
+        from megatron.core import parallel_state
+
+        return parallel_state.get_context_parallel_group()
 
     def _dropout(self) -> float:
         return self.dropout_p if self.training else 0.0

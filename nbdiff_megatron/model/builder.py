@@ -17,6 +17,11 @@ Layout and conventions (DESIGN.md, NBDIFF.md §3):
 Under pipeline parallelism every stage calls the model with the same `ModelInputs` (built by
 `nbdiff_model_inputs`, cheap and deterministic); the forward step given to `get_forward_backward_func`
 is then `output = model(*inputs)` plus the loss on the last stage.
+
+Under context parallelism (CP > 1) each CP rank runs on its shard of the micro-batch:
+`nbdiff_model_inputs(..., cp_layout=ContextParallelLayout.current(L))` returns `[b, 2L/cp]` inputs, the
+logits are `[b, 2L/cp, V]` (row k is global position `cp_layout.global_positions()[k]`), and the loss is
+`model.context_parallel.cp_local_loss` (layout and reduction: that module's docstring).
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ from nbdiff_megatron.model.attention import (
     build_block_mask,
 )
 from nbdiff_megatron.model.config import ModelConfig
+from nbdiff_megatron.model.context_parallel import (
+    ContextParallelLayout,
+    local_flex_mask,
+    shard_model_inputs,
+)
 from nbdiff_megatron.model.spec import nbdiff_layer_spec
 
 
@@ -55,6 +65,10 @@ class PositionIdsRotaryEmbedding(RotaryEmbedding):
     GPTModel calls `self.rotary_pos_emb(rotary_seq_len, ...)` with a length only; `NBDiffGPTModel` sets
     `position_ids` ([b, s] or [s]) just before, and this returns `[s, b, 1, d]` (or `[s, 1, 1, d]`), which
     megatron's unfused `apply_rotary_pos_emb` broadcasts over heads per sample.
+
+    Under context parallelism megatron asks for `cp * s_local` positions and would cut its table with
+    `get_pos_emb_on_this_cp_rank`; the position ids here are already the local tokens' (the CP shard
+    keeps them), so the table is evaluated at them and never re-sliced.
     """
 
     position_ids: torch.Tensor | None = None
@@ -64,9 +78,12 @@ class PositionIdsRotaryEmbedding(RotaryEmbedding):
         position_ids = self.position_ids
         if position_ids is None:
             position_ids = torch.arange(max_seq_len, device=self.inv_freq.device) + offset
-        if position_ids.shape[-1] != max_seq_len:
+        group = cp_group if cp_group is not None else getattr(self, "cp_group", None)
+        cp_size = group.size() if group is not None and not packed_seq else 1
+        if position_ids.shape[-1] * cp_size != max_seq_len:
             raise ValueError(
-                f"position_ids cover {position_ids.shape[-1]} tokens, the sequence has {max_seq_len}"
+                f"position_ids cover {position_ids.shape[-1]} tokens (x CP size {cp_size}), the "
+                f"sequence has {max_seq_len}"
             )
         inv_freq = self.inv_freq.to(position_ids.device)
         positions = position_ids.to(inv_freq.dtype)
@@ -180,10 +197,6 @@ def build_model(cfg: ModelConfig, *, block_size: int | None = None, pre_process:
         initialize_parallel(1, 1, 1)
     tp, pp, cp = _parallel_sizes()
     cfg.validate(tp=tp, pp=pp, cp=cp, block_size=block_size)
-    if cp > 1:
-        raise ConfigError(
-            "context parallelism is not implemented in NBDiffAttention yet: set the CP size to 1"
-        )
     backend = cfg.resolved_attention_backend()
     if backend == "flex" and cfg.attention_dropout > 0:
         raise ConfigError(
@@ -260,7 +273,8 @@ def _check_batch(name: str, ids: torch.Tensor) -> None:
 def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
                         kind: str = "context_causal", doc_ids: torch.Tensor | None = None,
                         backend: str | None = "sdpa",
-                        cache: BlockMaskCache | None = BLOCK_MASK_CACHE) -> ModelInputs:
+                        cache: BlockMaskCache | None = BLOCK_MASK_CACHE,
+                        cp_layout: ContextParallelLayout | None = None) -> ModelInputs:
     """Model inputs of the x_t ⊕ x_0 training forward (NBDIFF.md §3).
 
     Args:
@@ -269,9 +283,12 @@ def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
         kind: "context_causal" or "block_causal".
         doc_ids: optional [b, L] (or [L]) non-decreasing document ids of packed documents.
         backend: "sdpa" (dense mask), "flex" (BlockMask, cached in `cache`) or "auto"/None (by device).
+        cp_layout: context parallelism: return this CP rank's shard (`model/context_parallel.py`);
+            flex builds only the rank's BlockMask rows (cached per layout and CP rank).
 
     Returns:
-        `ModelInputs(input_ids [b, 2L], position_ids [b, 2L], attention_mask)`.
+        `ModelInputs(input_ids [b, 2L], position_ids [b, 2L], attention_mask)`; with `cp_layout`,
+        `[b, 2L/cp]` inputs of the rank's tokens and the mask rows of its queries over all 2L keys.
     """
     _check_batch("x_t", x_t)
     _check_batch("x0", x0)
@@ -291,6 +308,10 @@ def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
         doc_ids = doc_ids.to(device)
         if doc_ids.dim() == 1:
             doc_ids = doc_ids.expand(batch, length)
+    if cp_layout is not None and cp_layout.seq_length != length:
+        raise ConfigError(
+            f"the context-parallel layout is for L = {cp_layout.seq_length}, the batch has L = {length}"
+        )
     input_ids = torch.cat([x_t, x0], dim=1)
     if doc_ids is None:
         position_ids = training_position_ids(length).to(device).expand(batch, 2 * length)
@@ -298,18 +319,23 @@ def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
         position_ids = training_position_ids(length, doc_ids)
     if backend == "sdpa":
         allowed = training_mask(length, block_size, kind, doc_ids).to(device)
-        mask = AttentionMask.dense(allowed)
-    else:
-        mask_batch = None if doc_ids is None else batch
+        inputs = ModelInputs(input_ids, position_ids, AttentionMask.dense(allowed))
+        return inputs if cp_layout is None else shard_model_inputs(inputs, cp_layout, cache=cache)
+    mask_batch = None if doc_ids is None else batch
+    mask_mod = training_mask_mod(length, block_size, kind, doc_ids)
+    key = ("nbdiff", kind, length, block_size, BlockMaskCache.layout_key(doc_ids), mask_batch,
+           str(device))
+    if cp_layout is not None:
+        mask = local_flex_mask(mask_mod, cp_layout, batch=mask_batch, device=device, cache_key=key,
+                               cache=cache)
+        return ModelInputs(cp_layout.shard(input_ids), cp_layout.shard(position_ids), mask)
 
-        def build() -> Any:
-            return build_block_mask(training_mask_mod(length, block_size, kind, doc_ids),
-                                    mask_batch, 2 * length, 2 * length, device)
+    def build() -> Any:
+        return build_block_mask(mask_mod, mask_batch, 2 * length, 2 * length, device)
 
-        key = ("nbdiff", kind, length, block_size, BlockMaskCache.layout_key(doc_ids), mask_batch,
-               str(device))
-        mask = AttentionMask.flex(cache.get(key, build) if cache is not None else build())
-    return ModelInputs(input_ids, position_ids, mask)
+    block_mask = cache.get(key, build) if cache is not None else build()
+    return ModelInputs(input_ids, position_ids,
+                       AttentionMask.flex(block_mask, mask_mod=mask_mod, cache_key=key))
 
 
 def _causal_allowed(length: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -393,13 +419,16 @@ def _default_backend(model: torch.nn.Module, backend: str | None) -> str | None:
 
 def nbdiff_forward(model: torch.nn.Module, x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
                    kind: str = "context_causal", doc_ids: torch.Tensor | None = None,
-                   backend: str | None = None, return_hidden: bool = False) -> torch.Tensor:
+                   backend: str | None = None, return_hidden: bool = False,
+                   cp_layout: ContextParallelLayout | None = None) -> torch.Tensor:
     """Logits [b, 2L, V] of the x_t ⊕ x_0 forward (hidden states [b, 2L, h] with return_hidden).
 
     Single-stage convenience; under pipeline parallelism call the model with `nbdiff_model_inputs`.
+    Under context parallelism pass `cp_layout` (e.g. `ContextParallelLayout.current(L)`): the result
+    is this rank's `[b, 2L/cp, ...]` rows (`context_parallel.gather_cp_sequence` gathers them).
     """
     inputs = nbdiff_model_inputs(x_t, x0, block_size=block_size, kind=kind, doc_ids=doc_ids,
-                                 backend=_default_backend(model, backend))
+                                 backend=_default_backend(model, backend), cp_layout=cp_layout)
     return model(*inputs, return_hidden=return_hidden)
 
 

@@ -152,10 +152,11 @@ class ModelConfig:
                 f"model.num_layers={self.num_layers} is not divisible by the pipeline parallel size "
                 f"{pp}: change model.num_layers or the PP size"
             )
-        if (2 * self.seq_length) % (2 * cp):
+        if cp > 1 and self.seq_length % (2 * cp):
             raise ConfigError(
-                f"model.seq_length={self.seq_length} must be divisible by the context parallel size "
-                f"{cp} (each rank holds matching chunks of both halves)"
+                f"model.seq_length={self.seq_length} must be divisible by 2 * the context parallel "
+                f"size = {2 * cp}: each half (x_t, x_0) is cut into 2*cp chunks and CP rank r holds "
+                f"chunks r and 2cp-1-r of both; change model.seq_length or the CP size"
             )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(

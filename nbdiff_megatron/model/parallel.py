@@ -206,3 +206,28 @@ def reduce_tensor_parallel_replicated_grads(model: torch.nn.Module) -> None:
         )
         if partial:
             dist.all_reduce(param.grad, group=group)
+
+
+def reduce_context_parallel_grads(model: torch.nn.Module, *, average: bool = True) -> None:
+    """All-reduce every `.grad` over the context-parallel group (models NOT wrapped in megatron's DDP).
+
+    Each CP rank's backward sees only its own tokens' share of the loss, so the full gradient is the
+    sum over the CP ranks. megatron-core's DDP reduces over the data-parallel group *with* context
+    parallel (`get_data_parallel_group(with_context_parallel=True)`) and averages over it, while its
+    pipeline schedule multiplies a `(loss, dict)` loss by the CP size to compensate; `average=True`
+    mirrors that pair (use it after `get_forward_backward_func`), `average=False` sums (use it after a
+    plain `loss.backward()` on the local share). Training with DDP gets this from
+    `finalize_model_grads`; do not call both.
+    """
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_context_parallel_world_size()
+    if size == 1:
+        return
+    group = parallel_state.get_context_parallel_group()
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        dist.all_reduce(param.grad, group=group)
+        if average:
+            param.grad.div_(size)
