@@ -1,0 +1,397 @@
+"""Checkpoints with megatron-core `dist_checkpointing` (torch_dist format): save, keep-last-K, resume.
+
+Layout of a save directory:
+
+    <save>/iter_0000100/      one checkpoint (dist_checkpointing directory: metadata.json, shards, common)
+    <save>/latest             the step of the newest complete checkpoint (text)
+    <save>/.tmp_iter_0000200/ a save in progress: renamed to iter_0000200 only once complete
+
+A checkpoint holds the model, the optimizer, the step, the data position and the RNG states (per rank),
+plus the config and parallel layout it was written with. The model and optimizer are stored as sharded
+tensors, so a checkpoint saved with one TP/PP layout loads under another; the per-rank RNG states are only
+restored when the layout is unchanged (they have no meaning otherwise).
+
+Because every save goes to a temporary name first, a job killed while writing leaves the previous checkpoint
+(and `latest`) intact.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nbdiff_megatron.errors import CheckpointError
+
+CHECKPOINT_PREFIX = "iter_"
+TMP_PREFIX = ".tmp_"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint written after `step` optimizer steps."""
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """True if `path` is a finished dist_checkpointing directory (its metadata.json is readable)."""
+    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
+
+    path = Path(path)
+    return path.is_dir() and check_is_distributed_checkpoint(str(path))
+
+
+def list_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in a save directory, oldest first, as (step, path)."""
+    save_dir = Path(save_dir)
+    found = []
+    if not save_dir.is_dir():
+        return found
+    for child in save_dir.iterdir():
+        if not child.name.startswith(CHECKPOINT_PREFIX):
+            continue
+        try:
+            step = int(child.name[len(CHECKPOINT_PREFIX) :])
+        except ValueError:
+            continue
+        if is_complete_checkpoint(child):
+            found.append((step, child))
+    return sorted(found)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Resolve `--load PATH` to one checkpoint directory, or raise CheckpointError saying why.
+
+    PATH is either a checkpoint directory itself or a save directory (its `latest` checkpoint, or the
+    newest complete one when `latest` is missing).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass a save directory or one of its "
+            f"{CHECKPOINT_PREFIX}XXXXXXX sub-directories to --checkpoint.load"
+        )
+    if is_complete_checkpoint(path):
+        return path
+    if path.name.startswith(CHECKPOINT_PREFIX) or path.name.startswith(TMP_PREFIX):
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or corrupt (no readable metadata.json: the save that "
+            "wrote it was probably interrupted); load the save directory to use its newest "
+            "complete checkpoint"
+        )
+    latest = path / LATEST_FILE
+    if latest.is_file():
+        text = latest.read_text().strip()
+        try:
+            candidate = path / checkpoint_name(int(text))
+        except ValueError:
+            raise CheckpointError(
+                f"{latest} holds {text!r}, not a step number; delete it to use the newest complete "
+                "checkpoint"
+            ) from None
+        if is_complete_checkpoint(candidate):
+            return candidate
+        raise CheckpointError(
+            f"{latest} points to {candidate.name}, which is missing or incomplete; delete {latest} to "
+            "fall back to the newest complete checkpoint"
+        )
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint in {path}: expected {CHECKPOINT_PREFIX}XXXXXXX sub-directories written by "
+            "`nbdiff train --checkpoint.save=DIR`"
+        )
+    return found[-1][1]
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The non-tensor state of a checkpoint: step, data position, config, layout."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except (Exception, CheckpointException) as exc:  # 0.19.x reads it through torch DCP
+        raise CheckpointError(
+            f"cannot read the common state of checkpoint {path} ({_short(exc)}); "
+            "the checkpoint is corrupt, load an earlier one"
+        ) from exc
+    info = common.get("train_state") if isinstance(common, dict) else None
+    if not isinstance(info, dict) or "step" not in info:
+        raise CheckpointError(
+            f"checkpoint {path} was not written by `nbdiff train` (no train_state); "
+            "to start from converted weights use --checkpoint.finetune=true"
+            if isinstance(common, dict)
+            else f"checkpoint {path} has an unreadable common state"
+        )
+    return info
+
+
+# --------------------------------------------------------------------------------------------- RNG
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def layout() -> dict[str, int]:
+    """This process's parallel layout (sizes and ranks), as stored with a checkpoint."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object(state: dict[str, Any] | None):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_context_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+# ----------------------------------------------------------------------------------- state dicts
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The megatron model inside DDP wrappers (whose own state-dict keys carry a `module.` prefix)."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+
+    while isinstance(chunk, _BaseDataParallel):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
+    if len(model) != 1:
+        raise NotImplementedError(
+            "virtual pipeline stages (several model chunks) are not supported"
+        )
+    return _unwrap(model[0]).sharded_state_dict()
+
+
+def _sharded_state_dict(
+    model: list[torch.nn.Module],
+    optimizer: Any | None,
+    *,
+    rng: dict[str, Any] | None,
+    include_rng: bool,
+    is_loading: bool,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": _model_sharded_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+    if include_rng:
+        state["rng_state"] = _rng_sharded_object(rng)
+    return state
+
+
+def _device_mode():
+    from nbdiff_megatron.model import cpu_compat
+
+    return cpu_compat.cuda_to_cpu()
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def _save_kwargs(save_fn: Any) -> dict[str, Any]:
+    """Version differences of `dist_checkpointing.save`: 0.19.x defaults `async_strategy` to 'nvrx'
+    (nvidia-resiliency-ext, rarely installed); 'mcore' is megatron-core's own. 0.16.1 has no such
+    argument."""
+    import inspect
+
+    params = inspect.signature(save_fn).parameters
+    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
+
+
+def _in_process_results_queue() -> None:
+    """Let synchronous saves return their write results through a plain in-process queue.
+
+    megatron-core creates that queue on a spawn `Manager`: an extra process, started on the first save,
+    that outlives a trainer killed with SIGKILL (holding its stdout open) and costs ~1.4 s to start.
+    Our saves are synchronous (the writes run in this process and its forked workers), where a
+    `queue.Queue` does the same job.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # another megatron-core layout: keep its own queue
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    step: int,
+    model: list[torch.nn.Module],
+    optimizer: Any | None,
+    train_state: dict[str, Any],
+    *,
+    keep_last: int = 3,
+) -> Path:
+    """Write the checkpoint of `step` under `save_dir` (all ranks call this), atomically.
+
+    `train_state` holds the picklable non-tensor state (data position, config, ...); `step` is added.
+    The checkpoint is written to `.tmp_iter_XXXXXXX` and renamed when every rank has finished, then
+    `latest` is updated and checkpoints beyond the newest `keep_last` are deleted.
+    """
+    from megatron.core import dist_checkpointing
+
+    from nbdiff_megatron.training import faults
+
+    save_dir = Path(save_dir)
+    final = save_dir / checkpoint_name(step)
+    tmp = save_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
+    if _rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over by a save that was killed
+        tmp.mkdir()
+    _barrier()
+    state = _sharded_state_dict(
+        model, optimizer, rng=_rng_state(), include_rng=True, is_loading=False
+    )
+    state["train_state"] = {
+        **train_state,
+        "step": int(step),
+        "layout": layout(),
+        "format_version": FORMAT_VERSION,
+    }
+    _in_process_results_queue()
+    with _device_mode():
+        # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
+        dist_checkpointing.save(state, str(tmp), **_save_kwargs(dist_checkpointing.save))
+    faults.maybe_kill_during_save(step)
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)  # re-saving a step after a resume
+        os.replace(tmp, final)
+        latest_tmp = save_dir / f"{TMP_PREFIX}{LATEST_FILE}"
+        latest_tmp.write_text(f"{step}\n")
+        os.replace(latest_tmp, save_dir / LATEST_FILE)
+        for _, old in list_checkpoints(save_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of an error whose text may be a whole remote traceback: its last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: list[torch.nn.Module],
+    optimizer: Any | None,
+    *,
+    weights_only: bool = False,
+) -> dict[str, Any]:
+    """Load a checkpoint into `model` (and `optimizer`), resharding to the current layout if needed.
+
+    `path` is resolved with `find_checkpoint`. `weights_only=True` (fine-tuning the next phase) loads
+    only the model weights and returns {'step': 0, ...}; otherwise the optimizer state and, if the
+    layout is unchanged, the RNG states are restored too. Returns the checkpoint's train_state.
+    Raises CheckpointError with the path and the fix when the checkpoint is missing, corrupt or does
+    not match the model.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt = find_checkpoint(path)
+    try:
+        info = read_checkpoint_info(ckpt)
+    except CheckpointError:
+        if not weights_only:
+            raise
+        info = {"step": 0}  # converted weights (nbdiff convert) carry no train_state
+    same_layout = info.get("layout") == layout()
+    include_rng = (not weights_only) and same_layout
+    state = _sharded_state_dict(
+        model,
+        None if weights_only else optimizer,
+        rng=None,
+        include_rng=include_rng,
+        is_loading=True,
+    )
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _device_mode():
+            loaded = dist_checkpointing.load(state, str(ckpt))
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(
+            f"cannot load checkpoint {ckpt}: {_short(exc)}. The checkpoint is "
+            "corrupt or was written for a different model shape (compare its config.yaml with yours); "
+            "load an earlier checkpoint or fix the model section"
+        ) from exc
+    try:
+        _unwrap(model[0]).load_state_dict(loaded["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not match the model: {str(exc)[:400]}; check the model section"
+        ) from exc
+    if not weights_only and optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if include_rng and loaded.get("rng_state") is not None:
+        _set_rng_state(loaded["rng_state"])
+    if weights_only:
+        return {"step": 0, "loaded_from": str(ckpt), "source_step": int(info.get("step", 0))}
+    return {**info, "loaded_from": str(ckpt)}

@@ -1,0 +1,649 @@
+"""Typed configuration of `nbdiff train`: one dataclass per section, loaded from YAML.
+
+`load_config(path, overrides)` reads a YAML file, applies `--a.b=value` overrides, converts every value to
+its field's type and validates the whole config up front, so that a bad value fails in a second with a
+message naming the field and the fix rather than an hour into a job. The `model` and `data` sections are
+the model and data packages' own dataclasses (`ModelConfig`, `DataConfig`); the other sections live here.
+
+Validation checks a config against its OWN parallel layout (tp, pp, cp, dp): a 128-GPU phase config can be
+checked on a laptop. `check_world_size` compares the layout with the processes actually launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.training._sections import DataConfig, ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over processes (megatron-core's parallel layout)."""
+
+    tp: int = 1
+    """Tensor-parallel size: each layer's weights are split over this many ranks."""
+    pp: int = 1
+    """Pipeline-parallel size: the layers are split into this many consecutive stages."""
+    cp: int = 1
+    """Context-parallel size: the 2L-token sequence (x_t and x_0 alike) is split over this many ranks."""
+    dp: int | None = None
+    """Data-parallel size; None = world size / (tp * pp * cp). Set it in cluster configs so that they
+    can be validated without launching that many processes."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (GPU, with tp > 1): shard activations of norms and dropouts."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (GPU only; CPU runs use the plain optimizer)."""
+
+    def world_size(self) -> int | None:
+        """Processes the layout needs, or None while dp is not fixed."""
+        return None if self.dp is None else self.tp * self.pp * self.cp * self.dp
+
+
+@dataclass
+class NoiseConfig:
+    """How x_t is drawn from x_0 (NBDIFF.md §4, noising)."""
+
+    t_min: float = 1e-3
+    """Smallest masking level t (t ~ U(t_min, t_max)); > 0 keeps the 1/t ELBO weight finite."""
+    t_max: float = 1.0
+    """Largest masking level t."""
+    per_block: bool = True
+    """Draw one t per block (True) or one per sequence (False)."""
+    antithetic: bool = False
+    """Antithetic (stratified) t sampling across a micro-batch: lower-variance loss estimates."""
+    position_dependent: bool = False
+    """Efficient-DLM masking: later tokens of a block are masked more often, mean kept at t."""
+    mask_token_id: int | None = None
+    """Id of the [MASK] token; None = the tokenizer's mask token (or the model's last vocab row)."""
+
+
+@dataclass
+class CurriculumConfig:
+    """Block-size growth (eq. 3) and the co-scheduled AR weight λ; functions of the step only."""
+
+    mask_kind: Literal["context_causal", "block_causal"] = "context_causal"
+    """Attention mask family (NBDIFF.md §2): context-causal (NBDiff) or block-causal (ablation)."""
+    start_block_size: int = 1
+    """B0: block size at step 0 (1 = plain AR)."""
+    target_block_size: int = 32
+    """B_target: block size the growth stops at."""
+    growth_base: int = 2
+    """r: the block size is multiplied by r at each growth step."""
+    growth_interval: int = 500
+    """Δ: steps between growth steps."""
+    growth_warmup: int = 0
+    """s_w: steps at the start block size before the growth begins."""
+    ar_weight: float = 0.5
+    """λ at the start of training (total = (1 - λ) L_MDM + λ L_AR); 0 turns the AR loss off."""
+    ar_weight_final: float | None = None
+    """λ once the block size reaches its target; None = keep ar_weight constant."""
+    ar_weight_anneal: Literal["constant", "linear", "cosine"] = "constant"
+    """How λ moves from ar_weight to ar_weight_final as the block grows."""
+
+
+@dataclass
+class LossConfig:
+    """Loss options (NBDIFF.md §4)."""
+
+    token_shift: bool = True
+    """Logit i-1 predicts token i (the AR head's meaning; NBDiff-7B decodes this way)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam(W) through megatron-core's optimizer."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cooldown."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam β1."""
+    adam_beta2: float = 0.95
+    """Adam β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule (`method.schedules.lr_at`)."""
+
+    style: Literal["wsd", "cosine", "constant"] = "wsd"
+    """wsd = warm-up, constant, cooldown (the two-phase schedule of NBDiff-7B); cosine; constant."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to the peak LR."""
+    decay_steps: int = 0
+    """wsd: the last `decay_steps` steps cool down to optimizer.min_lr (0 = no cooldown)."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    """wsd: shape of the cooldown."""
+
+
+@dataclass
+class LoopConfig:
+    """Batch sizes, length of the run, precision."""
+
+    steps: int = 100
+    """Optimizer steps (iterations) of this run."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    seed: int = 1234
+    """Seed of the weights, the data order and the noise (noise is re-seeded every step)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    token_budget: str | None = None
+    """The tokens this phase is meant to process (e.g. '700B'): checked against steps x global batch x
+    seq_length (within 5%), so a changed batch size cannot silently change the budget."""
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron-core dist_checkpointing: where, how often, what to keep, what to load."""
+
+    save: str | None = None
+    """Directory for checkpoints (iter_XXXXXXX sub-directories and a `latest` file); None = no saving."""
+    save_interval: int = 1000
+    """Save every this many steps (and always at the end)."""
+    keep_last: int = 3
+    """Keep only the newest K checkpoints; older ones are deleted after a successful save."""
+    load: str | None = None
+    """Checkpoint to start from: a save directory (its latest checkpoint) or one iter_XXXXXXX directory."""
+    finetune: bool = False
+    """Load only the weights from `load` (next phase): step, optimizer, data position start afresh."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, TensorBoard and metrics file."""
+
+    log_interval: int = 1
+    """Print a line and write TensorBoard scalars every this many steps."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory; None = <checkpoint.save>/tensorboard when saving, else off."""
+    metrics_file: str | None = None
+    """JSON-lines file with one record per step; None = <checkpoint.save>/metrics.jsonl when saving."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar with ETA (rank 0)."""
+    peak_tflops: float | None = None
+    """Peak bf16 TFLOP/s of one GPU for the MFU estimate; None = guessed from the device name."""
+
+
+@dataclass
+class FaultConfig:
+    """What to do when things go wrong."""
+
+    max_consecutive_nonfinite: int = 5
+    """Halt after this many steps in a row with a NaN/inf loss (each such step is skipped)."""
+    save_on_signal: bool = True
+    """On SIGTERM/SIGUSR1 (SLURM preemption): save a checkpoint at the end of the step and exit 0."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `nbdiff train` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape and megatron options (`nbdiff_megatron.model.config.ModelConfig`)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and tokenizer (`nbdiff_megatron.data.config.DataConfig`)."""
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    """Noising of x_t."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Block growth and AR weight."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss options."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """LR schedule."""
+    train: LoopConfig = field(default_factory=LoopConfig)
+    """Length, batch sizes, precision."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Fault handling."""
+
+    def seq_length(self) -> int:
+        """L: tokens of x_0 per sequence (the model sees 2L)."""
+        return int(self.model.seq_length)
+
+    def tokens_per_step(self) -> int:
+        """Clean tokens (x_0) consumed per optimizer step."""
+        return self.train.global_batch_size * self.seq_length()
+
+    def token_budget(self) -> int:
+        """Clean tokens consumed by the whole run."""
+        return self.train.steps * self.tokens_per_step()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON serialisable)."""
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if hasattr(value, "is_floating_point"):  # a torch.dtype
+        return str(value).replace("torch.", "")
+    return value
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return (
+        f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(choices))}."
+    )
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the field type `tp`, or raise ConfigError naming `where`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a {tp}")
+    if origin is Literal:
+        if value in args:
+            return value
+        hint = _did_you_mean(str(value), [str(a) for a in args])
+        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}.{hint}")
+    if origin in (list, tuple):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if re.fullmatch(r"[0-9.eE+_-]+", value) else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    if getattr(tp, "__module__", "") == "torch" and isinstance(value, str):  # torch.dtype fields
+        import torch
+
+        dtype = getattr(torch, value.replace("torch.", ""), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        raise ConfigError(f"{where}: {value!r} is not a torch dtype (e.g. float32, bfloat16)")
+    return value
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # a hint that cannot be resolved here: fall back to the raw annotations
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking keys and types."""
+    if raw is None:
+        raw = {}
+    if dataclasses.is_dataclass(raw) and isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {raw!r}")
+    hints = _resolved_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{path}'.{_did_you_mean(str(key), names)}"
+                " Fix the YAML file or the --override."
+            )
+        kwargs[key] = _coerce(value, hints.get(key, Any), path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`['--a.b=1', 'c.d=x']` -> nested dict {'a': {'b': 1}, 'c': {'d': 'x'}} (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(
+                f"override '{item}' has no value: write it as --section.field=value "
+                "(e.g. --train.steps=100)"
+            )
+        key, raw_value = text.split("=", 1)
+        parts = [p for p in key.replace("-", "_").split(".") if p]
+        if len(parts) < 2:
+            raise ConfigError(
+                f"override '{item}' must name a section and a field, e.g. --train.steps=100"
+            )
+        try:
+            value = yaml.safe_load(raw_value) if raw_value != "" else None
+        except yaml.YAMLError:
+            value = raw_value
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> TrainConfig:
+    """Build (and by default validate) a TrainConfig from a nested mapping."""
+    cfg = _build(TrainConfig, raw, "")
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, validate: bool = True
+) -> TrainConfig:
+    """Read a YAML config, apply `--a.b=value` overrides, convert types and validate.
+
+    Raises ConfigError naming the file or field at fault.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist; pass an existing YAML file, "
+                "e.g. --config examples/tiny_cpu.yaml"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+        raw = loaded
+    extra = parse_overrides(list(overrides or []))
+    train_extra, model_extra = extra.get("train", {}), extra.get("model", {})
+    resized = {"steps", "global_batch_size"} & set(train_extra) or "seq_length" in model_extra
+    if resized and "token_budget" not in train_extra and isinstance(raw.get("train"), dict):
+        # The file's stated budget describes the file's run; overriding its size makes another run.
+        raw = _merge(raw, {"train": {"token_budget": None}})
+    raw = _merge(raw, extra)
+    try:
+        return config_from_dict(raw, validate=validate)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The config as YAML (saved next to checkpoints, so a run can be reproduced)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------ validation
+
+_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def parse_token_count(text: str) -> float:
+    """'700B' -> 7e11; '8.4M' -> 8.4e6; '12345' -> 12345."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGT]?)\s*", str(text))
+    if not match:
+        raise ConfigError(
+            f"train.token_budget: cannot read {text!r}; write a number with an optional K/M/B/T "
+            "suffix, e.g. '700B'"
+        )
+    return float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def resolved_dp(cfg: TrainConfig, world_size: int | None = None) -> int:
+    """Data-parallel size: the configured one, or what `world_size` leaves after tp * pp * cp."""
+    par = cfg.parallel
+    if par.dp is not None:
+        return par.dp
+    if world_size is None:
+        return 1
+    return max(1, world_size // (par.tp * par.pp * par.cp))
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> int:
+    """Check the layout against the launched processes; returns the data-parallel size."""
+    par = cfg.parallel
+    model_parallel = par.tp * par.pp * par.cp
+    _need(
+        world_size % model_parallel == 0,
+        f"parallel: {world_size} processes cannot be split into tp={par.tp} x pp={par.pp} x "
+        f"cp={par.cp} = {model_parallel}; launch a multiple of {model_parallel} processes or change "
+        "parallel.tp/pp/cp",
+    )
+    dp = world_size // model_parallel
+    if par.dp is not None and par.dp != dp:
+        raise ConfigError(
+            f"parallel.dp={par.dp} but {world_size} processes with tp*pp*cp={model_parallel} give "
+            f"dp={dp}; launch {par.dp * model_parallel} processes or set --parallel.dp={dp} "
+            "(or leave it out)"
+        )
+    _check_batch(cfg, dp)
+    return dp
+
+
+def _check_batch(cfg: TrainConfig, dp: int) -> None:
+    loop = cfg.train
+    per_step = loop.micro_batch_size * dp
+    _need(
+        loop.global_batch_size % per_step == 0,
+        f"train.global_batch_size={loop.global_batch_size} is not divisible by "
+        f"train.micro_batch_size ({loop.micro_batch_size}) x data-parallel size ({dp}) = {per_step}; "
+        f"use a multiple of {per_step}, e.g. {max(per_step, loop.global_batch_size // per_step * per_step)}",
+    )
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check every field and the fields against each other; raise ConfigError naming field and fix."""
+    par, loop, cur, noise, opt, sch, ck = (
+        cfg.parallel,
+        cfg.train,
+        cfg.curriculum,
+        cfg.noise,
+        cfg.optimizer,
+        cfg.schedule,
+        cfg.checkpoint,
+    )
+    model = cfg.model
+    for name in ("tp", "pp", "cp"):
+        _need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
+    _need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
+    # The vocabulary size may be left to the tokenizer (0 until training starts): check the rest.
+    shape = model if model.vocab_size > 0 else dataclasses.replace(model, vocab_size=1)
+    shape.validate(tp=par.tp, pp=par.pp, cp=par.cp, block_size=cur.target_block_size)
+    _need(
+        not par.sequence_parallel or par.tp > 1,
+        "parallel.sequence_parallel needs parallel.tp > 1; set it to false or raise tp",
+    )
+    seq = cfg.seq_length()
+    _need(seq >= 2, f"model.seq_length must be >= 2 (got {seq})")
+    _need(
+        (2 * seq) % (2 * par.cp) == 0,
+        f"model.seq_length={seq}: with parallel.cp={par.cp} each half of x_t ⊕ x_0 is split into "
+        f"2*cp={2 * par.cp} chunks; use a seq_length divisible by {2 * par.cp}",
+    )
+
+    _need(loop.steps >= 1, f"train.steps must be >= 1 (got {loop.steps})")
+    _need(loop.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _need(loop.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+    _check_batch(cfg, resolved_dp(cfg))
+    if loop.token_budget is not None:
+        stated = parse_token_count(loop.token_budget)
+        actual = cfg.token_budget()
+        _need(
+            abs(actual - stated) <= 0.05 * stated,
+            f"train.token_budget says {loop.token_budget} but train.steps ({loop.steps}) x "
+            f"train.global_batch_size ({loop.global_batch_size}) x model.seq_length ({seq}) = "
+            f"{actual:.3g} tokens; fix the steps/batch or the stated budget "
+            f"(steps for the budget: {math.ceil(stated / cfg.tokens_per_step())})",
+        )
+
+    _need(
+        0.0 < noise.t_min <= noise.t_max <= 1.0,
+        f"noise: need 0 < t_min <= t_max <= 1 (got t_min={noise.t_min}, t_max={noise.t_max})",
+    )
+    _need(
+        noise.mask_token_id is None or noise.mask_token_id >= 0,
+        "noise.mask_token_id must be a token id >= 0, or null for the tokenizer's mask token",
+    )
+
+    _need(cur.start_block_size >= 1, "curriculum.start_block_size must be >= 1")
+    _need(
+        cur.target_block_size >= cur.start_block_size,
+        f"curriculum.target_block_size={cur.target_block_size} < start_block_size="
+        f"{cur.start_block_size}; the block only grows",
+    )
+    _need(
+        cur.target_block_size <= seq,
+        f"curriculum.target_block_size={cur.target_block_size} exceeds model.seq_length={seq}; "
+        "lower the target or lengthen the sequences",
+    )
+    _need(cur.growth_base >= 2, f"curriculum.growth_base must be >= 2 (got {cur.growth_base})")
+    _need(cur.growth_interval >= 1, "curriculum.growth_interval must be >= 1")
+    _need(cur.growth_warmup >= 0, "curriculum.growth_warmup must be >= 0")
+    for name in ("ar_weight", "ar_weight_final"):
+        value = getattr(cur, name)
+        _need(
+            value is None or 0.0 <= value <= 1.0,
+            f"curriculum.{name} must lie in [0, 1] (got {value})",
+        )
+    _need(
+        cur.ar_weight_anneal == "constant" or cur.ar_weight_final is not None,
+        f"curriculum.ar_weight_anneal={cur.ar_weight_anneal!r} needs curriculum.ar_weight_final",
+    )
+
+    _need(opt.lr > 0, f"optimizer.lr must be > 0 (got {opt.lr})")
+    _need(
+        0 <= opt.min_lr <= opt.lr,
+        f"optimizer.min_lr={opt.min_lr} must lie in [0, optimizer.lr={opt.lr}]",
+    )
+    _need(opt.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 = no clipping)")
+    _need(0 <= opt.adam_beta1 < 1 and 0 <= opt.adam_beta2 < 1, "optimizer: Adam betas in [0, 1)")
+    _need(sch.warmup_steps >= 0 and sch.decay_steps >= 0, "schedule: steps must be >= 0")
+    _need(
+        sch.warmup_steps + sch.decay_steps <= loop.steps,
+        f"schedule.warmup_steps ({sch.warmup_steps}) + schedule.decay_steps ({sch.decay_steps}) "
+        f"exceed train.steps ({loop.steps}); shorten them or train longer",
+    )
+
+    _need(ck.save_interval >= 1, f"checkpoint.save_interval must be >= 1 (got {ck.save_interval})")
+    _need(ck.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {ck.keep_last})")
+    _need(
+        not ck.finetune or ck.load is not None,
+        "checkpoint.finetune=true loads weights from checkpoint.load; set --checkpoint.load=DIR",
+    )
+    _need(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+    _need(
+        cfg.faults.max_consecutive_nonfinite >= 1,
+        "faults.max_consecutive_nonfinite must be >= 1",
+    )
+    data_validate = getattr(cfg.data, "validate", None)
+    if callable(data_validate):
+        try:
+            data_validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"data: {exc}") from exc

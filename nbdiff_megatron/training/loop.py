@@ -1,0 +1,736 @@
+"""The NBDiff training loop on megatron-core.
+
+One optimizer step s:
+
+1. The curriculum gives the block size B(s) and the AR weight λ(s), and `lr_at` the learning rate: all
+   functions of s only, so every rank agrees without communication.
+2. Each data-parallel rank takes its share of the global batch (sample indices s * G + ..., so the data
+   position is a function of the step too), split into micro-batches.
+3. For every micro-batch, t and x_t are drawn from a generator seeded by (seed, s, DP rank, micro-batch):
+   a resumed run replays the same noise, and all TP/PP/CP ranks of a DP rank draw the same.
+4. The loss denominators (loss tokens, AR targets) are summed over micro-batches and DP ranks BEFORE the
+   forward, so that each micro-batch's loss is its exact share of the global loss (method/losses.py).
+5. megatron-core's `get_forward_backward_func` runs the x_t ⊕ x_0 forward and backward of all micro-
+   batches (with pipeline parallelism when pp > 1), DDP reduces the gradients, the optimizer steps.
+   A step whose loss is not finite is skipped (faults.py).
+
+On GPU the model runs in bf16 with the distributed optimizer and megatron's gradient clipping; on CPU in
+fp32 with the plain optimizer, and the clipping is done here (megatron's asserts CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nbdiff_megatron.errors import ConfigError, DataError
+from nbdiff_megatron.training import checkpointing, faults
+from nbdiff_megatron.training.config import TrainConfig, check_world_size, dump_config
+from nbdiff_megatron.training.logging import (
+    RunLogger,
+    StepRecord,
+    guess_peak_tflops,
+    model_flops_per_step,
+)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    final_step: int
+    """Optimizer steps completed (including those of the run it resumed)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One record per step run by THIS process (StepRecord fields)."""
+    checkpoint: str | None = None
+    """The last checkpoint written, if any."""
+    stopped_by_signal: str | None = None
+    """SIGTERM / SIGUSR1 when the run was preempted (a checkpoint was saved)."""
+    skipped_steps: int = 0
+    """Steps skipped because the loss was not finite."""
+
+
+# ----------------------------------------------------------------------------------- curriculum
+
+
+def block_size_of(cfg: TrainConfig, step: int) -> int:
+    """B(s), eq. 3."""
+    from nbdiff_megatron.method.curriculum import block_size_at
+
+    cur = cfg.curriculum
+    return block_size_at(
+        step,
+        target=cur.target_block_size,
+        start=cur.start_block_size,
+        base=cur.growth_base,
+        interval=cur.growth_interval,
+        warmup=cur.growth_warmup,
+    )
+
+
+def ar_weight_of(cfg: TrainConfig, step: int) -> float:
+    """λ(s): annealed with the block size (NBDIFF.md §5 co-schedules)."""
+    from nbdiff_megatron.method.curriculum import ar_weight_at
+
+    cur = cfg.curriculum
+    end = cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final
+    return ar_weight_at(
+        block_size_of(cfg, step),
+        start_weight=cur.ar_weight,
+        end_weight=end,
+        start=cur.start_block_size,
+        target=cur.target_block_size,
+        style=cur.ar_weight_anneal,
+    )
+
+
+def lr_of(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of step s."""
+    from nbdiff_megatron.method.schedules import lr_at
+
+    sch = cfg.schedule
+    return lr_at(
+        step,
+        peak=cfg.optimizer.lr,
+        min_lr=cfg.optimizer.min_lr,
+        warmup=sch.warmup_steps,
+        total=cfg.train.steps,
+        decay=sch.decay_steps,
+        style=sch.style,
+        decay_shape=sch.decay_shape,
+    )
+
+
+def noise_seed(seed: int, step: int, dp_rank: int, micro_batch: int) -> int:
+    """Seed of the noise generator of one micro-batch (stable across runs and platforms)."""
+    state = np.random.SeedSequence([seed, step, dp_rank, micro_batch]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Runtime:
+    cfg: TrainConfig
+    device: torch.device
+    dp: int
+    dp_rank: int
+    rank: int
+    world: int
+    model: Any
+    optimizer: Any
+    dataset: Any
+    mask_id: int
+    tokenizer: Any
+    num_params: int
+    consumed_at_start: int = 0
+    start_step: int = 0
+
+
+def _resolve_precision(cfg: TrainConfig) -> str:
+    on_cuda = torch.cuda.is_available()
+    precision = cfg.train.precision
+    if precision == "auto":
+        return "bf16" if on_cuda else "fp32"
+    if precision == "bf16" and not on_cuda:
+        raise ConfigError(
+            "train.precision=bf16 needs a GPU; use --train.precision=fp32 (or auto) on CPU"
+        )
+    return precision
+
+
+def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
+    """Start torch.distributed + megatron parallel_state; returns (world size, dp)."""
+    from nbdiff_megatron.model.parallel import initialize_parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = check_world_size(cfg, world)
+    par = cfg.parallel
+    initialize_parallel(par.tp, par.pp, par.cp, seed=cfg.train.seed)
+    return world, dp
+
+
+def _load_tokenizer(cfg: TrainConfig) -> Any:
+    from nbdiff_megatron.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+
+
+def _model_config(cfg: TrainConfig, tokenizer: Any, precision: str) -> Any:
+    model_cfg = cfg.model
+    vocab = int(tokenizer.vocab_size)
+    if model_cfg.vocab_size == 0:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
+    elif model_cfg.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
+            f"([MASK] included); set --model.vocab_size={vocab} or 0 (= from the tokenizer)"
+        )
+    return dataclasses.replace(model_cfg, params_dtype=precision)
+
+
+def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> Any:
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from nbdiff_megatron.model import cpu_compat
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=on_cuda and cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    with cpu_compat.cuda_to_cpu():
+        wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    wrapped.config.finalize_model_grads_func = finalize_model_grads
+    wrapped.config.no_sync_func = wrapped.no_sync
+    return wrapped
+
+
+def _build_optimizer(model: Any, cfg: TrainConfig, precision: str, on_cuda: bool) -> Any:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from nbdiff_megatron.model import cpu_compat
+
+    opt = cfg.optimizer
+    ocfg = OptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        # The loop clips (_optimizer_step): megatron's CPU path asserts CUDA tensors.
+        clip_grad=opt.clip_grad if on_cuda else 0.0,
+        bf16=precision == "bf16",
+        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        use_distributed_optimizer=on_cuda and cfg.parallel.distributed_optimizer,
+    )
+    with cpu_compat.cuda_to_cpu():  # FP32Optimizer.__init__ makes a device='cuda' tensor
+        optimizer = get_megatron_optimizer(ocfg, [model])
+    if on_cuda:
+        model.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def _build_dataset(cfg: TrainConfig, tokenizer: Any) -> Any:
+    from nbdiff_megatron.data.config import parse_blend
+    from nbdiff_megatron.data.datasets import build_datasets
+
+    train_samples = cfg.train.steps * cfg.train.global_batch_size
+    weighted = cfg.data.mode == "pretrain" and parse_blend(cfg.data.data_path)[1] is not None
+    extra = cfg.train.global_batch_size if weighted else None
+    datasets = build_datasets(
+        cfg.data, cfg.seq_length(), tokenizer, (train_samples, extra, extra), seed=cfg.data.seed
+    )
+    train_set = datasets[0]
+    if train_set is None or len(train_set) == 0:
+        raise DataError(
+            "the training split is empty: check data.data_path and data.split (the first weight "
+            "must be > 0)"
+        )
+    return train_set
+
+
+def _count_params(model: Any) -> int:
+    """Parameters of the whole model (all TP/PP shards), counted once."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    local = 0
+    for p in model.parameters():
+        if ps.get_tensor_model_parallel_rank() == 0 or param_is_not_tensor_parallel_duplicate(p):
+            local += p.numel()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
+    count = torch.tensor([float(local)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count, group=ps.get_model_parallel_group())
+    return int(count.item())
+
+
+# --------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class _MicroBatch:
+    x0: torch.Tensor
+    x_t: torch.Tensor
+    masked: torch.Tensor
+    t: torch.Tensor
+    doc_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    inputs: Any
+
+
+def _collate(dataset: Any, indices: range, device: torch.device) -> dict[str, torch.Tensor]:
+    samples = [dataset[i % len(dataset)] for i in indices]
+    return {
+        k: torch.stack([s[k] for s in samples]).to(device)
+        for k in ("tokens", "doc_ids", "loss_mask")
+    }
+
+
+def _noised(
+    rt: _Runtime, batch: dict[str, torch.Tensor], step: int, mb: int, block_size: int
+) -> _MicroBatch:
+    from nbdiff_megatron.method.masks import training_position_ids
+    from nbdiff_megatron.method.noise import block_layout, mask_tokens, per_token_t, sample_t
+    from nbdiff_megatron.model.builder import nbdiff_model_inputs
+
+    cfg = rt.cfg
+    x0, doc_ids, loss_mask = batch["tokens"], batch["doc_ids"], batch["loss_mask"]
+    b, length = x0.shape
+    gen = torch.Generator(device=rt.device)
+    gen.manual_seed(noise_seed(cfg.train.seed, step, rt.dp_rank, mb))
+    positions = training_position_ids(length, doc_ids)[:, :length]
+    n_blocks = None
+    if cfg.noise.per_block:
+        n_blocks = block_layout(
+            b, length, block_size=block_size, positions=positions, device=x0.device
+        ).n_blocks
+    t = sample_t(
+        b,
+        n_blocks=n_blocks,
+        lo=cfg.noise.t_min,
+        hi=cfg.noise.t_max,
+        antithetic=cfg.noise.antithetic,
+        generator=gen,
+        device=x0.device,
+    )
+    x_t, masked = mask_tokens(
+        x0,
+        t,
+        block_size=block_size,
+        mask_id=rt.mask_id,
+        position_dependent=cfg.noise.position_dependent,
+        token_shift=cfg.loss.token_shift,
+        generator=gen,
+        positions=positions,
+    )
+    t_token = per_token_t(t, seq_len=length, block_size=block_size, positions=positions)
+    inputs = nbdiff_model_inputs(
+        x_t,
+        x0,
+        block_size=block_size,
+        kind=cfg.curriculum.mask_kind,
+        doc_ids=doc_ids,
+        backend=rt.cfg.model.resolved_attention_backend(),
+    )
+    return _MicroBatch(x0, x_t, masked, t_token, doc_ids, loss_mask, inputs)
+
+
+def _micro_batches(rt: _Runtime, step: int, block_size: int) -> list[_MicroBatch]:
+    loop = rt.cfg.train
+    per_rank = loop.global_batch_size // rt.dp
+    # The data position: samples consumed before this run (from the checkpoint) plus this run's steps,
+    # so that a resume with another global batch size still continues where the data stopped.
+    consumed = rt.consumed_at_start + (step - rt.start_step) * loop.global_batch_size
+    first = consumed + rt.dp_rank * per_rank
+    out = []
+    for mb in range(per_rank // loop.micro_batch_size):
+        start = first + mb * loop.micro_batch_size
+        batch = _collate(rt.dataset, range(start, start + loop.micro_batch_size), rt.device)
+        out.append(_noised(rt, batch, step, mb, block_size))
+    return out
+
+
+def _global_denominators(rt: _Runtime, mbs: list[_MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+    from megatron.core import parallel_state as ps
+
+    from nbdiff_megatron.method.losses import loss_token_counts
+
+    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for mb in mbs:
+        mdm, ar = loss_token_counts(mb.x0, loss_mask=mb.loss_mask, doc_ids=mb.doc_ids)
+        totals[0] += mdm
+        totals[1] += ar
+    if dist.is_initialized() and rt.dp > 1:
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    return totals[0].float(), totals[1].float()
+
+
+# ------------------------------------------------------------------------------------------ step
+
+
+def _loss_func(
+    mb: _MicroBatch,
+    output: torch.Tensor,
+    *,
+    ar_weight: float,
+    token_shift: bool,
+    denominators: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+    poison: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from nbdiff_megatron.method.losses import nbdiff_loss
+
+    terms = nbdiff_loss(
+        output,
+        mb.x0,
+        mb.masked,
+        mb.t,
+        ar_weight=ar_weight,
+        token_shift=token_shift,
+        loss_mask=mb.loss_mask,
+        doc_ids=mb.doc_ids,
+        mdm_denominator=denominators[0],
+        ar_denominator=denominators[1],
+        validate=False,
+    )
+    total = terms.total
+    if poison:  # NBDIFF_FAULT_NAN_STEPS drill: a real NaN through the loss and the gradients
+        total = total * float("nan")
+    reported = torch.stack([total.detach(), terms.mdm.detach(), terms.ar.detach()]).float()
+    # megatron divides by the number of micro-batches and DDP averages over DP ranks; the terms are
+    # already exact shares of the global loss, so undo both.
+    return total * scale, {"terms": reported}
+
+
+def _forward_step(
+    mbs_iter: Iterator[_MicroBatch], model: Any, *, loss_kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, Callable]:
+    mb = next(mbs_iter)
+    output = model(*mb.inputs)
+    return output, partial(_loss_func, mb, **loss_kwargs)
+
+
+def _reduce_terms(rt: _Runtime, losses: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[total, mdm, ar] of the global batch, identical on every rank."""
+    from megatron.core import parallel_state as ps
+
+    terms = torch.zeros(3, dtype=torch.float32, device=rt.device)
+    for item in losses:
+        terms += item["terms"].to(rt.device)
+    if dist.is_initialized():
+        if rt.dp > 1:
+            dist.all_reduce(terms, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            # Only the last stage computed the loss; the others hold zeros.
+            dist.all_reduce(terms, group=ps.get_pipeline_model_parallel_group())
+    return terms
+
+
+def _scale_grads(optimizer: Any, max_norm: float, grad_norm: float) -> None:
+    """Megatron's clipping formula, on CPU tensors (its own asserts CUDA tensors)."""
+    coeff = max_norm / (grad_norm + 1.0e-6)
+    if coeff < 1.0:
+        for param in optimizer.get_parameters():
+            if param.grad is not None:
+                param.grad.mul_(coeff)
+
+
+def _set_lr(optimizer: Any, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def _optimizer_step(rt: _Runtime, on_cuda: bool) -> tuple[float | None, bool]:
+    """Clip and step, unless the gradients are not finite; returns (grad norm, stepped).
+
+    The steps of megatron's `optimizer.step()`, spelled out so that a non-finite gradient norm skips
+    the update (bf16 has no loss scaler to catch it) and so that CPU runs can clip.
+    """
+    from nbdiff_megatron.model import cpu_compat
+
+    opt = rt.optimizer
+    if opt.prepare_grads():  # found inf/nan (fp16 loss scaling)
+        return None, False
+    with cpu_compat.cuda_to_cpu():
+        grad_norm = float(opt.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return grad_norm, False
+    clip = rt.cfg.optimizer.clip_grad
+    if clip > 0 and grad_norm > clip:
+        if on_cuda:
+            opt.clip_grad_norm(clip)  # distributed-optimizer aware
+        else:
+            _scale_grads(opt, clip, grad_norm)
+    return grad_norm, bool(opt.step_with_ready_grads())
+
+
+def _train_step(
+    rt: _Runtime, step: int, fwd_bwd: Callable, on_cuda: bool
+) -> tuple[torch.Tensor, float | None, bool]:
+    from nbdiff_megatron.model import cpu_compat
+
+    cfg = rt.cfg
+    block_size = block_size_of(cfg, step)
+    ar_weight = ar_weight_of(cfg, step)
+    _set_lr(rt.optimizer, lr_of(cfg, step))
+    rt.model.zero_grad_buffer()
+    rt.optimizer.zero_grad()
+    mbs = _micro_batches(rt, step, block_size)
+    denominators = _global_denominators(rt, mbs)
+    loss_kwargs = dict(
+        ar_weight=ar_weight,
+        token_shift=cfg.loss.token_shift,
+        denominators=denominators,
+        scale=float(len(mbs) * rt.dp),
+        poison=(step + 1) in faults.nan_drill_steps(),
+    )
+    with cpu_compat.cuda_to_cpu():
+        losses = fwd_bwd(
+            forward_step_func=partial(_forward_step, loss_kwargs=loss_kwargs),
+            data_iterator=iter(mbs),
+            model=[rt.model],
+            num_microbatches=len(mbs),
+            seq_length=2 * cfg.seq_length(),
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=False,
+        )
+    terms = _reduce_terms(rt, losses)
+    finite = bool(torch.isfinite(terms).all())
+    grad_norm = None
+    if finite:
+        # A non-finite gradient under a finite loss is skipped like a non-finite loss.
+        grad_norm, finite = _optimizer_step(rt, on_cuda)
+    return terms, grad_norm, finite
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def _paths(cfg: TrainConfig) -> tuple[str | None, str | None]:
+    save = cfg.checkpoint.save
+    metrics = cfg.logging.metrics_file or (str(Path(save) / "metrics.jsonl") if save else None)
+    tb = cfg.logging.tensorboard_dir or (str(Path(save) / "tensorboard") if save else None)
+    return metrics, tb
+
+
+def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
+    """Run (or resume) training as configured; all ranks call it. Returns a TrainResult."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nbdiff_megatron.model.builder import build_model
+
+    on_cuda = torch.cuda.is_available()
+    precision = _resolve_precision(cfg)
+    world, dp = _init_distributed(cfg)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+
+    tokenizer = _load_tokenizer(cfg)
+    model_cfg = _model_config(cfg, tokenizer, precision)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    mask_id = cfg.noise.mask_token_id if cfg.noise.mask_token_id is not None else tokenizer.mask_id
+    if not 0 <= mask_id < model_cfg.vocab_size:
+        raise ConfigError(
+            f"noise.mask_token_id={mask_id} is outside the vocabulary [0, {model_cfg.vocab_size}); "
+            "leave it null to use the tokenizer's [MASK]"
+        )
+    model = build_model(model_cfg, block_size=cfg.curriculum.target_block_size, seed=cfg.train.seed)
+    num_params = _count_params(model)
+    model = _wrap_ddp(model, cfg, on_cuda)
+    optimizer = _build_optimizer(model, cfg, precision, on_cuda)
+    dataset = _build_dataset(cfg, tokenizer)
+    rt = _Runtime(
+        cfg,
+        device,
+        dp,
+        ps.get_data_parallel_rank(),
+        rank,
+        world,
+        model,
+        optimizer,
+        dataset,
+        int(mask_id),
+        tokenizer,
+        num_params,
+    )
+
+    start_step = 0
+    ck = cfg.checkpoint
+    resumed_from = None
+    if ck.load:
+        info = checkpointing.load_checkpoint(ck.load, [model], optimizer, weights_only=ck.finetune)
+        start_step = int(info["step"])
+        resumed_from = info["loaded_from"]
+        rt.start_step = start_step
+        rt.consumed_at_start = int(
+            info.get("consumed_samples", start_step * cfg.train.global_batch_size)
+        )
+        if start_step > cfg.train.steps:
+            raise ConfigError(
+                f"checkpoint {resumed_from} is at step {start_step}, past train.steps="
+                f"{cfg.train.steps}; raise --train.steps to continue training"
+            )
+
+    metrics_path, tb_dir = _paths(cfg)
+    logger = RunLogger(
+        enabled=rank == 0,
+        total_steps=cfg.train.steps,
+        start_step=start_step,
+        log_interval=cfg.logging.log_interval,
+        metrics_file=metrics_path,
+        tensorboard_dir=tb_dir,
+        progress_bar=cfg.logging.progress_bar,
+        label=label,
+    )
+    if rank == 0 and ck.save:
+        Path(ck.save).mkdir(parents=True, exist_ok=True)
+        (Path(ck.save) / "config.yaml").write_text(dump_config(cfg))
+    _announce(logger, cfg, rt, precision, start_step, resumed_from)
+
+    peak = cfg.logging.peak_tflops or guess_peak_tflops()
+    flops = model_flops_per_step(
+        num_params=num_params,
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        seq_length=cfg.seq_length(),
+        sequences=cfg.train.global_batch_size,
+    )
+    fwd_bwd = get_forward_backward_func()
+    guard = faults.NonFiniteGuard(cfg.faults.max_consecutive_nonfinite)
+    handler = faults.PreemptionHandler().install() if cfg.faults.save_on_signal else None
+    result = TrainResult(final_step=start_step)
+    last_saved = start_step if resumed_from and not ck.finetune else None
+    try:
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            terms, grad_norm, finite = _train_step(rt, step, fwd_bwd, on_cuda)
+            if on_cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            loss = float(terms[0])
+            ok = guard.check(step + 1, loss if finite else float("nan"))
+            tokens_per_s = cfg.tokens_per_step() / max(elapsed, 1e-9)
+            record = StepRecord(
+                step=step + 1,
+                loss=loss,
+                mdm=float(terms[1]),
+                ar=float(terms[2]),
+                block_size=block_size_of(cfg, step),
+                ar_weight=ar_weight_of(cfg, step),
+                lr=lr_of(cfg, step),
+                grad_norm=grad_norm,
+                skipped=not ok,
+                step_time=elapsed,
+                tokens_per_s=tokens_per_s,
+                mfu=(flops / elapsed / (world * peak * 1e12)) if peak else None,
+            )
+            logger.log_step(record)
+            result.history.append(record.to_json())
+            result.final_step = step + 1
+            result.skipped_steps = guard.total_skipped
+            faults.maybe_kill_after_step(step + 1)
+
+            done = step + 1 == cfg.train.steps
+            preempted = handler is not None and faults.any_rank_true(handler.received is not None)
+            due = ck.save and ((step + 1) % ck.save_interval == 0 or done or preempted)
+            if due:
+                result.checkpoint = str(_save(rt, cfg, step + 1, logger))
+                last_saved = step + 1
+            if preempted:
+                result.stopped_by_signal = handler.received or "signal"
+                logger.info(
+                    f"received {result.stopped_by_signal}: "
+                    + (
+                        f"checkpoint saved at step {step + 1} ({result.checkpoint}); "
+                        if ck.save
+                        else "no checkpoint.save configured, nothing saved; "
+                    )
+                    + "exiting cleanly. Resume with --checkpoint.load="
+                    + (ck.save or "<dir>")
+                )
+                break
+        if ck.save and last_saved != result.final_step and result.final_step > start_step:
+            result.checkpoint = str(_save(rt, cfg, result.final_step, logger))
+    finally:
+        if handler is not None:
+            handler.uninstall()
+        logger.close()
+    if result.stopped_by_signal is None:
+        _farewell(logger, cfg, result, metrics_path, tb_dir)
+    return result
+
+
+def _save(rt: _Runtime, cfg: TrainConfig, step: int, logger: RunLogger) -> Path:
+    t0 = time.perf_counter()
+    path = checkpointing.save_checkpoint(
+        cfg.checkpoint.save,
+        step,
+        [rt.model],
+        rt.optimizer,
+        {
+            "config": cfg.to_dict(),
+            "consumed_samples": rt.consumed_at_start
+            + (step - rt.start_step) * cfg.train.global_batch_size,
+            "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
+        },
+        keep_last=cfg.checkpoint.keep_last,
+    )
+    logger.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+    return path
+
+
+def _announce(
+    logger: RunLogger,
+    cfg: TrainConfig,
+    rt: _Runtime,
+    precision: str,
+    start: int,
+    resumed: str | None,
+) -> None:
+    par = cfg.parallel
+    m = cfg.model
+    lines = [
+        f"nbdiff train: {rt.num_params / 1e6:.2f}M parameters ({m.num_layers} layers, hidden "
+        f"{m.hidden_size}, vocab {m.vocab_size}), L = {cfg.seq_length()} (forward on 2L = "
+        f"{2 * cfg.seq_length()}), {precision} on {rt.device.type}",
+        f"  layout: tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {rt.dp} = {rt.world} processes; "
+        f"global batch {cfg.train.global_batch_size} = {rt.dp} x "
+        f"{cfg.train.global_batch_size // rt.dp // cfg.train.micro_batch_size} micro-batches x "
+        f"{cfg.train.micro_batch_size}",
+        f"  curriculum: B {cfg.curriculum.start_block_size} -> {cfg.curriculum.target_block_size} "
+        f"(x{cfg.curriculum.growth_base} every {cfg.curriculum.growth_interval} steps after "
+        f"{cfg.curriculum.growth_warmup}), λ = {cfg.curriculum.ar_weight}, mask "
+        f"{cfg.curriculum.mask_kind}, token shift {'on' if cfg.loss.token_shift else 'off'}",
+        f"  steps {start} -> {cfg.train.steps}, {cfg.tokens_per_step():,} tokens/step, "
+        f"{cfg.token_budget():,} tokens in all",
+    ]
+    if resumed:
+        how = "weights only (finetune)" if cfg.checkpoint.finetune else "full state"
+        lines.append(f"  loaded {resumed}: {how}")
+    for line in lines:
+        logger.info(line)
+
+
+def _farewell(
+    logger: RunLogger, cfg: TrainConfig, result: TrainResult, metrics: str | None, tb: str | None
+) -> None:
+    if not logger.enabled or not result.history:
+        return
+    first, last = result.history[0], result.history[-1]
+    logger.info(
+        f"done: {result.final_step} steps; loss {first['loss']:.4f} -> {last['loss']:.4f}"
+        + (
+            f"; {result.skipped_steps} step(s) skipped (non-finite loss)"
+            if result.skipped_steps
+            else ""
+        )
+    )
+    for name, value in (
+        ("checkpoint", result.checkpoint),
+        ("metrics", metrics),
+        ("tensorboard", tb),
+    ):
+        if value:
+            logger.info(f"  {name:<11} {value}")

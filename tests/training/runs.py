@@ -1,0 +1,145 @@
+"""Helpers of the training tests: a small slice of the bundled corpus, a tiny config, launchers.
+
+Single-process runs go through `train()` in the test process (megatron-core is imported once); runs that
+are killed or signalled, and multi-rank runs (torchrun, gloo), are subprocesses of the `nbdiff train` CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+TINY = str(REPO / "examples" / "tiny_cpu.yaml")
+
+# A tiny run: 2 layers, hidden 64, L = 32, global batch 8 in 2 micro-batches of 4 (1 per DP rank at dp 2).
+BASE_OVERRIDES = [
+    "--model.num_layers=2",
+    "--model.hidden_size=64",
+    "--model.ffn_hidden_size=256",
+    "--model.seq_length=32",
+    "--train.global_batch_size=8",
+    "--train.micro_batch_size=4",
+    "--train.precision=fp32",
+    "--schedule.warmup_steps=0",
+    "--schedule.decay_steps=0",
+    "--optimizer.lr=3e-3",
+    "--logging.log_interval=1",
+    "--logging.progress_bar=false",
+]
+
+
+def tiny_overrides(prefix: str, *extra: str) -> list[str]:
+    """Overrides of examples/tiny_cpu.yaml for a test run on `prefix`."""
+    return [f"--data.data_path=[{prefix}]", *BASE_OVERRIDES, *extra]
+
+
+def train_in_process(prefix: str, *extra: str):
+    """Run `train()` here with the tiny config; returns the TrainResult (tears the group down)."""
+    from nbdiff_megatron.model.parallel import destroy_parallel
+    from nbdiff_megatron.training.config import load_config
+    from nbdiff_megatron.training.loop import train
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    cfg = load_config(TINY, tiny_overrides(prefix, *extra))
+    try:
+        return train(cfg)
+    finally:
+        destroy_parallel()
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(name, None)
+
+
+def _env(extra_env: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env.update(extra_env or {})
+    return env
+
+
+def cli_command(prefix: str, *extra: str, nproc: int = 1) -> list[str]:
+    """`nbdiff train` (under torchrun when nproc > 1) with the tiny config."""
+    from nbdiff_megatron.model.parallel import free_port
+
+    args = ["-m", "nbdiff_megatron.cli", "train", "--config", TINY, *tiny_overrides(prefix, *extra)]
+    if nproc == 1:
+        return [PYTHON, *args]
+    return [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
+
+
+class Launched:
+    """A CLI run in its own session, output in a file, so that a killed run leaves nothing behind."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._file = log.open("w")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            env=_env(env),
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float = 240) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of a killed run (writer forks)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._file.close()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def run_cli(
+    prefix: str,
+    *extra: str,
+    log: Path,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    expect: int | None = 0,
+    timeout: float = 240,
+) -> Launched:
+    """Run the CLI to completion; assert its exit code (unless expect is None)."""
+    launched = Launched(cli_command(prefix, *extra, nproc=nproc), log, env)
+    code = launched.wait(timeout)
+    if expect is not None:
+        assert code == expect, f"exit code {code}, expected {expect}:\n{launched.output()[-4000:]}"
+    launched.code = code  # type: ignore[attr-defined]
+    return launched
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,117 @@
+"""2 ranks under torchrun (gloo): DP=2, TP=2, PP=2 through the CLI; TP/PP match 1 rank; resharded resume.
+
+TP=2 starts from the 1-rank weights by construction (megatron initialises full weights, then splits them);
+PP=2 does not (each stage draws its own layers), so the PP comparison starts both runs from a 1-rank
+checkpoint loaded with --checkpoint.finetune=true (weights only, resharded to the PP layout).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from nbdiff_megatron.training.logging import read_metrics
+
+from .runs import run_cli, train_in_process
+
+pytestmark = pytest.mark.multirank
+
+# Fixed B = 2 (both loss terms live), λ = 0.5.
+COMPARE = ["--curriculum.start_block_size=2", "--curriculum.target_block_size=2"]
+
+
+@pytest.fixture(scope="module")
+def start_point(corpus_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 1-rank checkpoint after 2 steps: the common starting weights."""
+    save = tmp_path_factory.mktemp("start") / "run"
+    train_in_process(corpus_prefix, *COMPARE, "--train.steps=2", f"--checkpoint.save={save}")
+    return str(save)
+
+
+@pytest.fixture(scope="module")
+def one_rank(corpus_prefix: str, start_point: str, tmp_path_factory: pytest.TempPathFactory):
+    """The 1-rank reference: 3 steps from the start point."""
+    save = tmp_path_factory.mktemp("one") / "run"
+    result = train_in_process(
+        corpus_prefix,
+        *COMPARE,
+        "--train.steps=3",
+        f"--checkpoint.save={save}",
+        f"--checkpoint.load={start_point}",
+        "--checkpoint.finetune=true",
+    )
+    return result.history
+
+
+def _assert_match(records: list[dict], reference: list[dict], what: str) -> None:
+    assert [r["step"] for r in records] == [r["step"] for r in reference[: len(records)]]
+    for mine, ref in zip(records, reference):
+        for key in ("loss", "mdm", "ar"):
+            assert mine[key] == pytest.approx(ref[key], abs=1e-5), (what, mine["step"], key)
+        # The gradient norm sums squares over ranks in another order: ~1e-5 relative apart in fp32.
+        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), (what, mine["step"])
+
+
+def test_tp2_trains_like_one_rank_and_resumes_on_one_rank(
+    corpus_prefix: str, tmp_path: Path
+) -> None:
+    reference = train_in_process(corpus_prefix, *COMPARE, "--train.steps=9").history
+    save = tmp_path / "tp2"
+    run_cli(
+        corpus_prefix,
+        *COMPARE,
+        "--parallel.tp=2",
+        "--train.steps=8",
+        f"--checkpoint.save={save}",
+        log=tmp_path / "tp2.log",
+        nproc=2,
+    )
+    records = read_metrics(save / "metrics.jsonl")
+    # megatron initialises the full weights then splits them: TP=2 starts from the 1-rank weights.
+    _assert_match(records, reference, "tp=2")
+    losses = [r["loss"] for r in records]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2  # it learns
+    # The TP=2 checkpoint (model + optimizer, resharded) resumes on 1 rank: step 9 matches.
+    resumed = train_in_process(
+        corpus_prefix, *COMPARE, "--train.steps=9", f"--checkpoint.load={save}"
+    )
+    assert [r["step"] for r in resumed.history] == [9]
+    _assert_match(resumed.history, reference[8:], "tp=2 -> 1 rank")
+
+
+def test_pp2_matches_one_rank(
+    corpus_prefix: str, start_point: str, one_rank: list[dict], tmp_path: Path
+) -> None:
+    save = tmp_path / "pp2"
+    run_cli(
+        corpus_prefix,
+        *COMPARE,
+        "--parallel.pp=2",
+        "--train.steps=3",
+        f"--checkpoint.save={save}",
+        f"--checkpoint.load={start_point}",
+        "--checkpoint.finetune=true",
+        log=tmp_path / "pp2.log",
+        nproc=2,
+    )
+    _assert_match(read_metrics(save / "metrics.jsonl"), one_rank, "pp=2")
+
+
+def test_data_parallel_two_ranks_learns(corpus_prefix: str, tmp_path: Path) -> None:
+    save = tmp_path / "run"
+    launched = run_cli(
+        corpus_prefix,
+        *COMPARE,
+        "--parallel.dp=2",
+        "--train.steps=8",
+        f"--checkpoint.save={save}",
+        log=tmp_path / "run.log",
+        nproc=2,
+    )
+    assert "tp 1 x pp 1 x cp 1 x dp 2 = 2 processes" in launched.output()
+    losses = [r["loss"] for r in read_metrics(save / "metrics.jsonl")]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
