@@ -26,6 +26,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def parse_doc_lengths(text: str | None, seq_len: int) -> torch.Tensor | None:
     """ "3,5,8" -> doc ids [0,0,0,1,1,1,1,1,2,...]; the lengths must add up to seq_len."""
     if not text:
@@ -90,12 +99,7 @@ def draw_mask(
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _add_show_mask(parser: argparse.ArgumentParser) -> None:
@@ -200,12 +204,7 @@ def draw_curriculum(series: dict[str, list], path: str | Path, *, title: str) ->
     axes[0].set_yscale("log", base=2)
     axes[-1].set_xlabel("step")
     axes[0].set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _run_show_curriculum(args: argparse.Namespace) -> int:

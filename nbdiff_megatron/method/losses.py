@@ -183,6 +183,7 @@ def nbdiff_loss(
     validate: bool = True,
     block_size: int | None = None,
     positions: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> LossTerms:
     """NBDiff loss, eq. 2: ``total = (1 - λ) L_MDM + λ L_AR`` (NBDIFF.md §4); reference version.
 
@@ -204,6 +205,12 @@ def nbdiff_loss(
     predecessor lies in the previous block and would score it silently. Without ``positions`` the
     positions are derived from ``doc_ids`` (restarting at each document, as training does) or,
     without ``doc_ids``, are ``0..L-1``.
+
+    ``rows`` (LongTensor ``[R]``, context parallelism): ``logits`` then holds only ``R`` of the
+    ``2L`` rows, row ``k`` being global position ``rows[k]`` (0..L-1 x_t, L..2L-1 x_0). Only the
+    predictions made by those rows are scored, and the counts are split by the same rule (a loss
+    token counts where its x_t position lies, an AR target where its x_0 row lies), so the terms of
+    disjoint row sets covering 0..2L-1 add up to the full loss, numerators and counts alike.
     """
     if logits.dim() != 3 or not logits.dtype.is_floating_point:
         raise ValueError(
@@ -213,9 +220,11 @@ def nbdiff_loss(
         raise ValueError(f"x0 must be integer token ids [b, L], got {list(x0.shape)} {x0.dtype}")
     batch, seq_len = x0.shape
     vocab = logits.shape[-1]
-    if logits.shape[:2] != (batch, 2 * seq_len):
+    n_rows = 2 * seq_len if rows is None else rows.numel()
+    if logits.shape[:2] != (batch, n_rows):
+        expected = "2L" if rows is None else "len(rows)"
         raise ValueError(
-            f"logits must have shape [b, 2L, V] = [{batch}, {2 * seq_len}, V] "
+            f"logits must have shape [b, {expected}, V] = [{batch}, {n_rows}, V] "
             f"for x0 {list(x0.shape)}, "
             f"got {list(logits.shape)}"
         )
@@ -273,12 +282,27 @@ def nbdiff_loss(
                         "block_size=..., positions=...) using the same block size and positions"
                     )
 
-    mdm_b, mdm_i = selected.nonzero(as_tuple=True)
     ar_valid = _ar_targets(lm, docs)
+    counted_tokens = lm
+    if rows is not None:
+        # Keep only what this subset of rows predicts (context parallelism: one rank's rows).
+        local = torch.zeros(2 * seq_len, dtype=torch.bool, device=x0.device)
+        local[rows.to(x0.device)] = True
+        shifted = torch.zeros_like(local[:seq_len])
+        shifted[1:] = local[: seq_len - 1]
+        predicted_here = shifted if token_shift else local[:seq_len]
+        selected = selected & predicted_here
+        ar_valid = ar_valid & local[seq_len : 2 * seq_len - 1]
+        counted_tokens = lm & local[:seq_len]
+    mdm_b, mdm_i = selected.nonzero(as_tuple=True)
     ar_b, ar_i = ar_valid.nonzero(as_tuple=True)
     # Logit positions: x_t rows are 0..L-1, x_0 rows are L..2L-1.
     seq = torch.cat([mdm_b, ar_b])
     pos = torch.cat([mdm_i - 1 if token_shift else mdm_i, seq_len + ar_i])
+    if rows is not None:
+        row_of = torch.full((2 * seq_len,), -1, dtype=torch.long, device=x0.device)
+        row_of[rows.to(x0.device)] = torch.arange(n_rows, device=x0.device)
+        pos = row_of[pos]
     targets = torch.cat([x0[mdm_b, mdm_i], x0[ar_b, ar_i + 1]])
     chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     ce = _rows_cross_entropy(logits, seq, pos, targets, chunk)
@@ -286,7 +310,7 @@ def nbdiff_loss(
 
     mdm_sum = (ce_mdm / t[mdm_b, mdm_i].to(ce_mdm.dtype)).sum()
     ar_sum = ce_ar.sum()
-    mdm_count = lm.sum().float()
+    mdm_count = counted_tokens.sum().float()
     ar_count = ar_valid.sum().float()
     mdm = mdm_sum / _denominator(mdm_denominator, mdm_count)
     ar = ar_sum / _denominator(ar_denominator, ar_count)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nbdiff_megatron.errors import ConfigError
-from nbdiff_megatron.method.losses import LossTerms
+from nbdiff_megatron.method.losses import LossTerms, nbdiff_loss
 from nbdiff_megatron.model.attention import (
     BLOCK_MASK_CACHE,
     AttentionMask,
@@ -53,9 +53,6 @@ __all__ = [
     "local_rows_mask_mod",
     "shard_model_inputs",
 ]
-
-# Rows of logits upcast to fp32 at a time (as method/losses.py does).
-_CHUNK_ELEMENTS = 1 << 26
 
 
 # ------------------------------------------------------------------------------- layout
@@ -277,42 +274,6 @@ def gather_cp_sequence(
 
 
 # ------------------------------------------------------------------------------- loss
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _rows_ce(
-    logits: torch.Tensor,
-    seq: torch.Tensor,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_rows: int,
-) -> torch.Tensor:
-    """fp32 cross-entropy of `logits[seq[k], rows[k]]` vs `targets[k]`, a chunk of rows at a time."""
-    import torch.nn.functional as F
-
-    pieces = [
-        F.cross_entropy(
-            _upcast(logits[seq[s : s + chunk_rows], rows[s : s + chunk_rows]]),
-            targets[s : s + chunk_rows],
-            reduction="none",
-        )
-        for s in range(0, seq.numel(), chunk_rows)
-    ]
-    if not pieces:  # keep an empty result attached to the graph so that backward still runs
-        return F.cross_entropy(_upcast(logits[seq, rows]), targets, reduction="none")
-    return torch.cat(pieces)
-
-
-def _denominator(given: torch.Tensor | float | None, local: torch.Tensor) -> torch.Tensor | float:
-    if given is None:
-        return local.clamp(min=1.0)
-    if isinstance(given, torch.Tensor):
-        return given.float().clamp(min=1.0)
-    if given < 0:
-        raise ValueError(f"a loss denominator must be >= 0 (a token count), got {given!r}")
-    return max(float(given), 1.0)
-
 
 def cp_local_loss(
     local_logits: torch.Tensor,
@@ -346,110 +307,28 @@ def cp_local_loss(
     CP ranks to the full ones: `mdm_count` counts the loss tokens at this rank's half positions,
     `ar_count` the AR targets of this rank's x_0 rows.
     """
-    if local_logits.dim() != 3 or not local_logits.dtype.is_floating_point:
+    if x0.dim() != 2 or x0.shape[1] != layout.seq_length:
         raise ValueError(
-            f"local_logits must be a floating tensor [b, 2L/cp, V], got {list(local_logits.shape)} "
-            f"{local_logits.dtype}"
+            f"x0 must be the full micro-batch [b, L] with L = {layout.seq_length} (the CP layout's), "
+            f"got {list(x0.shape)}"
         )
-    if x0.dim() != 2 or x0.dtype.is_floating_point or x0.dtype == torch.bool:
-        raise ValueError(f"x0 must be integer token ids [b, L], got {list(x0.shape)} {x0.dtype}")
-    batch, seq_len = x0.shape
-    if seq_len != layout.seq_length:
-        raise ValueError(f"x0 has L = {seq_len}, the CP layout {layout.seq_length}")
-    if tuple(local_logits.shape[:2]) != (batch, layout.local_length):
+    if local_logits.dim() != 3 or tuple(local_logits.shape[:2]) != (x0.shape[0], layout.local_length):
         raise ValueError(
-            f"local_logits must have shape [b, 2L/cp, V] = [{batch}, {layout.local_length}, V], got "
-            f"{list(local_logits.shape)}"
+            f"local_logits must have shape [b, 2L/cp, V] = [{x0.shape[0]}, {layout.local_length}, V], "
+            f"got {list(local_logits.shape)}"
         )
-    if masked.dtype != torch.bool or masked.shape != x0.shape:
-        raise ValueError(
-            f"masked must be a BoolTensor of shape {list(x0.shape)}, got "
-            f"{list(masked.shape)} {masked.dtype}"
-        )
-    if t.dim() == 1 and t.shape[0] == batch:
-        t = t.unsqueeze(1).expand(batch, seq_len)
-    if not t.dtype.is_floating_point or t.shape != x0.shape:
-        raise ValueError(
-            f"t must be a floating tensor of shape [b, L] = {list(x0.shape)} (or [b]), "
-            f"got {list(t.shape)} {t.dtype}"
-        )
-    if not 0.0 <= ar_weight <= 1.0:
-        raise ValueError(f"ar_weight (λ) must lie in [0, 1], got {ar_weight!r}")
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
-    device = x0.device
-    if loss_mask is None:
-        lm = torch.ones_like(x0, dtype=torch.bool)
-    else:
-        if loss_mask.dtype != torch.bool or loss_mask.shape != x0.shape:
-            raise ValueError(f"loss_mask must be a BoolTensor of shape {list(x0.shape)}")
-        lm = loss_mask
-    docs = None
-    if doc_ids is not None:
-        docs = doc_ids.to(device)
-        if docs.dim() == 1:
-            docs = docs.unsqueeze(0).expand(batch, -1)
-        if docs.shape != x0.shape:
-            raise ValueError(f"doc_ids must have shape [L] or [b, L] = {list(x0.shape)}")
-
-    selected = masked & lm
-    vocab = local_logits.shape[-1]
-    if validate:
-        if x0.numel() and (bool((x0 < 0).any()) or bool((x0 >= vocab).any())):
-            raise ValueError(f"x0 holds token ids outside [0, V) = [0, {vocab})")
-        t_sel = t[selected]
-        if t_sel.numel() and not bool(((t_sel > 0) & (t_sel <= 1)).all()):
-            raise ValueError(
-                "t must lie in (0, 1] at every masked loss token (the L_MDM weight is 1/t)"
-            )
-        if token_shift and bool(selected[:, 0].any()):
-            raise ValueError(
-                "token_shift: a sequence's first token is masked, but no x_t logit "
-                "precedes it; mask with mask_tokens(token_shift=True)"
-            )
-        if (
-            token_shift
-            and docs is not None
-            and bool((selected[:, 1:] & (docs[:, 1:] != docs[:, :-1])).any())
-        ):
-            raise ValueError(
-                "token_shift: a document's first token is masked (its x_t predecessor "
-                "belongs to another document)"
-            )
-
-    half = layout.half_positions(device=device)  # this rank's positions inside each half
-    local_half = half.numel()  # local rows [0, local_half) are x_t, [local_half, 2*local_half) x_0
-
-    # L_MDM: x_t row at position i predicts position p = i (+1 with token shift) when it is selected.
-    mdm_pos = half + 1 if token_shift else half
-    in_range = mdm_pos < seq_len
-    mdm_rows = torch.arange(local_half, device=device)[in_range]
-    mdm_pos = mdm_pos[in_range]
-    mdm_b, mdm_j = selected[:, mdm_pos].nonzero(as_tuple=True)
-    mdm_target_pos = mdm_pos[mdm_j]
-
-    # L_AR: x_0 row at position i predicts x0[i + 1] when counted (same rule as nbdiff_loss).
-    ar_valid = lm[:, 1:]
-    if docs is not None:
-        ar_valid = ar_valid & (docs[:, 1:] == docs[:, :-1])
-    has_next = half < seq_len - 1
-    ar_rows = local_half + torch.arange(local_half, device=device)[has_next]
-    ar_pos = half[has_next]
-    ar_b, ar_j = ar_valid[:, ar_pos].nonzero(as_tuple=True)
-    ar_target_pos = ar_pos[ar_j] + 1
-
-    seq = torch.cat([mdm_b, ar_b])
-    rows = torch.cat([mdm_rows[mdm_j], ar_rows[ar_j]])
-    targets = torch.cat([x0[mdm_b, mdm_target_pos], x0[ar_b, ar_target_pos]])
-    chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    ce = _rows_ce(local_logits, seq, rows, targets, chunk)
-    ce_mdm, ce_ar = ce[: mdm_b.numel()], ce[mdm_b.numel() :]
-
-    mdm_sum = (ce_mdm / t[mdm_b, mdm_target_pos].to(ce_mdm.dtype)).sum()
-    ar_sum = ce_ar.sum()
-    mdm_count = lm[:, half].sum().float()
-    ar_count = ar_valid[:, ar_pos].sum().float()
-    mdm = mdm_sum / _denominator(mdm_denominator, mdm_count)
-    ar = ar_sum / _denominator(ar_denominator, ar_count)
-    total = (1.0 - ar_weight) * mdm + ar_weight * ar
-    return LossTerms(total, mdm, ar, mdm_sum, mdm_count, ar_sum, ar_count)
+    return nbdiff_loss(
+        local_logits,
+        x0,
+        masked,
+        t,
+        ar_weight=ar_weight,
+        token_shift=token_shift,
+        loss_mask=loss_mask,
+        doc_ids=doc_ids,
+        mdm_denominator=mdm_denominator,
+        ar_denominator=ar_denominator,
+        chunk_rows=chunk_rows,
+        validate=validate,
+        rows=layout.global_positions(device=x0.device),
+    )

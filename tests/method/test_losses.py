@@ -363,8 +363,14 @@ def test_token_shift_rejects_masked_block_starts_inside_a_document():
         nbdiff_loss(lg, x0, ok, t, ar_weight=0.5, token_shift=True, block_size=3, **kwargs)
         with pytest.raises(ValueError, match="block's first token"):
             nbdiff_loss(
-                lg, x0, bools([[0, 0, 0, 0, 0, 1]]), t, ar_weight=0.5, token_shift=True,
-                block_size=3, **kwargs,
+                lg,
+                x0,
+                bools([[0, 0, 0, 0, 0, 1]]),
+                t,
+                ar_weight=0.5,
+                token_shift=True,
+                block_size=3,
+                **kwargs,
             )
     with pytest.raises(ValueError, match="block_size"):
         nbdiff_loss(lg, x0, ok, t, ar_weight=0.5, token_shift=True, block_size=0)
@@ -390,3 +396,51 @@ def test_mask_tokens_with_shift_always_passes_block_validation(block_size, lengt
     nbdiff_loss(
         lg, x0, masked, t, ar_weight=0.5, token_shift=True, block_size=block_size, positions=pos
     )
+
+
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_row_subsets_add_up_to_the_full_loss(token_shift):
+    """`rows=`: any partition of the 2L logit rows gives terms that sum to the full ones."""
+    gen = torch.Generator().manual_seed(3)
+    b, L, V, B = 2, 12, 11, 4
+    x0 = torch.randint(0, V - 1, (b, L), generator=gen)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 5, [0] * 12])
+    positions = torch.stack([torch.cat([torch.arange(7), torch.arange(5)]), torch.arange(12)])
+    t = torch.rand(b, generator=gen) * 0.8 + 0.1
+    x_t, masked = mask_tokens(
+        x0,
+        t,
+        block_size=B,
+        mask_id=V - 1,
+        token_shift=token_shift,
+        generator=gen,
+        positions=positions,
+    )
+    loss_mask = torch.rand(b, L, generator=gen) > 0.2
+    logits = torch.randn(b, 2 * L, V, generator=gen, dtype=torch.float64, requires_grad=True)
+    kw = dict(ar_weight=0.3, token_shift=token_shift, loss_mask=loss_mask, doc_ids=doc_ids)
+    full = nbdiff_loss(logits, x0, masked, t, **kw)
+    perm = torch.randperm(2 * L, generator=gen)
+    parts = [perm[:9], perm[9:17], perm[17:]]
+    pieces = [nbdiff_loss(logits[:, r], x0, masked, t, rows=r, **kw) for r in parts]
+    for name in ("mdm_sum", "ar_sum", "mdm_count", "ar_count"):
+        total = sum(getattr(p, name) for p in pieces)
+        assert torch.allclose(total, getattr(full, name), atol=1e-12), name
+    # with the global denominators, the per-part totals add up to the full total
+    mdm_den, ar_den = full.mdm_count, full.ar_count
+    shares = [
+        nbdiff_loss(
+            logits[:, r],
+            x0,
+            masked,
+            t,
+            rows=r,
+            mdm_denominator=mdm_den,
+            ar_denominator=ar_den,
+            **kw,
+        ).total
+        for r in parts
+    ]
+    assert torch.allclose(sum(shares), full.total, atol=1e-12)
+    with pytest.raises(ValueError, match="len\\(rows\\)"):
+        nbdiff_loss(logits[:, :5], x0, masked, t, rows=parts[0], **kw)
