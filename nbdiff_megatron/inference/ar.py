@@ -21,8 +21,8 @@ from nbdiff_megatron.inference.decoder import (
     DecodeStats,
     attention_allowed,
     prompt_lists,
+    setup_decoder,
 )
-from nbdiff_megatron.inference.kv_cache import ModelRunner
 from nbdiff_megatron.inference.unmasking import propose_tokens
 
 
@@ -41,22 +41,8 @@ class ARDecoder:
         config: DecodeConfig | None = None,
         **overrides: Any,
     ) -> None:
-        self.runner = ModelRunner(model)
-        self.runner.model.eval()
-        self.eos_ids = [int(e) for e in eos_ids]
         self.mask_id = None if mask_id is None else int(mask_id)
-        self.pad_id = int(
-            pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        )
-        if max_context is None:
-            cfg = getattr(self.runner.inner, "nbdiff_config", None)
-            max_context = cfg.seq_length if cfg is not None else None
-        if max_context is None:
-            raise InferenceError(
-                "max_context is unknown: pass max_context= (the model's seq_length)"
-            )
-        self.max_context = int(max_context)
-        self.config = replace(config or DecodeConfig(), **overrides)
+        setup_decoder(self, model, eos_ids, pad_id, max_context, config, overrides, 0)
 
     @torch.inference_mode()
     def generate(

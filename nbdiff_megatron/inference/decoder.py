@@ -349,6 +349,31 @@ class DecodeSession:
 
 
 # ----------------------------------------------------------------------------------- the decoder
+def setup_decoder(
+    decoder: Any,
+    model: torch.nn.Module,
+    eos_ids: Sequence[int],
+    pad_id: int | None,
+    max_context: int | None,
+    config: DecodeConfig | None,
+    overrides: dict[str, Any],
+    default_pad: int,
+) -> None:
+    """What the block and the AR decoders set up alike: runner, stop ids, padding, context, config."""
+    decoder.runner = ModelRunner(model)
+    decoder.runner.model.eval()
+    decoder.eos_ids = [int(e) for e in eos_ids]
+    fallback = decoder.eos_ids[0] if decoder.eos_ids else default_pad
+    decoder.pad_id = int(pad_id if pad_id is not None else fallback)
+    if max_context is None:
+        cfg = getattr(decoder.runner.inner, "nbdiff_config", None)
+        max_context = cfg.seq_length if cfg is not None else None
+    if max_context is None:
+        raise InferenceError("max_context is unknown: pass max_context= (the model's seq_length)")
+    decoder.max_context = int(max_context)
+    decoder.config = replace(config or DecodeConfig(), **overrides)
+
+
 class BlockDecoder:
     """Block-diffusion decoder over an NBDiff megatron-core model (see the module docstring).
 
@@ -375,22 +400,8 @@ class BlockDecoder:
         config: DecodeConfig | None = None,
         **overrides: Any,
     ) -> None:
-        self.runner = ModelRunner(model)
-        self.runner.model.eval()
         self.mask_id = int(mask_id)
-        self.eos_ids = [int(e) for e in eos_ids]
-        self.pad_id = int(
-            pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else mask_id)
-        )
-        if max_context is None:
-            cfg = getattr(self.runner.inner, "nbdiff_config", None)
-            max_context = cfg.seq_length if cfg is not None else None
-        if max_context is None:
-            raise InferenceError(
-                "max_context is unknown: pass max_context= (the model's seq_length)"
-            )
-        self.max_context = int(max_context)
-        self.config = replace(config or DecodeConfig(), **overrides)
+        setup_decoder(self, model, eos_ids, pad_id, max_context, config, overrides, self.mask_id)
 
     # -------------------------------------------------------------------- helpers
     def check_prompts(self, prompts: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:

@@ -61,9 +61,13 @@ class NoiseConfig:
     per_block: bool = True
     """Draw one t per block (True) or one per sequence (False)."""
     antithetic: bool = False
-    """Antithetic (stratified) t sampling across a micro-batch: lower-variance loss estimates."""
+    """Antithetic (mirrored) t: the second half of a micro-batch draws lo + hi - the first half's t,
+    so each pair averages (lo + hi) / 2: lower-variance loss estimates (`method.noise.sample_t`)."""
     position_dependent: bool = False
     """Efficient-DLM masking: later tokens of a block are masked more often, mean kept at t."""
+    skew: float = 0.5
+    """Strength of position_dependent masking in [0, 1] (0 = uniform): p = t + skew * min(t, 1 - t) * w
+    with w rising from -1 to 1 across the block (`method.noise.mask_probability`)."""
     mask_token_id: int | None = None
     """Id of the [MASK] token; None = the tokenizer's mask token (or the model's last vocab row)."""
 
@@ -98,6 +102,9 @@ class LossConfig:
 
     token_shift: bool = True
     """Logit i-1 predicts token i (the AR head's meaning; NBDiff-7B decodes this way)."""
+    validate: bool = False
+    """Run the loss's spec checks every step (token ids in range, t in (0, 1], no masked token at a
+    block start under token shift); they synchronise the device, so they are for tests and debugging."""
 
 
 @dataclass
@@ -122,7 +129,13 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule (`method.schedules.lr_at`)."""
+    """Learning-rate schedule (`method.schedules.lr_at`).
+
+    Step k as logged (k = 1..train.steps; the 0-based loop step s = k - 1) trains with `lr_at(k)`,
+    Megatron-style (its scheduler has advanced once per finished step): with warm-up the first step
+    already moves (peak / warmup_steps), the peak is reached at step warmup_steps, and the last step
+    runs at min_lr when the schedule cools down (wsd with decay_steps > 0, cosine).
+    """
 
     style: Literal["wsd", "cosine", "constant"] = "wsd"
     """wsd = warm-up, constant, cooldown (the two-phase schedule of NBDiff-7B); cosine; constant."""
@@ -550,6 +563,12 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("tp", "pp", "cp"):
         _need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
     _need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
+    _need(
+        cfg.seq_length() % (2 * par.cp) == 0,
+        f"model.seq_length={cfg.seq_length()} does not fit parallel.cp={par.cp}: context parallelism "
+        f"cuts each half of x_t ⊕ x_0 into 2*cp = {2 * par.cp} chunks; use a seq_length divisible "
+        f"by {2 * par.cp} or another cp",
+    )
     # The vocabulary size may be left to the tokenizer (0 until training starts): check the rest.
     shape = model if model.vocab_size > 0 else dataclasses.replace(model, vocab_size=1)
     shape.validate(tp=par.tp, pp=par.pp, cp=par.cp, block_size=cur.target_block_size)
@@ -559,11 +578,6 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     seq = cfg.seq_length()
     _need(seq >= 2, f"model.seq_length must be >= 2 (got {seq})")
-    _need(
-        (2 * seq) % (2 * par.cp) == 0,
-        f"model.seq_length={seq}: with parallel.cp={par.cp} each half of x_t ⊕ x_0 is split into "
-        f"2*cp={2 * par.cp} chunks; use a seq_length divisible by {2 * par.cp}",
-    )
 
     _need(loop.steps >= 1, f"train.steps must be >= 1 (got {loop.steps})")
     _need(loop.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
@@ -583,6 +597,10 @@ def validate_config(cfg: TrainConfig) -> None:
     _need(
         0.0 < noise.t_min <= noise.t_max <= 1.0,
         f"noise: need 0 < t_min <= t_max <= 1 (got t_min={noise.t_min}, t_max={noise.t_max})",
+    )
+    _need(
+        0.0 <= noise.skew <= 1.0,
+        f"noise.skew must lie in [0, 1] (0 = uniform masking), got {noise.skew}",
     )
     _need(
         noise.mask_token_id is None or noise.mask_token_id >= 0,
