@@ -6,6 +6,10 @@ global batch; each micro-batch of the global order (`micro_batch_size * data_par
 consecutive samples) is split into equal contiguous shares, one per data-parallel rank, as
 megatron-LM's pretraining sampler does. Resuming at `consumed_samples` therefore replays exactly the
 samples a run that never stopped would have seen.
+
+The training loop (training/loop.py) reads its micro-batches through `build_dataloader(cyclic=True)`,
+with the data-parallel rank WITHOUT context parallelism: the CP ranks of a DP rank get the same
+micro-batches (each feeds its own shard of them to the model).
 """
 
 from __future__ import annotations
@@ -109,4 +113,7 @@ def build_dataloader(
         collate_fn=collate_samples,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # Each new iterator draws a worker base seed; from its own generator, not the global RNG,
+        # whose state a resumed run restores (dropout) and must not see shifted by the loader.
+        generator=torch.Generator().manual_seed(0),
     )

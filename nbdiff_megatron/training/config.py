@@ -52,7 +52,11 @@ class ParallelConfig:
 
 @dataclass
 class NoiseConfig:
-    """How x_t is drawn from x_0 (NBDIFF.md §4, noising)."""
+    """How x_t is drawn from x_0 (NBDIFF.md §4, noising).
+
+    Tokens outside the loss (SFT prompts and user turns, padding) are never masked: inference always
+    sees the prompt clean (`training.loop.noise_micro_batch`).
+    """
 
     t_min: float = 1e-3
     """Smallest masking level t (t ~ U(t_min, t_max)); > 0 keeps the 1/t ELBO weight finite."""

@@ -1,13 +1,15 @@
 """Fault handling of the training loop: non-finite losses, preemption signals, fault drills.
 
-- `NonFiniteGuard`: a step whose loss is NaN/inf is skipped (no optimizer update) and counted; after
-  `max_consecutive` such steps in a row the run halts with `TrainingHalted`.
+- `NonFiniteGuard`: a step whose loss or global gradient norm is NaN/inf is skipped (no optimizer
+  update) and counted; after `max_consecutive` such steps in a row the run halts with `TrainingHalted`.
 - `PreemptionHandler`: SIGTERM / SIGUSR1 (what SLURM sends before preempting or at the time limit with
   `--signal`) set a flag; the loop saves a checkpoint at the end of the step and exits 0.
 - Fault drills for tests and for rehearsing recovery on a cluster, driven by environment variables:
   `NBDIFF_FAULT_KILL_AFTER_STEP=k` SIGKILLs the process right after step k is logged;
   `NBDIFF_FAULT_KILL_IN_SAVE=k` SIGKILLs it after the checkpoint of step k is written but before it is
-  renamed into place; `NBDIFF_FAULT_NAN_STEPS=3,4` makes the loss of those steps NaN (steps count from 1, as logged).
+  renamed into place; `NBDIFF_FAULT_NAN_STEPS=3,4` makes the loss of those steps NaN;
+  `NBDIFF_FAULT_NAN_GRAD_STEPS=3` leaves the loss finite but puts a NaN into one gradient after the
+  backward (steps count from 1, as logged).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from typing import Any
 
 from nbdiff_megatron.errors import NBDiffError
 
@@ -31,16 +34,22 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.total_skipped = 0
 
-    def check(self, step: int, loss: float) -> bool:
-        """Return True if the step may update the weights; raise TrainingHalted after too many skips."""
-        if math.isfinite(loss):
+    def check(self, step: int, loss: float, grad_norm: float | None = None) -> bool:
+        """Return True if the step may update the weights (loss and gradient norm finite); raise
+        TrainingHalted after too many skips in a row."""
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
             self.consecutive = 0
             return True
         self.consecutive += 1
         self.total_skipped += 1
         if self.consecutive >= self.max_consecutive:
+            what = (
+                f"the loss was {loss}"
+                if not math.isfinite(loss)
+                else f"the gradient norm was {grad_norm}"
+            )
             raise TrainingHalted(
-                f"the loss was {loss} (not finite) for {self.consecutive} steps in a row, up to step "
+                f"{what} (not finite) for {self.consecutive} steps in a row, up to step "
                 f"{step}; training halted. Lower optimizer.lr, check the data around this point, or "
                 "resume from the last checkpoint (faults.max_consecutive_nonfinite sets the limit)"
             )
@@ -102,6 +111,26 @@ def _env_steps(name: str) -> set[int]:
 def nan_drill_steps() -> set[int]:
     """Steps whose loss the NBDIFF_FAULT_NAN_STEPS drill turns into NaN."""
     return _env_steps("NBDIFF_FAULT_NAN_STEPS")
+
+
+def nan_grad_drill_steps() -> set[int]:
+    """Steps whose gradients the NBDIFF_FAULT_NAN_GRAD_STEPS drill poisons (the loss stays finite)."""
+    return _env_steps("NBDIFF_FAULT_NAN_GRAD_STEPS")
+
+
+def poison_one_gradient(model: Any) -> None:
+    """Put a NaN into the first gradient element this rank holds (after the DDP reduction).
+
+    megatron's DDP keeps the reduced gradient in `param.main_grad` (its grad buffer); plain modules
+    in `param.grad`.
+    """
+    for param in model.parameters():
+        grad = getattr(param, "main_grad", None)
+        if grad is None:
+            grad = param.grad
+        if grad is not None and grad.numel():
+            grad.view(-1)[0] = float("nan")
+            return
 
 
 def _kill_self() -> None:

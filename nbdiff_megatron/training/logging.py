@@ -105,8 +105,12 @@ class StepRecord:
         def clean(v: Any) -> Any:
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
+        def raw(v: float | None) -> str | None:  # JSON has no NaN/inf: keep which one it was
+            return repr(v) if v is not None and not math.isfinite(v) else None
+
         return {k: clean(v) for k, v in self.__dict__.items()} | {
-            "loss_raw": repr(self.loss) if not math.isfinite(self.loss) else None
+            "loss_raw": raw(self.loss),
+            "grad_norm_raw": raw(self.grad_norm),
         }
 
 
@@ -229,7 +233,8 @@ class RunLogger:
         if r.mfu is not None:
             parts.append(f"MFU {100 * r.mfu:4.1f}%")
         if r.skipped:
-            parts.append("SKIPPED (non-finite loss)")
+            what = "loss" if not math.isfinite(r.loss) else "gradient norm"
+            parts.append(f"SKIPPED (non-finite {what})")
         return "  ".join(parts)
 
     def close(self) -> None:

@@ -4,15 +4,20 @@ One optimizer step s:
 
 1. The curriculum gives the block size B(s) and the AR weight λ(s), and `lr_at` the learning rate: all
    functions of s only, so every rank agrees without communication.
-2. Each data-parallel rank takes its share of the global batch (sample indices s * G + ..., so the data
-   position is a function of the step too), split into micro-batches.
-3. For every micro-batch, t and x_t are drawn from a generator seeded by (seed, s, DP rank, micro-batch):
-   a resumed run replays the same noise, and all TP/PP/CP ranks of a DP rank draw the same.
+2. Each data-parallel rank takes its micro-batches of the global batch from `data.loader`'s
+   deterministic sampler, which starts at the consumed-samples count of the checkpoint (exact resume);
+   the CP ranks of a DP rank get the same micro-batches.
+3. For every micro-batch, t and x_t are drawn on the CPU from a generator seeded by (seed, s, DP rank,
+   micro-batch) (`noise_micro_batch`): a resumed run replays the same noise, and all TP/PP/CP ranks of
+   a DP rank draw the same.
 4. The loss denominators (loss tokens, AR targets) are summed over micro-batches and DP ranks BEFORE the
    forward, so that each micro-batch's loss is its exact share of the global loss (method/losses.py).
 5. megatron-core's `get_forward_backward_func` runs the x_t ⊕ x_0 forward and backward of all micro-
-   batches (with pipeline parallelism when pp > 1), DDP reduces the gradients, the optimizer steps.
-   A step whose loss is not finite is skipped (faults.py).
+   batches (with pipeline parallelism when pp > 1), DDP reduces the gradients over DP x CP, the
+   optimizer steps. With context parallelism (cp > 1) each rank feeds its zigzag shard of x_t ⊕ x_0
+   (`model/context_parallel.py`) and computes the loss on its own logit rows (`cp_local_loss`), with
+   targets from the full micro-batch; the CP ranks' losses sum to the micro-batch's.
+   A step whose loss or global gradient norm is not finite is skipped (faults.py).
 
 On GPU the model runs in bf16 with the distributed optimizer and megatron's gradient clipping; on CPU in
 fp32 with the plain optimizer, and the clipping is done here (megatron's asserts CUDA tensors).
@@ -28,13 +33,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from nbdiff_megatron.errors import ConfigError, DataError
+from nbdiff_megatron.method.curriculum import Curriculum
+from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training import checkpointing, faults
 from nbdiff_megatron.training.config import TrainConfig, check_world_size, dump_config
 from nbdiff_megatron.training.logging import (
@@ -58,50 +65,41 @@ class TrainResult:
     stopped_by_signal: str | None = None
     """SIGTERM / SIGUSR1 when the run was preempted (a checkpoint was saved)."""
     skipped_steps: int = 0
-    """Steps skipped because the loss was not finite."""
+    """Steps skipped because the loss or the gradient norm was not finite."""
 
 
 # ----------------------------------------------------------------------------------- curriculum
 
 
-def block_size_of(cfg: TrainConfig, step: int) -> int:
-    """B(s), eq. 3."""
-    from nbdiff_megatron.method.curriculum import block_size_at
-
+def curriculum_of(cfg: TrainConfig) -> Curriculum:
+    """The block growth (eq. 3) and λ co-schedule of a config (NBDIFF.md §5)."""
     cur = cfg.curriculum
-    return block_size_at(
-        step,
+    return Curriculum(
         target=cur.target_block_size,
         start=cur.start_block_size,
         base=cur.growth_base,
         interval=cur.growth_interval,
         warmup=cur.growth_warmup,
+        ar_weight_start=cur.ar_weight,
+        ar_weight_end=cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final,
+        ar_weight_style=cur.ar_weight_anneal,
     )
+
+
+def block_size_of(cfg: TrainConfig, step: int) -> int:
+    """B(s), eq. 3."""
+    return curriculum_of(cfg).block_size(step)
 
 
 def ar_weight_of(cfg: TrainConfig, step: int) -> float:
     """λ(s): annealed with the block size (NBDIFF.md §5 co-schedules)."""
-    from nbdiff_megatron.method.curriculum import ar_weight_at
-
-    cur = cfg.curriculum
-    end = cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final
-    return ar_weight_at(
-        block_size_of(cfg, step),
-        start_weight=cur.ar_weight,
-        end_weight=end,
-        start=cur.start_block_size,
-        target=cur.target_block_size,
-        style=cur.ar_weight_anneal,
-    )
+    return curriculum_of(cfg).ar_weight(step)
 
 
 def lr_of(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of step s."""
-    from nbdiff_megatron.method.schedules import lr_at
-
+    """Learning rate of the 0-based step s: `lr_at(s + 1)` (ScheduleConfig explains why)."""
     sch = cfg.schedule
-    return lr_at(
-        step,
+    schedule = LRSchedule(
         peak=cfg.optimizer.lr,
         min_lr=cfg.optimizer.min_lr,
         warmup=sch.warmup_steps,
@@ -110,6 +108,7 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
         style=sch.style,
         decay_shape=sch.decay_shape,
     )
+    return schedule.at(step + 1)
 
 
 def noise_seed(seed: int, step: int, dp_rank: int, micro_batch: int) -> int:
@@ -135,6 +134,10 @@ class _Runtime:
     mask_id: int
     tokenizer: Any
     num_params: int
+    cp_layout: Any = None
+    """ContextParallelLayout of this rank when cp > 1, else None."""
+    batches: Iterator[dict[str, torch.Tensor]] | None = None
+    """This DP rank's micro-batches (CPU tensors), from the data position of the start step."""
     consumed_at_start: int = 0
     start_step: int = 0
 
@@ -249,6 +252,32 @@ def _build_dataset(cfg: TrainConfig, tokenizer: Any) -> Any:
     return train_set
 
 
+def _data_iterator(rt: _Runtime) -> Iterator[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches from the samples consumed before this run on, forever.
+
+    The sampler wraps around the dataset (an SFT set smaller than the run is repeated, in order); the
+    GPT datasets are built with as many samples as the run needs.
+    """
+    from nbdiff_megatron.data.loader import build_dataloader
+
+    loop = rt.cfg.train
+    if rt.consumed_at_start % (loop.micro_batch_size * rt.dp):
+        raise ConfigError(
+            f"the checkpoint's data position ({rt.consumed_at_start} samples) is not a multiple of "
+            f"train.micro_batch_size x data-parallel size = {loop.micro_batch_size * rt.dp}; resume "
+            "with a micro-batch size and DP size that divide it (or with --checkpoint.finetune=true)"
+        )
+    loader = build_dataloader(
+        rt.dataset,
+        loop.micro_batch_size,
+        consumed_samples=rt.consumed_at_start,
+        data_parallel_rank=rt.dp_rank,
+        data_parallel_size=rt.dp,
+        cyclic=True,
+    )
+    return iter(loader)
+
+
 def _count_params(model: Any) -> int:
     """Parameters of the whole model (all TP/PP shards), counted once."""
     from megatron.core import parallel_state as ps
@@ -268,90 +297,134 @@ def _count_params(model: Any) -> int:
 # --------------------------------------------------------------------------------------- batches
 
 
-@dataclass
-class _MicroBatch:
-    x0: torch.Tensor
+class Noise(NamedTuple):
+    """The noised view of one micro-batch (all CPU tensors, [b, L])."""
+
     x_t: torch.Tensor
+    """Token ids with the masked positions replaced by [MASK]."""
     masked: torch.Tensor
+    """True where x_t holds [MASK]."""
     t: torch.Tensor
-    doc_ids: torch.Tensor
-    loss_mask: torch.Tensor
-    inputs: Any
+    """Per-token diffusion time t (the L_MDM weight is 1/t)."""
+    positions: torch.Tensor
+    """Each token's position inside its document (blocks are counted from document starts)."""
 
 
-def _collate(dataset: Any, indices: range, device: torch.device) -> dict[str, torch.Tensor]:
-    samples = [dataset[i % len(dataset)] for i in indices]
-    return {
-        k: torch.stack([s[k] for s in samples]).to(device)
-        for k in ("tokens", "doc_ids", "loss_mask")
-    }
+def noise_micro_batch(
+    cfg: TrainConfig,
+    x0: torch.Tensor,
+    doc_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    step: int,
+    dp_rank: int,
+    micro_batch: int,
+    block_size: int,
+    mask_id: int,
+) -> Noise:
+    """t and x_t of one micro-batch (NBDIFF.md §4), drawn on the CPU from `noise_seed`.
 
+    The generator is seeded by (train.seed, step, DP rank, micro-batch) and by nothing else -- not the
+    TP/PP/CP rank -- so every model-parallel rank of a data-parallel rank draws the same noise and a
+    resumed run replays it; CPU draws make a GPU run's noise reproducible on a CPU.
 
-def _noised(
-    rt: _Runtime, batch: dict[str, torch.Tensor], step: int, mb: int, block_size: int
-) -> _MicroBatch:
+    Tokens outside the loss (loss_mask False) are never masked: in SFT these are the prompt and user
+    turns, which inference always sees clean, so each x_t block sees what the active block sees at
+    decoding time (NBDIFF.md §3); in pretraining they are the padding suffix, which carries no loss and
+    stays clean too (a [MASK] there would only be noise in the x_t context of no loss token). The random
+    draws are made for every position first, so the noise of the loss tokens does not depend on it.
+    """
     from nbdiff_megatron.method.masks import training_position_ids
     from nbdiff_megatron.method.noise import block_layout, mask_tokens, per_token_t, sample_t
-    from nbdiff_megatron.model.builder import nbdiff_model_inputs
 
-    cfg = rt.cfg
-    x0, doc_ids, loss_mask = batch["tokens"], batch["doc_ids"], batch["loss_mask"]
-    b, length = x0.shape
-    gen = torch.Generator(device=rt.device)
-    gen.manual_seed(noise_seed(cfg.train.seed, step, rt.dp_rank, mb))
+    x0, doc_ids, loss_mask = x0.cpu(), doc_ids.cpu(), loss_mask.cpu()
+    batch, length = x0.shape
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(noise_seed(cfg.train.seed, step, dp_rank, micro_batch))
     positions = training_position_ids(length, doc_ids)[:, :length]
     n_blocks = None
     if cfg.noise.per_block:
-        n_blocks = block_layout(
-            b, length, block_size=block_size, positions=positions, device=x0.device
-        ).n_blocks
+        n_blocks = block_layout(batch, length, block_size=block_size, positions=positions).n_blocks
     t = sample_t(
-        b,
+        batch,
         n_blocks=n_blocks,
         lo=cfg.noise.t_min,
         hi=cfg.noise.t_max,
         antithetic=cfg.noise.antithetic,
         generator=gen,
-        device=x0.device,
     )
-    x_t, masked = mask_tokens(
+    _, masked = mask_tokens(
         x0,
         t,
         block_size=block_size,
-        mask_id=rt.mask_id,
+        mask_id=mask_id,
         position_dependent=cfg.noise.position_dependent,
+        skew=cfg.noise.skew,
         token_shift=cfg.loss.token_shift,
         generator=gen,
         positions=positions,
     )
+    masked = masked & loss_mask
+    x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
     t_token = per_token_t(t, seq_len=length, block_size=block_size, positions=positions)
+    return Noise(x_t, masked, t_token, positions)
+
+
+@dataclass
+class _MicroBatch:
+    """One micro-batch: the FULL [b, L] tensors (also under CP: loss targets cross CP chunks)."""
+
+    x0: torch.Tensor
+    masked: torch.Tensor
+    t: torch.Tensor
+    doc_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    positions: torch.Tensor
+    inputs: Any
+    """ModelInputs of the forward (this CP rank's shard when cp > 1)."""
+
+
+def _micro_batch(
+    rt: _Runtime, batch: dict[str, torch.Tensor], step: int, mb: int, block_size: int
+) -> _MicroBatch:
+    from nbdiff_megatron.model.builder import nbdiff_model_inputs
+
+    cfg = rt.cfg
+    noise = noise_micro_batch(
+        cfg,
+        batch["tokens"],
+        batch["doc_ids"],
+        batch["loss_mask"],
+        step=step,
+        dp_rank=rt.dp_rank,
+        micro_batch=mb,
+        block_size=block_size,
+        mask_id=rt.mask_id,
+    )
+    x0, doc_ids, loss_mask = (batch[k].to(rt.device) for k in ("tokens", "doc_ids", "loss_mask"))
+    x_t, masked, t, positions = (v.to(rt.device) for v in noise)
     inputs = nbdiff_model_inputs(
         x_t,
         x0,
         block_size=block_size,
         kind=cfg.curriculum.mask_kind,
         doc_ids=doc_ids,
-        backend=rt.cfg.model.resolved_attention_backend(),
+        backend=cfg.model.resolved_attention_backend(),
+        cp_layout=rt.cp_layout,
     )
-    return _MicroBatch(x0, x_t, masked, t_token, doc_ids, loss_mask, inputs)
+    return _MicroBatch(x0, masked, t, doc_ids, loss_mask, positions, inputs)
 
 
 def _micro_batches(rt: _Runtime, step: int, block_size: int) -> list[_MicroBatch]:
+    """This DP rank's micro-batches of `step` (the CP ranks of a DP rank get the same ones)."""
     loop = rt.cfg.train
-    per_rank = loop.global_batch_size // rt.dp
-    # The data position: samples consumed before this run (from the checkpoint) plus this run's steps,
-    # so that a resume with another global batch size still continues where the data stopped.
-    consumed = rt.consumed_at_start + (step - rt.start_step) * loop.global_batch_size
-    first = consumed + rt.dp_rank * per_rank
-    out = []
-    for mb in range(per_rank // loop.micro_batch_size):
-        start = first + mb * loop.micro_batch_size
-        batch = _collate(rt.dataset, range(start, start + loop.micro_batch_size), rt.device)
-        out.append(_noised(rt, batch, step, mb, block_size))
-    return out
+    count = loop.global_batch_size // rt.dp // loop.micro_batch_size
+    return [_micro_batch(rt, next(rt.batches), step, mb, block_size) for mb in range(count)]
 
 
 def _global_denominators(rt: _Runtime, mbs: list[_MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss tokens and AR targets of the global batch: full micro-batches, summed over DP ranks only
+    (the CP ranks of a DP rank hold the same micro-batches)."""
     from megatron.core import parallel_state as ps
 
     from nbdiff_megatron.method.losses import loss_token_counts
@@ -375,31 +448,41 @@ def _loss_func(
     *,
     ar_weight: float,
     token_shift: bool,
+    block_size: int,
+    cp_layout: Any,
+    validate: bool,
     denominators: tuple[torch.Tensor, torch.Tensor],
     scale: float,
     poison: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from nbdiff_megatron.method.losses import nbdiff_loss
+    from nbdiff_megatron.model.context_parallel import cp_local_loss
 
-    terms = nbdiff_loss(
-        output,
-        mb.x0,
-        mb.masked,
-        mb.t,
+    common: dict[str, Any] = dict(
         ar_weight=ar_weight,
         token_shift=token_shift,
         loss_mask=mb.loss_mask,
         doc_ids=mb.doc_ids,
         mdm_denominator=denominators[0],
         ar_denominator=denominators[1],
-        validate=False,
+        validate=validate,
     )
+    if cp_layout is None:
+        # block_size and positions only feed the spec checks (a masked block start under shift).
+        terms = nbdiff_loss(
+            output, mb.x0, mb.masked, mb.t, block_size=block_size, positions=mb.positions, **common
+        )
+    else:
+        # This CP rank's logit rows; the CP ranks' totals sum to the micro-batch's share.
+        terms = cp_local_loss(output, mb.x0, mb.masked, mb.t, cp_layout, **common)
     total = terms.total
     if poison:  # NBDIFF_FAULT_NAN_STEPS drill: a real NaN through the loss and the gradients
         total = total * float("nan")
+    # A copy (stack): megatron's schedule scales the returned loss in place (x cp / micro-batches).
     reported = torch.stack([total.detach(), terms.mdm.detach(), terms.ar.detach()]).float()
-    # megatron divides by the number of micro-batches and DDP averages over DP ranks; the terms are
-    # already exact shares of the global loss, so undo both.
+    # megatron divides by the number of micro-batches (and multiplies by the CP size) and DDP averages
+    # over DP x CP ranks; the terms are already exact shares of the global loss, so undo the division
+    # by micro-batches and DP ranks (the x cp and the average over CP ranks cancel).
     return total * scale, {"terms": reported}
 
 
@@ -419,16 +502,32 @@ def _reduce_terms(rt: _Runtime, losses: list[dict[str, torch.Tensor]]) -> torch.
     for item in losses:
         terms += item["terms"].to(rt.device)
     if dist.is_initialized():
-        if rt.dp > 1:
-            dist.all_reduce(terms, group=ps.get_data_parallel_group())
+        if rt.dp * rt.cfg.parallel.cp > 1:
+            # The DP ranks hold other micro-batches, the CP ranks other rows of the same ones.
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+            dist.all_reduce(terms, group=group)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             # Only the last stage computed the loss; the others hold zeros.
             dist.all_reduce(terms, group=ps.get_pipeline_model_parallel_group())
     return terms
 
 
-def _scale_grads(optimizer: Any, max_norm: float, grad_norm: float) -> None:
-    """Megatron's clipping formula, on CPU tensors (its own asserts CUDA tensors)."""
+def _clip_grads(optimizer: Any, max_norm: float, grad_norm: float, on_cuda: bool) -> None:
+    """Megatron's clipping with the global norm already computed (as ChainedOptimizer.step does)."""
+    if on_cuda:
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+            if params:
+                decoupled = getattr(
+                    opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
+                )
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm, grad_norm, use_decoupled_grad=decoupled
+                )
+        return
+    # The same formula on CPU tensors (megatron's asserts CUDA tensors).
     coeff = max_norm / (grad_norm + 1.0e-6)
     if coeff < 1.0:
         for param in optimizer.get_parameters():
@@ -441,47 +540,52 @@ def _set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-def _optimizer_step(rt: _Runtime, on_cuda: bool) -> tuple[float | None, bool]:
-    """Clip and step, unless the gradients are not finite; returns (grad norm, stepped).
+def _optimizer_step(rt: _Runtime, on_cuda: bool) -> tuple[float, bool]:
+    """Clip and step unless the global gradient norm is not finite; returns (grad norm, stepped).
 
-    The steps of megatron's `optimizer.step()`, spelled out so that a non-finite gradient norm skips
-    the update (bf16 has no loss scaler to catch it) and so that CPU runs can clip.
+    megatron-core's `optimizer.step()` checks for NaN/inf only with a loss scaler (fp16): in fp32 and
+    bf16 it would apply a NaN gradient. So its steps are spelled out here -- prepare_grads, the global
+    norm (all-reduced, identical on every rank), clip, step_with_ready_grads -- and the update is
+    skipped on every rank alike when the norm is not finite.
     """
     from nbdiff_megatron.model import cpu_compat
 
     opt = rt.optimizer
-    if opt.prepare_grads():  # found inf/nan (fp16 loss scaling)
-        return None, False
+    if opt.prepare_grads():  # fp16 loss scaling found inf/nan (and lowered the scale)
+        return float("inf"), False
     with cpu_compat.cuda_to_cpu():
         grad_norm = float(opt.get_grad_norm())
     if not math.isfinite(grad_norm):
         return grad_norm, False
     clip = rt.cfg.optimizer.clip_grad
     if clip > 0 and grad_norm > clip:
-        if on_cuda:
-            opt.clip_grad_norm(clip)  # distributed-optimizer aware
-        else:
-            _scale_grads(opt, clip, grad_norm)
+        _clip_grads(opt, clip, grad_norm, on_cuda)
     return grad_norm, bool(opt.step_with_ready_grads())
 
 
 def _train_step(
     rt: _Runtime, step: int, fwd_bwd: Callable, on_cuda: bool
-) -> tuple[torch.Tensor, float | None, bool]:
+) -> tuple[torch.Tensor, float | None]:
+    """Forward, backward and (when loss and gradients are finite) the update of `step`.
+
+    Returns the global [total, mdm, ar] and the gradient norm (None when the loss was not finite: the
+    gradients are not even looked at).
+    """
     from nbdiff_megatron.model import cpu_compat
 
     cfg = rt.cfg
     block_size = block_size_of(cfg, step)
-    ar_weight = ar_weight_of(cfg, step)
     _set_lr(rt.optimizer, lr_of(cfg, step))
     rt.model.zero_grad_buffer()
     rt.optimizer.zero_grad()
     mbs = _micro_batches(rt, step, block_size)
-    denominators = _global_denominators(rt, mbs)
     loss_kwargs = dict(
-        ar_weight=ar_weight,
+        ar_weight=ar_weight_of(cfg, step),
         token_shift=cfg.loss.token_shift,
-        denominators=denominators,
+        block_size=block_size,
+        cp_layout=rt.cp_layout,
+        validate=cfg.loss.validate,
+        denominators=_global_denominators(rt, mbs),
         scale=float(len(mbs) * rt.dp),
         poison=(step + 1) in faults.nan_drill_steps(),
     )
@@ -491,17 +595,17 @@ def _train_step(
             data_iterator=iter(mbs),
             model=[rt.model],
             num_microbatches=len(mbs),
-            seq_length=2 * cfg.seq_length(),
+            seq_length=2 * cfg.seq_length(),  # the full 2L: megatron divides by cp itself
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False,
         )
     terms = _reduce_terms(rt, losses)
-    finite = bool(torch.isfinite(terms).all())
-    grad_norm = None
-    if finite:
-        # A non-finite gradient under a finite loss is skipped like a non-finite loss.
-        grad_norm, finite = _optimizer_step(rt, on_cuda)
-    return terms, grad_norm, finite
+    if not bool(torch.isfinite(terms).all()):
+        return terms, None
+    if (step + 1) in faults.nan_grad_drill_steps():
+        faults.poison_one_gradient(rt.model)
+    grad_norm, _ = _optimizer_step(rt, on_cuda)
+    return terms, grad_norm
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -520,6 +624,7 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nbdiff_megatron.model.builder import build_model
+    from nbdiff_megatron.model.context_parallel import ContextParallelLayout
 
     on_cuda = torch.cuda.is_available()
     precision = _resolve_precision(cfg)
@@ -572,6 +677,9 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
                 f"checkpoint {resumed_from} is at step {start_step}, past train.steps="
                 f"{cfg.train.steps}; raise --train.steps to continue training"
             )
+    if cfg.parallel.cp > 1:
+        rt.cp_layout = ContextParallelLayout.current(cfg.seq_length())
+    rt.batches = _data_iterator(rt)
 
     metrics_path, tb_dir = _paths(cfg)
     logger = RunLogger(
@@ -605,12 +713,12 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     try:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
-            terms, grad_norm, finite = _train_step(rt, step, fwd_bwd, on_cuda)
+            terms, grad_norm = _train_step(rt, step, fwd_bwd, on_cuda)
             if on_cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
-            ok = guard.check(step + 1, loss if finite else float("nan"))
+            ok = guard.check(step + 1, loss, grad_norm)
             tokens_per_s = cfg.tokens_per_step() / max(elapsed, 1e-9)
             record = StepRecord(
                 step=step + 1,
@@ -722,7 +830,7 @@ def _farewell(
     logger.info(
         f"done: {result.final_step} steps; loss {first['loss']:.4f} -> {last['loss']:.4f}"
         + (
-            f"; {result.skipped_steps} step(s) skipped (non-finite loss)"
+            f"; {result.skipped_steps} step(s) skipped (non-finite loss or gradients)"
             if result.skipped_steps
             else ""
         )

@@ -187,3 +187,14 @@ def test_dataloader_resumes_exactly(splits):
         "doc_ids": (2, L),
         "loss_mask": (2, L),
     }
+
+
+def test_dataloader_leaves_the_global_rng_alone(splits):
+    # A resumed run restores the global RNG (dropout) and then builds its loader: iterating the
+    # loader must not shift that RNG, or the resumed steps would differ from an uninterrupted run.
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    loader = iter(build_dataloader(splits[0], micro_batch_size=2, cyclic=True))
+    next(loader)
+    assert torch.equal(torch.rand(4), expected)

@@ -31,6 +31,7 @@ BASE_OVERRIDES = [
     "--optimizer.lr=3e-3",
     "--logging.log_interval=1",
     "--logging.progress_bar=false",
+    "--loss.validate=true",  # the loss's spec checks run in every test step
 ]
 
 

@@ -119,12 +119,49 @@ def test_overrides_are_typed_and_nested() -> None:
         (["--train.steps=100", "--train.token_budget=307K"], r"token_budget says 307K"),
         (["--schedule.decay_steps=1000"], r"exceed train\.steps"),
         (["--checkpoint.finetune=true"], r"--checkpoint\.load"),
+        (["--noise.skew=1.5"], r"noise\.skew must lie in \[0, 1\]"),
+        (
+            ["--parallel.cp=3"],
+            r"model\.seq_length=64 does not fit parallel\.cp=3.*divisible by 6",
+        ),
         (["train.steps"], r"has no value"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(overrides: list[str], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         load_config(TINY, overrides)
+
+
+def test_context_parallel_layouts_validate() -> None:
+    cfg = load_config(TINY, ["--parallel.cp=2", "--parallel.tp=2"])
+    assert check_world_size(cfg, 8) == 2  # world = tp * pp * cp * dp
+    phase2 = load_config(REPO / "examples" / "phase2_32k.yaml")
+    par = phase2.parallel
+    assert par.cp == 4 and phase2.seq_length() % (2 * par.cp) == 0
+    assert check_world_size(phase2, par.tp * par.pp * par.cp * par.dp) == par.dp
+
+
+def test_lr_of_the_first_and_the_last_step() -> None:
+    from nbdiff_megatron.training.loop import lr_of
+
+    sched = ["--train.steps=10", "--optimizer.lr=1e-3", "--optimizer.min_lr=1e-4"]
+    wsd = load_config(TINY, [*sched, "--schedule.warmup_steps=4", "--schedule.decay_steps=3"])
+    # Step 1 (0-based 0) already trains at peak / warmup; the peak at step 4; min_lr at the last step.
+    assert lr_of(wsd, 0) == pytest.approx(2.5e-4)
+    assert lr_of(wsd, 3) == pytest.approx(1e-3) and lr_of(wsd, 6) == pytest.approx(1e-3)
+    assert lr_of(wsd, 9) == pytest.approx(1e-4)
+    cosine = load_config(
+        TINY,
+        [
+            *sched,
+            "--schedule.style=cosine",
+            "--schedule.warmup_steps=0",
+            "--schedule.decay_steps=0",
+        ],
+    )
+    assert lr_of(cosine, 0) < 1e-3 and lr_of(cosine, 9) == pytest.approx(1e-4)
+    flat = load_config(TINY, [*sched, "--schedule.warmup_steps=0", "--schedule.decay_steps=0"])
+    assert lr_of(flat, 0) == lr_of(flat, 9) == pytest.approx(1e-3)
 
 
 def test_world_size_is_checked_against_the_layout() -> None:

@@ -110,6 +110,45 @@ def test_nonfinite_steps_are_skipped_then_the_run_halts(
         train_in_process(corpus_prefix, "--train.steps=6", "--faults.max_consecutive_nonfinite=3")
 
 
+def _checkpoint_tensors(path: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Model weights and optimizer moments of a torch_dist checkpoint, read without megatron."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(path), str(out))
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def test_a_nan_gradient_under_a_finite_loss_is_never_applied(
+    corpus_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NBDIFF_FAULT_NAN_GRAD_STEPS", "2")
+    save = tmp_path / "run"
+    result = train_in_process(
+        corpus_prefix,
+        "--train.steps=3",
+        f"--checkpoint.save={save}",
+        "--checkpoint.save_interval=1",
+        "--checkpoint.keep_last=3",
+    )
+    step2 = result.history[1]
+    assert math.isfinite(step2["loss"]) and step2["grad_norm_raw"] == "nan"
+    assert step2["skipped"] and result.skipped_steps == 1
+    assert not result.history[0]["skipped"] and not result.history[2]["skipped"]
+    after1 = _checkpoint_tensors(save / "iter_0000001", tmp_path / "1.pt")
+    after2 = _checkpoint_tensors(save / "iter_0000002", tmp_path / "2.pt")
+    after3 = _checkpoint_tensors(save / "iter_0000003", tmp_path / "3.pt")
+    assert any(k.startswith("optimizer.state.exp_avg.") for k in after2)
+    # Weights and Adam moments untouched by step 2; step 3 trains again (and they all stay finite).
+    assert after1.keys() == after2.keys()
+    for key, value in after1.items():
+        assert torch.equal(value, after2[key]), key
+    assert not torch.equal(
+        after3["embedding.word_embeddings.weight"], after2["embedding.word_embeddings.weight"]
+    )
+    assert all(bool(torch.isfinite(v).all()) for v in after3.values() if v.is_floating_point())
+
+
 def test_nonfinite_guard_counts_consecutive_steps() -> None:
     guard = NonFiniteGuard(2)
     assert guard.check(1, 1.0) and not guard.check(2, float("inf"))

@@ -1,6 +1,8 @@
-"""2 ranks under torchrun (gloo): DP=2, TP=2, PP=2 through the CLI; TP/PP match 1 rank; resharded resume.
+"""2 ranks under torchrun (gloo): DP=2, TP=2, PP=2, CP=2 through the CLI; TP/PP/CP match 1 rank;
+resharded resume.
 
-TP=2 starts from the 1-rank weights by construction (megatron initialises full weights, then splits them);
+TP=2 starts from the 1-rank weights by construction (megatron initialises full weights, then splits them),
+CP=2 too (its ranks hold whole replicas, seeded alike);
 PP=2 does not (each stage draws its own layers), so the PP comparison starts both runs from a 1-rank
 checkpoint loaded with --checkpoint.finetune=true (weights only, resharded to the PP layout).
 """
@@ -31,6 +33,12 @@ def start_point(corpus_prefix: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
+def from_scratch(corpus_prefix: str) -> list[dict]:
+    """The 1-rank reference from the initial weights: 9 steps."""
+    return train_in_process(corpus_prefix, *COMPARE, "--train.steps=9").history
+
+
+@pytest.fixture(scope="module")
 def one_rank(corpus_prefix: str, start_point: str, tmp_path_factory: pytest.TempPathFactory):
     """The 1-rank reference: 3 steps from the start point."""
     save = tmp_path_factory.mktemp("one") / "run"
@@ -54,64 +62,76 @@ def _assert_match(records: list[dict], reference: list[dict], what: str) -> None
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), (what, mine["step"])
 
 
-def test_tp2_trains_like_one_rank_and_resumes_on_one_rank(
-    corpus_prefix: str, tmp_path: Path
-) -> None:
-    reference = train_in_process(corpus_prefix, *COMPARE, "--train.steps=9").history
-    save = tmp_path / "tp2"
-    run_cli(
-        corpus_prefix,
+def _two_ranks(prefix: str, tmp_path: Path, layout: str, *extra: str) -> tuple[Path, list[dict]]:
+    """`nbdiff train` on 2 ranks (torchrun, gloo); checks the announced layout.
+
+    Returns the save directory and the metrics records.
+    """
+    name = layout.replace(" ", "")
+    save = tmp_path / name
+    launched = run_cli(
+        prefix,
         *COMPARE,
-        "--parallel.tp=2",
-        "--train.steps=8",
+        *extra,
         f"--checkpoint.save={save}",
-        log=tmp_path / "tp2.log",
+        log=tmp_path / f"{name}.log",
         nproc=2,
     )
-    records = read_metrics(save / "metrics.jsonl")
-    # megatron initialises the full weights then splits them: TP=2 starts from the 1-rank weights.
-    _assert_match(records, reference, "tp=2")
+    assert f"layout: {layout} = 2 processes" in launched.output()
+    return save, read_metrics(save / "metrics.jsonl")
+
+
+def _assert_learns(records: list[dict]) -> None:
     losses = [r["loss"] for r in records]
     assert all(math.isfinite(x) for x in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2  # it learns
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+
+
+def test_tp2_trains_like_one_rank_and_resumes_on_one_rank(
+    corpus_prefix: str, from_scratch: list[dict], tmp_path: Path
+) -> None:
+    layout = "tp 2 x pp 1 x cp 1 x dp 1"
+    save, records = _two_ranks(
+        corpus_prefix, tmp_path, layout, "--parallel.tp=2", "--train.steps=8"
+    )
+    # megatron initialises the full weights then splits them: TP=2 starts from the 1-rank weights.
+    _assert_match(records, from_scratch, "tp=2")
+    _assert_learns(records)
     # The TP=2 checkpoint (model + optimizer, resharded) resumes on 1 rank: step 9 matches.
     resumed = train_in_process(
         corpus_prefix, *COMPARE, "--train.steps=9", f"--checkpoint.load={save}"
     )
     assert [r["step"] for r in resumed.history] == [9]
-    _assert_match(resumed.history, reference[8:], "tp=2 -> 1 rank")
+    _assert_match(resumed.history, from_scratch[8:], "tp=2 -> 1 rank")
 
 
 def test_pp2_matches_one_rank(
     corpus_prefix: str, start_point: str, one_rank: list[dict], tmp_path: Path
 ) -> None:
-    save = tmp_path / "pp2"
-    run_cli(
+    _, records = _two_ranks(
         corpus_prefix,
-        *COMPARE,
+        tmp_path,
+        "tp 1 x pp 2 x cp 1 x dp 1",
         "--parallel.pp=2",
         "--train.steps=3",
-        f"--checkpoint.save={save}",
         f"--checkpoint.load={start_point}",
         "--checkpoint.finetune=true",
-        log=tmp_path / "pp2.log",
-        nproc=2,
     )
-    _assert_match(read_metrics(save / "metrics.jsonl"), one_rank, "pp=2")
+    _assert_match(records, one_rank, "pp=2")
+
+
+def test_cp2_trains_like_one_rank(
+    corpus_prefix: str, from_scratch: list[dict], tmp_path: Path
+) -> None:
+    # Packed documents (some samples cross a document end), token shift, B = 2 over L = 32: the
+    # zigzag chunks of 8 tokens cut through blocks and documents.
+    layout = "tp 1 x pp 1 x cp 2 x dp 1"
+    _, records = _two_ranks(corpus_prefix, tmp_path, layout, "--parallel.cp=2", "--train.steps=3")
+    _assert_match(records, from_scratch, "cp=2")
 
 
 def test_data_parallel_two_ranks_learns(corpus_prefix: str, tmp_path: Path) -> None:
-    save = tmp_path / "run"
-    launched = run_cli(
-        corpus_prefix,
-        *COMPARE,
-        "--parallel.dp=2",
-        "--train.steps=8",
-        f"--checkpoint.save={save}",
-        log=tmp_path / "run.log",
-        nproc=2,
-    )
-    assert "tp 1 x pp 1 x cp 1 x dp 2 = 2 processes" in launched.output()
-    losses = [r["loss"] for r in read_metrics(save / "metrics.jsonl")]
-    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    layout = "tp 1 x pp 1 x cp 1 x dp 2"
+    _, records = _two_ranks(corpus_prefix, tmp_path, layout, "--parallel.dp=2", "--train.steps=8")
+    assert len(records) == 8
+    _assert_learns(records)

@@ -6,6 +6,9 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+import torch
+
 from nbdiff_megatron.training import checkpointing
 from nbdiff_megatron.training.logging import read_metrics
 
@@ -47,6 +50,37 @@ def test_sigkill_then_resume_gives_the_same_curve(corpus_prefix: str, tmp_path: 
     assert [r["step"] for r in resumed.history] == [4, 5, 6, 7, 8]
     # Bit-identical on CPU in fp32: weights, optimizer, data position, dropout RNG and noise all resume.
     assert _curve(read_metrics(save / "metrics.jsonl")) == _curve(reference.history)
+
+
+def test_a_resumed_run_replays_the_data_and_the_noise(
+    corpus_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(step, DP rank, micro-batch) -> the micro-batch's tokens and noise, across a resume."""
+    from nbdiff_megatron.training import loop
+
+    seen: dict[tuple, tuple] = {}
+    draw = loop.noise_micro_batch
+
+    def recording(cfg, x0, doc_ids, loss_mask, **where):
+        noise = draw(cfg, x0, doc_ids, loss_mask, **where)
+        key = (where["step"], where["dp_rank"], where["micro_batch"])
+        seen[key] = (x0.clone(), noise.masked.clone(), noise.t.clone())
+        return noise
+
+    monkeypatch.setattr(loop, "noise_micro_batch", recording)
+    save = tmp_path / "run"
+    train_in_process(corpus_prefix, *RUN[1:], "--train.steps=5", f"--checkpoint.save={save}")
+    uninterrupted, seen = seen, {}
+    resumed = train_in_process(
+        corpus_prefix, *RUN[1:], "--train.steps=5", f"--checkpoint.load={save / 'iter_0000003'}"
+    )
+    assert [r["step"] for r in resumed.history] == [4, 5]
+    assert sorted(seen) == [(3, 0, 0), (3, 0, 1), (4, 0, 0), (4, 0, 1)]
+    for key, (x0, masked, t) in seen.items():
+        ref_x0, ref_masked, ref_t = uninterrupted[key]
+        assert torch.equal(x0, ref_x0) and torch.equal(masked, ref_masked), key
+        assert torch.equal(t, ref_t), key
+    assert any(masked.any() for _, masked, _ in seen.values())  # B = 4 there: real noise
 
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(
