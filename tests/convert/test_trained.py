@@ -47,12 +47,6 @@ def test_trained_checkpoint_exports_and_reloads(tmp_path, one_rank):
     proc = subprocess.run([sys.executable, "-m", "nbdiff_megatron.cli", "train", "--config",
                            str(tmp_path / "train.yaml")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and "module.decoder.layers" in proc.stderr:
-        pytest.xfail(
-            "nbdiff train cannot load converted checkpoints yet: training/checkpointing._unwrap "
-            "does not unwrap megatron's DistributedDataParallel (it has sharded_state_dict), so "
-            "training expects 'module.'-prefixed keys"
-        )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     summary = mcore_to_hf(tmp_path / "run", tmp_path / "export", show_progress=False)
