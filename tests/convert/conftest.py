@@ -61,21 +61,6 @@ def read_metadata(mcore_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def one_rank():
-    """megatron-core parallel_state with TP = PP = 1 on a 1-process gloo group."""
-    from megatron.core import parallel_state
-
-    from nbdiff_megatron.model.parallel import initialize_parallel
-
-    torch.set_num_threads(1)
-    if not (parallel_state.model_parallel_is_initialized()
-            and parallel_state.get_tensor_model_parallel_world_size() == 1
-            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
-        initialize_parallel(1, 1, 1, seed=1234)
-    yield
-
-
-@pytest.fixture(scope="session")
 def converted(tmp_path_factory, one_rank):
     """kind -> (hf_dir, mcore_dir, hf model): each tiny model converted once per session (fp32)."""
     from nbdiff_megatron.convert import hf_to_mcore

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,8 +10,9 @@ import torch
 import yaml
 
 from nbdiff_megatron.convert import hf_to_mcore, mcore_to_hf
+from tests.launch import clean_env
 
-from .conftest import ROOT, build_hf_model, hf_logits
+from .conftest import build_hf_model, hf_logits
 
 pytest.importorskip("nbdiff_megatron.training.loop", reason="the training loop is not there yet")
 
@@ -41,11 +41,8 @@ def test_trained_checkpoint_exports_and_reloads(tmp_path, one_rank):
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     # This process's 1-rank group set MASTER_PORT & co.; the child must start its own.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "nbdiff_megatron.cli", "train", "--config",
-                           str(tmp_path / "train.yaml")], cwd=tmp_path, env=env,
+                           str(tmp_path / "train.yaml")], cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

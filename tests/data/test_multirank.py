@@ -1,10 +1,6 @@
 """Two gloo ranks build the same datasets (rank 0 fills megatron's cache first) and split them."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,41 +8,19 @@ import pytest
 from nbdiff_megatron.data.bundled import bundled_tokenizer_path
 from nbdiff_megatron.data.config import DataConfig
 from nbdiff_megatron.data.datasets import build_datasets
+from tests.launch import run_torchrun
 
 SCRIPT = Path(__file__).with_name("multirank_data_check.py")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multirank
 def test_two_data_parallel_ranks_share_the_global_order(small_prefix, tokenizer, tmp_path):
     cache = tmp_path / "cache"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(SCRIPT),
-        "--prefix",
-        small_prefix,
-        "--cache",
-        str(cache),
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    run_torchrun(
+        [SCRIPT, "--prefix", small_prefix, "--cache", cache, "--out", tmp_path],
+        nproc=2,
+        timeout=240,
+    )
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
 
     cfg = DataConfig(

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,7 @@ from nbdiff_megatron.model.context_parallel import (
     local_rows_mask_mod,
     shard_model_inputs,
 )
-from nbdiff_megatron.model.parallel import free_port
+from tests.launch import output_tail, run_torchrun
 
 from .conftest import tiny_config
 
@@ -266,32 +264,12 @@ def test_cp_local_loss_checks_shapes():
 
 # ------------------------------------------------------------------------------- multi-rank
 SCRIPT = Path(__file__).with_name("cp_multirank_check.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _launch(mode: str, nproc: int, out: Path) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        str(SCRIPT),
-        "--mode",
-        mode,
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_torchrun([SCRIPT, "--mode", mode, "--out", out], nproc=nproc, timeout=240)
     results = [json.loads(path.read_text()) for path in sorted(out.glob("result_*.json"))]
-    detail = f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, detail
-    assert len(results) == nproc, detail
+    assert len(results) == nproc, output_tail(proc)
     return results
 
 

@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from nbdiff_megatron.model.parallel import free_port
+from tests.launch import output_tail, run_torchrun
 
 SCRIPT = Path(__file__).with_name("multirank_check.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("mode", ["tp", "pp"])
 def test_two_ranks_match_one_rank(mode, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(SCRIPT), "--mode", mode, "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_torchrun([SCRIPT, "--mode", mode, "--out", tmp_path], nproc=2, timeout=240)
     results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result_*.json"))]
-    detail = f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, detail
-    assert len(results) == 2, detail
+    assert len(results) == 2, output_tail(proc)
     for result in results:
         assert result["ok"], result
         assert result["max_grad_diff"] <= 1e-5

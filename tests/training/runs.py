@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch import DIST_VARS, REPO, clean_env, torchrun_command
+
 PYTHON = sys.executable
 TINY = str(REPO / "examples" / "tiny_cpu.yaml")
 
@@ -46,45 +47,23 @@ def train_in_process(prefix: str, *extra: str):
     from nbdiff_megatron.training.config import load_config
     from nbdiff_megatron.training.loop import train
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in DIST_VARS:
         os.environ.pop(name, None)
     cfg = load_config(TINY, tiny_overrides(prefix, *extra))
     try:
         return train(cfg)
     finally:
         destroy_parallel()
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        for name in DIST_VARS:
             os.environ.pop(name, None)
-
-
-def _env(extra_env: dict[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    env.update(extra_env or {})
-    return env
 
 
 def cli_command(prefix: str, *extra: str, nproc: int = 1) -> list[str]:
     """`nbdiff train` (under torchrun when nproc > 1) with the tiny config."""
-    from nbdiff_megatron.model.parallel import free_port
-
     args = ["-m", "nbdiff_megatron.cli", "train", "--config", TINY, *tiny_overrides(prefix, *extra)]
     if nproc == 1:
         return [PYTHON, *args]
-    return [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        *args,
-    ]
+    return torchrun_command(args, nproc=nproc)
 
 
 class Launched:
@@ -98,7 +77,7 @@ class Launched:
             cwd=REPO,
             stdout=self._file,
             stderr=subprocess.STDOUT,
-            env=_env(env),
+            env=clean_env({"PYTHONUNBUFFERED": "1", **(env or {})}),
             start_new_session=True,
         )
 
