@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nbdiff_megatron.method.masks import document_positions
 from nbdiff_megatron.method.noise import block_layout
 
 __all__ = ["LossTerms", "loss_token_counts", "nbdiff_loss"]
@@ -86,16 +87,6 @@ def _as_doc_ids(doc_ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor
             f"got {list(doc_ids.shape)}"
         )
     return doc_ids
-
-
-def _positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """LongTensor [b, L]: each token's position inside its document (restarts at a new doc id)."""
-    batch, seq_len = doc_ids.shape
-    j = torch.arange(seq_len, device=doc_ids.device).expand(batch, seq_len)
-    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start = torch.where(new_doc, j, torch.zeros_like(j))
-    return j - torch.cummax(start, dim=1).values
 
 
 def _ar_targets(loss_mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
@@ -270,7 +261,7 @@ def nbdiff_loss(
                 )
             if block_size is not None:
                 if positions is None and docs is not None:
-                    positions = _positions_from_doc_ids(docs)
+                    positions = document_positions(docs)
                 starts = block_layout(
                     batch, seq_len, block_size=block_size, positions=positions, device=x0.device
                 ).is_start
