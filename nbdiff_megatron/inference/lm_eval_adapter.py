@@ -313,6 +313,8 @@ def evaluate(
 
     # lm-eval asks `git describe` for the commit of the working directory and lets git print
     # "fatal: not a git repository" outside one; ask the same question quietly.
+    import lm_eval.evaluator  # lm_eval loads it lazily
+
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _quiet_git_hash):
         return lm_eval.simple_evaluate(
             model=lm,
