@@ -816,6 +816,8 @@ def _save(rt: _Runtime, cfg: TrainConfig, step: int, logger: RunLogger) -> Path:
             "consumed_samples": rt.consumed_at_start
             + (step - rt.start_step) * cfg.train.global_batch_size,
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
+            # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
+            "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
     )
