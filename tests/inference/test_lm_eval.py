@@ -107,4 +107,6 @@ def test_eval_results_are_valid_json_with_configs_as_a_mapping() -> None:
     text = json.dumps(jsonable(record), allow_nan=False)
     back = json.loads(text)
     assert back["configs"]["t"]["num_fewshot"] == 0 and back["configs"]["t"]["tags"] == ["a"]
-    assert back["results"]["t"]["stderr"] is None and "len" in back["configs"]["t"]["process_results"]
+    assert (
+        back["results"]["t"]["stderr"] is None and "len" in back["configs"]["t"]["process_results"]
+    )
