@@ -157,9 +157,27 @@ def _train(cfg: Any, label: str) -> Any:
 
 
 def _rank() -> int:
+    """This process's global rank (torchrun's RANK before the process group exists)."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _prepare_bundled(out: Path, documents: int) -> str:
+    """The bundled corpus as an indexed dataset: rank 0 writes it, other ranks wait for it."""
+    from nbdiff_megatron.data.bundled import prepare_bundled_corpus
+
+    ready = out / "data" / "READY"
+    if _rank() == 0:
+        prefix = prepare_bundled_corpus(str(out / "data"), max_documents=documents)
+        ready.write_text(prefix)
+        return prefix
+    deadline = time.monotonic() + 600
+    while not ready.is_file():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"rank 0 did not prepare the bundled corpus in {out / 'data'}")
+        time.sleep(0.5)
+    return ready.read_text()
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -445,12 +463,12 @@ def run(args: argparse.Namespace) -> int:
     extra = list(getattr(args, "overrides", None) or [])
     config = args.config
     if config is None:
-        from nbdiff_megatron.data.bundled import bundled_tokenizer_path, prepare_bundled_corpus
+        from nbdiff_megatron.data.bundled import bundled_tokenizer_path
 
         config = str(EXAMPLE)
-        prefix = out / "data" / "bundled"
-        if _rank() == 0 or not os.environ.get("WORLD_SIZE"):
-            prefix = prepare_bundled_corpus(str(out / "data"), max_documents=args.documents)
+        if _rank() == 0:
+            (out / "data" / "READY").unlink(missing_ok=True)
+        prefix = _prepare_bundled(out, args.documents)
         extra = [
             f"--data.data_path=[{prefix}]",
             f"--data.tokenizer_model={bundled_tokenizer_path()}",
