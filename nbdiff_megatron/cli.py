@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nbdiff_megatron.inference.lm_eval_adapter", "evaluate with lm-evaluation-harness"),
     "show-mask": ("nbdiff_megatron.plots", "draw the 2L x 2L training mask as a PNG"),
     "show-curriculum": ("nbdiff_megatron.plots", "plot B(s), lambda(s) and the LR of a config"),
+    "ablate": ("nbdiff_megatron.ablation", "the paper's Table 2 ablation: 5 variants, one command"),
 }
 
 
