@@ -1,13 +1,14 @@
 """The NBDiff training loop on megatron-core.
 
-One optimizer step s:
+One optimizer step k (k = 1..train.steps, the number the logs, the metrics file and the checkpoint
+iter_k show; `method/curriculum.py` states this convention):
 
-1. The curriculum gives the block size B(s) and the AR weight λ(s), and `lr_at` the learning rate: all
-   functions of s only, so every rank agrees without communication.
+1. The curriculum gives the block size B(k) and the AR weight λ(k), and `lr_at(k)` the learning rate:
+   all functions of k only, so every rank agrees without communication.
 2. Each data-parallel rank takes its micro-batches of the global batch from `data.loader`'s
    deterministic sampler, which starts at the consumed-samples count of the checkpoint (exact resume);
    the CP ranks of a DP rank get the same micro-batches.
-3. For every micro-batch, t and x_t are drawn on the CPU from a generator seeded by (seed, s, DP rank,
+3. For every micro-batch, t and x_t are drawn on the CPU from a generator seeded by (seed, k, DP rank,
    micro-batch) (`noise_micro_batch`): a resumed run replays the same noise, and all TP/PP/CP ranks of
    a DP rank draw the same.
 4. The loss denominators (loss tokens, AR targets) are summed over micro-batches and DP ranks BEFORE the
@@ -43,7 +44,7 @@ from nbdiff_megatron.errors import ConfigError, DataError
 from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training import checkpointing, faults
-from nbdiff_megatron.training.config import TrainConfig, check_world_size, dump_config
+from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import (
     RunLogger,
     StepRecord,
@@ -66,6 +67,8 @@ class TrainResult:
     """SIGTERM / SIGUSR1 when the run was preempted (a checkpoint was saved)."""
     skipped_steps: int = 0
     """Steps skipped because the loss or the gradient norm was not finite."""
+    num_params: int = 0
+    """Parameters of the whole model, counted once (the same at any parallel layout)."""
 
 
 # ----------------------------------------------------------------------------------- curriculum
@@ -87,17 +90,28 @@ def curriculum_of(cfg: TrainConfig) -> Curriculum:
 
 
 def block_size_of(cfg: TrainConfig, step: int) -> int:
-    """B(s), eq. 3."""
+    """B(k) of step k (1-based, as logged), eq. 3: B_target first trains at the step the config's
+    growth says (`Curriculum.growth_end_step`). The annealed-mask baseline trains at B_target from
+    step 1 (it anneals the mask instead, `anneal_progress_of`)."""
+    if cfg.curriculum.mask_kind == "annealed":
+        return cfg.curriculum.target_block_size
     return curriculum_of(cfg).block_size(step)
 
 
+def anneal_progress_of(cfg: TrainConfig, step: int) -> float | None:
+    """Progress of the annealed mask at step k (`Curriculum.anneal_progress`); None for other kinds."""
+    if cfg.curriculum.mask_kind != "annealed":
+        return None
+    return curriculum_of(cfg).anneal_progress(step)
+
+
 def ar_weight_of(cfg: TrainConfig, step: int) -> float:
-    """λ(s): annealed with the block size (NBDIFF.md §5 co-schedules)."""
+    """λ(k) of step k: annealed with the block size (NBDIFF.md §5 co-schedules)."""
     return curriculum_of(cfg).ar_weight(step)
 
 
 def lr_of(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of the 0-based step s: `lr_at(s + 1)` (ScheduleConfig explains why)."""
+    """Learning rate of step k (1-based, as logged): `lr_at(k)` (ScheduleConfig explains why)."""
     sch = cfg.schedule
     schedule = LRSchedule(
         peak=cfg.optimizer.lr,
@@ -108,7 +122,7 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
         style=sch.style,
         decay_shape=sch.decay_shape,
     )
-    return schedule.at(step + 1)
+    return schedule.at(step)
 
 
 def noise_seed(seed: int, step: int, dp_rank: int, micro_batch: int) -> int:
@@ -159,7 +173,7 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
     from nbdiff_megatron.model.parallel import initialize_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = check_world_size(cfg, world)
+    dp = check_launch(cfg, world, torch.cuda.is_available())
     par = cfg.parallel
     initialize_parallel(par.tp, par.pp, par.cp, seed=cfg.train.seed)
     return world, dp
@@ -273,18 +287,27 @@ def _data_iterator(rt: _Runtime) -> Iterator[dict[str, torch.Tensor]]:
         consumed_samples=rt.consumed_at_start,
         data_parallel_rank=rt.dp_rank,
         data_parallel_size=rt.dp,
+        num_workers=rt.cfg.data.num_workers,
         cyclic=True,
     )
     return iter(loader)
 
 
 def _count_params(model: Any) -> int:
-    """Parameters of the whole model (all TP/PP shards), counted once."""
+    """Parameters of the whole model (all TP/PP shards), counted once: the same at any layout.
+
+    Summed over the TP x PP ranks; TP-replicated parameters (norms) count on TP rank 0 only, and a
+    tied output layer -- a copy of the word embeddings that megatron-core keeps on the last pipeline
+    stage when pp > 1 (`shared_embedding`) -- counts once, with the embeddings of the first stage.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+    first_stage = ps.is_pipeline_first_stage(ignore_virtual=True)
     local = 0
     for p in model.parameters():
+        if getattr(p, "shared_embedding", False) and not first_stage:
+            continue
         if ps.get_tensor_model_parallel_rank() == 0 or param_is_not_tensor_parallel_duplicate(p):
             local += p.numel()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
@@ -305,9 +328,14 @@ class Noise(NamedTuple):
     masked: torch.Tensor
     """True where x_t holds [MASK]."""
     t: torch.Tensor
-    """Per-token diffusion time t (the L_MDM weight is 1/t)."""
+    """Per-token masking probability: the L_MDM weight of a masked token is 1 / t. It is the diffusion
+    time t of the token's block (or sequence) under uniform masking and the position-dependent
+    probability p_q otherwise (an unbiased eq. 5); where a token cannot be masked (p = 0: a block start
+    under token shift) it holds its block's t, never read by the loss."""
     positions: torch.Tensor
     """Each token's position inside its document (blocks are counted from document starts)."""
+    annealed_draw: torch.Tensor | None = None
+    """mask_kind annealed: the mask's random decisions [b, L, B] (`method.masks.annealed_draw`)."""
 
 
 def noise_micro_batch(
@@ -334,7 +362,7 @@ def noise_micro_batch(
     stays clean too (a [MASK] there would only be noise in the x_t context of no loss token). The random
     draws are made for every position first, so the noise of the loss tokens does not depend on it.
     """
-    from nbdiff_megatron.method.masks import training_position_ids
+    from nbdiff_megatron.method.masks import annealed_draw, training_position_ids
     from nbdiff_megatron.method.noise import block_layout, mask_tokens, per_token_t, sample_t
 
     x0, doc_ids, loss_mask = x0.cpu(), doc_ids.cpu(), loss_mask.cpu()
@@ -353,7 +381,7 @@ def noise_micro_batch(
         antithetic=cfg.noise.antithetic,
         generator=gen,
     )
-    _, masked = mask_tokens(
+    _, masked, probability = mask_tokens(
         x0,
         t,
         block_size=block_size,
@@ -363,11 +391,20 @@ def noise_micro_batch(
         token_shift=cfg.loss.token_shift,
         generator=gen,
         positions=positions,
+        return_probability=True,
     )
     masked = masked & loss_mask
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
     t_token = per_token_t(t, seq_len=length, block_size=block_size, positions=positions)
-    return Noise(x_t, masked, t_token, positions)
+    # Weight each masked token by 1 / its own masking probability: E[masked / p] = 1 at every position,
+    # so position-dependent masking keeps L_MDM an unbiased bound (1 / t would not).
+    t_token = torch.where(probability > 0, probability.to(t_token.dtype), t_token)
+    draw = None
+    progress = anneal_progress_of(cfg, step)
+    if progress is not None:
+        # Drawn after the token masks, from the same generator: TP/PP/CP ranks agree, resumes replay.
+        draw = annealed_draw(batch, length, block_size, progress, generator=gen)
+    return Noise(x_t, masked, t_token, positions, draw)
 
 
 @dataclass
@@ -402,7 +439,9 @@ def _micro_batch(
         mask_id=rt.mask_id,
     )
     x0, doc_ids, loss_mask = (batch[k].to(rt.device) for k in ("tokens", "doc_ids", "loss_mask"))
-    x_t, masked, t, positions = (v.to(rt.device) for v in noise)
+    # Multi-turn SFT samples carry turn ids (data/sft.py): no token sees past the end of its turn.
+    turn_ids = batch["turn_ids"].to(rt.device) if "turn_ids" in batch else None
+    x_t, masked, t, positions = (v.to(rt.device) for v in noise[:4])
     inputs = nbdiff_model_inputs(
         x_t,
         x0,
@@ -411,6 +450,8 @@ def _micro_batch(
         doc_ids=doc_ids,
         backend=cfg.model.resolved_attention_backend(),
         cp_layout=rt.cp_layout,
+        turn_ids=turn_ids,
+        annealed_draw=noise.annealed_draw,
     )
     return _MicroBatch(x0, masked, t, doc_ids, loss_mask, positions, inputs)
 
@@ -587,7 +628,7 @@ def _train_step(
         validate=cfg.loss.validate,
         denominators=_global_denominators(rt, mbs),
         scale=float(len(mbs) * rt.dp),
-        poison=(step + 1) in faults.nan_drill_steps(),
+        poison=step in faults.nan_drill_steps(),
     )
     with cpu_compat.cuda_to_cpu():
         losses = fwd_bwd(
@@ -602,7 +643,7 @@ def _train_step(
     terms = _reduce_terms(rt, losses)
     if not bool(torch.isfinite(terms).all()):
         return terms, None
-    if (step + 1) in faults.nan_grad_drill_steps():
+    if step in faults.nan_grad_drill_steps():
         faults.poison_one_gradient(rt.model)
     grad_norm, _ = _optimizer_step(rt, on_cuda)
     return terms, grad_norm
@@ -618,8 +659,34 @@ def _paths(cfg: TrainConfig) -> tuple[str | None, str | None]:
     return metrics, tb
 
 
-def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
-    """Run (or resume) training as configured; all ranks call it. Returns a TrainResult."""
+def keep_aside(path: str | Path) -> Path | None:
+    """Rename a non-empty file to `<stem>.before-<UTC time><suffix>` so a new start cannot clobber it.
+
+    Returns the new name, or None when there was nothing to keep.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.before-{stamp}-{n}{path.suffix}")
+    os.replace(path, target)
+    return target
+
+
+def train(
+    cfg: TrainConfig, *, label: str = "train", resume_command: str | None = None
+) -> TrainResult:
+    """Run (or resume) training as configured; all ranks call it. Returns a TrainResult.
+
+    How the run starts follows the one resume rule (`checkpointing.plan_start`): a save directory
+    that holds this run's checkpoints is continued, whatever checkpoint.load / finetune say.
+    `resume_command` is the command line that started the run (printed when a signal stops it: the
+    same command continues the run).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -627,8 +694,8 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     from nbdiff_megatron.model.context_parallel import ContextParallelLayout
 
     on_cuda = torch.cuda.is_available()
+    world, dp = _init_distributed(cfg)  # checks the launch first: all its problems at once
     precision = _resolve_precision(cfg)
-    world, dp = _init_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
 
@@ -664,8 +731,11 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     start_step = 0
     ck = cfg.checkpoint
     resumed_from = None
-    if ck.load:
-        info = checkpointing.load_checkpoint(ck.load, [model], optimizer, weights_only=ck.finetune)
+    plan = checkpointing.plan_start(ck.save, ck.load, ck.finetune)
+    if plan.path is not None:
+        info = checkpointing.load_checkpoint(
+            plan.path, [model], optimizer, weights_only=plan.weights_only
+        )
         start_step = int(info["step"])
         resumed_from = info["loaded_from"]
         rt.start_step = start_step
@@ -682,6 +752,10 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     rt.batches = _data_iterator(rt)
 
     metrics_path, tb_dir = _paths(cfg)
+    kept_aside = None
+    if rank == 0 and metrics_path and not plan.same_run:
+        # Rule 3: the metrics of an earlier start (with no checkpoint to continue) are kept.
+        kept_aside = keep_aside(metrics_path)
     logger = RunLogger(
         enabled=rank == 0,
         total_steps=cfg.train.steps,
@@ -695,7 +769,10 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     if rank == 0 and ck.save:
         Path(ck.save).mkdir(parents=True, exist_ok=True)
         (Path(ck.save) / "config.yaml").write_text(dump_config(cfg))
-    _announce(logger, cfg, rt, precision, start_step, resumed_from)
+    _announce(logger, cfg, rt, precision, start_step, plan.note)
+    if kept_aside:
+        logger.info(f"  kept the metrics of an earlier start as {kept_aside}")
+    _report_sft(logger, cfg, dataset)
 
     peak = cfg.logging.peak_tflops or guess_peak_tflops()
     flops = model_flops_per_step(
@@ -708,20 +785,21 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     fwd_bwd = get_forward_backward_func()
     guard = faults.NonFiniteGuard(cfg.faults.max_consecutive_nonfinite)
     handler = faults.PreemptionHandler().install() if cfg.faults.save_on_signal else None
-    result = TrainResult(final_step=start_step)
-    last_saved = start_step if resumed_from and not ck.finetune else None
+    result = TrainResult(final_step=start_step, num_params=num_params)
+    last_saved = start_step if plan.mode in ("continue", "resume") else None
     try:
-        for step in range(start_step, cfg.train.steps):
+        # `step` is k = 1..train.steps: B, λ, LR, noise seed, log line and checkpoint of step k.
+        for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             terms, grad_norm = _train_step(rt, step, fwd_bwd, on_cuda)
             if on_cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
-            ok = guard.check(step + 1, loss, grad_norm)
+            ok = guard.check(step, loss, grad_norm)
             tokens_per_s = cfg.tokens_per_step() / max(elapsed, 1e-9)
             record = StepRecord(
-                step=step + 1,
+                step=step,
                 loss=loss,
                 mdm=float(terms[1]),
                 ar=float(terms[2]),
@@ -730,34 +808,40 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
                 lr=lr_of(cfg, step),
                 grad_norm=grad_norm,
                 skipped=not ok,
+                mask_kind=cfg.curriculum.mask_kind,
+                anneal_progress=anneal_progress_of(cfg, step),
                 step_time=elapsed,
                 tokens_per_s=tokens_per_s,
                 mfu=(flops / elapsed / (world * peak * 1e12)) if peak else None,
             )
             logger.log_step(record)
             result.history.append(record.to_json())
-            result.final_step = step + 1
+            result.final_step = step
             result.skipped_steps = guard.total_skipped
-            faults.maybe_kill_after_step(step + 1)
+            faults.maybe_kill_after_step(step)
 
-            done = step + 1 == cfg.train.steps
+            done = step == cfg.train.steps
             preempted = handler is not None and faults.any_rank_true(handler.received is not None)
-            due = ck.save and ((step + 1) % ck.save_interval == 0 or done or preempted)
+            due = ck.save and (step % ck.save_interval == 0 or done or preempted)
             if due:
-                result.checkpoint = str(_save(rt, cfg, step + 1, logger))
-                last_saved = step + 1
+                result.checkpoint = str(_save(rt, cfg, step, logger))
+                last_saved = step
             if preempted:
                 result.stopped_by_signal = handler.received or "signal"
                 logger.info(
                     f"received {result.stopped_by_signal}: "
                     + (
-                        f"checkpoint saved at step {step + 1} ({result.checkpoint}); "
+                        f"checkpoint saved at step {step} ({result.checkpoint}); "
                         if ck.save
                         else "no checkpoint.save configured, nothing saved; "
                     )
-                    + "exiting cleanly. Resume with --checkpoint.load="
-                    + (ck.save or "<dir>")
+                    + "exiting cleanly."
                 )
+                if ck.save:
+                    logger.info(
+                        "resume with the same command (it continues from the newest checkpoint "
+                        f"in {ck.save}): {resume_command or 'nbdiff train ... (unchanged)'}"
+                    )
                 break
         if ck.save and last_saved != result.final_step and result.final_step > start_step:
             result.checkpoint = str(_save(rt, cfg, result.final_step, logger))
@@ -782,6 +866,8 @@ def _save(rt: _Runtime, cfg: TrainConfig, step: int, logger: RunLogger) -> Path:
             "consumed_samples": rt.consumed_at_start
             + (step - rt.start_step) * cfg.train.global_batch_size,
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
+            # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
+            "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
     )
@@ -795,12 +881,13 @@ def _announce(
     rt: _Runtime,
     precision: str,
     start: int,
-    resumed: str | None,
+    how: str,
 ) -> None:
     par = cfg.parallel
     m = cfg.model
     lines = [
-        f"nbdiff train: {rt.num_params / 1e6:.2f}M parameters ({m.num_layers} layers, hidden "
+        f"nbdiff train: {rt.num_params / 1e6:.2f}M parameters ({rt.num_params:,}; "
+        f"{m.num_layers} layers, hidden "
         f"{m.hidden_size}, vocab {m.vocab_size}), L = {cfg.seq_length()} (forward on 2L = "
         f"{2 * cfg.seq_length()}), {precision} on {rt.device.type}",
         f"  layout: tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {rt.dp} = {rt.world} processes; "
@@ -814,11 +901,49 @@ def _announce(
         f"  steps {start} -> {cfg.train.steps}, {cfg.tokens_per_step():,} tokens/step, "
         f"{cfg.token_budget():,} tokens in all",
     ]
-    if resumed:
-        how = "weights only (finetune)" if cfg.checkpoint.finetune else "full state"
-        lines.append(f"  loaded {resumed}: {how}")
+    lines.append(f"  {how}")
     for line in lines:
         logger.info(line)
+
+
+def closing_summary(history: list[dict[str, Any]], final_step: int, total_steps: int) -> str:
+    """The 'done' line: steps run by this start vs the run's total, and a like-with-like loss change.
+
+    The loss is compared between the first and the last step at the LAST step's block size: losses at
+    different block sizes (B = 1 is plain AR, B = 32 masks whole blocks) are not comparable.
+    """
+    ran = len(history)
+    first_step = int(history[0]["step"])
+    span = f"steps {first_step}-{final_step}" if ran > 1 else f"step {final_step}"
+    text = (
+        f"done: {ran} step{'s' if ran != 1 else ''} this start ({span}), {final_step}/{total_steps}"
+    )
+    block = history[-1].get("block_size")
+    same = [r for r in history if r.get("block_size") == block]
+    if len(same) >= 2:
+        a, b = same[0], same[-1]
+        text += (
+            f"; loss at B={block}: {a['loss']:.4f} (step {a['step']}) -> {b['loss']:.4f} "
+            f"(step {b['step']})"
+        )
+    else:
+        text += f"; loss {history[-1]['loss']:.4f} at B={block}"
+    return text
+
+
+def _report_sft(logger: RunLogger, cfg: TrainConfig, dataset: Any) -> None:
+    """SFT accounting: conversations kept, truncated and dropped (by reason), never silent."""
+    stats = getattr(dataset, "stats", None)
+    if stats is None:
+        return
+    for line in f"SFT data: {stats.format()}".splitlines():
+        logger.info(f"  {line}")
+    too_long = sum(n for reason, n in stats.skipped.items() if "model.seq_length" in reason)
+    if too_long and cfg.data.sft_overflow == "drop":
+        logger.info(
+            f"  {too_long} conversations were longer than model.seq_length={cfg.seq_length()}: "
+            "raise it, or keep their first exchanges with --data.sft_overflow=truncate_turns"
+        )
 
 
 def _farewell(
@@ -826,9 +951,8 @@ def _farewell(
 ) -> None:
     if not logger.enabled or not result.history:
         return
-    first, last = result.history[0], result.history[-1]
     logger.info(
-        f"done: {result.final_step} steps; loss {first['loss']:.4f} -> {last['loss']:.4f}"
+        closing_summary(result.history, result.final_step, cfg.train.steps)
         + (
             f"; {result.skipped_steps} step(s) skipped (non-finite loss or gradients)"
             if result.skipped_steps

@@ -146,10 +146,10 @@ def test_lr_of_the_first_and_the_last_step() -> None:
 
     sched = ["--train.steps=10", "--optimizer.lr=1e-3", "--optimizer.min_lr=1e-4"]
     wsd = load_config(TINY, [*sched, "--schedule.warmup_steps=4", "--schedule.decay_steps=3"])
-    # Step 1 (0-based 0) already trains at peak / warmup; the peak at step 4; min_lr at the last step.
-    assert lr_of(wsd, 0) == pytest.approx(2.5e-4)
-    assert lr_of(wsd, 3) == pytest.approx(1e-3) and lr_of(wsd, 6) == pytest.approx(1e-3)
-    assert lr_of(wsd, 9) == pytest.approx(1e-4)
+    # Step 1 (steps count from 1, as logged) already trains at peak / warmup; the peak at step 4; min_lr at the last step.
+    assert lr_of(wsd, 1) == pytest.approx(2.5e-4)
+    assert lr_of(wsd, 4) == pytest.approx(1e-3) and lr_of(wsd, 7) == pytest.approx(1e-3)
+    assert lr_of(wsd, 10) == pytest.approx(1e-4)
     cosine = load_config(
         TINY,
         [
@@ -159,9 +159,9 @@ def test_lr_of_the_first_and_the_last_step() -> None:
             "--schedule.decay_steps=0",
         ],
     )
-    assert lr_of(cosine, 0) < 1e-3 and lr_of(cosine, 9) == pytest.approx(1e-4)
+    assert lr_of(cosine, 1) < 1e-3 and lr_of(cosine, 10) == pytest.approx(1e-4)
     flat = load_config(TINY, [*sched, "--schedule.warmup_steps=0", "--schedule.decay_steps=0"])
-    assert lr_of(flat, 0) == lr_of(flat, 9) == pytest.approx(1e-3)
+    assert lr_of(flat, 1) == lr_of(flat, 10) == pytest.approx(1e-3)
 
 
 def test_world_size_is_checked_against_the_layout() -> None:
@@ -214,3 +214,63 @@ def test_cli_prints_config_errors_without_a_traceback() -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "steps: 120" in good.stdout
+
+
+def test_every_config_problem_is_reported_in_one_message() -> None:
+    with pytest.raises(ConfigError) as typed:
+        load_config(
+            TINY, ["--optimzer.lr=1", "--train.steps=ten", "--curriculum.mask_kind=context"]
+        )
+    message = str(typed.value)
+    assert "3 problems" in message
+    assert "Did you mean 'optimizer'" in message and "train.steps: expected an integer" in message
+    assert "Did you mean 'context_causal'" in message
+    with pytest.raises(ConfigError) as invalid:
+        load_config(
+            TINY,
+            [
+                "--parallel.tp=3",
+                "--noise.skew=1.5",
+                "--schedule.decay_steps=1000",
+                "--checkpoint.finetune=true",
+            ],
+        )
+    message = str(invalid.value)
+    assert "4 problems" in message
+    for needle in ("tensor parallel size 3", "noise.skew", "exceed train.steps", "checkpoint.load"):
+        assert needle in message
+
+
+def test_launch_problems_are_reported_together() -> None:
+    from nbdiff_megatron.training.config import check_launch
+
+    cluster = load_config(REPO / "examples" / "ablation_8k.yaml")
+    with pytest.raises(ConfigError) as launch:
+        check_launch(cluster, 8, on_cuda=False)
+    message = str(launch.value)
+    assert "3 problems" in message
+    assert "parallel.dp=64 but 8 processes" in message and "--parallel.dp=4" in message
+    assert "train.precision=bf16 needs a GPU" in message and "attention_backend='flex'" in message
+    assert check_launch(cluster, 128, on_cuda=True) == 64
+
+
+def test_only_rank_zero_prints_a_user_error() -> None:
+    import subprocess
+    import sys
+
+    from tests.launch import clean_env
+
+    cmd = [sys.executable, "-m", "nbdiff_megatron.cli", "train", "--config", str(TINY)]
+    runs = {
+        rank: subprocess.run(
+            [*cmd, "--train.stpes=3"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=clean_env({"RANK": rank, "WORLD_SIZE": "2"}),
+        )
+        for rank in ("0", "1")
+    }
+    assert runs["0"].returncode == runs["1"].returncode == 2
+    assert runs["0"].stderr.count("Did you mean 'steps'") == 1
+    assert runs["1"].stderr == "" and runs["1"].stdout == ""
