@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch alone, e.g. --index-url of PyTorch's CPU wheel index (see README).
+TORCH_PIP_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -24,9 +26,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch is installed first and pinned: an unpinned torch pulls the CUDA build and several GB.
+# torch is installed first and pinned, so nothing upgrades it; it is the CPU build only where pip finds a CPU
+# wheel (this machine's local wheel, or PyTorch's CPU index through TORCH_PIP_ARGS): PyPI's is the CUDA build.
 $(STAMP): $(PY) pyproject.toml setup.py
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -40,7 +43,7 @@ $(STAMP312): pyproject.toml setup.py
 	rm -rf $(VENV312)
 	$(PYTHON312) -m venv $(VENV312)
 	$(PY312) -m pip install -q --upgrade pip
-	$(PY312) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY312) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(PY312) -m pip install -q "$(MCORE312)" -e ".[dev]"
 	touch $(STAMP312)
 
