@@ -180,3 +180,26 @@ def test_tensor_parallel_two_ranks_equal_one_rank():
 
     proc = run_torchrun([Path(__file__).with_name("tp_linear_loss_check.py")], timeout=180)
     assert "sp=True grad_weight" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cuda_matches_the_reference():
+    """On the GPU in bf16 (the training dtype): values and gradients within bf16 rounding."""
+    x0, masked, t, doc_ids, loss_mask = _batch(21, token_shift=True)
+    args = [x.cuda() if x is not None else None for x in (x0, masked, t, doc_ids, loss_mask)]
+    x0, masked, t, doc_ids, loss_mask = args
+    kwargs = dict(ar_weight=0.5, token_shift=True, loss_mask=loss_mask, doc_ids=doc_ids)
+    h64, w64 = _leaves(22)
+    results = {}
+    for name in ("reference", "fused"):
+        h = h64.detach().to("cuda", torch.bfloat16).requires_grad_()
+        w = w64.detach().to("cuda", torch.bfloat16).requires_grad_()
+        if name == "reference":
+            terms = nbdiff_loss(h @ w.t(), x0, masked, t, **kwargs)
+        else:
+            terms = nbdiff_linear_loss(h, w, x0, masked, t, **kwargs)
+        terms.total.backward()
+        results[name] = (terms.total.float(), h.grad.float(), w.grad.float())
+    for a, b in zip(results["fused"], results["reference"], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * max(1.0, float(b.abs().max())))
