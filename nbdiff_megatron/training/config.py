@@ -142,7 +142,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Learning-rate schedule (`method.schedules.lr_at`).
 
-    Step k as logged (k = 1..train.steps; the 0-based loop step s = k - 1) trains with `lr_at(k)`,
+    Step k (k = 1..train.steps, the one step numbering of method/curriculum.py) trains with `lr_at(k)`,
     Megatron-style (its scheduler has advanced once per finished step): with warm-up the first step
     already moves (peak / warmup_steps), the peak is reached at step warmup_steps, and the last step
     runs at min_lr when the schedule cools down (wsd with decay_steps > 0, cosine).
