@@ -252,11 +252,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.set_defaults(megatron_ignored=[], megatron_refused=[])
     for flag, (nargs, why) in MEGATRON_NO_EFFECT_FLAGS.items():
         group.add_argument(
-            flag, dest="megatron_ignored", action=_MegatronFlag, nargs=nargs, help=f"ignored: {why}"
+            flag,
+            dest="megatron_ignored",
+            action=_MegatronFlag,
+            nargs=nargs,
+            metavar="VALUE",
+            help=f"ignored: {why}",
         )
     for flag, why in MEGATRON_REFUSED_FLAGS.items():
         group.add_argument(
-            flag, dest="megatron_refused", action=_MegatronFlag, nargs="*", help=f"refused: {why}"
+            flag,
+            dest="megatron_refused",
+            action=_MegatronFlag,
+            nargs="*",
+            metavar="VALUE",
+            help=f"refused: {why}",
         )
 
 
