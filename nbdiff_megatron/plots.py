@@ -174,12 +174,13 @@ def _add_show_curriculum(parser: argparse.ArgumentParser) -> None:
 
 
 def curriculum_series(cfg, max_points: int = 4000) -> dict[str, list]:
-    """B(s), λ(s) and LR(s) of a training config, at up to ``max_points`` steps (every step if fewer)."""
+    """B(k), λ(k) and LR(k) of a training config at up to ``max_points`` steps k = 1..train.steps
+    (every step if fewer; steps are numbered as the logs number them, method/curriculum.py)."""
     from nbdiff_megatron.training.loop import ar_weight_of, block_size_of, lr_of
 
     total = cfg.train.steps
     stride = max(1, -(-total // max_points))
-    steps = sorted(set(range(0, total, stride)) | {total - 1})
+    steps = sorted(set(range(1, total + 1, stride)) | {total})
     return {
         "step": steps,
         "block_size": [block_size_of(cfg, s) for s in steps],

@@ -61,6 +61,6 @@ def test_show_curriculum_series_follows_the_overrides():
         "examples/ablation_8k.yaml", ["--curriculum.growth_interval=100", "--train.steps=1000"]
     )
     series = curriculum_series(cfg)
-    assert series["step"] == list(range(1000))
-    assert series["block_size"][:101:100] == [1, 2]
+    assert series["step"] == list(range(1, 1001))  # steps k = 1..train.steps, as logged
+    assert series["block_size"][98:100] == [1, 2]  # B = 2 from step 100 = growth_interval
     assert all(a <= b for a, b in zip(series["block_size"], series["block_size"][1:]))

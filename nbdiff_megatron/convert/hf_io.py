@@ -28,6 +28,19 @@ TOKENIZER_FILES = (
 TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def open_safetensors(path: Path) -> Any:
+    """safe_open(path), or one ConversionError naming the file when it is truncated or corrupt."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
+        raise ConversionError(
+            f"{path} is not a readable safetensors file ({exc}): it is truncated or corrupt; copy "
+            "or export the model again"
+        ) from None
+
+
 class HFCheckpoint:
     """An HF model folder: its config.json and lazily readable safetensors tensors."""
 
@@ -59,9 +72,7 @@ class HFCheckpoint:
             return dict(mapping)
         single = self.path / SINGLE_FILE
         if single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as handle:
+            with open_safetensors(single) as handle:
                 return {name: SINGLE_FILE for name in handle.keys()}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise ConversionError(
@@ -72,9 +83,7 @@ class HFCheckpoint:
 
     def _handle(self, filename: str) -> Any:
         if filename not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[filename] = safe_open(str(self.path / filename), framework="pt")
+            self._handles[filename] = open_safetensors(self.path / filename)
         return self._handles[filename]
 
     def names(self) -> list[str]:

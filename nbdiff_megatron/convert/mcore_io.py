@@ -161,6 +161,9 @@ class CheckpointReader:
                 f"cannot read the tensor index of {ckpt} ({type(exc).__name__}: {exc}); is it a "
                 "megatron-core torch_dist checkpoint?"
             ) from exc
+        damaged = damaged_shard_files(ckpt, self._metadata)
+        if damaged:
+            raise ConversionError(truncated_message(damaged))
         self.tensors = {key: md for key, md in self._metadata.state_dict_metadata.items()
                         if hasattr(md, "chunks")}
 
@@ -202,6 +205,32 @@ class CheckpointReader:
             )
         self._reader.read_data(LoadPlan(items), _RegionPlanner(dest)).wait()
         return dest
+
+
+def damaged_shard_files(ckpt: Path, metadata: Any = None) -> list[Path]:
+    """Shard files of a torch_dist checkpoint that are missing or shorter than its index says
+    (a save that did not finish, an incomplete copy); [] when the index itself is unreadable."""
+    try:
+        if metadata is None:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            metadata = FileSystemReader(str(ckpt)).read_metadata()
+        storage = metadata.storage_data
+    except Exception:
+        return []
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    return [Path(ckpt) / name for name, end in sorted(needed.items())
+            if not (Path(ckpt) / name).is_file() or (Path(ckpt) / name).stat().st_size < end]
+
+
+def truncated_message(damaged: list[Path]) -> str:
+    """One message naming the first damaged file and the fix."""
+    more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+    return (f"checkpoint file {damaged[0]} is truncated or missing{more}: the save did not finish "
+            "or the copy is incomplete; copy the checkpoint again or use an earlier one")
 
 
 class _RegionPlanner:

@@ -8,6 +8,8 @@ Every sample is a dict of three tensors of length L (the model's sequence length
   starts a new document and the EOD belongs to the document it ends. The model uses them so that
   attention never crosses documents and position ids restart per document (NBDIFF.md §3).
 - `loss_mask` BoolTensor[L]: False on padding (and, for SFT, on everything but the responses).
+- SFT samples only: `turn_ids` LongTensor[L], +1 right after each response inside a conversation;
+  the training mask lets no token see a later turn (data/sft.py, method/masks.py).
 
 megatron-core's GPTDataset draws `sequence_length + 1` tokens per sample (its tokens/labels pair
 overlaps by one); we keep the first L of them as x_0, exactly the tokens megatron calls `tokens`.

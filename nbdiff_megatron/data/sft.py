@@ -11,7 +11,10 @@ Formatting, either
   covers, for each assistant message, the text the template adds after the generation prompt.
 
 Conversations are packed into sequences of exactly L tokens by best-fit decreasing (packing.py);
-each conversation is one document (its own doc id; attention never crosses it). The rest of a
+each conversation is one document (its own doc id; attention never crosses it). Each token also gets
+a turn id (`turn_ids_from_loss_mask`): 0 from the conversation's start, +1 right after the end of each
+response; the training mask lets no token see a later turn (method/masks.py), so a masked token of a
+response never sees the next user turn, which inference never has either (NBDIFF.md §3). The rest of a
 sequence is padding: token `pad`, loss off, one more document id. A conversation longer than L is
 dropped (`sft_truncation: drop`) or cut to L tokens (`truncate`; kept only if a response token
 survives). Every conversation that is not used is counted by reason in `SFTStats`.
@@ -277,19 +280,32 @@ def tokenize_conversations(
     return out
 
 
+def turn_ids_from_loss_mask(loss_mask: np.ndarray) -> np.ndarray:
+    """Turn id of every token of one conversation: the number of responses ended before it.
+
+    A response is a run of loss tokens; the token right after its last one starts the next turn.
+    """
+    mask = np.asarray(loss_mask, dtype=bool)
+    ends = mask.copy()
+    ends[:-1] &= ~mask[1:]  # a loss token whose successor is not a loss token (or the last token)
+    return np.cumsum(ends) - ends
+
+
 def pack_conversations(
     items: list[tuple[np.ndarray, np.ndarray]],
     seq_length: int,
     pad: int,
     backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Pack (ids, mask) items into [num_sequences, seq_length] tokens / doc_ids / loss_mask."""
+    """Pack (ids, mask) items into [num_sequences, seq_length] tokens / doc_ids / loss_mask /
+    turn_ids (padding: turn 0 of its own document)."""
     lengths = np.fromiter((len(ids) for ids, _ in items), dtype=np.int64, count=len(items))
     packing = pack_best_fit_decreasing(lengths, seq_length, backend=backend)
     n = packing.num_bins
     tokens = np.full((n, seq_length), pad, dtype=np.int64)
     doc_ids = np.zeros((n, seq_length), dtype=np.int64)
     loss_mask = np.zeros((n, seq_length), dtype=bool)
+    turn_ids = np.zeros((n, seq_length), dtype=np.int64)
     for b in range(n):
         pos = 0
         members = packing.bin(b)
@@ -299,12 +315,14 @@ def pack_conversations(
             tokens[b, pos:end] = ids
             doc_ids[b, pos:end] = doc
             loss_mask[b, pos:end] = mask
+            turn_ids[b, pos:end] = turn_ids_from_loss_mask(mask)
             pos = end
         doc_ids[b, pos:] = len(members)  # padding is one more document, loss off
     return {
         "tokens": torch.from_numpy(tokens),
         "doc_ids": torch.from_numpy(doc_ids),
         "loss_mask": torch.from_numpy(loss_mask),
+        "turn_ids": torch.from_numpy(turn_ids),
     }
 
 

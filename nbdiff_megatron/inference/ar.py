@@ -23,7 +23,7 @@ from nbdiff_megatron.inference.decoder import (
     prompt_lists,
     setup_decoder,
 )
-from nbdiff_megatron.inference.unmasking import propose_tokens
+from nbdiff_megatron.inference.unmasking import propose_tokens, row_generators
 
 
 class ARDecoder:
@@ -51,11 +51,13 @@ class ARDecoder:
         *,
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
+        row_ids: Sequence[int] | None = None,
         **overrides: Any,
     ) -> DecodeOutput:
         """Decode every prompt; `callback(step, new_tokens_per_row)` runs after each token.
 
         `stop(row, generated_ids)` is asked after each token of a running row; True stops it there.
+        `row_ids` name the prompts for the sampling seed, as in `BlockDecoder.generate`.
         """
         config = replace(self.config, **overrides) if overrides else self.config
         began = time.perf_counter()
@@ -80,10 +82,10 @@ class ARDecoder:
         for i, p in enumerate(prompts):
             tokens[i, width - len(p) : width] = torch.tensor(p)
         cache = runner.new_cache(columns) if config.use_cache else None
-        generator = None
-        if config.seed is not None:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(config.seed)
+        row_ids = list(range(batch)) if row_ids is None else list(row_ids)
+        if len(row_ids) != batch:
+            raise InferenceError(f"row_ids has {len(row_ids)} entries for {batch} prompts")
+        generator = row_generators(config.seed, row_ids)
         stats = DecodeStats(prefill_tokens=sum(len(p) for p in prompts))
         nfe_start = runner.forward_passes
 
@@ -113,7 +115,7 @@ class ARDecoder:
                 last = last.index_fill(
                     -1, torch.tensor([self.mask_id], device=device), float("-inf")
                 )
-            next_tokens, _ = propose_tokens(last, config.sampling, generator)
+            next_tokens, _ = propose_tokens(last, config.sampling, generator, active)
             tokens[:, column] = torch.where(active, next_tokens, self.pad_id)
             new_tokens: list[list[int]] = [[] for _ in range(batch)]
             for i in range(batch):

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from nbdiff_megatron.errors import InferenceError
+from nbdiff_megatron.inference.decoder import BLOCK_ALIGNS
+from nbdiff_megatron.inference.unmasking import UNMASKING_RULES
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,21 +37,44 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="refine each block in sub-blocks of this size (e.g. 8 for 32 = 4 x 8)",
     )
     g.add_argument(
+        "--block-align",
+        default=None,
+        choices=BLOCK_ALIGNS,
+        help="where blocks start: document (multiples of B from the prompt's first token, as our "
+        "packing trains) or prompt (right after the prompt, as the NBDiff release decodes); default: "
+        "as the checkpoint was trained",
+    )
+    g.add_argument(
         "--unmasking",
-        default="confidence",
-        choices=("confidence", "margin", "entropy", "topk"),
-        help="which masked tokens to commit per step (default: confidence)",
+        default=None,
+        choices=UNMASKING_RULES,
+        help="which masked tokens to commit per step (default: confidence; static with "
+        "--steps-per-block)",
     )
     g.add_argument(
         "--threshold",
         type=float,
-        default=0.9,
-        help="confidence/margin: unmask above it; entropy: below it (default 0.9)",
+        default=None,
+        help="confidence/margin/dynamic: unmask above it (default 0.9); entropy: below it (nats); "
+        "entropy_bounded: the entropy budget of a step (nats)",
     )
     g.add_argument("--tokens-per-step", type=int, default=1, help="k of the topk rule")
+    g.add_argument(
+        "--steps-per-block",
+        type=int,
+        default=None,
+        help="static / dynamic rules: refinement steps per block (static: B/S tokens per step by "
+        "confidence; dynamic: the threshold, at least that many per step)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed (each prompt draws from its own stream: the same output in any batch)",
+    )
     shift = g.add_mutually_exclusive_group()
     shift.add_argument(
         "--token-shift",
@@ -130,23 +155,58 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def unmasking_from_args(args: argparse.Namespace) -> Any:
+    """UnmaskingConfig of --unmasking / --threshold / --tokens-per-step / --steps-per-block."""
+    from nbdiff_megatron.inference.unmasking import UnmaskingConfig
+
+    steps = getattr(args, "steps_per_block", None)
+    rule = args.unmasking or ("static" if steps is not None else "confidence")
+    if steps is not None and rule not in ("static", "dynamic"):
+        raise InferenceError(
+            f"--steps-per-block applies to --unmasking static or dynamic, not {rule!r}"
+        )
+    default_threshold = {"entropy": 1.0, "entropy_bounded": 1.0}.get(rule, 0.9)
+    threshold = default_threshold if args.threshold is None else args.threshold
+    return UnmaskingConfig(rule, threshold, args.tokens_per_step, steps)
+
+
+def resolve_block_size(args: argparse.Namespace, loaded: Any) -> int:
+    """--block-size (validated), else the checkpoint's; warns when larger than trained."""
+    if args.block_size is None:
+        return int(loaded.block_size)
+    if args.block_size < 1:
+        raise InferenceError(
+            f"--block-size must be an integer >= 1, got {args.block_size} (omit it to use the "
+            f"checkpoint's block size {loaded.block_size})"
+        )
+    if args.block_size > loaded.block_size:
+        print(
+            f"warning: --block-size {args.block_size} is larger than the block size the model was "
+            f"trained for ({loaded.block_size}); expect worse text",
+            file=sys.stderr,
+        )
+    return int(args.block_size)
+
+
 def build_decoder(args: argparse.Namespace, loaded: Any, max_new_tokens: int) -> Any:
     """BlockDecoder (or ARDecoder with --ar) from the command-line options and the loaded model."""
     from nbdiff_megatron.inference.ar import ARDecoder
     from nbdiff_megatron.inference.decoder import BlockDecoder, DecodeConfig
-    from nbdiff_megatron.inference.unmasking import SamplingConfig, UnmaskingConfig
+    from nbdiff_megatron.inference.unmasking import SamplingConfig
 
     try:
+        block_size = 1 if args.ar else resolve_block_size(args, loaded)
         config = DecodeConfig(
-            block_size=args.block_size or loaded.block_size,
-            sub_block_size=args.sub_block_size,
+            block_size=block_size,
+            sub_block_size=None if args.ar else args.sub_block_size,
             max_new_tokens=max_new_tokens,
             token_shift=loaded.token_shift if args.token_shift is None else args.token_shift,
-            unmasking=UnmaskingConfig(args.unmasking, args.threshold, args.tokens_per_step),
-            sampling=SamplingConfig(args.temperature, args.top_p),
+            unmasking=unmasking_from_args(args),
+            sampling=SamplingConfig(args.temperature, args.top_p, args.top_k),
             use_cache=not args.no_cache,
             seed=args.seed,
             mask_kind=getattr(loaded, "mask_kind", "context_causal"),
+            block_align=args.block_align or getattr(loaded, "block_align", "document"),
         )
     except ValueError as exc:
         raise InferenceError(str(exc)) from exc
@@ -174,10 +234,12 @@ class _Streamer:
             self.printed = text
 
 
-def _stats_line(stats: Any, label: str) -> str:
+def _stats_line(stats: Any, label: str, stop_reasons: list[str], first: int) -> str:
+    stops = ", ".join(f"{first + i}: {r}" for i, r in enumerate(stop_reasons))
     return (
         f"[{label}] {stats.generated_tokens} tokens, {stats.forward_passes} forwards, "
-        f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.tokens_per_second:.1f} tokens/s"
+        f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.tokens_per_second:.1f} tokens/s; "
+        f"stopped (prompt: reason) {stops}"
     )
 
 
@@ -200,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
     )
     decoder = build_decoder(args, loaded, args.max_new_tokens)
     tok = loaded.tokenizer
-    label = "ar" if args.ar else f"block {decoder.config.block_size}"
+    cfg = decoder.config
+    label = "ar" if args.ar else f"block {cfg.block_size}, {cfg.block_align}-aligned"
     out_file = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
     try:
         for start in range(0, len(prompts), args.batch_size):
@@ -211,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
             if stream:
                 sys.stdout.write(chunk[0])
                 sys.stdout.flush()
-            result = decoder.generate(ids, callback=streamer)
+            result = decoder.generate(
+                ids, callback=streamer, row_ids=range(start, start + len(chunk))
+            )
             for i, prompt in enumerate(chunk):
                 text = tok.decode(result.tokens[i], skip_special=True)
                 if out_file is not None:
@@ -228,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     sys.stdout.write(f"=== prompt {start + i}\n{prompt}{text}\n")
             if not args.quiet_stats:
-                print(_stats_line(result.stats, label), file=sys.stderr)
+                print(_stats_line(result.stats, label, result.stop_reasons, start), file=sys.stderr)
     finally:
         if out_file is not None:
             out_file.close()

@@ -5,10 +5,14 @@ Layout of a batch (one tensor of columns shared by every prompt):
     row i:  [pad ... pad | prompt, full blocks | prompt tail, [MASK] ... | [MASK] x B | ...]
              0                                 R (first active block)     R + B
 
-Blocks are aligned to *positions* (multiples of B from the first prompt token, position 0), exactly as in
-training (NBDIFF.md §3, blocks counted from a document's start), so a prompt whose length is not a
-multiple of B leaves its last `P mod B` tokens inside the first active block, as fixed (unmasked) tokens of
-x_t. Rows are left-padded so that every row's first active block starts at the same column R; padded
+Block alignment (`block_align`, NBDIFF.md §7):
+- "document" (default; how `nbdiff train` packs): blocks are aligned to *positions* (multiples of B from
+  the first prompt token, position 0), exactly as in training (NBDIFF.md §3, blocks counted from a
+  document's start), so a prompt whose length is not a multiple of B leaves its last `P mod B` tokens
+  inside the first active block, as fixed (unmasked) tokens of x_t.
+- "prompt" (the NBDiff release's decoder): the first block starts right after the prompt; the prompt is
+  committed context (for block_causal models, encoded in blocks counted backwards from its end).
+Rows are left-padded so that every row's first active block starts at the same column R; padded
 columns are masked out of attention and positions start at 0 at each row's first real token.
 
 Per block: with token shift its first token is taken from the last committed logit (the causal, AR
@@ -23,7 +27,9 @@ NBDIFF.md §2-3): "context_causal" (NBDiff) encodes the prompt and every committ
 block and each committed block bidirectionally inside the block, causally across blocks, blocks counted
 from the prompt's first token. Either way the last committed logit (the last token of a block sees its
 whole block and every earlier one) is the x_0 logit that predicts the next block's first token.
-A row stops at EOS, at `max_new_tokens` or at the context length; the batch stops when every row has.
+A row stops at EOS (checked after every refinement step: as soon as an EOS is decoded with no masked
+position before it, the row spends no further forward on its block), at `max_new_tokens` or at the
+context length; rows stop independently and the batch stops when every row has.
 
 `use_cache=False` recomputes the whole prefix at every forward (the reference the cache is tested against).
 """
@@ -40,14 +46,18 @@ import torch
 from nbdiff_megatron.errors import InferenceError
 from nbdiff_megatron.inference.kv_cache import KVCache, ModelRunner
 from nbdiff_megatron.inference.unmasking import (
+    SCHEDULED_RULES,
     SamplingConfig,
     UnmaskingConfig,
     propose_tokens,
+    row_generators,
     unmask_step,
 )
 
 # Training mask kinds whose x_0 half the decoder can reproduce in its cache (NBDIFF.md §2).
 MASK_KINDS = ("context_causal", "block_causal")
+# Where blocks start (NBDIFF.md §7): at multiples of B from the document start, or at the prompt's end.
+BLOCK_ALIGNS = ("document", "prompt")
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ class DecodeConfig:
     """Options of block decoding (the AR decoder reads max_new_tokens, sampling and seed)."""
 
     block_size: int = 32
-    """B: tokens per block (blocks are aligned to multiples of B from the prompt's first token)."""
+    """B: tokens per block."""
     sub_block_size: int | None = None
     """Refine the block in sub-blocks of this size, left to right (None = the whole block at once)."""
     max_new_tokens: int = 256
@@ -75,8 +85,16 @@ class DecodeConfig:
     mask_kind: str = "context_causal"
     """x_0-half mask the model was trained with: committed blocks are encoded causally
     ("context_causal") or bidirectionally inside each block ("block_causal")."""
+    block_align: str = "document"
+    """Where blocks start: "document" (multiples of B from the prompt's first token, as trained with
+    packing) or "prompt" (the first block starts right after the prompt)."""
 
     def __post_init__(self) -> None:
+        if self.block_align not in BLOCK_ALIGNS:
+            raise InferenceError(
+                f"block_align must be one of {', '.join(BLOCK_ALIGNS)} (--block-align), got "
+                f"{self.block_align!r}"
+            )
         if self.mask_kind not in MASK_KINDS:
             raise InferenceError(
                 f"mask_kind must be one of {', '.join(MASK_KINDS)} (the checkpoint's "
@@ -105,6 +123,13 @@ class DecodeConfig:
         ):
             raise InferenceError(
                 f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
+            )
+        steps = self.unmasking.steps
+        units = self.block_size // (self.sub_block_size or self.block_size)
+        if self.unmasking.rule in SCHEDULED_RULES and steps is not None and steps % units:
+            raise InferenceError(
+                f"--steps-per-block {steps} must be a multiple of the {units} sub-blocks per block "
+                f"(block_size {self.block_size} / sub_block_size {self.sub_block_size})"
             )
 
 
@@ -203,8 +228,16 @@ class BatchLayout:
     """R: the column where the first active block starts (the same for every row)."""
 
 
-def aligned_layout(prompt_lens: Sequence[int], block_size: int) -> BatchLayout:
-    """Left padding that puts every row's position-aligned blocks on the same columns."""
+def aligned_layout(
+    prompt_lens: Sequence[int], block_size: int, block_align: str = "document"
+) -> BatchLayout:
+    """Left padding that puts every row's blocks on the same columns: position-aligned blocks
+    ("document"), or blocks starting at each prompt's end ("prompt")."""
+    if block_align == "prompt":
+        first = max(prompt_lens)
+        return BatchLayout(
+            pads=[first - p for p in prompt_lens], prompt_lens=list(prompt_lens), first_block=first
+        )
     full = [(p // block_size) * block_size for p in prompt_lens]
     first = max(full)
     return BatchLayout(
@@ -232,13 +265,21 @@ class DecodeSession:
         use_cache: bool,
         block_size: int | None = None,
         mask_kind: str = "context_causal",
+        block_align: str = "document",
     ) -> None:
         if mask_kind not in MASK_KINDS:
-            raise InferenceError(f"mask_kind must be one of {', '.join(MASK_KINDS)}, got {mask_kind!r}")
+            raise InferenceError(
+                f"mask_kind must be one of {', '.join(MASK_KINDS)}, got {mask_kind!r}"
+            )
+        # Column where block boundaries are anchored: 0 with position-aligned blocks (the padding is
+        # whole blocks), the common prompt end with prompt-aligned ones.
+        self.block_origin = layout.first_block if block_align == "prompt" else 0
         if mask_kind == "block_causal":
             if block_size is None:
                 raise InferenceError("mask_kind 'block_causal' needs the session's block_size")
-            if any(pad % block_size for pad in layout.pads) or layout.first_block % block_size:
+            if block_align == "document" and (
+                any(pad % block_size for pad in layout.pads) or layout.first_block % block_size
+            ):
                 # Column blocks equal position blocks only when the padding is whole blocks.
                 raise InferenceError(
                     f"block_causal decoding needs left padding in whole blocks of {block_size} "
@@ -283,14 +324,18 @@ class DecodeSession:
         """Last key column each committed row `rows` sees, as its x_0 row did in training.
 
         context_causal: itself (`j <= i`); block_causal: the end of its block (`blk(j) <= blk(i)`),
-        capped at `stop - 1` (the end of what is being encoded: a short last block). Columns and
-        positions share block boundaries because the left padding is whole blocks.
+        capped at `stop - 1` (the end of what is being encoded: a short last block). Blocks are
+        counted from `block_origin` (prompt alignment: backwards from the prompt's end, so its first
+        block may be short); with document alignment columns and positions share block boundaries
+        because the left padding is whole blocks.
         """
         if self.mask_kind != "block_causal":
             return rows
         block = self.block_size
         assert block is not None  # checked in __init__
-        return torch.clamp((rows // block + 1) * block - 1, max=stop - 1)
+        origin = self.block_origin
+        block_end = (torch.div(rows - origin, block, rounding_mode="floor") + 1) * block + origin
+        return torch.clamp(block_end - 1, max=stop - 1)
 
     def _run(self, start: int, block: torch.Tensor, causal: bool, commit: bool) -> torch.Tensor:
         """One forward of `block` at columns start..; `causal` = encode as committed (x_0) rows."""
@@ -346,6 +391,21 @@ class DecodeSession:
         self.cursor = start + block.shape[1]
         self.last_logits = logits[:, -1]
         return logits
+
+
+def finished_at_eos(
+    block: torch.Tensor, generated: torch.Tensor, masked: torch.Tensor, eos: torch.Tensor
+) -> torch.Tensor:
+    """Rows `[b]` of the active block that hold a decoded EOS with no masked position before it.
+
+    The tokens up to that EOS are final (nothing before it can change), so the row is finished and
+    the rest of its block need not be refined: EOS is caught at refinement-step granularity.
+    """
+    is_eos = torch.isin(block, eos) & generated & ~masked
+    width = block.shape[1]
+    first = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1), width)
+    before = torch.arange(width, device=block.device)[None, :] < first[:, None]
+    return is_eos.any(dim=1) & ~(masked & before).any(dim=1)
 
 
 # ----------------------------------------------------------------------------------- the decoder
@@ -422,7 +482,7 @@ class BlockDecoder:
         config = config or self.config
         prompts = self.check_prompts(prompts)
         block = config.block_size
-        layout = aligned_layout([len(p) for p in prompts], block)
+        layout = aligned_layout([len(p) for p in prompts], block, config.block_align)
         budget_end = [
             pad + min(len(p) + config.max_new_tokens, self.max_context)
             for pad, p in zip(layout.pads, prompts)
@@ -440,6 +500,7 @@ class BlockDecoder:
             use_cache=config.use_cache,
             block_size=block,
             mask_kind=config.mask_kind,
+            block_align=config.block_align,
         )
 
     def _no_mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -447,13 +508,6 @@ class BlockDecoder:
         return logits.index_fill(
             -1, torch.tensor([self.mask_id], device=logits.device), float("-inf")
         )
-
-    def _generator(self, config: DecodeConfig) -> torch.Generator | None:
-        if config.seed is None:
-            return None
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(config.seed)
-        return generator
 
     # -------------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -463,21 +517,27 @@ class BlockDecoder:
         *,
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
+        row_ids: Sequence[int] | None = None,
         **overrides: Any,
     ) -> DecodeOutput:
         """Decode every prompt; `callback(block_index, new_tokens_per_row)` runs after each block.
 
         `stop(row, generated_ids)` is asked after each block for every running row; True stops the row
-        there (stop reason "stop"; e.g. a stop string appeared). `overrides` replace DecodeConfig fields
-        for this call (e.g. `max_new_tokens=64`).
+        there (stop reason "stop"; e.g. a stop string appeared). `row_ids` name the prompts for the
+        sampling seed (default 0..b-1): a prompt decoded with the same seed and row id samples the same
+        tokens in any batch. `overrides` replace DecodeConfig fields for this call (e.g.
+        `max_new_tokens=64`).
         """
         config = replace(self.config, **overrides) if overrides else self.config
         began = time.perf_counter()
         session = self.start(prompts, config)
-        generator = self._generator(config)
+        batch = session.tokens.shape[0]
+        row_ids = list(range(batch)) if row_ids is None else list(row_ids)
+        if len(row_ids) != batch:
+            raise InferenceError(f"row_ids has {len(row_ids)} entries for {batch} prompts")
+        generator = row_generators(config.seed, row_ids)
         stats = DecodeStats(prefill_tokens=sum(session.layout.prompt_lens))
         nfe_start = self.runner.forward_passes
-        batch = session.tokens.shape[0]
         device = session.tokens.device
         active = torch.ones(batch, dtype=torch.bool, device=device)
         stop_reason = ["length"] * batch
@@ -485,41 +545,49 @@ class BlockDecoder:
         eos = torch.tensor(self.eos_ids or [-1], device=device)
         block_size = config.block_size
         sub = config.sub_block_size or block_size
+        steps_per_unit = None
+        if config.unmasking.rule in SCHEDULED_RULES:
+            steps_per_unit = config.unmasking.steps // (block_size // sub)
 
-        def count_forward() -> None:
-            stats.row_forward_passes += int(active.sum())
+        def count_forward(rows: torch.Tensor) -> None:
+            stats.row_forward_passes += int(rows.sum())
 
         if session.prefill() is not None:
-            count_forward()
+            count_forward(active)
         block_index = 0
+        positions = torch.arange(block_size, device=device)
         while session.cursor < session.num_columns and bool(active.any()):
             c = session.cursor
             cols = slice(c, c + block_size)
             block = session.tokens[:, cols].clone()
             valid = session.valid[:, cols]
-            generated = valid & (
-                torch.arange(c, c + block_size, device=device)[None, :]
-                >= session.prompt_end[:, None]
-            )
+            generated = valid & ((c + positions)[None, :] >= session.prompt_end[:, None])
             generated &= active[:, None]
             block[generated] = self.mask_id
             block[~valid] = self.pad_id
             masked = generated.clone()
+            running = active.clone()  # rows still refining this block (an EOS stops a row early)
+
+            check_eos = config.stop_at_eos and bool(self.eos_ids)
 
             if config.token_shift and bool(masked[:, 0].any()):
                 # The block's first token is the AR prediction of the last committed position.
                 first, _ = propose_tokens(
-                    self._no_mask(session.last_logits), config.sampling, generator
+                    self._no_mask(session.last_logits), config.sampling, generator, masked[:, 0]
                 )
                 block[:, 0] = torch.where(masked[:, 0], first, block[:, 0])
                 masked[:, 0] = False
+                if check_eos:
+                    running &= ~finished_at_eos(block, generated & running[:, None], masked, eos)
+                    masked &= running[:, None]
 
             for sub_start in range(0, block_size, sub):
                 in_sub = torch.zeros_like(masked)
                 in_sub[:, sub_start : sub_start + sub] = True
+                step = 0
                 while bool((masked & in_sub).any()):
                     logits = session.block_logits(block)
-                    count_forward()
+                    count_forward(running)
                     if config.token_shift:
                         # position j is predicted by the logit at j - 1 (j = 0 was filled above)
                         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
@@ -529,9 +597,16 @@ class BlockDecoder:
                         config.unmasking,
                         config.sampling,
                         generator,
+                        steps_left=None if steps_per_unit is None else steps_per_unit - step,
                     )
                     block = torch.where(chosen, proposal, block)
                     masked &= ~chosen
+                    step += 1
+                    if check_eos:
+                        running &= ~finished_at_eos(
+                            block, generated & running[:, None], masked, eos
+                        )
+                        masked &= running[:, None]
 
             # Rows that produced EOS (or hit their budget) in this block stop here.
             new_tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -571,7 +646,7 @@ class BlockDecoder:
                         active[i] = False
             if bool(active.any()):
                 session.commit(block)
-                count_forward()
+                count_forward(active)
             else:
                 session.tokens[:, cols] = block
             if callback is not None:

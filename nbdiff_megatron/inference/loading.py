@@ -51,6 +51,10 @@ class LoadedModel:
     """Block size the model was trained for (the curriculum target)."""
     mask_kind: str = "context_causal"
     """Training mask of the x_0 half: "context_causal" or "block_causal" (how to commit blocks)."""
+    block_align: str = "document"
+    """Where the model's training blocks started: "document" (our packing) or "prompt"."""
+    ar_weight: float | None = None
+    """Final λ of the training loss (None when unknown, e.g. a converted AR checkpoint)."""
     source: str = ""
     """What was loaded (path and format)."""
 
@@ -131,6 +135,18 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     try:
         with cpu_compat.cuda_to_cpu():
             loaded = dist_checkpointing.load({"model": sharded}, str(ckpt))
+    # torch.distributed.checkpoint's CheckpointException derives from BaseException only
+    except (Exception, _checkpoint_exception()) as exc:
+        from nbdiff_megatron.convert.mcore_io import damaged_shard_files, truncated_message
+
+        damaged = damaged_shard_files(ckpt)
+        if damaged:
+            raise CheckpointError(truncated_message(damaged)) from None
+        raise CheckpointError(
+            f"cannot read the tensors of checkpoint {ckpt} ({type(exc).__name__}: "
+            f"{str(exc)[:300]}): it may be corrupt; load an earlier checkpoint"
+        ) from None
+    try:
         state = {k[len(prefix) :]: v for k, v in loaded["model"].items()}
         model.load_state_dict(state, strict=True)
     except Exception as exc:
@@ -138,6 +154,14 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
             f"checkpoint {ckpt} does not match the model built from its stored config "
             f"({type(exc).__name__}: {str(exc)[:300]})"
         ) from exc
+
+
+def _checkpoint_exception() -> type[BaseException]:
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # an older torch: its errors are Exceptions
+        return Exception
+    return CheckpointException
 
 
 def _stored_mask_kind(config: dict, converted: dict, ckpt: Path) -> str:
@@ -156,6 +180,23 @@ def _stored_mask_kind(config: dict, converted: dict, ckpt: Path) -> str:
     return str(kind)
 
 
+def _stored_block_align(train_state: dict, converted: dict, ckpt: Path) -> str:
+    """Training block alignment: the train state's `block_align` (nbdiff train packs documents, so
+    "document"), else the convert metadata's, else "document"."""
+    from nbdiff_megatron.inference.decoder import BLOCK_ALIGNS
+
+    align = train_state.get("block_align")
+    if align is None:
+        align = converted.get("block_align") or (converted.get("nbdiff") or {}).get("block_align")
+    align = align or "document"
+    if align not in BLOCK_ALIGNS:
+        raise CheckpointError(
+            f"checkpoint {ckpt} records block alignment {align!r}; expected one of "
+            f"{', '.join(BLOCK_ALIGNS)}"
+        )
+    return str(align)
+
+
 def _hf_nbdiff_settings(path: Path) -> dict[str, Any]:
     """block_size / token_shift / mask_kind from an exported HF config.json's `nbdiff` block."""
     import json
@@ -166,7 +207,7 @@ def _hf_nbdiff_settings(path: Path) -> dict[str, Any]:
         raise InferenceError(f"cannot read {path / 'config.json'} ({exc})") from exc
     nbdiff = hf_config.get("nbdiff") if isinstance(hf_config, dict) else None
     nbdiff = nbdiff if isinstance(nbdiff, dict) else {}
-    keys = ("block_size", "token_shift", "mask_kind")
+    keys = ("block_size", "token_shift", "mask_kind", "block_align")
     return {k: nbdiff[k] for k in keys if nbdiff.get(k) is not None}
 
 
@@ -227,6 +268,12 @@ def load_megatron(
         (config.get("curriculum") or {}).get("target_block_size", converted.get("block_size", 32))
     )
     mask_kind = _stored_mask_kind(config, converted, ckpt)
+    block_align = _stored_block_align(train_state, converted, ckpt)
+    curriculum = config.get("curriculum") or {}
+    # λ at the end of training: the final value when it was annealed
+    ar_weight = curriculum.get("ar_weight_final")
+    if ar_weight is None:
+        ar_weight = curriculum.get("ar_weight")
     return LoadedModel(
         model=model,
         tokenizer=tok,
@@ -236,6 +283,8 @@ def load_megatron(
         token_shift=token_shift,
         block_size=block,
         mask_kind=mask_kind,
+        block_align=block_align,
+        ar_weight=None if ar_weight is None else float(ar_weight),
         source=f"{ckpt} (megatron-core)",
     )
 

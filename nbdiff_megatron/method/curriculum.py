@@ -1,13 +1,24 @@
 """Gradual block growth and its co-schedules (NBDIFF.md §5, eq. 3; §4 for the AR weight).
 
 Everything here is a function of the step number only, so every pipeline stage and every rank
-computes the same block size, AR weight and refinement steps without communication (DESIGN.md).
+computes the same block size, AR weight and annealed-mask progress without communication (DESIGN.md).
+
+What "step k" means (one meaning for the whole project). Training steps are numbered k = 1, 2, ...,
+train.steps: step k is the k-th optimizer update. Step k trains with B(k) = ``block_size_at(k)``,
+λ(k), the learning rate ``lr_at(k)`` (method/schedules.py), noise drawn from a generator seeded with
+k (training/loop.py ``noise_seed``); the log line, the metrics record and TensorBoard call it step k,
+and the checkpoint written after it is ``iter_{k:07d}`` (k steps done; resuming from it runs step
+k + 1 next). So the target block size first trains at step ``growth_end_step()``, the step eq. 3
+names (the paper's ablation: B = 32 from step 2500 with Δ = 500); the first plateau, B0 on steps
+1..s_w + Δ - 1, is one step shorter than the others because there is no step 0.
+
+The refinement steps per block are the decoder's setting (``nbdiff generate``), not a training
+co-schedule: training never looks at them, so nothing here schedules them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -17,7 +28,6 @@ __all__ = [
     "block_size_at",
     "growth_end_step",
     "interval_to_finish_by",
-    "refine_steps_at",
 ]
 
 AR_WEIGHT_STYLES = ("constant", "linear", "cosine")
@@ -147,77 +157,9 @@ def ar_weight_at(
     return end_weight + (start_weight - end_weight) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def refine_steps_at(
-    block_size: int,
-    *,
-    tokens_per_step: float = 1.0,
-    min_steps: int = 1,
-    max_steps: int | None = None,
-    table: Mapping[int, int] | None = None,
-    growth: float = 0.5,
-) -> int:
-    """Refinement steps (denoising forwards) to spend on one block of ``block_size`` tokens.
-
-    NBDIFF.md §5 lists "fewer refinement steps per block as B grows" as an optional co-schedule.
-    Read literally (fewer steps in absolute terms) it cannot hold from ``B = 1``, whose single
-    token takes exactly one step; this project reads it per token: **the number of steps per token
-    of the block, ``steps / B``, falls as B grows**, i.e. a larger block unmasks more tokens per
-    step (what parallel decoding buys). The rule::
-
-        tokens_per_step(B) = tokens_per_step * B ** growth        # grows with B for growth > 0
-        steps(B) = clamp(ceil(B / tokens_per_step(B)), min_steps, max_steps)
-                 = clamp(ceil(B ** (1 - growth) / tokens_per_step), min_steps, max_steps)
-
-    ``growth`` in ``[0, 1]``: 0 keeps a fixed number of tokens per step (steps proportional to B,
-    the rule of earlier versions), 1 a fixed number of steps per block; the default 0.5 gives
-    ``ceil(sqrt(B))`` steps: 1, 2, 2, 3, 4, 6 for B = 1, 2, 4, 8, 16, 32. Guarantees (tested):
-    ``steps(B)`` never decreases with B (a larger block never gets fewer steps), and for every
-    integer ``k >= 1`` the steps per token satisfy ``steps(k B) / (k B) <= steps(B) / B``, so the
-    steps per token never rise along the block-growth curriculum (``B0 r ** n``), with or without
-    the clamps; for ``growth > 0`` and no clamps they eventually fall strictly (``~ B ** -growth``).
-
-    A ``table`` {block size: steps} overrides the rule: the entry of the largest key ``<= B`` is
-    used (then clamped the same way); its monotonicity is the caller's.
-    """
-    if not _is_int(block_size) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    if not (tokens_per_step > 0):
-        raise ValueError(f"tokens_per_step must be > 0, got {tokens_per_step!r}")
-    if not (0.0 <= growth <= 1.0):
-        raise ValueError(
-            f"growth must lie in [0, 1] (0: fixed tokens per step, 1: fixed steps per block), "
-            f"got {growth!r}"
-        )
-    if not _is_int(min_steps) or min_steps < 1:
-        raise ValueError(f"min_steps must be an integer >= 1, got {min_steps!r}")
-    if max_steps is not None and (not _is_int(max_steps) or max_steps < min_steps):
-        raise ValueError(
-            f"max_steps must be None or an integer >= min_steps = {min_steps}, got {max_steps!r}"
-        )
-    if table is not None:
-        keys = sorted(table)
-        if not keys or any(not _is_int(k) or k < 1 for k in keys):
-            raise ValueError(
-                f"table must map block sizes (integers >= 1) to steps, got {dict(table)!r}"
-            )
-        if any(not _is_int(v) or v < 1 for v in table.values()):
-            raise ValueError(f"table steps must be integers >= 1, got {dict(table)!r}")
-        if block_size < keys[0]:
-            raise ValueError(
-                f"table has no entry <= block_size {block_size}; its smallest key is {keys[0]}"
-            )
-        steps = table[max(k for k in keys if k <= block_size)]
-    else:
-        exact = block_size ** (1.0 - growth) / tokens_per_step
-        # Trim float noise so that e.g. 4 ** 0.5 = 2.0000000000000004 does not round up to 3.
-        steps = math.ceil(exact * (1.0 - 1e-12))
-    steps = max(steps, min_steps)
-    return steps if max_steps is None else min(steps, max_steps)
-
-
 @dataclass(frozen=True)
 class Curriculum:
-    """Block growth (eq. 3) with its AR-weight and refinement-step co-schedules (NBDIFF.md §5)."""
+    """Block growth (eq. 3) with its AR-weight co-schedule (NBDIFF.md §5)."""
 
     target: int = 32
     """Final block size B_target."""
@@ -235,21 +177,12 @@ class Curriculum:
     """AR-loss weight λ at B = target."""
     ar_weight_style: str = "constant"
     """How λ moves between the two, in log2(B): constant, linear or cosine."""
-    tokens_per_step: float = 1.0
-    """Refinement rule: tokens unmasked per step at B = 1 (refine_steps_at)."""
-    refine_growth: float = 0.5
-    """Refinement rule: tokens per step grow as B ** refine_growth, so steps per token fall."""
-    min_refine_steps: int = 1
-    """Lower bound of the refinement steps per block."""
-    max_refine_steps: int | None = None
-    """Upper bound of the refinement steps per block (None: no bound)."""
 
     def __post_init__(self) -> None:
         _check_growth(self.target, self.start, self.base, self.interval, self.warmup)
-        # The co-schedules validate their own fields; call them once at both ends of the growth.
+        # The λ co-schedule validates its own fields; call it once at both ends of the growth.
         for size in (self.start, self.target):
             self._ar_weight_of(size)
-            self._refine_steps_of(size)
 
     def _ar_weight_of(self, size: int) -> float:
         return ar_weight_at(
@@ -259,15 +192,6 @@ class Curriculum:
             start=self.start,
             target=self.target,
             style=self.ar_weight_style,
-        )
-
-    def _refine_steps_of(self, size: int) -> int:
-        return refine_steps_at(
-            size,
-            tokens_per_step=self.tokens_per_step,
-            growth=self.refine_growth,
-            min_steps=self.min_refine_steps,
-            max_steps=self.max_refine_steps,
         )
 
     def block_size(self, step: int) -> int:
@@ -285,9 +209,19 @@ class Curriculum:
         """λ(step) = ar_weight_at(B(step))."""
         return self._ar_weight_of(self.block_size(step))
 
-    def refine_steps(self, step: int) -> int:
-        """Refinement steps per block at this step, refine_steps_at(B(step))."""
-        return self._refine_steps_of(self.block_size(step))
+    def anneal_progress(self, step: int) -> float:
+        """Progress of the annealed attention mask (``mask_kind: annealed``, masks.py) at step k.
+
+        It follows the growth phase of eq. 3: 0 at step 1, rising linearly to 1 at
+        ``growth_end_step()`` (the step at which B would reach the target), 1 after; 1 throughout
+        when there is no growth. The annealed baseline trains at the target block size all along and
+        anneals the mask instead of growing the block.
+        """
+        _check_step(step)
+        end = self.growth_end_step()
+        if end <= 1:
+            return 1.0
+        return min(1.0, max(0.0, (step - 1) / (end - 1)))
 
     def growth_end_step(self) -> int:
         """First step with B = target."""

@@ -12,6 +12,17 @@ L..2L-1 the clean sequence x_0. With ``blk(i) = pos(i) // B`` (``pos`` = positio
     x_0         | never                  | j <= i (context-causal, M_CC) or blk(j) <= blk(i) (block-causal)
 
 and, when documents are packed, additionally ``doc(i) == doc(j)`` everywhere.
+
+Multi-turn SFT (NBDIFF.md §3): each token also carries a *turn id*, non-decreasing inside its document
+and incremented right after the end of each response (``turn_ids``, produced by the SFT packer). Every
+tile additionally requires ``turn(j) <= turn(i)``: no token sees anything after the end of its own turn.
+In the causal tiles this already holds; it bites in the bidirectional x_t -> x_t block (a response's
+last block would otherwise see the next user turn) and in the block-causal x_0 half.
+
+Kinds: ``context_causal`` (NBDiff), ``block_causal`` (BD3-LM / SDAR ablation) and ``annealed``
+(DiffuLLaMA-style baseline over the context-causal mask, ``annealed_training_mask``): the x_t rows
+interpolate at random between the B=1 and the target-B mask according to a draw ``annealed_draw``
+made by the caller (seeded like the noise), with a progress that the curriculum schedules.
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ from collections.abc import Callable
 
 import torch
 
-MASK_KINDS = ("context_causal", "block_causal")
+MASK_KINDS = ("context_causal", "block_causal", "annealed")
+BASE_KINDS = ("context_causal", "block_causal")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -32,9 +44,38 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in MASK_KINDS:
-        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+def _check_kind(kind: str, kinds: tuple[str, ...] = MASK_KINDS) -> None:
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+
+
+def _check_turn_ids(turn_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    if not isinstance(turn_ids, torch.Tensor) or turn_ids.dtype.is_floating_point:
+        raise ValueError("turn_ids must be an integer tensor of shape [L] or [b, L]")
+    if turn_ids.dim() not in (1, 2) or turn_ids.shape[-1] != seq_len:
+        raise ValueError(
+            f"turn_ids must have shape [L] or [b, L] with L = seq_len = {seq_len}, "
+            f"got {tuple(turn_ids.shape)}"
+        )
+    return turn_ids.long()
+
+
+def _check_draw(draw: torch.Tensor | None, seq_len: int, block_size: int) -> torch.Tensor:
+    if draw is None:
+        raise ValueError(
+            "kind='annealed' needs annealed_draw (a BoolTensor [b, L, B] from annealed_draw(...))"
+        )
+    if draw.dtype != torch.bool or draw.dim() not in (2, 3):
+        raise ValueError(
+            f"annealed_draw must be a BoolTensor [L, B] or [b, L, B], got {draw.dtype} "
+            f"{tuple(draw.shape)}"
+        )
+    if tuple(draw.shape[-2:]) != (seq_len, block_size):
+        raise ValueError(
+            f"annealed_draw must have shape [..., L, B] = [..., {seq_len}, {block_size}], "
+            f"got {tuple(draw.shape)}"
+        )
+    return draw
 
 
 def _check_doc_ids(doc_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -105,24 +146,66 @@ def _tiles(
     block_size: int,
     kind: str,
     doc_ids: torch.Tensor | None,
+    turn_ids: torch.Tensor | None = None,
+    draw: torch.Tensor | None = None,
+    base: str = "context_causal",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three non-empty tiles (x_t→x_t, x_t→x_0, x_0→x_0), each [..., L, L], True = may attend."""
-    device = doc_ids.device if doc_ids is not None else None
+    """The three non-empty tiles (x_t→x_t, x_t→x_0, x_0→x_0), each [..., L, L], True = may attend.
+
+    ``kind == "annealed"`` chains the B=1 and target-B tiles of ``base`` with ``draw``
+    (``annealed_training_mask``); ``turn_ids`` add ``turn(j) <= turn(i)`` to every tile.
+    """
+    if kind == "annealed":
+        tt, t0, c0 = _annealed_tiles(seq_len, block_size, base, doc_ids, draw)
+    else:
+        device = doc_ids.device if doc_ids is not None else None
+        pos = _positions(seq_len, doc_ids, device)
+        blk = pos // block_size
+        bq, bk = blk.unsqueeze(-1), blk.unsqueeze(-2)
+        if doc_ids is None:
+            same_doc = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+        else:
+            same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
+        tt = same_doc & (bq == bk)  # M_BD
+        t0 = same_doc & (bk < bq)  # M_OBC
+        if kind == "context_causal":
+            idx = torch.arange(seq_len, device=device)
+            c0 = same_doc & (idx.unsqueeze(0) <= idx.unsqueeze(1))  # M_CC
+        else:
+            c0 = same_doc & (bk <= bq)
+    if turn_ids is not None:
+        # No token sees past the end of its own turn (multi-turn SFT, NBDIFF.md §3).
+        turn_ok = turn_ids.to(tt.device).unsqueeze(-2) <= turn_ids.to(tt.device).unsqueeze(-1)
+        tt, t0, c0 = tt & turn_ok, t0 & turn_ok, c0 & turn_ok
+    return tt, t0, c0
+
+
+def _annealed_tiles(
+    seq_len: int,
+    block_size: int,
+    base: str,
+    doc_ids: torch.Tensor | None,
+    draw: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiles of the annealed mask (``annealed_training_mask`` explains the chaining)."""
+    tt_ar, t0_ar, c0_ar = _tiles(seq_len, 1, base, doc_ids)
+    tt_bd, _, _ = _tiles(seq_len, block_size, base, doc_ids)
+    device = tt_bd.device
     pos = _positions(seq_len, doc_ids, device)
-    blk = pos // block_size
-    bq, bk = blk.unsqueeze(-1), blk.unsqueeze(-2)
-    if doc_ids is None:
-        same_doc = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
-    else:
-        same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
-    noised_to_noised = same_doc & (bq == bk)  # M_BD
-    noised_to_clean = same_doc & (bk < bq)  # M_OBC
-    if kind == "context_causal":
-        idx = torch.arange(seq_len, device=device)
-        clean_to_clean = same_doc & (idx.unsqueeze(0) <= idx.unsqueeze(1))  # M_CC
-    else:
-        clean_to_clean = same_doc & (bk <= bq)
-    return noised_to_noised, noised_to_clean, clean_to_clean
+    offset = (pos % block_size).to(device)
+    draw = draw.to(device)
+    # r[.., i, j] = draw[.., i, offset(j)]: one decision per (query, key inside its target block).
+    lead = torch.broadcast_shapes(draw.shape[:-2], offset.shape[:-1])
+    index = offset.unsqueeze(-2).expand(*lead, seq_len, seq_len)
+    chosen_draw = torch.gather(draw.expand(*lead, seq_len, block_size), -1, index)
+    in_block_pair = tt_bd & ~tt_ar  # same document, same target block, j != i
+    idx = torch.arange(seq_len, device=device)
+    earlier = idx.unsqueeze(0) < idx.unsqueeze(1)  # key j < query i
+    chosen = in_block_pair & chosen_draw
+    tt = tt_ar | chosen
+    t0 = t0_ar & ~(chosen & earlier)
+    c0 = c0_ar | (chosen & ~earlier) if base == "block_causal" else c0_ar.expand_as(tt)
+    return tt, t0, c0
 
 
 def _assemble(tt: torch.Tensor, t0: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
@@ -136,25 +219,60 @@ def training_mask(
     block_size: int,
     kind: str = "context_causal",
     doc_ids: torch.Tensor | None = None,
+    *,
+    turn_ids: torch.Tensor | None = None,
+    annealed_draw: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The 2L x 2L training mask of x_t ⊕ x_0 (NBDIFF.md §3 table). True = may attend.
 
     Args:
         seq_len: L, the length of x_0 (and of x_t).
         block_size: B >= 1. Neither L nor the document lengths need be multiples of B.
-        kind: "context_causal" (NBDiff, default) or "block_causal" (BD3-LM / SDAR ablation).
+        kind: "context_causal" (NBDiff, default), "block_causal" (BD3-LM / SDAR ablation) or
+            "annealed" (DiffuLLaMA-style baseline over the context-causal mask; needs
+            ``annealed_draw``).
         doc_ids: optional [L] or [b, L] non-decreasing document ids of packed documents; then no token
             attends across documents and blocks are counted from each document's start.
+        turn_ids: optional [L] or [b, L] turn ids (multi-turn SFT, module docstring): no token attends
+            to a later turn of its document.
+        annealed_draw: kind "annealed" only: BoolTensor [b, L, B] (or [L, B]) from ``annealed_draw``.
 
     Returns:
-        BoolTensor [2L, 2L], or [b, 2L, 2L] when ``doc_ids`` is [b, L].
+        BoolTensor [2L, 2L], or [b, 2L, 2L] when ``doc_ids``, ``turn_ids`` or ``annealed_draw`` is
+        batched.
     """
     _check_positive_int("seq_len", seq_len)
     _check_positive_int("block_size", block_size)
     _check_kind(kind)
     if doc_ids is not None:
         doc_ids = _check_doc_ids(doc_ids, seq_len)
-    return _assemble(*_tiles(seq_len, block_size, kind, doc_ids))
+    if turn_ids is not None:
+        turn_ids = _check_turn_ids(turn_ids, seq_len)
+    if kind == "annealed":
+        annealed_draw = _check_draw(annealed_draw, seq_len, block_size)
+    return _assemble(*_tiles(seq_len, block_size, kind, doc_ids, turn_ids, annealed_draw))
+
+
+def annealed_draw(
+    batch: int,
+    seq_len: int,
+    block_size: int,
+    progress: float,
+    *,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The random decisions of the annealed mask: BoolTensor [batch, L, B], True with ``progress``.
+
+    Entry ``[s, i, o]`` decides the pair (query i, key j) of sample s where j is the token at offset
+    ``o`` of i's target block (``annealed_training_mask``). Drawn on the generator's device.
+    """
+    _check_positive_int("batch", batch)
+    _check_positive_int("seq_len", seq_len)
+    _check_positive_int("block_size", block_size)
+    if not 0.0 <= float(progress) <= 1.0:
+        raise ValueError(f"progress must lie in [0, 1], got {progress!r}")
+    shape = (batch, seq_len, block_size)
+    return torch.rand(shape, generator=generator, device=generator.device) < float(progress)
 
 
 def annealed_training_mask(
@@ -165,6 +283,7 @@ def annealed_training_mask(
     generator: torch.Generator,
     kind: str = "context_causal",
     doc_ids: torch.Tensor | None = None,
+    turn_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DiffuLLaMA-style annealed baseline: a random interpolation between the B=1 and target-B masks.
 
@@ -183,30 +302,27 @@ def annealed_training_mask(
     never sees position j twice (both its noised and its clean view) and always sees it once; x_t[i] always
     sees itself. Outside the target block nothing is random: earlier blocks are seen through x_0, later
     ones hidden, as in both endpoints. ``progress = 0`` gives exactly the B=1 mask, ``progress = 1``
-    exactly the target-B mask (tested).
+    exactly the target-B mask (tested). ``r[i, j]`` is ``annealed_draw(...)[i, offset of j in its
+    block]``; ``training_mask(kind="annealed", annealed_draw=...)`` is this mask over the
+    context-causal kind with a given draw (what training uses).
 
     Returns [2L, 2L] (or [b, 2L, 2L] with batched doc_ids; then each sample draws its own ``r``).
     """
     _check_positive_int("seq_len", seq_len)
     _check_positive_int("block_size", block_size)
-    _check_kind(kind)
+    _check_kind(kind, BASE_KINDS)
     if not 0.0 <= float(progress) <= 1.0:
         raise ValueError(f"progress must lie in [0, 1], got {progress!r}")
     if doc_ids is not None:
         doc_ids = _check_doc_ids(doc_ids, seq_len)
-    tt_ar, t0_ar, c0_ar = _tiles(seq_len, 1, kind, doc_ids)
-    tt_bd, _, _ = _tiles(seq_len, block_size, kind, doc_ids)
-    shape = tt_bd.shape
-    draw = torch.rand(shape, generator=generator, device=generator.device) < float(progress)
-    draw = draw.to(tt_bd.device)
-    in_block_pair = tt_bd & ~tt_ar  # same document, same target block, j != i
-    idx = torch.arange(seq_len, device=tt_bd.device)
-    earlier = idx.unsqueeze(0) < idx.unsqueeze(1)  # key j < query i
-    chosen = in_block_pair & draw
-    tt = tt_ar | chosen
-    t0 = t0_ar & ~(chosen & earlier)
-    c0 = c0_ar | (chosen & ~earlier) if kind == "block_causal" else c0_ar
-    return _assemble(tt, t0, c0)
+    if turn_ids is not None:
+        turn_ids = _check_turn_ids(turn_ids, seq_len)
+    batch = doc_ids.shape[0] if doc_ids is not None and doc_ids.dim() == 2 else 1
+    draw = annealed_draw(batch, seq_len, block_size, progress, generator=generator)
+    if doc_ids is None or doc_ids.dim() == 1:
+        draw = draw[0]
+    tiles = _tiles(seq_len, block_size, "annealed", doc_ids, turn_ids, draw, base=kind)
+    return _assemble(*tiles)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,10 +334,15 @@ def training_mask_mod(
     block_size: int,
     kind: str = "context_causal",
     doc_ids: torch.Tensor | None = None,
+    *,
+    turn_ids: torch.Tensor | None = None,
+    annealed_draw: torch.Tensor | None = None,
 ) -> Callable:
     """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` over the 2L sequence equal to ``training_mask``.
 
-    ``doc_ids`` may be [L] (one layout for the whole batch) or [b, L] (indexed by the batch index).
+    ``doc_ids`` / ``turn_ids`` may be [L] (one layout for the whole batch) or [b, L] (indexed by the
+    batch index); kind "annealed" looks its decisions up in ``annealed_draw`` [b, L, B] (indexed by the
+    batch index, so its BlockMask is per sample).
     """
     _check_positive_int("seq_len", seq_len)
     _check_positive_int("block_size", block_size)
@@ -231,8 +352,17 @@ def training_mask_mod(
         doc_ids = _check_doc_ids(doc_ids, seq_len)
         pos = document_positions(doc_ids)
         blk = pos // block_size
+        offset = pos % block_size
         batched = doc_ids.dim() == 2
-    context_causal = kind == "context_causal"
+    if turn_ids is not None:
+        turn_ids = _check_turn_ids(turn_ids, seq_len)
+        turns_batched = turn_ids.dim() == 2
+    annealed = kind == "annealed"
+    if annealed:
+        draw = _check_draw(annealed_draw, seq_len, block_size)
+        if draw.dim() == 2:
+            draw = draw.unsqueeze(0)
+    block_causal = kind == "block_causal"
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_clean = q_idx >= length
@@ -241,17 +371,33 @@ def training_mask_mod(
         ki = torch.where(k_clean, kv_idx - length, kv_idx)
         if doc_ids is None:
             same_doc = qi >= 0
-            bq, bk = qi // block_size, ki // block_size
+            bq, bk, ok = qi // block_size, ki // block_size, ki % block_size
         elif batched:
             same_doc = doc_ids[b, qi] == doc_ids[b, ki]
-            bq, bk = blk[b, qi], blk[b, ki]
+            bq, bk, ok = blk[b, qi], blk[b, ki], offset[b, ki]
         else:
             same_doc = doc_ids[qi] == doc_ids[ki]
-            bq, bk = blk[qi], blk[ki]
-        clean_rule = (ki <= qi) if context_causal else (bk <= bq)
-        noised_query = (~q_clean) & (((~k_clean) & (bq == bk)) | (k_clean & (bk < bq)))
+            bq, bk, ok = blk[qi], blk[ki], offset[ki]
+        same_block = bq == bk
+        clean_rule = (bk <= bq) if block_causal else (ki <= qi)
+        if annealed:
+            # Chained draw (annealed_training_mask): inside the target block, x_t[i] sees x_t[j] iff
+            # r, else x_0[j] when j < i; itself always; earlier blocks through x_0.
+            r = draw[b if draw.shape[0] > 1 else 0, qi, ok]
+            noised_key = same_block & ((ki == qi) | r)
+            clean_key = (ki < qi) & ~(same_block & r)
+        else:
+            noised_key = same_block
+            clean_key = bk < bq
+        noised_query = (~q_clean) & (((~k_clean) & noised_key) | (k_clean & clean_key))
         clean_query = q_clean & k_clean & clean_rule
-        return same_doc & (noised_query | clean_query)
+        keep = same_doc & (noised_query | clean_query)
+        if turn_ids is not None:
+            if turns_batched:
+                keep = keep & (turn_ids[b, ki] <= turn_ids[b, qi])
+            else:
+                keep = keep & (turn_ids[ki] <= turn_ids[qi])
+        return keep
 
     return mask_mod
 

@@ -302,7 +302,8 @@ def mask_tokens(
     positions: torch.Tensor | None = None,
     skew: float = 0.5,
     validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_probability: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build the noised view ``x_t`` of ``x0`` (NBDIFF.md §4, "Noising"; §3 for ``positions``).
 
     Each token is masked independently with probability ``t`` of its sequence (``t [b]``) or block
@@ -314,6 +315,10 @@ def mask_tokens(
     ``x0`` must not contain ``mask_id`` (then ``masked == (x_t == mask_id)`` exactly).
     ``generator`` is required (module docstring). ``validate=False`` skips the value checks that
     need a device synchronisation (t in [0, 1], mask_id absent from x0).
+
+    ``return_probability=True`` returns ``(x_t, masked, p)`` with ``p [b, L]`` the probability each
+    token was masked with (``mask_probability``): the L_MDM weight of a masked token is ``1 / p``,
+    which is ``1 / t`` only for uniform masking (NBDIFF.md §4, eq. 5).
     """
     gen = _require_generator(generator, "mask_tokens")
     _check_block_size(block_size)
@@ -357,4 +362,6 @@ def mask_tokens(
     # u lies in [0, 1): p = 0 never masks, p = 1 always masks.
     masked = u.to(x0.device) < p
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    if return_probability:
+        return x_t, masked, p
     return x_t, masked

@@ -274,14 +274,19 @@ def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
                         kind: str = "context_causal", doc_ids: torch.Tensor | None = None,
                         backend: str | None = "sdpa",
                         cache: BlockMaskCache | None = BLOCK_MASK_CACHE,
-                        cp_layout: ContextParallelLayout | None = None) -> ModelInputs:
+                        cp_layout: ContextParallelLayout | None = None,
+                        turn_ids: torch.Tensor | None = None,
+                        annealed_draw: torch.Tensor | None = None) -> ModelInputs:
     """Model inputs of the x_t ⊕ x_0 training forward (NBDIFF.md §3).
 
     Args:
         x_t, x0: LongTensor [b, L], the noised and the clean sequence.
         block_size: B (the current curriculum block size), 1 <= B <= L.
-        kind: "context_causal" or "block_causal".
+        kind: "context_causal", "block_causal" or "annealed" (then `annealed_draw` [b, L, B] from
+            `method.masks.annealed_draw`, drawn like the noise; its flex BlockMask is never cached).
         doc_ids: optional [b, L] (or [L]) non-decreasing document ids of packed documents.
+        turn_ids: optional [b, L] (or [L]) turn ids of multi-turn SFT samples (`method/masks.py`):
+            no token attends past the end of its own turn.
         backend: "sdpa" (dense mask), "flex" (BlockMask, cached in `cache`) or "auto"/None (by device).
         cp_layout: context parallelism: return this CP rank's shard (`model/context_parallel.py`);
             flex builds only the rank's BlockMask rows (cached per layout and CP rank).
@@ -308,6 +313,12 @@ def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
         doc_ids = doc_ids.to(device)
         if doc_ids.dim() == 1:
             doc_ids = doc_ids.expand(batch, length)
+    if turn_ids is not None:
+        turn_ids = turn_ids.to(device)
+        if turn_ids.dim() == 1:
+            turn_ids = turn_ids.expand(batch, length)
+    if annealed_draw is not None:
+        annealed_draw = annealed_draw.to(device)
     if cp_layout is not None and cp_layout.seq_length != length:
         raise ConfigError(
             f"the context-parallel layout is for L = {cp_layout.seq_length}, the batch has L = {length}"
@@ -318,13 +329,18 @@ def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
     else:
         position_ids = training_position_ids(length, doc_ids)
     if backend == "sdpa":
-        allowed = training_mask(length, block_size, kind, doc_ids).to(device)
+        allowed = training_mask(length, block_size, kind, doc_ids, turn_ids=turn_ids,
+                                annealed_draw=annealed_draw).to(device)
         inputs = ModelInputs(input_ids, position_ids, AttentionMask.dense(allowed))
         return inputs if cp_layout is None else shard_model_inputs(inputs, cp_layout, cache=cache)
-    mask_batch = None if doc_ids is None else batch
-    mask_mod = training_mask_mod(length, block_size, kind, doc_ids)
-    key = ("nbdiff", kind, length, block_size, BlockMaskCache.layout_key(doc_ids), mask_batch,
-           str(device))
+    per_sample = doc_ids is not None or turn_ids is not None or annealed_draw is not None
+    mask_batch = batch if per_sample else None
+    mask_mod = training_mask_mod(length, block_size, kind, doc_ids, turn_ids=turn_ids,
+                                 annealed_draw=annealed_draw)
+    key = ("nbdiff", kind, length, block_size, BlockMaskCache.layout_key(doc_ids),
+           BlockMaskCache.layout_key(turn_ids), mask_batch, str(device))
+    if kind == "annealed":
+        cache, key = None, None  # a fresh random draw every micro-batch: nothing to reuse
     if cp_layout is not None:
         mask = local_flex_mask(mask_mod, cp_layout, batch=mask_batch, device=device, cache_key=key,
                                cache=cache)

@@ -80,8 +80,10 @@ class NoiseConfig:
 class CurriculumConfig:
     """Block-size growth (eq. 3) and the co-scheduled AR weight λ; functions of the step only."""
 
-    mask_kind: Literal["context_causal", "block_causal"] = "context_causal"
-    """Attention mask family (NBDIFF.md §2): context-causal (NBDiff) or block-causal (ablation)."""
+    mask_kind: Literal["context_causal", "block_causal", "annealed"] = "context_causal"
+    """Attention mask family (NBDIFF.md §2): context_causal (NBDiff), block_causal (ablation; needs
+    ar_weight 0) or annealed (DiffuLLaMA-style baseline: target block size from step 1, the mask
+    interpolating from the B=1 to the target mask over the growth phase the growth_* fields define)."""
     start_block_size: int = 1
     """B0: block size at step 0 (1 = plain AR)."""
     target_block_size: int = 32
@@ -646,6 +648,17 @@ def validate_config(cfg: TrainConfig) -> None:
     _need(
         cur.ar_weight_anneal == "constant" or cur.ar_weight_final is not None,
         f"curriculum.ar_weight_anneal={cur.ar_weight_anneal!r} needs curriculum.ar_weight_final",
+    )
+    largest_weight = max(
+        cur.ar_weight, cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final
+    )
+    _need(
+        cur.mask_kind != "block_causal" or cur.target_block_size == 1 or largest_weight == 0.0,
+        f"curriculum.ar_weight={cur.ar_weight} (ar_weight_final={cur.ar_weight_final}) with "
+        "curriculum.mask_kind=block_causal: the block-causal x_0 half lets clean position i see "
+        "x_0[i+1] inside its block, so L_AR would train a copy task (NBDIFF.md §4); set "
+        "--curriculum.ar_weight=0 (and ar_weight_final to 0 or null) for the block-causal "
+        "ablation, or use mask_kind=context_causal",
     )
 
     _need(opt.lr > 0, f"optimizer.lr must be > 0 (got {opt.lr})")

@@ -103,6 +103,10 @@ class StepRecord:
     mfu: float | None
     spike: bool = False
     """The loss or gradient norm spiked above its moving average (faults.SpikeGuard)."""
+    mask_kind: str = "context_causal"
+    """curriculum.mask_kind the step trained with (context_causal, block_causal, annealed)."""
+    anneal_progress: float | None = None
+    """mask_kind annealed: the mask's progress at this step (0 = B=1 mask, 1 = target mask)."""
 
     def to_json(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:

@@ -1,13 +1,14 @@
 """The NBDiff training loop on megatron-core.
 
-One optimizer step s:
+One optimizer step k (k = 1..train.steps, the number the logs, the metrics file and the checkpoint
+iter_k show; `method/curriculum.py` states this convention):
 
-1. The curriculum gives the block size B(s) and the AR weight λ(s), and `lr_at` the learning rate: all
-   functions of s only, so every rank agrees without communication.
+1. The curriculum gives the block size B(k) and the AR weight λ(k), and `lr_at(k)` the learning rate:
+   all functions of k only, so every rank agrees without communication.
 2. Each data-parallel rank takes its micro-batches of the global batch from `data.loader`'s
    deterministic sampler, which starts at the consumed-samples count of the checkpoint (exact resume);
    the CP ranks of a DP rank get the same micro-batches.
-3. For every micro-batch, t and x_t are drawn on the CPU from a generator seeded by (seed, s, DP rank,
+3. For every micro-batch, t and x_t are drawn on the CPU from a generator seeded by (seed, k, DP rank,
    micro-batch) (`noise_micro_batch`): a resumed run replays the same noise, and all TP/PP/CP ranks of
    a DP rank draw the same.
 4. The loss denominators (loss tokens, AR targets) are summed over micro-batches and DP ranks BEFORE the
@@ -89,17 +90,28 @@ def curriculum_of(cfg: TrainConfig) -> Curriculum:
 
 
 def block_size_of(cfg: TrainConfig, step: int) -> int:
-    """B(s), eq. 3."""
+    """B(k) of step k (1-based, as logged), eq. 3: B_target first trains at the step the config's
+    growth says (`Curriculum.growth_end_step`). The annealed-mask baseline trains at B_target from
+    step 1 (it anneals the mask instead, `anneal_progress_of`)."""
+    if cfg.curriculum.mask_kind == "annealed":
+        return cfg.curriculum.target_block_size
     return curriculum_of(cfg).block_size(step)
 
 
+def anneal_progress_of(cfg: TrainConfig, step: int) -> float | None:
+    """Progress of the annealed mask at step k (`Curriculum.anneal_progress`); None for other kinds."""
+    if cfg.curriculum.mask_kind != "annealed":
+        return None
+    return curriculum_of(cfg).anneal_progress(step)
+
+
 def ar_weight_of(cfg: TrainConfig, step: int) -> float:
-    """λ(s): annealed with the block size (NBDIFF.md §5 co-schedules)."""
+    """λ(k) of step k: annealed with the block size (NBDIFF.md §5 co-schedules)."""
     return curriculum_of(cfg).ar_weight(step)
 
 
 def lr_of(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of the 0-based step s: `lr_at(s + 1)` (ScheduleConfig explains why)."""
+    """Learning rate of step k (1-based, as logged): `lr_at(k)` (ScheduleConfig explains why)."""
     sch = cfg.schedule
     schedule = LRSchedule(
         peak=cfg.optimizer.lr,
@@ -110,7 +122,7 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
         style=sch.style,
         decay_shape=sch.decay_shape,
     )
-    return schedule.at(step + 1)
+    return schedule.at(step)
 
 
 def noise_seed(seed: int, step: int, dp_rank: int, micro_batch: int) -> int:
@@ -279,6 +291,7 @@ def _data_iterator(rt: _Runtime) -> Iterator[dict[str, torch.Tensor]]:
         consumed_samples=rt.consumed_at_start,
         data_parallel_rank=rt.dp_rank,
         data_parallel_size=rt.dp,
+        num_workers=rt.cfg.data.num_workers,
         cyclic=True,
     )
     return iter(loader)
@@ -311,9 +324,14 @@ class Noise(NamedTuple):
     masked: torch.Tensor
     """True where x_t holds [MASK]."""
     t: torch.Tensor
-    """Per-token diffusion time t (the L_MDM weight is 1/t)."""
+    """Per-token masking probability: the L_MDM weight of a masked token is 1 / t. It is the diffusion
+    time t of the token's block (or sequence) under uniform masking and the position-dependent
+    probability p_q otherwise (an unbiased eq. 5); where a token cannot be masked (p = 0: a block start
+    under token shift) it holds its block's t, never read by the loss."""
     positions: torch.Tensor
     """Each token's position inside its document (blocks are counted from document starts)."""
+    annealed_draw: torch.Tensor | None = None
+    """mask_kind annealed: the mask's random decisions [b, L, B] (`method.masks.annealed_draw`)."""
 
 
 def noise_micro_batch(
@@ -340,7 +358,7 @@ def noise_micro_batch(
     stays clean too (a [MASK] there would only be noise in the x_t context of no loss token). The random
     draws are made for every position first, so the noise of the loss tokens does not depend on it.
     """
-    from nbdiff_megatron.method.masks import training_position_ids
+    from nbdiff_megatron.method.masks import annealed_draw, training_position_ids
     from nbdiff_megatron.method.noise import block_layout, mask_tokens, per_token_t, sample_t
 
     x0, doc_ids, loss_mask = x0.cpu(), doc_ids.cpu(), loss_mask.cpu()
@@ -359,7 +377,7 @@ def noise_micro_batch(
         antithetic=cfg.noise.antithetic,
         generator=gen,
     )
-    _, masked = mask_tokens(
+    _, masked, probability = mask_tokens(
         x0,
         t,
         block_size=block_size,
@@ -369,11 +387,20 @@ def noise_micro_batch(
         token_shift=cfg.loss.token_shift,
         generator=gen,
         positions=positions,
+        return_probability=True,
     )
     masked = masked & loss_mask
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
     t_token = per_token_t(t, seq_len=length, block_size=block_size, positions=positions)
-    return Noise(x_t, masked, t_token, positions)
+    # Weight each masked token by 1 / its own masking probability: E[masked / p] = 1 at every position,
+    # so position-dependent masking keeps L_MDM an unbiased bound (1 / t would not).
+    t_token = torch.where(probability > 0, probability.to(t_token.dtype), t_token)
+    draw = None
+    progress = anneal_progress_of(cfg, step)
+    if progress is not None:
+        # Drawn after the token masks, from the same generator: TP/PP/CP ranks agree, resumes replay.
+        draw = annealed_draw(batch, length, block_size, progress, generator=gen)
+    return Noise(x_t, masked, t_token, positions, draw)
 
 
 @dataclass
@@ -408,7 +435,9 @@ def _micro_batch(
         mask_id=rt.mask_id,
     )
     x0, doc_ids, loss_mask = (batch[k].to(rt.device) for k in ("tokens", "doc_ids", "loss_mask"))
-    x_t, masked, t, positions = (v.to(rt.device) for v in noise)
+    # Multi-turn SFT samples carry turn ids (data/sft.py): no token sees past the end of its turn.
+    turn_ids = batch["turn_ids"].to(rt.device) if "turn_ids" in batch else None
+    x_t, masked, t, positions = (v.to(rt.device) for v in noise[:4])
     inputs = nbdiff_model_inputs(
         x_t,
         x0,
@@ -417,6 +446,8 @@ def _micro_batch(
         doc_ids=doc_ids,
         backend=cfg.model.resolved_attention_backend(),
         cp_layout=rt.cp_layout,
+        turn_ids=turn_ids,
+        annealed_draw=noise.annealed_draw,
     )
     return _MicroBatch(x0, masked, t, doc_ids, loss_mask, positions, inputs)
 
@@ -593,7 +624,7 @@ def _train_step(
         validate=cfg.loss.validate,
         denominators=_global_denominators(rt, mbs),
         scale=float(len(mbs) * rt.dp),
-        poison=(step + 1) in faults.nan_drill_steps(),
+        poison=step in faults.nan_drill_steps(),
     )
     with cpu_compat.cuda_to_cpu():
         losses = fwd_bwd(
@@ -606,11 +637,11 @@ def _train_step(
             forward_only=False,
         )
     terms = _reduce_terms(rt, losses)
-    if (step + 1) in faults.spike_drill_steps():
+    if step in faults.spike_drill_steps():
         terms = terms * 10.0
     if not bool(torch.isfinite(terms).all()):
         return terms, None
-    if (step + 1) in faults.nan_grad_drill_steps():
+    if step in faults.nan_grad_drill_steps():
         faults.poison_one_gradient(rt.model)
     grad_norm, _ = _optimizer_step(rt, on_cuda)
     return terms, grad_norm
@@ -758,7 +789,8 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     ):
         healthy.started_from(last_saved)
     try:
-        for step in range(start_step, cfg.train.steps):
+        # `step` is k = 1..train.steps: B, λ, LR, noise seed, log line and checkpoint of step k.
+        for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             terms, grad_norm = _train_step(rt, step, fwd_bwd, on_cuda)
             if on_cuda:
@@ -766,16 +798,16 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
             try:
-                ok = guard.check(step + 1, loss, grad_norm)
+                ok = guard.check(step, loss, grad_norm)
                 spike = ok and not spikes.check(
-                    step + 1, loss, grad_norm, regime=block_size_of(cfg, step)
+                    step, loss, grad_norm, regime=block_size_of(cfg, step)
                 )
             except faults.TrainingHalted as exc:
-                raise _halt(rt, cfg, exc, healthy, step + 1) from None
-            healthy.step_done(step + 1, ok and not spike)
+                raise _halt(rt, cfg, exc, healthy, step) from None
+            healthy.step_done(step, ok and not spike)
             tokens_per_s = cfg.tokens_per_step() / max(elapsed, 1e-9)
             record = StepRecord(
-                step=step + 1,
+                step=step,
                 loss=loss,
                 mdm=float(terms[1]),
                 ar=float(terms[2]),
@@ -784,6 +816,8 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
                 lr=lr_of(cfg, step),
                 grad_norm=grad_norm,
                 skipped=not ok,
+                mask_kind=cfg.curriculum.mask_kind,
+                anneal_progress=anneal_progress_of(cfg, step),
                 step_time=elapsed,
                 tokens_per_s=tokens_per_s,
                 mfu=(flops / elapsed / (world * peak * 1e12)) if peak else None,
@@ -791,22 +825,22 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
             )
             logger.log_step(record)
             result.history.append(record.to_json())
-            result.final_step = step + 1
+            result.final_step = step
             result.skipped_steps = guard.total_skipped
-            faults.maybe_kill_after_step(step + 1)
+            faults.maybe_kill_after_step(step)
 
-            done = step + 1 == cfg.train.steps
+            done = step == cfg.train.steps
             preempted = handler is not None and faults.any_rank_true(handler.poll() is not None)
-            due = ck.save and ((step + 1) % ck.save_interval == 0 or done or preempted)
+            due = ck.save and (step % ck.save_interval == 0 or done or preempted)
             if due:
-                result.checkpoint = str(_save(rt, cfg, step + 1, logger, healthy, job))
-                last_saved = step + 1
+                result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
+                last_saved = step
             if preempted:
                 result.stopped_by_signal = handler.poll() or "signal"
                 logger.info(
                     f"received {result.stopped_by_signal}: "
                     + (
-                        f"checkpoint saved at step {step + 1} ({result.checkpoint}); exiting "
+                        f"checkpoint saved at step {step} ({result.checkpoint}); exiting "
                         f"cleanly. Resume with the same command: {faults.resume_command()}"
                         if ck.save
                         else "no checkpoint.save configured, nothing saved; exiting cleanly"
@@ -914,6 +948,8 @@ def _save(
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
             "job": job,
             "health": rt.health.state() if rt.health is not None else None,
+            # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
+            "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
         protect=healthy.protected(),

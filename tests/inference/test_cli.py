@@ -255,8 +255,11 @@ def _decoder_for(loaded, argv):
     [
         ({}, {}, "context_causal"),
         ({"curriculum": {"mask_kind": "block_causal"}}, {}, "block_causal"),
-        ({"curriculum": {"mask_kind": "context_causal"}}, {"mask_kind": "block_causal"},
-         "context_causal"),
+        (
+            {"curriculum": {"mask_kind": "context_causal"}},
+            {"mask_kind": "block_causal"},
+            "context_causal",
+        ),
         ({}, {"nbdiff": {"mask_kind": "block_causal"}}, "block_causal"),
         ({}, {"mask_kind": "block_causal"}, "block_causal"),
     ],
@@ -305,3 +308,57 @@ def test_block_causal_checkpoint_decodes_block_causally(tmp_path):
     assert decoder.config.mask_kind == "block_causal"
     out = decoder.generate([tok.encode("And God said")], max_new_tokens=6)
     assert len(out.tokens[0]) <= 6
+
+
+# ------------------------------------------------ decoding flags and input errors (issue 14)
+def test_generate_prints_stop_reasons_and_new_flags(trained_checkpoint, capsys):
+    save, _, _ = trained_checkpoint
+    base = ["generate", "--load", str(save), "--prompt", "The king said", "--max-new-tokens", "9"]
+    assert main(base + ["--block-align", "prompt", "--steps-per-block", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "prompt-aligned" in err and "stopped (prompt: reason) 0: " in err
+    assert main(base + ["--unmasking", "entropy_bounded", "--threshold", "2"]) == 0
+    assert main(base + ["--temperature", "1", "--top-k", "5", "--seed", "3"]) == 0
+    assert main(base + ["--steps-per-block", "4", "--unmasking", "margin"]) == 2
+    assert "--steps-per-block applies" in capsys.readouterr().err
+
+
+def test_block_size_errors_and_warning(trained_checkpoint, capsys):
+    save, _, _ = trained_checkpoint
+    base = ["generate", "--load", str(save), "--prompt", "The king", "--max-new-tokens", "4"]
+    assert main(base + ["--block-size", "0"]) == 2
+    assert "--block-size must be an integer >= 1" in capsys.readouterr().err
+    assert main(base + ["--block-size", "16"]) == 0  # the checkpoint was trained with 8
+    assert "larger than the block size the model was trained for (8)" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_names_the_file(trained_checkpoint, tmp_path, capsys):
+    import shutil
+
+    save, _, _ = trained_checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(save, bad)
+    shard = sorted(bad.rglob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    assert main(["generate", "--load", str(bad), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint file {shard} is truncated" in err and "Traceback" not in err
+    assert main(["convert", "mcore-to-hf", "--mcore", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert f"checkpoint file {shard} is truncated" in capsys.readouterr().err
+
+
+def test_truncated_safetensors_names_the_file(trained_checkpoint, tmp_path, capsys):
+    save, _, _ = trained_checkpoint
+    hf = tmp_path / "hf"
+    assert main(["convert", "mcore-to-hf", "--mcore", str(save), "--out", str(hf)]) == 0
+    weights = hf / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(5000)
+    capsys.readouterr()
+    assert main(["generate", "--load", str(hf), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} is not a readable safetensors file" in err
+    out = tmp_path / "m"
+    assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(out)]) == 2
+    assert f"{weights} is not a readable safetensors file" in capsys.readouterr().err

@@ -113,3 +113,65 @@ def test_bad_configs_raise_value_error():
         SamplingConfig(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="steps"):
+        UnmaskingConfig(rule="static")
+    with pytest.raises(ValueError, match="steps"):
+        UnmaskingConfig(rule="dynamic", steps=0)
+
+
+def test_scheduled_count_spreads_tokens_over_the_steps():
+    from nbdiff_megatron.inference.unmasking import scheduled_count
+
+    remaining, counts = torch.tensor([31]), []
+    for steps_left in range(8, 0, -1):
+        k = scheduled_count(remaining, steps_left)
+        counts.append(int(k))
+        remaining = remaining - k
+    assert counts == [4, 4, 4, 4, 4, 4, 4, 3] and int(remaining) == 0
+    assert scheduled_count(torch.tensor([2, 0, 9]), 4).tolist() == [1, 0, 3]
+
+
+def test_static_and_dynamic_rules():
+    # 1 row, 4 positions with confidences 0.95 / 0.6 / 0.7 / 0.4 on their argmax
+    probs = [[[0.95, 0.05], [0.6, 0.4], [0.3, 0.7], [0.4, 0.6]]]
+    logits = logits_for(probs)
+    cand = torch.ones(1, 4, dtype=torch.bool)
+    greedy = SamplingConfig()
+    static = UnmaskingConfig("static", steps=2)
+    _, chosen = unmask_step(logits, cand, static, greedy, steps_left=2)
+    assert chosen.tolist() == [[True, False, True, False]]  # ceil(4 / 2) = 2 most confident
+    _, chosen = unmask_step(logits, cand, static, greedy, steps_left=1)
+    assert chosen.all()
+    dynamic = UnmaskingConfig("dynamic", 0.65, steps=4)
+    _, chosen = unmask_step(logits, cand, dynamic, greedy, steps_left=4)
+    assert chosen.tolist() == [[True, False, True, False]]  # threshold beats the minimum of 1
+    _, chosen = unmask_step(
+        logits, cand, UnmaskingConfig("dynamic", 0.99, steps=2), greedy, steps_left=2
+    )
+    assert chosen.sum() == 2  # nothing passes: the schedule's minimum
+
+
+def test_entropy_bounded_takes_the_cheapest_prefix():
+    from nbdiff_megatron.inference.unmasking import entropy_bounded_select
+
+    ent = torch.tensor([[0.5, 0.1, 2.0, 0.3], [3.0, 4.0, 5.0, 6.0]])
+    cand = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    chosen = entropy_bounded_select(ent, cand, budget=0.95)
+    # row 0: 0.1 + 0.3 + 0.5 = 0.9 <= 0.95; row 1: nothing fits, the most certain candidate goes
+    assert chosen.tolist() == [[True, True, False, True], [False, True, False, False]]
+
+
+def test_per_row_generators_draw_independently_of_the_batch():
+    from nbdiff_megatron.inference.unmasking import row_generators
+
+    logits = torch.zeros(3, 5, 10)
+    sampling = SamplingConfig(temperature=1.0)
+    batch, _ = propose_tokens(logits, sampling, row_generators(4, [0, 1, 2]))
+    alone, _ = propose_tokens(logits[2:], sampling, row_generators(4, [2]))
+    assert torch.equal(batch[2], alone[0])
+    # a row that does not draw consumes nothing from its generator
+    gens = row_generators(4, [0, 1])
+    propose_tokens(logits[:2], sampling, gens, rows=torch.tensor([True, False]))
+    later, _ = propose_tokens(logits[1:2], sampling, gens[1:])
+    first, _ = propose_tokens(logits[1:2], sampling, row_generators(4, [1]))
+    assert torch.equal(later, first)

@@ -15,7 +15,6 @@ from nbdiff_megatron.method.curriculum import (
     block_size_at,
     growth_end_step,
     interval_to_finish_by,
-    refine_steps_at,
 )
 
 FAST = settings(max_examples=80, deadline=None)
@@ -155,100 +154,17 @@ def test_ar_weight_bad_arguments(kwargs, name):
         ar_weight_at(size, **kwargs)
 
 
-def test_refine_steps_hand_cases():
-    # Default growth 0.5: ceil(sqrt(B)) steps -> 1, 2, 2, 3, 4, 6 (steps per token 1 ... 0.19).
-    sizes = (1, 2, 4, 8, 16, 32)
-    assert [refine_steps_at(b) for b in sizes] == [1, 2, 2, 3, 4, 6]
-    assert refine_steps_at(64) == 8 and refine_steps_at(256) == 16  # exact roots stay exact
-    # growth 0: a fixed number of tokens per step (steps proportional to B).
-    assert refine_steps_at(32, growth=0.0) == 32
-    assert refine_steps_at(32, tokens_per_step=4, growth=0.0) == 8
-    assert refine_steps_at(6, tokens_per_step=4, growth=0.0) == 2  # ceil(1.5)
-    # growth 1: a fixed number of steps per block.
-    assert [refine_steps_at(b, tokens_per_step=0.25, growth=1.0) for b in sizes] == [4] * 6
-    assert refine_steps_at(32, tokens_per_step=2) == 3  # ceil(sqrt(32) / 2) = ceil(2.83)
-    assert refine_steps_at(32, growth=0.0, max_steps=16) == 16
-    assert refine_steps_at(2, tokens_per_step=4, min_steps=2) == 2
-    table = {1: 1, 4: 2, 16: 4}
-    assert [refine_steps_at(b, table=table) for b in sizes] == [1, 1, 2, 2, 4, 4]
-
-
-@FAST
-@given(
-    block_size=st.integers(1, 512),
-    factor=st.integers(1, 16),
-    tokens_per_step=st.floats(0.1, 8.0),
-    growth=st.floats(0.0, 1.0),
-    min_steps=st.integers(1, 4),
-    cap=st.one_of(st.none(), st.integers(0, 40)),
-)
-def test_refine_steps_per_token_never_rise_as_blocks_grow(
-    block_size, factor, tokens_per_step, growth, min_steps, cap
-):
-    kwargs = dict(
-        tokens_per_step=tokens_per_step,
-        growth=growth,
-        min_steps=min_steps,
-        max_steps=None if cap is None else min_steps + cap,
-    )
-    small = refine_steps_at(block_size, **kwargs)
-    big = refine_steps_at(factor * block_size, **kwargs)
-    nxt = refine_steps_at(block_size + 1, **kwargs)
-    assert small >= 1
-    assert big >= small and nxt >= small, "a larger block never gets fewer steps"
-    # Steps per token: big / (factor B) <= small / B, in integers.
-    assert big * block_size <= small * factor * block_size
-    assert big <= factor * small
-
-
-@pytest.mark.parametrize("growth", [0.25, 0.5, 0.75])
-def test_refine_steps_per_token_fall_along_the_curriculum(growth):
-    # Block sizes of the paper's growth 1 -> 2 -> ... -> 1024: the steps per token never rise, and
-    # with growth > 0 they fall strictly from one plateau to a later one four doublings on.
-    sizes = [2**n for n in range(11)]
-    per_token = [refine_steps_at(b, growth=growth) / b for b in sizes]
-    assert all(b <= a for a, b in zip(per_token, per_token[1:]))
-    assert all(b < a for a, b in zip(per_token, per_token[4:]))
-    assert per_token[0] == 1.0 and per_token[-1] < 0.5
-
-
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        ({"block_size": 0}, "block_size"),
-        ({"block_size": 4, "tokens_per_step": 0}, "tokens_per_step"),
-        ({"block_size": 4, "min_steps": 0}, "min_steps"),
-        ({"block_size": 4, "min_steps": 3, "max_steps": 2}, "max_steps"),
-        ({"block_size": 1, "table": {2: 1}}, "table"),
-        ({"block_size": 4, "table": {1: 0}}, "table"),
-        ({"block_size": 4, "growth": 1.5}, "growth"),
-        ({"block_size": 4, "growth": -0.1}, "growth"),
-    ],
-)
-def test_refine_steps_bad_arguments(kwargs, name):
-    size = kwargs.pop("block_size")
-    with pytest.raises(ValueError, match=name):
-        refine_steps_at(size, **kwargs)
-
-
 def test_curriculum_bundles_the_schedules():
     cur = Curriculum(
         interval=500,
         ar_weight_start=0.5,
         ar_weight_end=0.1,
         ar_weight_style="linear",
-        tokens_per_step=4,
-        refine_growth=0.0,
-        max_refine_steps=6,
     )
     assert [cur.block_size(s) for s in (0, 500, 1000, 2500)] == [1, 2, 4, 32]
     assert cur.ar_weight(1000) == pytest.approx(0.34)
     assert cur.ar_weight(3000) == pytest.approx(0.1)
-    assert cur.refine_steps(0) == 1 and cur.refine_steps(1500) == 2 and cur.refine_steps(2500) == 6
     assert cur.growth_end_step() == 2500
-    # Default refinement co-schedule: ceil(sqrt(B)) steps per block.
-    default = Curriculum(interval=500)
-    assert [default.refine_steps(s) for s in (0, 500, 1000, 1500, 2000, 2500)] == [1, 2, 2, 3, 4, 6]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cur.target = 64  # type: ignore[misc]
 
@@ -262,10 +178,27 @@ def test_curriculum_bundles_the_schedules():
         ({"warmup": -2}, "warmup"),
         ({"ar_weight_style": "exp"}, "style"),
         ({"ar_weight_end": 2.0}, "end_weight"),
-        ({"tokens_per_step": -1.0}, "tokens_per_step"),
-        ({"refine_growth": 2.0}, "growth"),
     ],
 )
 def test_curriculum_validates_on_construction(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Curriculum(**kwargs)
+
+
+def test_no_refinement_step_co_schedule_in_the_curriculum():
+    # The training curriculum schedules B and λ only; the refinement steps per block are the
+    # decoder's business (`nbdiff generate`), not a dead co-schedule here (issue 11, item 4).
+    import nbdiff_megatron.method.curriculum as curriculum
+
+    assert not hasattr(curriculum, "refine_steps_at")
+    assert not hasattr(Curriculum, "refine_steps")
+    assert {f.name for f in dataclasses.fields(Curriculum)} == {
+        "target",
+        "start",
+        "base",
+        "interval",
+        "warmup",
+        "ar_weight_start",
+        "ar_weight_end",
+        "ar_weight_style",
+    }

@@ -146,10 +146,10 @@ def test_lr_of_the_first_and_the_last_step() -> None:
 
     sched = ["--train.steps=10", "--optimizer.lr=1e-3", "--optimizer.min_lr=1e-4"]
     wsd = load_config(TINY, [*sched, "--schedule.warmup_steps=4", "--schedule.decay_steps=3"])
-    # Step 1 (0-based 0) already trains at peak / warmup; the peak at step 4; min_lr at the last step.
-    assert lr_of(wsd, 0) == pytest.approx(2.5e-4)
-    assert lr_of(wsd, 3) == pytest.approx(1e-3) and lr_of(wsd, 6) == pytest.approx(1e-3)
-    assert lr_of(wsd, 9) == pytest.approx(1e-4)
+    # Step 1 (steps count from 1, as logged) already trains at peak / warmup; the peak at step 4; min_lr at the last step.
+    assert lr_of(wsd, 1) == pytest.approx(2.5e-4)
+    assert lr_of(wsd, 4) == pytest.approx(1e-3) and lr_of(wsd, 7) == pytest.approx(1e-3)
+    assert lr_of(wsd, 10) == pytest.approx(1e-4)
     cosine = load_config(
         TINY,
         [
@@ -159,9 +159,9 @@ def test_lr_of_the_first_and_the_last_step() -> None:
             "--schedule.decay_steps=0",
         ],
     )
-    assert lr_of(cosine, 0) < 1e-3 and lr_of(cosine, 9) == pytest.approx(1e-4)
+    assert lr_of(cosine, 1) < 1e-3 and lr_of(cosine, 10) == pytest.approx(1e-4)
     flat = load_config(TINY, [*sched, "--schedule.warmup_steps=0", "--schedule.decay_steps=0"])
-    assert lr_of(flat, 0) == lr_of(flat, 9) == pytest.approx(1e-3)
+    assert lr_of(flat, 1) == lr_of(flat, 10) == pytest.approx(1e-3)
 
 
 def test_world_size_is_checked_against_the_layout() -> None:

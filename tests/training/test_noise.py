@@ -61,10 +61,62 @@ def test_noise_is_a_function_of_seed_step_dp_rank_and_micro_batch() -> None:
     cfg = load_config(TINY, [])
     first = _noise(cfg, x0, doc_ids, loss_mask)
     again = _noise(cfg, x0, doc_ids, loss_mask)
-    for a, b in zip(first, again):
+    assert first.annealed_draw is None  # only mask_kind annealed draws its mask
+    for a, b in zip(first[:4], again[:4]):
         assert a.device.type == "cpu" and torch.equal(a, b)
+    annealed = load_config(TINY, ["--curriculum.mask_kind=annealed", "--curriculum.ar_weight=0"])
+    draw = _noise(annealed, x0, doc_ids, loss_mask).annealed_draw
+    assert draw.shape == (3, L, BLOCK) and draw.device.type == "cpu"
+    assert torch.equal(draw, _noise(annealed, x0, doc_ids, loss_mask).annealed_draw)
+    # The mask draw comes after the token draws: the noise itself is that of the other kinds.
+    assert torch.equal(_noise(annealed, x0, doc_ids, loss_mask).masked, first.masked)
     for other in (dict(step=4), dict(dp_rank=0), dict(micro_batch=1)):
         changed = _noise(cfg, x0, doc_ids, loss_mask, **other)
         assert not torch.equal(changed.t, first.t), other
     reseeded = _noise(load_config(TINY, ["--train.seed=7"]), x0, doc_ids, loss_mask)
     assert not torch.equal(reseeded.t, first.t)
+
+
+def test_position_dependent_masking_is_weighted_by_each_tokens_own_probability() -> None:
+    """E[masked x weight] = 1 at every maskable position (weight = 1 / t of the micro-batch's Noise,
+    the L_MDM weight), by Monte Carlo, at B = 32 with skew 0.5; with 1 / t_block the first slot of a
+    block would get ~0.65 and the last ~1.35 (issue 11, item 5)."""
+    rows, length, block = 40000, 64, 32
+    x0 = torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(1))
+    doc_ids = torch.zeros(rows, length, dtype=torch.long)
+    loss_mask = torch.ones(rows, length, dtype=torch.bool)
+    for shift in (True, False):
+        for t_range in ((0.5, 0.5), (0.2, 1.0)):
+            cfg = load_config(
+                TINY,
+                [
+                    "--noise.position_dependent=true",
+                    "--noise.skew=0.5",
+                    f"--noise.t_min={t_range[0]}",
+                    f"--noise.t_max={t_range[1]}",
+                    f"--loss.token_shift={str(shift).lower()}",
+                ],
+            )
+            noise = noise_micro_batch(
+                cfg,
+                x0,
+                doc_ids,
+                loss_mask,
+                step=1,
+                dp_rank=0,
+                micro_batch=0,
+                block_size=block,
+                mask_id=MASK_ID,
+            )
+            weighted = (noise.masked.double() / noise.t.double()).mean(dim=0)
+            maskable = torch.ones(length, dtype=torch.bool)
+            if shift:
+                maskable[::block] = False  # a block's first token is decoded autoregressively
+                assert not noise.masked[:, ::block].any()
+            assert torch.allclose(
+                weighted[maskable], torch.ones(int(maskable.sum()), dtype=torch.double), atol=0.05
+            ), (shift, t_range, weighted)
+            # Position-dependent: the first maskable slot is masked less often than the last.
+            rate = noise.masked.double().mean(dim=0)
+            first = 1 if shift else 0
+            assert rate[first] < rate[block - 1] - 0.1

@@ -75,7 +75,8 @@ def test_a_resumed_run_replays_the_data_and_the_noise(
         corpus_prefix, *RUN[1:], "--train.steps=5", f"--checkpoint.load={save / 'iter_0000003'}"
     )
     assert [r["step"] for r in resumed.history] == [4, 5]
-    assert sorted(seen) == [(3, 0, 0), (3, 0, 1), (4, 0, 0), (4, 0, 1)]
+    # Keys are the steps k as logged (issue 11: one meaning of "step k", noise seed included).
+    assert sorted(seen) == [(4, 0, 0), (4, 0, 1), (5, 0, 0), (5, 0, 1)]
     for key, (x0, masked, t) in seen.items():
         ref_x0, ref_masked, ref_t = uninterrupted[key]
         assert torch.equal(x0, ref_x0) and torch.equal(masked, ref_masked), key
