@@ -224,3 +224,39 @@ def test_kill_9_mid_save_leaves_no_process_and_the_pipe_ends(
         except ProcessLookupError:
             pass
     assert checkpointing.list_checkpoints(save) == [] and not (save / "COMPLETE").exists()
+
+
+def test_wandb_without_the_package_is_one_clear_error(
+    corpus_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbdiff_megatron.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ConfigError, match=r"logging.wandb_project='p' needs .* pip install wandb"):
+        train_in_process(
+            corpus_prefix,
+            "--train.steps=1",
+            f"--checkpoint.save={tmp_path / 'run'}",
+            "--logging.wandb_project=p",
+        )
+
+
+def test_wandb_offline_logs_steps_and_the_job(
+    corpus_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[01-02]")
+    save = tmp_path / "run"
+    train_in_process(
+        corpus_prefix,
+        "--train.steps=2",
+        f"--checkpoint.save={save}",
+        "--logging.wandb_project=nbdiff-test",
+        "--logging.wandb_mode=offline",
+    )
+    runs = list((save / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), runs
+    start = json.loads((save / "runs.jsonl").read_text().splitlines()[0])
+    assert start["job_id"] == "4242" and start["nodes"] == "node[01-02]"
