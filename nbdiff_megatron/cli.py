@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nbdiff_megatron.inference.lm_eval_adapter", "evaluate with lm-evaluation-harness"),
     "show-mask": ("nbdiff_megatron.plots", "draw the 2L x 2L training mask as a PNG"),
     "show-curriculum": ("nbdiff_megatron.plots", "plot B(s), lambda(s) and the LR of a config"),
+    "ablate": ("nbdiff_megatron.ablation", "the paper's Table 2 ablation: 5 variants, one command"),
 }
 
 
@@ -55,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"nbdiff: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from nbdiff_megatron.megatron_compat import quiet_megatron
+
+    quiet_megatron()  # before any sub-command imports megatron-core
     parser = build_parser(command)
     args, extra = parser.parse_known_args(rest)
+    args.argv = rest  # the sub-command's own arguments, as typed (a run prints how to resume it)
     if getattr(args._module, "ACCEPTS_OVERRIDES", False):
         args.overrides = extra
     elif extra:
@@ -64,9 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args._module.run(args)
     except NBDiffError as exc:
-        print(f"nbdiff {command}: error: {exc}", file=sys.stderr)
+        report_user_error(command, exc)
         return 2
     return int(code or 0)
+
+
+def report_user_error(command: str, exc: BaseException) -> None:
+    """Print a user error (no traceback) once: on rank 0 under torchrun/srun, the others stay quiet.
+
+    Every rank meets the same bad config or checkpoint and exits with the same code; printing it once
+    keeps the message readable among the launcher's own report.
+    """
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    if rank not in ("", "0"):
+        return
+    print(f"nbdiff {command}: error: {exc}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,7 @@ class ConversionError(NBDiffError):
 
 class InferenceError(NBDiffError, ValueError):
     """A decoding request is invalid (empty prompt, too long, unknown checkpoint)."""
+
+
+class CompatibilityError(NBDiffError):
+    """The installed megatron-core lacks a field or feature this project passes to it."""

@@ -1,6 +1,7 @@
 """Project-wide test settings: offline, deterministic threads, caches kept out of the home folder;
 the 1-rank process group fixture."""
 
+import logging
 import os
 import tempfile
 
@@ -31,3 +32,45 @@ def one_rank():
             and parallel_state.get_pipeline_model_parallel_world_size() == 1):
         initialize_parallel(1, 1, 1, seed=1234)
     yield
+
+
+# ----------------------------------------------------------------------------- deprecation job
+# NBDIFF_SHOW_DEPRECATIONS=1 (the CI's deprecation job; docs/megatron-compat.md): warnings that
+# pyproject.toml filters out are shown again, and megatron-core's deprecation notices -- warnings and
+# log records alike -- are listed once each at the end of the run.
+_NOTICES: dict[str, int] = {}
+
+
+class _NoticeCollector(logging.Handler):
+    """Keeps megatron-core's deprecation log records (message -> count)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.name.startswith("megatron") and "deprecat" in message.lower():
+            _NOTICES[message] = _NOTICES.get(message, 0) + 1
+
+
+def pytest_configure(config):
+    from nbdiff_megatron.megatron_compat import show_deprecations
+
+    if not show_deprecations():
+        return
+    for line in ("always::DeprecationWarning", "always::FutureWarning", "always:.*deprecat"):
+        config.addinivalue_line("filterwarnings", line)
+    logging.getLogger().addHandler(_NoticeCollector(level=logging.WARNING))
+
+
+def pytest_warning_recorded(warning_message, when, nodeid, location):
+    from nbdiff_megatron.megatron_compat import show_deprecations
+
+    text = str(warning_message.message)
+    if show_deprecations() and "megatron" in str(warning_message.filename):
+        _NOTICES[text] = _NOTICES.get(text, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _NOTICES:
+        return
+    terminalreporter.section("megatron-core deprecation notices (NBDIFF_SHOW_DEPRECATIONS=1)")
+    for message, count in sorted(_NOTICES.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{count:5d} x {message[:300]}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from nbdiff_megatron.errors import ConfigError
 
 MODES = ("pretrain", "sft")
-SFT_TRUNCATION_RULES = ("drop", "truncate")
+SFT_OVERFLOW_RULES = ("drop", "truncate_turns", "truncate")
 # One user/assistant exchange; `<eod>` stands for the tokenizer's end-of-document id. Everything
 # from `{assistant}` to the end of the template is the response (it carries the loss).
 DEFAULT_SFT_TEMPLATE = "<|user|>\n{user}\n<|assistant|>\n{assistant}<eod>"
@@ -45,9 +45,10 @@ class DataConfig:
     string with {user} and {assistant} (and <eod>), e.g. DEFAULT_SFT_TEMPLATE."""
     sft_system_template: str = DEFAULT_SFT_SYSTEM_TEMPLATE
     """How a system message is rendered before the first exchange (string templates only)."""
-    sft_truncation: str = "drop"
-    """Conversations longer than the sequence: 'drop' them, or 'truncate' at the sequence length
-    (kept only if a response token survives); both are counted."""
+    sft_overflow: str = "drop"
+    """Conversations longer than the sequence: 'drop' them; 'truncate_turns': keep their first
+    whole user/assistant exchanges that fit (dropped if even the first does not); 'truncate': cut
+    at the sequence length (kept only if a response token survives). The run prints the counts."""
     sft_valid_fraction: float = 0.05
     """Fraction of conversations held out for validation (the rest trains; SFT has no test split)."""
 
@@ -68,10 +69,9 @@ class DataConfig:
         self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}.")
-        if self.sft_truncation not in SFT_TRUNCATION_RULES:
+        if self.sft_overflow not in SFT_OVERFLOW_RULES:
             raise ConfigError(
-                f"data.sft_truncation must be one of {SFT_TRUNCATION_RULES}, "
-                f"got {self.sft_truncation!r}."
+                f"data.sft_overflow must be one of {SFT_OVERFLOW_RULES}, got {self.sft_overflow!r}."
             )
         if self.sft_template not in ("auto", "chat_template"):
             check_string_template(self.sft_template)

@@ -1,13 +1,12 @@
 """The one place that imports megatron-core's dataset classes (slow to import, noisy on CPU).
 
-Also smooths over the differences between megatron-core versions this project supports (0.16.x on
-Python 3.11, 0.19.x on 3.12): config fields are passed only when the installed version has them.
+Also where the differences between the megatron-core versions this project supports (0.16.x on
+Python 3.11, 0.19.x on 3.12) are checked: a config field the installed version lacks is an error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from typing import Any
 
@@ -38,26 +37,14 @@ def optimal_dtype(vocab_size: int):
 
 
 def gpt_dataset_config(**kwargs: Any) -> GPTDatasetConfig:
-    """GPTDatasetConfig from the keyword arguments this megatron-core version knows.
+    """GPTDatasetConfig from keyword arguments, every one of which the installed version must know.
 
-    Fields we pass that an older/newer version lacks are dropped; a field that matters for
-    correctness must be in REQUIRED (present in 0.16.1 and 0.19.x).
+    All the fields we pass exist in 0.16.1 and 0.19.x; a field a later release renames or removes
+    raises CompatibilityError naming it, instead of vanishing (its default could change the data).
     """
-    required = {
-        "random_seed",
-        "sequence_length",
-        "blend",
-        "split",
-        "tokenizer",
-        "reset_position_ids",
-        "reset_attention_mask",
-        "eod_mask_loss",
-    }
-    known = {f.name for f in dataclasses.fields(GPTDatasetConfig) if f.init}
-    missing = required - known
-    if missing:
-        raise RuntimeError(f"megatron-core's GPTDatasetConfig lacks {sorted(missing)}")
-    return GPTDatasetConfig(**{k: v for k, v in kwargs.items() if k in known})
+    from nbdiff_megatron.megatron_compat import known_fields
+
+    return GPTDatasetConfig(**known_fields(GPTDatasetConfig, kwargs, what="GPTDatasetConfig"))
 
 
 @contextlib.contextmanager

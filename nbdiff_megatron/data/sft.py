@@ -16,8 +16,9 @@ a turn id (`turn_ids_from_loss_mask`): 0 from the conversation's start, +1 right
 response; the training mask lets no token see a later turn (method/masks.py), so a masked token of a
 response never sees the next user turn, which inference never has either (NBDIFF.md §3). The rest of a
 sequence is padding: token `pad`, loss off, one more document id. A conversation longer than L is
-dropped (`sft_truncation: drop`) or cut to L tokens (`truncate`; kept only if a response token
-survives). Every conversation that is not used is counted by reason in `SFTStats`.
+dropped (`sft_overflow: drop`), cut back to its first whole exchanges that fit (`truncate_turns`), or
+cut to L tokens (`truncate`; kept only if a response token survives). Every conversation is counted
+in `SFTStats` (kept, truncated, dropped by reason), which the training run prints.
 """
 
 from __future__ import annotations
@@ -60,15 +61,20 @@ class SFTStats:
         self.skipped[reason] += 1
         self.problems.append(Problem(reason, location, detail))
 
+    @property
+    def dropped(self) -> int:
+        """Conversations not used, all reasons together."""
+        return sum(self.skipped.values())
+
     def format(self) -> str:
         fill = self.tokens / max(1, self.sequences)
         lines = [
-            f"conversations read: {self.conversations}, used: {self.used} "
-            f"(truncated: {self.truncated})",
+            f"conversations read: {self.conversations}: kept {self.used} (truncated "
+            f"{self.truncated}), dropped {self.dropped}",
             f"packed sequences: {self.sequences}, mean real tokens per sequence: {fill:.1f}, "
             f"loss tokens: {self.loss_tokens}",
         ]
-        lines += [f"  skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
+        lines += [f"  dropped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
         return "\n".join(lines)
 
 
@@ -252,11 +258,28 @@ def _compile_chat_template(source: str):
     return env.from_string(source)
 
 
+TOO_LONG = "longer than model.seq_length (data.sft_overflow=drop)"
+FIRST_TURN_TOO_LONG = "first exchange alone longer than model.seq_length"
+
+
+def _first_turns_that_fit(
+    messages: list[dict], formatter: ChatFormatter, seq_length: int
+) -> tuple[list[int], list[bool]] | None:
+    """The encoding of the longest prefix of whole exchanges (ending with an assistant message) that
+    fits into seq_length tokens, or None when not even the first exchange fits."""
+    ends = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
+    for end in reversed(ends[:-1]):
+        ids, mask = formatter.encode(messages[:end])
+        if len(ids) <= seq_length:
+            return ids, mask
+    return None
+
+
 def tokenize_conversations(
     conversations: list[tuple[str, list]],
     formatter: ChatFormatter,
     seq_length: int,
-    truncation: str,
+    overflow: str,
     stats: SFTStats,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, loss_mask) per usable conversation, at most seq_length tokens each (rule: module doc)."""
@@ -264,10 +287,17 @@ def tokenize_conversations(
     for location, messages in conversations:
         ids, mask = formatter.encode(messages)
         if len(ids) > seq_length:
-            if truncation == "drop":
-                stats.skip("longer than the sequence (dropped)", location, f"{len(ids)} tokens")
+            if overflow == "drop":
+                stats.skip(TOO_LONG, location, f"{len(ids)} tokens")
                 continue
-            ids, mask = ids[:seq_length], mask[:seq_length]
+            if overflow == "truncate_turns":
+                fitted = _first_turns_that_fit(messages, formatter, seq_length)
+                if fitted is None:
+                    stats.skip(FIRST_TURN_TOO_LONG, location, f"{len(ids)} tokens")
+                    continue
+                ids, mask = fitted
+            else:
+                ids, mask = ids[:seq_length], mask[:seq_length]
             if not any(mask):
                 stats.skip("no response token left after truncation", location)
                 continue
@@ -337,6 +367,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         self.length = self.num_sequences if num_samples is None else int(num_samples)
         self.seed = seed
         self._orders: dict[int, np.ndarray] = {}
+        self.stats: SFTStats | None = None
+        """What happened to the conversations (set on the training split by build_sft_datasets)."""
 
     def __len__(self) -> int:
         return self.length
@@ -367,9 +399,7 @@ def build_sft_datasets(
     stats = stats if stats is not None else SFTStats()
     conversations = load_conversations(config.sft_data_path, stats)
     formatter = ChatFormatter(tokenizer, config.sft_template, config.sft_system_template)
-    items = tokenize_conversations(
-        conversations, formatter, seq_length, config.sft_truncation, stats
-    )
+    items = tokenize_conversations(conversations, formatter, seq_length, config.sft_overflow, stats)
     if not items:
         raise DataError(
             f"no usable conversation in {config.sft_data_path}: "
@@ -389,4 +419,6 @@ def build_sft_datasets(
         stats.tokens += int(sum(len(ids) for ids, _ in split_items))
         stats.loss_tokens += int(packed["loss_mask"].sum())
         datasets.append(PackedSFTDataset(packed, num_samples[split], seed + split))
+    if datasets[0] is not None:
+        datasets[0].stats = stats  # the training run prints them
     return datasets[0], datasets[1], None

@@ -309,15 +309,55 @@ def evaluate(
             f"unknown lm-eval task(s) {', '.join(unknown)} under {include_path}: known local tasks are "
             f"{', '.join(manager.all_tasks) or 'none'}"
         )
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=False,
-        bootstrap_iters=0,
-    )
+    from unittest import mock
+
+    # lm-eval asks `git describe` for the commit of the working directory and lets git print
+    # "fatal: not a git repository" outside one; ask the same question quietly.
+    import lm_eval.evaluator  # lm_eval loads it lazily
+
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _quiet_git_hash):
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+
+
+def _quiet_git_hash() -> str | None:
+    """The commit of the current directory's git repository, or None (no message on stderr)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-ready copy of lm-eval's results: dicts stay dicts, NaN/inf become None (JSON has no
+    NaN), anything else without a JSON form (functions in task configs, dtypes) becomes its str."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -369,11 +409,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.output:
-        Path(args.output).write_text(
-            json.dumps(
-                {"results": table, "configs": str(results.get("configs", {}))},
-                indent=2,
-                default=str,
-            )
-        )
+        record = {"results": table, "configs": results.get("configs", {})}
+        Path(args.output).write_text(json.dumps(jsonable(record), indent=2, allow_nan=False))
     return 0

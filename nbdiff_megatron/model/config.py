@@ -242,12 +242,18 @@ class ModelConfig:
             # p2p_communication calls torch.cuda.synchronize() when batch_p2p_sync is on.
             batch_p2p_sync=on_cuda,
         )
+        from nbdiff_megatron.megatron_compat import known_fields
+
+        # A field the installed megatron-core does not know is an error, never silently dropped.
+        known_fields(
+            TransformerConfig,
+            self.extra_transformer_config,
+            what="TransformerConfig",
+            user_fields="model.extra_transformer_config",
+        )
         kwargs.update(self.extra_transformer_config)
         kwargs.update(overrides)
-        known = {f.name for f in dataclasses.fields(TransformerConfig)}
-        # Keep this working across megatron-core versions that add or drop fields.
-        kwargs = {k: v for k, v in kwargs.items() if k in known}
-        return TransformerConfig(**kwargs)
+        return TransformerConfig(**known_fields(TransformerConfig, kwargs, what="TransformerConfig"))
 
     def rope_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of megatron-core's RotaryEmbedding for this config."""

@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,18 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1][1]
 
 
+def model_description(ckpt: str | Path) -> str:
+    """Where the model shape of a checkpoint is written, for error messages: the converter's
+    `model.yaml` or the training run's `config.yaml` (model section), beside the checkpoint."""
+    ckpt = Path(ckpt)
+    for folder in (ckpt, ckpt.parent):
+        for name in ("model.yaml", "config.yaml"):
+            if (folder / name).is_file():
+                section = "" if name == "model.yaml" else " (its model section)"
+                return f"{folder / name}{section}"
+    return "the model shape it was written with"
+
+
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """The non-tensor state of a checkpoint: step, data position, config, layout."""
     from megatron.core import dist_checkpointing
@@ -146,6 +159,102 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
             else f"checkpoint {path} has an unreadable common state"
         )
     return info
+
+
+# ----------------------------------------------------------------------------------- start plan
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """How a run starts, by the one resume rule (docs/resume.md).
+
+    1. `checkpoint.save` holds a complete checkpoint: CONTINUE this run from the newest one there
+       (full state), whatever `checkpoint.load` / `checkpoint.finetune` say.
+    2. Otherwise `checkpoint.load` names another run: `finetune` loads its weights only and starts at
+       step 0 (FINETUNE); without it the other run's full state is resumed into this save dir (RESUME).
+    3. Nothing to load: FRESH (also when `load` is this run's own, still empty, save dir).
+    """
+
+    mode: str
+    """'fresh', 'continue', 'finetune' or 'resume'."""
+    path: Path | None
+    """The checkpoint directory to load (None when fresh)."""
+    note: str
+    """One line for the console saying what happens and why."""
+
+    @property
+    def weights_only(self) -> bool:
+        """True when only the model weights are loaded (step, optimizer, data start afresh)."""
+        return self.mode == "finetune"
+
+    @property
+    def same_run(self) -> bool:
+        """True when this start continues the run whose files are in `checkpoint.save`."""
+        return self.mode == "continue"
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def plan_start(save: str | None, load: str | None, finetune: bool) -> StartPlan:
+    """Decide how a run starts from its `checkpoint.save`, `.load` and `.finetune` (the resume rule).
+
+    Raises CheckpointError when `load` names nothing usable, with the fix.
+    """
+    own = list_checkpoints(save) if save else []
+    if own:
+        step, path = own[-1]
+        try:
+            read_checkpoint_info(path)
+        except CheckpointError:
+            raise CheckpointError(
+                f"checkpoint.save={save} holds {path.name}, which `nbdiff train` did not write "
+                "(converted weights?); save this run to another directory and load that one with "
+                f"--checkpoint.load={save} --checkpoint.finetune=true"
+            ) from None
+        ignored = ""
+        if load and not (_same_dir(load, save) or _same_dir(load, path)):
+            ignored = f"; checkpoint.load={load} is ignored (this run's own checkpoints come first)"
+        elif load and finetune:
+            ignored = "; checkpoint.finetune is ignored (it applies to another run's weights)"
+        return StartPlan(
+            "continue",
+            path,
+            f"continuing this run from {path} (step {step}; weights, optimizer, data position "
+            f"and RNG){ignored}",
+        )
+    if not load:
+        return StartPlan("fresh", None, "starting at step 0 (no checkpoint to load)")
+    if save and _same_dir(load, save):
+        if finetune:
+            raise CheckpointError(
+                f"checkpoint.load={load} is this run's own save directory, which holds no complete "
+                "checkpoint yet, so checkpoint.finetune=true has no weights to load; point "
+                "--checkpoint.load at the previous phase's save directory (or the converted "
+                "checkpoint)"
+            )
+        return StartPlan(
+            "fresh", None, f"starting at step 0 ({save} holds no complete checkpoint yet)"
+        )
+    path = find_checkpoint(load)
+    if finetune:
+        return StartPlan(
+            "finetune",
+            path,
+            f"starting a new run at step 0 from the weights of {path} (optimizer, schedule and "
+            "data start afresh: checkpoint.finetune=true)",
+        )
+    where = f" into {save}" if save else ""
+    return StartPlan(
+        "resume",
+        path,
+        f"resuming the run of {path}{where} (full state: weights, optimizer, data position, RNG; "
+        "checkpoint.finetune=false)",
+    )
 
 
 # --------------------------------------------------------------------------------------------- RNG
@@ -450,9 +559,9 @@ def load_checkpoint(
             loaded = dist_checkpointing.load(state, str(ckpt))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"cannot load checkpoint {ckpt}: {_short(exc)}. The checkpoint is "
-            "corrupt or was written for a different model shape (compare its config.yaml with yours); "
-            "load an earlier checkpoint or fix the model section"
+            f"cannot load checkpoint {ckpt}: {_short(exc)}. The checkpoint is corrupt or was "
+            f"written for a different model shape (compare {model_description(ckpt)} with your "
+            "model section); load an earlier checkpoint or fix the model section"
         ) from exc
     try:
         _unwrap(model[0]).load_state_dict(loaded["model"], strict=True)

@@ -2,7 +2,7 @@
 
 nbdiff train --config examples/tiny_cpu.yaml --train.steps=50 --checkpoint.save=runs/tiny
 torchrun --nproc-per-node 2 -m nbdiff_megatron.cli train --config ... --parallel.tp=2
-nbdiff train --config ... --load runs/tiny            # resume exactly where the run stopped
+nbdiff train --config ... --save runs/tiny            # run again: continues from runs/tiny
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "--checkpoint.finetune=true",
     )
     parser.add_argument(
+        "--model-config",
+        default=None,
+        help="model.yaml written by `nbdiff convert hf-to-mcore`: its model shape replaces the "
+        "config's (the config keeps model.seq_length, params_dtype, attention_backend); --model.* "
+        "overrides still apply after it",
+    )
+    parser.add_argument(
         "--print-config", action="store_true", help="print the validated config as YAML and exit"
     )
     parser.add_argument(
@@ -57,13 +64,9 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    # megatron-core warns at import about optional CUDA libraries (apex, TE) a CPU run never uses.
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
     from nbdiff_megatron.training.config import dump_config, load_config
 
-    cfg = load_config(args.config, overrides_from_args(args))
+    cfg = load_config(args.config, overrides_from_args(args), model_file=args.model_config)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -74,7 +77,29 @@ def run(args: argparse.Namespace) -> int:
     from nbdiff_megatron.training.loop import train
 
     try:
-        train(cfg)
+        train(cfg, resume_command=launch_command(getattr(args, "argv", None)))
     finally:
         destroy_parallel()
     return 0
+
+
+def launch_command(argv: list[str] | None) -> str | None:
+    """The command line that started this training process, as the user would type it again.
+
+    Under torchrun the launcher's own flags are rebuilt from its environment (processes per node,
+    nodes); the rendezvous flags of a multi-node launch are the user's own and shown as `...`.
+    """
+    import os
+    import shlex
+
+    if argv is None:
+        return None
+    train_args = shlex.join(["train", *argv])
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        return f"nbdiff {train_args}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    nodes = max(1, int(os.environ.get("WORLD_SIZE", str(local))) // max(local, 1))
+    launcher = f"torchrun --nproc-per-node {local}"
+    if nodes > 1:
+        launcher += f" --nnodes {nodes} ..."
+    return f"{launcher} -m nbdiff_megatron.cli {train_args}"

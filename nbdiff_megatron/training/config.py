@@ -18,6 +18,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -397,14 +398,21 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     hints = _resolved_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
+    problems = _Problems()
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(
+            problems.need(
+                False,
                 f"unknown config key '{path}'.{_did_you_mean(str(key), names)}"
-                " Fix the YAML file or the --override."
+                " Fix the YAML file or the --override.",
             )
-        kwargs[key] = _coerce(value, hints.get(key, Any), path)
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints.get(key, Any), path)
+        except ConfigError as exc:
+            problems.add(exc)
+    problems.raise_if_any()
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -460,10 +468,38 @@ def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> TrainConf
     return cfg
 
 
+# Fields of a converter's model.yaml that describe the run, not the checkpoint: the config keeps its own.
+RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend")
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """The model shape in a `model.yaml` written by `nbdiff convert hf-to-mcore` (or any YAML file
+    with a `model:` section), without the run's own fields (RUN_MODEL_FIELDS)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"--model-config {path} does not exist; pass the model.yaml that `nbdiff convert "
+            "hf-to-mcore` wrote beside the checkpoint (e.g. ckpt/qwen3-4b/model.yaml)"
+        )
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--model-config {path} is not valid YAML: {exc}") from exc
+    section = loaded.get("model") if isinstance(loaded, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"--model-config {path} has no `model:` section")
+    return {k: v for k, v in section.items() if k not in RUN_MODEL_FIELDS}
+
+
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, *, validate: bool = True
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    validate: bool = True,
+    model_file: str | Path | None = None,
 ) -> TrainConfig:
-    """Read a YAML config, apply `--a.b=value` overrides, convert types and validate.
+    """Read a YAML config, apply `model_file`'s model shape, then `--a.b=value` overrides, convert
+    types and validate.
 
     Raises ConfigError naming the file or field at fault.
     """
@@ -490,6 +526,8 @@ def load_config(
     if resized and "token_budget" not in train_extra and isinstance(raw.get("train"), dict):
         # The file's stated budget describes the file's run; overriding its size makes another run.
         raw = _merge(raw, {"train": {"token_budget": None}})
+    if model_file is not None:
+        raw = _merge(raw, {"model": read_model_file(model_file)})
     raw = _merge(raw, extra)
     try:
         return config_from_dict(raw, validate=validate)
@@ -555,6 +593,29 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> int:
     return dp
 
 
+def check_launch(cfg: TrainConfig, world_size: int, on_cuda: bool) -> int:
+    """What depends on the launch: the layout against the processes, and the GPU-only settings
+    against this machine. Reports every problem in one ConfigError; returns the data-parallel size."""
+    problems = _Problems()
+    dp = 1
+    try:
+        dp = check_world_size(cfg, world_size)
+    except ConfigError as exc:
+        problems.add(exc)
+    if not on_cuda:
+        problems.need(
+            cfg.train.precision != "bf16",
+            "train.precision=bf16 needs a GPU; use --train.precision=fp32 (or auto) on CPU",
+        )
+        problems.need(
+            cfg.model.attention_backend != "flex",
+            "model.attention_backend='flex' has no backward on CPU: use --model.attention_backend="
+            "sdpa (or auto) on CPU",
+        )
+    problems.raise_if_any()
+    return dp
+
+
 def _check_batch(cfg: TrainConfig, dp: int) -> None:
     loop = cfg.train
     per_step = loop.micro_batch_size * dp
@@ -566,8 +627,51 @@ def _check_batch(cfg: TrainConfig, dp: int) -> None:
     )
 
 
+class _Problems:
+    """Collects every config problem, so that one run reports them all at once."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def need(self, cond: bool, message: str) -> None:
+        if not cond:
+            self.messages.append(message)
+
+    def add(self, exc: ConfigError) -> None:
+        """Keep the message(s) of a ConfigError (a collected one brings its whole list)."""
+        self.messages.extend(getattr(exc, "problems", None) or [str(exc)])
+
+    def check(self, fn: Any, *args: Any) -> None:
+        """Run a check that raises ConfigError (or ValueError) and keep its message(s)."""
+        try:
+            fn(*args)
+        except ConfigError as exc:
+            self.add(exc)
+        except ValueError as exc:
+            self.messages.append(f"data: {exc}")
+
+    def raise_if_any(self) -> None:
+        raise_collected(self.messages)
+
+
+def raise_collected(messages: list[str]) -> None:
+    """Raise one ConfigError listing every message (none: return); `.problems` keeps the list."""
+    if not messages:
+        return
+    if len(messages) == 1:
+        error = ConfigError(messages[0])
+    else:
+        items = "\n".join(f"  - {m}" for m in messages)
+        error = ConfigError(f"{len(messages)} problems in the config:\n{items}")
+    error.problems = list(messages)
+    raise error
+
+
 def validate_config(cfg: TrainConfig) -> None:
-    """Check every field and the fields against each other; raise ConfigError naming field and fix."""
+    """Check every field and the fields against each other; raise ONE ConfigError that lists every
+    problem found (each naming the field and the fix)."""
+    problems = _Problems()
+    need = problems.need
     par, loop, cur, noise, opt, sch, ck = (
         cfg.parallel,
         cfg.train,
@@ -579,73 +683,69 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     model = cfg.model
     for name in ("tp", "pp", "cp"):
-        _need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
-    _need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
-    _need(
-        cfg.seq_length() % (2 * par.cp) == 0,
+        need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
+    need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
+    need(
+        par.cp < 1 or cfg.seq_length() % (2 * par.cp) == 0,
         f"model.seq_length={cfg.seq_length()} does not fit parallel.cp={par.cp}: context parallelism "
         f"cuts each half of x_t ⊕ x_0 into 2*cp = {2 * par.cp} chunks; use a seq_length divisible "
         f"by {2 * par.cp} or another cp",
     )
     # The vocabulary size may be left to the tokenizer (0 until training starts): check the rest.
     shape = model if model.vocab_size > 0 else dataclasses.replace(model, vocab_size=1)
-    shape.validate(tp=par.tp, pp=par.pp, cp=par.cp, block_size=cur.target_block_size)
-    _need(
+    if min(par.tp, par.pp, par.cp) >= 1:
+        problems.check(
+            partial(shape.validate, block_size=cur.target_block_size), par.tp, par.pp, par.cp
+        )
+    need(
         not par.sequence_parallel or par.tp > 1,
         "parallel.sequence_parallel needs parallel.tp > 1; set it to false or raise tp",
     )
     seq = cfg.seq_length()
-    _need(seq >= 2, f"model.seq_length must be >= 2 (got {seq})")
+    need(seq >= 2, f"model.seq_length must be >= 2 (got {seq})")
 
-    _need(loop.steps >= 1, f"train.steps must be >= 1 (got {loop.steps})")
-    _need(loop.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
-    _need(loop.global_batch_size >= 1, "train.global_batch_size must be >= 1")
-    _check_batch(cfg, resolved_dp(cfg))
-    if loop.token_budget is not None:
-        stated = parse_token_count(loop.token_budget)
-        actual = cfg.token_budget()
-        _need(
-            abs(actual - stated) <= 0.05 * stated,
-            f"train.token_budget says {loop.token_budget} but train.steps ({loop.steps}) x "
-            f"train.global_batch_size ({loop.global_batch_size}) x model.seq_length ({seq}) = "
-            f"{actual:.3g} tokens; fix the steps/batch or the stated budget "
-            f"(steps for the budget: {math.ceil(stated / cfg.tokens_per_step())})",
-        )
+    need(loop.steps >= 1, f"train.steps must be >= 1 (got {loop.steps})")
+    need(loop.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    need(loop.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+    if loop.micro_batch_size >= 1 and loop.global_batch_size >= 1:
+        problems.check(_check_batch, cfg, resolved_dp(cfg))
+    if loop.token_budget is not None and seq >= 1 and loop.global_batch_size >= 1:
+        problems.check(_check_token_budget, cfg)
 
-    _need(
+    need(
         0.0 < noise.t_min <= noise.t_max <= 1.0,
         f"noise: need 0 < t_min <= t_max <= 1 (got t_min={noise.t_min}, t_max={noise.t_max})",
     )
-    _need(
+    need(
         0.0 <= noise.skew <= 1.0,
         f"noise.skew must lie in [0, 1] (0 = uniform masking), got {noise.skew}",
     )
-    _need(
+    need(
         noise.mask_token_id is None or noise.mask_token_id >= 0,
         "noise.mask_token_id must be a token id >= 0, or null for the tokenizer's mask token",
     )
 
-    _need(cur.start_block_size >= 1, "curriculum.start_block_size must be >= 1")
-    _need(
+    need(cur.start_block_size >= 1, "curriculum.start_block_size must be >= 1")
+    need(
         cur.target_block_size >= cur.start_block_size,
         f"curriculum.target_block_size={cur.target_block_size} < start_block_size="
         f"{cur.start_block_size}; the block only grows",
     )
-    _need(
+    need(
         cur.target_block_size <= seq,
         f"curriculum.target_block_size={cur.target_block_size} exceeds model.seq_length={seq}; "
         "lower the target or lengthen the sequences",
     )
-    _need(cur.growth_base >= 2, f"curriculum.growth_base must be >= 2 (got {cur.growth_base})")
-    _need(cur.growth_interval >= 1, "curriculum.growth_interval must be >= 1")
-    _need(cur.growth_warmup >= 0, "curriculum.growth_warmup must be >= 0")
+    need(cur.growth_base >= 2, f"curriculum.growth_base must be >= 2 (got {cur.growth_base})")
+    need(cur.growth_interval >= 1, "curriculum.growth_interval must be >= 1")
+    need(cur.growth_warmup >= 0, "curriculum.growth_warmup must be >= 0")
     for name in ("ar_weight", "ar_weight_final"):
         value = getattr(cur, name)
-        _need(
+        need(
             value is None or 0.0 <= value <= 1.0,
             f"curriculum.{name} must lie in [0, 1] (got {value})",
         )
-    _need(
+    need(
         cur.ar_weight_anneal == "constant" or cur.ar_weight_final is not None,
         f"curriculum.ar_weight_anneal={cur.ar_weight_anneal!r} needs curriculum.ar_weight_final",
     )
@@ -661,28 +761,28 @@ def validate_config(cfg: TrainConfig) -> None:
         "ablation, or use mask_kind=context_causal",
     )
 
-    _need(opt.lr > 0, f"optimizer.lr must be > 0 (got {opt.lr})")
-    _need(
+    need(opt.lr > 0, f"optimizer.lr must be > 0 (got {opt.lr})")
+    need(
         0 <= opt.min_lr <= opt.lr,
         f"optimizer.min_lr={opt.min_lr} must lie in [0, optimizer.lr={opt.lr}]",
     )
-    _need(opt.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 = no clipping)")
-    _need(0 <= opt.adam_beta1 < 1 and 0 <= opt.adam_beta2 < 1, "optimizer: Adam betas in [0, 1)")
-    _need(sch.warmup_steps >= 0 and sch.decay_steps >= 0, "schedule: steps must be >= 0")
-    _need(
+    need(opt.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 = no clipping)")
+    need(0 <= opt.adam_beta1 < 1 and 0 <= opt.adam_beta2 < 1, "optimizer: Adam betas in [0, 1)")
+    need(sch.warmup_steps >= 0 and sch.decay_steps >= 0, "schedule: steps must be >= 0")
+    need(
         sch.warmup_steps + sch.decay_steps <= loop.steps,
         f"schedule.warmup_steps ({sch.warmup_steps}) + schedule.decay_steps ({sch.decay_steps}) "
         f"exceed train.steps ({loop.steps}); shorten them or train longer",
     )
 
-    _need(ck.save_interval >= 1, f"checkpoint.save_interval must be >= 1 (got {ck.save_interval})")
-    _need(ck.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {ck.keep_last})")
-    _need(
+    need(ck.save_interval >= 1, f"checkpoint.save_interval must be >= 1 (got {ck.save_interval})")
+    need(ck.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {ck.keep_last})")
+    need(
         not ck.finetune or ck.load is not None,
         "checkpoint.finetune=true loads weights from checkpoint.load; set --checkpoint.load=DIR",
     )
-    _need(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
-    _need(
+    need(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+    need(
         cfg.faults.max_consecutive_nonfinite >= 1,
         "faults.max_consecutive_nonfinite must be >= 1",
     )
@@ -698,9 +798,18 @@ def validate_config(cfg: TrainConfig) -> None:
     _need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
     data_validate = getattr(cfg.data, "validate", None)
     if callable(data_validate):
-        try:
-            data_validate()
-        except ConfigError:
-            raise
-        except ValueError as exc:
-            raise ConfigError(f"data: {exc}") from exc
+        problems.check(data_validate)
+    problems.raise_if_any()
+
+
+def _check_token_budget(cfg: TrainConfig) -> None:
+    loop, seq = cfg.train, cfg.seq_length()
+    stated = parse_token_count(loop.token_budget)
+    actual = cfg.token_budget()
+    _need(
+        abs(actual - stated) <= 0.05 * stated,
+        f"train.token_budget says {loop.token_budget} but train.steps ({loop.steps}) x "
+        f"train.global_batch_size ({loop.global_batch_size}) x model.seq_length ({seq}) = "
+        f"{actual:.3g} tokens; fix the steps/batch or the stated budget "
+        f"(steps for the budget: {math.ceil(stated / cfg.tokens_per_step())})",
+    )

@@ -170,17 +170,6 @@ class HealthyCheckpoints:
         return sorted(s for s in set(self.saved) if s > floor)
 
 
-def resume_command() -> str:
-    """The `nbdiff train ...` command line of this process (what resumes it, by the resume rule)."""
-    import shlex
-    import sys
-
-    args = sys.argv[1:]
-    if args and args[0] == "train":
-        args = args[1:]
-    return "nbdiff train " + " ".join(shlex.quote(a) for a in args)
-
-
 SIGNAL_FILE_ENV = "NBDIFF_SIGNAL_FILE"
 
 

@@ -44,7 +44,7 @@ from nbdiff_megatron.errors import ConfigError, DataError
 from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training import checkpointing, cluster, faults
-from nbdiff_megatron.training.config import TrainConfig, check_world_size, dump_config
+from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import (
     RunLogger,
     StepRecord,
@@ -67,6 +67,8 @@ class TrainResult:
     """SIGTERM / SIGUSR1 when the run was preempted (a checkpoint was saved)."""
     skipped_steps: int = 0
     """Steps skipped because the loss or the gradient norm was not finite."""
+    num_params: int = 0
+    """Parameters of the whole model, counted once (the same at any parallel layout)."""
     already_complete: bool = False
     """The save directory held a COMPLETE marker for train.steps: nothing was run."""
 
@@ -177,7 +179,7 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
     from nbdiff_megatron.model.parallel import initialize_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = check_world_size(cfg, world)
+    dp = check_launch(cfg, world, torch.cuda.is_available())
     par = cfg.parallel
     initialize_parallel(par.tp, par.pp, par.cp, seed=cfg.train.seed)
     return world, dp
@@ -298,12 +300,20 @@ def _data_iterator(rt: _Runtime) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _count_params(model: Any) -> int:
-    """Parameters of the whole model (all TP/PP shards), counted once."""
+    """Parameters of the whole model (all TP/PP shards), counted once: the same at any layout.
+
+    Summed over the TP x PP ranks; TP-replicated parameters (norms) count on TP rank 0 only, and a
+    tied output layer -- a copy of the word embeddings that megatron-core keeps on the last pipeline
+    stage when pp > 1 (`shared_embedding`) -- counts once, with the embeddings of the first stage.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+    first_stage = ps.is_pipeline_first_stage(ignore_virtual=True)
     local = 0
     for p in model.parameters():
+        if getattr(p, "shared_embedding", False) and not first_stage:
+            continue
         if ps.get_tensor_model_parallel_rank() == 0 or param_is_not_tensor_parallel_duplicate(p):
             local += p.numel()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces device tensors only
@@ -657,8 +667,34 @@ def _paths(cfg: TrainConfig) -> tuple[str | None, str | None]:
     return metrics, tb
 
 
-def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
-    """Run (or resume) training as configured; all ranks call it. Returns a TrainResult."""
+def keep_aside(path: str | Path) -> Path | None:
+    """Rename a non-empty file to `<stem>.before-<UTC time><suffix>` so a new start cannot clobber it.
+
+    Returns the new name, or None when there was nothing to keep.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.before-{stamp}-{n}{path.suffix}")
+    os.replace(path, target)
+    return target
+
+
+def train(
+    cfg: TrainConfig, *, label: str = "train", resume_command: str | None = None
+) -> TrainResult:
+    """Run (or resume) training as configured; all ranks call it. Returns a TrainResult.
+
+    How the run starts follows the one resume rule (`checkpointing.plan_start`): a save directory
+    that holds this run's checkpoints is continued, whatever checkpoint.load / finetune say.
+    `resume_command` is the command line that started the run (printed when a signal stops it: the
+    same command continues the run).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -678,8 +714,8 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
             )
         return TrainResult(final_step=done_marker["step"], already_complete=True)
     on_cuda = torch.cuda.is_available()
+    world, dp = _init_distributed(cfg)  # checks the launch first: all its problems at once
     precision = _resolve_precision(cfg)
-    world, dp = _init_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
 
@@ -715,8 +751,11 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     start_step = 0
     ck = cfg.checkpoint
     resumed_from = None
-    if ck.load:
-        info = checkpointing.load_checkpoint(ck.load, [model], optimizer, weights_only=ck.finetune)
+    plan = checkpointing.plan_start(ck.save, ck.load, ck.finetune)
+    if plan.path is not None:
+        info = checkpointing.load_checkpoint(
+            plan.path, [model], optimizer, weights_only=plan.weights_only
+        )
         start_step = int(info["step"])
         resumed_from = info["loaded_from"]
         rt.loaded_state = info
@@ -734,6 +773,10 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     rt.batches = _data_iterator(rt)
 
     metrics_path, tb_dir = _paths(cfg)
+    kept_aside = None
+    if rank == 0 and metrics_path and not plan.same_run:
+        # Rule 3: the metrics of an earlier start (with no checkpoint to continue) are kept.
+        kept_aside = keep_aside(metrics_path)
     logger = RunLogger(
         enabled=rank == 0,
         total_steps=cfg.train.steps,
@@ -754,8 +797,11 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
         (Path(ck.save) / "config.yaml").write_text(dump_config(cfg))
         if done_marker is not None:  # train.steps was raised: the run goes on, no longer complete
             checkpointing.clear_completion_marker(ck.save)
-        _record_start(Path(ck.save), job, start_step, resumed_from)
-    _announce(logger, cfg, rt, precision, start_step, resumed_from, job)
+        _record_start(Path(ck.save), job, start_step, resumed_from, resume_command)
+    _announce(logger, cfg, rt, precision, start_step, plan.note, job)
+    if kept_aside:
+        logger.info(f"  kept the metrics of an earlier start as {kept_aside}")
+    _report_sft(logger, cfg, dataset)
     logger.run_metadata({"config": cfg.to_dict(), "job": job, "start_step": start_step})
 
     peak = cfg.logging.peak_tflops or guess_peak_tflops()
@@ -778,8 +824,8 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
     rt.health = spikes
     healthy = faults.HealthyCheckpoints()
     handler = faults.PreemptionHandler().install() if fc.save_on_signal else None
-    result = TrainResult(final_step=start_step)
-    last_saved = start_step if resumed_from and not ck.finetune else None
+    result = TrainResult(final_step=start_step, num_params=num_params)
+    last_saved = start_step if plan.mode in ("continue", "resume") else None
     if last_saved is not None:
         spikes.load_state(rt.loaded_state.get("health"))
     if (
@@ -803,7 +849,7 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
                     step, loss, grad_norm, regime=block_size_of(cfg, step)
                 )
             except faults.TrainingHalted as exc:
-                raise _halt(rt, cfg, exc, healthy, step) from None
+                raise _halt(rt, cfg, exc, healthy, step, resume_command) from None
             healthy.step_done(step, ok and not spike)
             tokens_per_s = cfg.tokens_per_step() / max(elapsed, 1e-9)
             record = StepRecord(
@@ -840,12 +886,16 @@ def train(cfg: TrainConfig, *, label: str = "train") -> TrainResult:
                 logger.info(
                     f"received {result.stopped_by_signal}: "
                     + (
-                        f"checkpoint saved at step {step} ({result.checkpoint}); exiting "
-                        f"cleanly. Resume with the same command: {faults.resume_command()}"
+                        f"checkpoint saved at step {step} ({result.checkpoint}); exiting cleanly."
                         if ck.save
-                        else "no checkpoint.save configured, nothing saved; exiting cleanly"
+                        else "no checkpoint.save configured, nothing saved; exiting cleanly."
                     )
                 )
+                if ck.save:
+                    logger.info(
+                        "resume with the same command (it continues from the newest checkpoint "
+                        f"in {ck.save}): {resume_command or 'nbdiff train ... (unchanged)'}"
+                    )
                 break
         if ck.save and last_saved != result.final_step and result.final_step > start_step:
             result.checkpoint = str(_save(rt, cfg, result.final_step, logger, healthy, job))
@@ -871,6 +921,7 @@ def _halt(
     exc: faults.TrainingHalted,
     healthy: faults.HealthyCheckpoints,
     step: int,
+    command: str | None,
 ) -> faults.TrainingHalted:
     """The TrainingHalted to raise: with the suspect checkpoints set aside and `latest` pointing at
     the last healthy one, whose path and resume command the message names."""
@@ -898,7 +949,7 @@ def _halt(
                 else ""
             )
             + ". Resume from it, e.g. with a lower --optimizer.lr or after checking the data "
-            f"around step {step}, with: {faults.resume_command()}"
+            f"around step {step}, with: {command or 'the same nbdiff train command'}"
         )
     return faults.TrainingHalted(f"{exc} {where}")
 
@@ -912,7 +963,9 @@ def _wandb_id(save: str | None) -> str | None:
     return hashlib.sha1(str(Path(save).resolve()).encode()).hexdigest()[:16]
 
 
-def _record_start(save: Path, job: dict[str, Any], start_step: int, loaded: str | None) -> None:
+def _record_start(
+    save: Path, job: dict[str, Any], start_step: int, loaded: str | None, command: str | None
+) -> None:
     """Append one line per start of the run to <save>/runs.jsonl (where and from what it ran)."""
     import json
 
@@ -920,7 +973,7 @@ def _record_start(save: Path, job: dict[str, Any], start_step: int, loaded: str 
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "start_step": start_step,
         "loaded": loaded,
-        "command": faults.resume_command(),
+        "command": command,
         **job,
     }
     with (save / "runs.jsonl").open("a") as f:
@@ -965,13 +1018,14 @@ def _announce(
     rt: _Runtime,
     precision: str,
     start: int,
-    resumed: str | None,
+    how: str,
     job: dict[str, Any],
 ) -> None:
     par = cfg.parallel
     m = cfg.model
     lines = [
-        f"nbdiff train: {rt.num_params / 1e6:.2f}M parameters ({m.num_layers} layers, hidden "
+        f"nbdiff train: {rt.num_params / 1e6:.2f}M parameters ({rt.num_params:,}; "
+        f"{m.num_layers} layers, hidden "
         f"{m.hidden_size}, vocab {m.vocab_size}), L = {cfg.seq_length()} (forward on 2L = "
         f"{2 * cfg.seq_length()}), {precision} on {rt.device.type}",
         f"  layout: tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {rt.dp} = {rt.world} processes; "
@@ -985,9 +1039,7 @@ def _announce(
         f"  steps {start} -> {cfg.train.steps}, {cfg.tokens_per_step():,} tokens/step, "
         f"{cfg.token_budget():,} tokens in all",
     ]
-    if resumed:
-        how = "weights only (finetune)" if cfg.checkpoint.finetune else "full state"
-        lines.append(f"  loaded {resumed}: {how}")
+    lines.append(f"  {how}")
     if "job_id" in job:
         lines.append(
             f"  SLURM job {job['job_id']} on {job.get('nodes', job['host'])}"
@@ -997,14 +1049,53 @@ def _announce(
         logger.info(line)
 
 
+def closing_summary(history: list[dict[str, Any]], final_step: int, total_steps: int) -> str:
+    """The 'done' line: steps run by this start vs the run's total, and a like-with-like loss change.
+
+    The loss is compared between the first and the last step at the LAST step's block size: losses at
+    different block sizes (B = 1 is plain AR, B = 32 masks whole blocks) are not comparable.
+    """
+    ran = len(history)
+    first_step = int(history[0]["step"])
+    span = f"steps {first_step}-{final_step}" if ran > 1 else f"step {final_step}"
+    text = (
+        f"done: {ran} step{'s' if ran != 1 else ''} this start ({span}), {final_step}/{total_steps}"
+    )
+    block = history[-1].get("block_size")
+    same = [r for r in history if r.get("block_size") == block]
+    if len(same) >= 2:
+        a, b = same[0], same[-1]
+        text += (
+            f"; loss at B={block}: {a['loss']:.4f} (step {a['step']}) -> {b['loss']:.4f} "
+            f"(step {b['step']})"
+        )
+    else:
+        text += f"; loss {history[-1]['loss']:.4f} at B={block}"
+    return text
+
+
+def _report_sft(logger: RunLogger, cfg: TrainConfig, dataset: Any) -> None:
+    """SFT accounting: conversations kept, truncated and dropped (by reason), never silent."""
+    stats = getattr(dataset, "stats", None)
+    if stats is None:
+        return
+    for line in f"SFT data: {stats.format()}".splitlines():
+        logger.info(f"  {line}")
+    too_long = sum(n for reason, n in stats.skipped.items() if "model.seq_length" in reason)
+    if too_long and cfg.data.sft_overflow == "drop":
+        logger.info(
+            f"  {too_long} conversations were longer than model.seq_length={cfg.seq_length()}: "
+            "raise it, or keep their first exchanges with --data.sft_overflow=truncate_turns"
+        )
+
+
 def _farewell(
     logger: RunLogger, cfg: TrainConfig, result: TrainResult, metrics: str | None, tb: str | None
 ) -> None:
     if not logger.enabled or not result.history:
         return
-    first, last = result.history[0], result.history[-1]
     logger.info(
-        f"done: {result.final_step} steps; loss {first['loss']:.4f} -> {last['loss']:.4f}"
+        closing_summary(result.history, result.final_step, cfg.train.steps)
         + (
             f"; {result.skipped_steps} step(s) skipped (non-finite loss or gradients)"
             if result.skipped_steps

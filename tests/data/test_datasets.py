@@ -146,8 +146,8 @@ def test_data_config_validation():
         build_datasets(DataConfig(data_path=["a"]), L, None, (1, 1, 1))
     with pytest.raises(ConfigError, match="sft_template"):
         DataConfig(mode="sft", sft_data_path=["c"], tokenizer_model=tok, sft_template="{x}")
-    with pytest.raises(ConfigError, match="sft_truncation"):
-        DataConfig(mode="sft", sft_data_path=["c"], tokenizer_model=tok, sft_truncation="cut")
+    with pytest.raises(ConfigError, match="sft_overflow"):
+        DataConfig(mode="sft", sft_data_path=["c"], tokenizer_model=tok, sft_overflow="cut")
     cfg = DataConfig(data_path="0.25 a 0.75 b", tokenizer_model=tok, tokenizer_type="hf")
     assert cfg.tokenizer_type == "HuggingFaceTokenizer"
     assert parse_blend(cfg.data_path) == (["a", "b"], [0.25, 0.75])

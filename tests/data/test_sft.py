@@ -9,6 +9,8 @@ from nbdiff_megatron.data.bundled import bundled_chat_path, bundled_tokenizer_di
 from nbdiff_megatron.data.config import DEFAULT_SFT_TEMPLATE, DataConfig
 from nbdiff_megatron.data.datasets import build_datasets
 from nbdiff_megatron.data.sft import (
+    FIRST_TURN_TOO_LONG,
+    TOO_LONG,
     ChatFormatter,
     SFTStats,
     build_sft_datasets,
@@ -92,13 +94,36 @@ def test_truncation_rules(chat_tokenizer):
     full_len = len(f.encode(long_conv[0][1])[0])
     stats = SFTStats()
     assert tokenize_conversations(long_conv, f, 32, "drop", stats) == []
-    assert stats.skipped["longer than the sequence (dropped)"] == 1
+    assert stats.skipped[TOO_LONG] == 1 and stats.dropped == 1
     stats = SFTStats()
     ((ids, mask),) = tokenize_conversations(long_conv, f, 32, "truncate", stats)
     assert len(ids) == 32 < full_len and mask.any() and stats.truncated == 1
     stats = SFTStats()
     assert tokenize_conversations(long_conv, f, 5, "truncate", stats) == []
     assert stats.skipped["no response token left after truncation"] == 1
+
+
+def test_truncate_turns_keeps_whole_first_exchanges(chat_tokenizer):
+    f = ChatFormatter(chat_tokenizer, DEFAULT_SFT_TEMPLATE)
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "content": "word " * 60},
+    ]
+    first = f.encode(turns[:3])
+    assert len(first[0]) <= 32 < len(f.encode(turns)[0])
+    stats = SFTStats()
+    ((ids, mask),) = tokenize_conversations([("a:1", turns)], f, 32, "truncate_turns", stats)
+    # exactly the first exchange, with its own end marker: no response cut mid-way
+    assert ids.tolist() == first[0] and mask.tolist() == first[1]
+    assert stats.used == 1 and stats.truncated == 1 and stats.dropped == 0
+    # a conversation whose first exchange alone is too long is dropped, with that reason
+    stats = SFTStats()
+    assert tokenize_conversations([("a:2", turns[1:3])], f, 4, "truncate_turns", stats) == []
+    assert stats.skipped[FIRST_TURN_TOO_LONG] == 1
+    assert "dropped (first exchange alone longer than model.seq_length): 1" in stats.format()
 
 
 def test_sft_datasets_from_bundled_chat(chat_tokenizer):

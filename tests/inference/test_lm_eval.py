@@ -93,3 +93,20 @@ def test_eval_on_local_gsm8k_jsonl(lm, tmp_path):
     assert (
         len([json.loads(x) for x in (ASSETS / "gsm8k_mini.jsonl").read_text().splitlines()]) == 20
     )
+
+
+def test_eval_results_are_valid_json_with_configs_as_a_mapping() -> None:
+    import math
+
+    from nbdiff_megatron.inference.lm_eval_adapter import jsonable
+
+    record = {
+        "results": {"t": {"exact_match": 0.5, "stderr": math.nan}},
+        "configs": {"t": {"process_results": len, "num_fewshot": 0, "tags": ("a",)}},
+    }
+    text = json.dumps(jsonable(record), allow_nan=False)
+    back = json.loads(text)
+    assert back["configs"]["t"]["num_fewshot"] == 0 and back["configs"]["t"]["tags"] == ["a"]
+    assert (
+        back["results"]["t"]["stderr"] is None and "len" in back["configs"]["t"]["process_results"]
+    )

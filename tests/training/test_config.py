@@ -218,3 +218,63 @@ def test_cli_prints_config_errors_without_a_traceback() -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "steps: 120" in good.stdout
+
+
+def test_every_config_problem_is_reported_in_one_message() -> None:
+    with pytest.raises(ConfigError) as typed:
+        load_config(
+            TINY, ["--optimzer.lr=1", "--train.steps=ten", "--curriculum.mask_kind=context"]
+        )
+    message = str(typed.value)
+    assert "3 problems" in message
+    assert "Did you mean 'optimizer'" in message and "train.steps: expected an integer" in message
+    assert "Did you mean 'context_causal'" in message
+    with pytest.raises(ConfigError) as invalid:
+        load_config(
+            TINY,
+            [
+                "--parallel.tp=3",
+                "--noise.skew=1.5",
+                "--schedule.decay_steps=1000",
+                "--checkpoint.finetune=true",
+            ],
+        )
+    message = str(invalid.value)
+    assert "4 problems" in message
+    for needle in ("tensor parallel size 3", "noise.skew", "exceed train.steps", "checkpoint.load"):
+        assert needle in message
+
+
+def test_launch_problems_are_reported_together() -> None:
+    from nbdiff_megatron.training.config import check_launch
+
+    cluster = load_config(REPO / "examples" / "ablation_8k.yaml")
+    with pytest.raises(ConfigError) as launch:
+        check_launch(cluster, 8, on_cuda=False)
+    message = str(launch.value)
+    assert "3 problems" in message
+    assert "parallel.dp=64 but 8 processes" in message and "--parallel.dp=4" in message
+    assert "train.precision=bf16 needs a GPU" in message and "attention_backend='flex'" in message
+    assert check_launch(cluster, 128, on_cuda=True) == 64
+
+
+def test_only_rank_zero_prints_a_user_error() -> None:
+    import subprocess
+    import sys
+
+    from tests.launch import clean_env
+
+    cmd = [sys.executable, "-m", "nbdiff_megatron.cli", "train", "--config", str(TINY)]
+    runs = {
+        rank: subprocess.run(
+            [*cmd, "--train.stpes=3"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=clean_env({"RANK": rank, "WORLD_SIZE": "2"}),
+        )
+        for rank in ("0", "1")
+    }
+    assert runs["0"].returncode == runs["1"].returncode == 2
+    assert runs["0"].stderr.count("Did you mean 'steps'") == 1
+    assert runs["1"].stderr == "" and runs["1"].stdout == ""

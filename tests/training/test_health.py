@@ -119,7 +119,7 @@ def test_ctrl_c_saves_and_exits_like_sigterm(corpus_prefix: str, tmp_path: Path)
         launched.cleanup()
     out = launched.output()
     assert code == 0 and "Traceback" not in out, out
-    assert "Ctrl-C" in out and "received SIGINT" in out and "Resume with the same command" in out
+    assert "Ctrl-C" in out and "received SIGINT" in out and "resume with the same command" in out
     last = read_metrics(save / "metrics.jsonl")[-1]["step"]
     assert checkpointing.list_checkpoints(save)[-1][0] == last < 500
     assert not (save / "COMPLETE").exists()

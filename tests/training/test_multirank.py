@@ -10,6 +10,7 @@ checkpoint loaded with --checkpoint.finetune=true (weights only, resharded to th
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,12 @@ def from_scratch(corpus_prefix: str) -> list[dict]:
     return train_in_process(corpus_prefix, *COMPARE, "--train.steps=9").history
 
 
+ONE_RANK_PARAMS: list[int] = []
+
+
 @pytest.fixture(scope="module")
 def one_rank(corpus_prefix: str, start_point: str, tmp_path_factory: pytest.TempPathFactory):
-    """The 1-rank reference: 3 steps from the start point."""
+    """The 1-rank reference: 3 steps from the start point (its parameter count in ONE_RANK_PARAMS)."""
     save = tmp_path_factory.mktemp("one") / "run"
     result = train_in_process(
         corpus_prefix,
@@ -50,6 +54,7 @@ def one_rank(corpus_prefix: str, start_point: str, tmp_path_factory: pytest.Temp
         f"--checkpoint.load={start_point}",
         "--checkpoint.finetune=true",
     )
+    ONE_RANK_PARAMS[:] = [result.num_params]
     return result.history
 
 
@@ -62,10 +67,12 @@ def _assert_match(records: list[dict], reference: list[dict], what: str) -> None
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), (what, mine["step"])
 
 
-def _two_ranks(prefix: str, tmp_path: Path, layout: str, *extra: str) -> tuple[Path, list[dict]]:
+def _two_ranks(
+    prefix: str, tmp_path: Path, layout: str, *extra: str
+) -> tuple[Path, list[dict], str]:
     """`nbdiff train` on 2 ranks (torchrun, gloo); checks the announced layout.
 
-    Returns the save directory and the metrics records.
+    Returns the save directory, the metrics records and the console output.
     """
     name = layout.replace(" ", "")
     save = tmp_path / name
@@ -78,7 +85,7 @@ def _two_ranks(prefix: str, tmp_path: Path, layout: str, *extra: str) -> tuple[P
         nproc=2,
     )
     assert f"layout: {layout} = 2 processes" in launched.output()
-    return save, read_metrics(save / "metrics.jsonl")
+    return save, read_metrics(save / "metrics.jsonl"), launched.output()
 
 
 def _assert_learns(records: list[dict]) -> None:
@@ -91,7 +98,7 @@ def test_tp2_trains_like_one_rank_and_resumes_on_one_rank(
     corpus_prefix: str, from_scratch: list[dict], tmp_path: Path
 ) -> None:
     layout = "tp 2 x pp 1 x cp 1 x dp 1"
-    save, records = _two_ranks(
+    save, records, _ = _two_ranks(
         corpus_prefix, tmp_path, layout, "--parallel.tp=2", "--train.steps=8"
     )
     # megatron initialises the full weights then splits them: TP=2 starts from the 1-rank weights.
@@ -108,7 +115,7 @@ def test_tp2_trains_like_one_rank_and_resumes_on_one_rank(
 def test_pp2_matches_one_rank(
     corpus_prefix: str, start_point: str, one_rank: list[dict], tmp_path: Path
 ) -> None:
-    _, records = _two_ranks(
+    _, records, output = _two_ranks(
         corpus_prefix,
         tmp_path,
         "tp 1 x pp 2 x cp 1 x dp 1",
@@ -118,6 +125,10 @@ def test_pp2_matches_one_rank(
         "--checkpoint.finetune=true",
     )
     _assert_match(records, one_rank, "pp=2")
+    # The same model counts the same parameters at PP=2 as at PP=1 (tied embeddings counted once).
+    counted = re.search(r"M parameters \(([\d,]+);", output)
+    assert counted, output
+    assert int(counted.group(1).replace(",", "")) == ONE_RANK_PARAMS[0]
 
 
 def test_cp2_trains_like_one_rank(
@@ -126,12 +137,26 @@ def test_cp2_trains_like_one_rank(
     # Packed documents (some samples cross a document end), token shift, B = 2 over L = 32: the
     # zigzag chunks of 8 tokens cut through blocks and documents.
     layout = "tp 1 x pp 1 x cp 2 x dp 1"
-    _, records = _two_ranks(corpus_prefix, tmp_path, layout, "--parallel.cp=2", "--train.steps=3")
+    _, records, _ = _two_ranks(
+        corpus_prefix, tmp_path, layout, "--parallel.cp=2", "--train.steps=3"
+    )
     _assert_match(records, from_scratch, "cp=2")
 
 
 def test_data_parallel_two_ranks_learns(corpus_prefix: str, tmp_path: Path) -> None:
     layout = "tp 1 x pp 1 x cp 1 x dp 2"
-    _, records = _two_ranks(corpus_prefix, tmp_path, layout, "--parallel.dp=2", "--train.steps=8")
+    _, records, _ = _two_ranks(
+        corpus_prefix, tmp_path, layout, "--parallel.dp=2", "--train.steps=8"
+    )
     assert len(records) == 8
     _assert_learns(records)
+
+
+def test_a_user_error_is_printed_once_under_torchrun(corpus_prefix: str, tmp_path: Path) -> None:
+    launched = run_cli(
+        corpus_prefix, "--parallel.dp=1", log=tmp_path / "bad.log", nproc=2, expect=None
+    )
+    out = launched.output()
+    assert launched.code != 0
+    # Both ranks fail alike; only rank 0 says why (the others exit with the same code, quietly).
+    assert out.count("parallel.dp=1 but 2 processes") == 1, out

@@ -30,7 +30,9 @@ def _curve(records: list[dict]) -> list[tuple]:
     return [tuple(r[k] for k in KEYS) for r in records]
 
 
-def test_sigkill_then_resume_gives_the_same_curve(corpus_prefix: str, tmp_path: Path) -> None:
+def test_rerunning_the_same_command_after_sigkill_gives_the_same_curve(
+    corpus_prefix: str, tmp_path: Path
+) -> None:
     reference = train_in_process(corpus_prefix, *RUN, f"--checkpoint.save={tmp_path / 'ref'}")
     save = tmp_path / "run"
     killed = run_cli(
@@ -44,9 +46,8 @@ def test_sigkill_then_resume_gives_the_same_curve(corpus_prefix: str, tmp_path: 
     assert killed.code == -signal.SIGKILL
     assert [r["step"] for r in read_metrics(save / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert [s for s, _ in checkpointing.list_checkpoints(save)] == [3]
-    resumed = train_in_process(
-        corpus_prefix, *RUN, f"--checkpoint.save={save}", f"--checkpoint.load={save}"
-    )
+    # The very same command (no --checkpoint.load) continues the run: resume rule 1.
+    resumed = train_in_process(corpus_prefix, *RUN, f"--checkpoint.save={save}")
     assert [r["step"] for r in resumed.history] == [4, 5, 6, 7, 8]
     # Bit-identical on CPU in fp32: weights, optimizer, data position, dropout RNG and noise all resume.
     assert _curve(read_metrics(save / "metrics.jsonl")) == _curve(reference.history)

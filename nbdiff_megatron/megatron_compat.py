@@ -1,0 +1,128 @@
+"""What megatron-core says, and what it does not know: warning policy and version checks in one place.
+
+Quiet by default. megatron-core warns at import that Transformer Engine / Apex are absent (expected on
+CPU and harmless: it falls back to torch), once per module that looks for them -- 14 to 18 lines per
+command. `quiet_megatron()` drops those, and the deprecation notices this project has a plan for
+(docs/megatron-compat.md): GPTModel -> HybridModel (0.19.x), async_strategy 'mcore' (0.19.x), implicit
+tp_group. Setting NBDIFF_SHOW_DEPRECATIONS=1 shows all of them again (the CI's deprecation job), so
+the next break is seen before users see it.
+
+Version differences: a config field that the installed megatron-core does not know is never dropped
+silently; `known_fields` raises CompatibilityError naming the fields and the installed version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import warnings
+from typing import Any
+
+from nbdiff_megatron.errors import CompatibilityError
+
+SHOW_ENV = "NBDIFF_SHOW_DEPRECATIONS"
+TESTED_VERSIONS = ("0.16.1", "0.19.2")
+
+# Optional GPU libraries megatron-core looks for at import (its fallbacks are exact on CPU).
+OPTIONAL_DEPENDENCY = re.compile(
+    r"(Transformer Engine|Apex|apex|TE) (and Apex )?(is|are) not installed"
+    r"|No module named '(transformer_engine|apex|amp_C)'"
+)
+# Deprecations with a plan in docs/megatron-compat.md; shown with NBDIFF_SHOW_DEPRECATIONS=1.
+PLANNED_DEPRECATIONS = re.compile(
+    r"GPTModel IS DEPRECATED"
+    r"|MCore's async save is deprecated"
+    r"|Passing tp_group will be mandatory soon"
+)
+
+
+def show_deprecations() -> bool:
+    """True when NBDIFF_SHOW_DEPRECATIONS asks for megatron-core's deprecation notices."""
+    return os.environ.get(SHOW_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class _DropMessages(logging.Filter):
+    """Drops megatron-core log records whose message matches `pattern`."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot format itself is not ours to judge
+            return True
+        return not self.pattern.search(message)
+
+
+_installed = False
+
+
+def quiet_megatron() -> None:
+    """Silence megatron-core's optional-dependency warnings (always) and the planned deprecations
+    (unless NBDIFF_SHOW_DEPRECATIONS=1), in warnings and in its loggers. Idempotent."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    # warnings' message filters match at the start of the message: hence the leading '.*'.
+    warnings.filterwarnings("ignore", message=f".*(?:{OPTIONAL_DEPENDENCY.pattern})")
+    pattern = OPTIONAL_DEPENDENCY
+    if show_deprecations():
+        warnings.filterwarnings("always", category=DeprecationWarning, module=r"megatron\..*")
+        warnings.filterwarnings("always", category=FutureWarning, module=r"megatron\..*")
+        warnings.filterwarnings("always", message=f".*(?:{PLANNED_DEPRECATIONS.pattern})")
+    else:
+        warnings.filterwarnings("ignore", message=f".*(?:{PLANNED_DEPRECATIONS.pattern})")
+        pattern = re.compile(f"{OPTIONAL_DEPENDENCY.pattern}|{PLANNED_DEPRECATIONS.pattern}")
+    # megatron-core logs some of them through its module loggers ("megatron.core...."), and a
+    # logger's filters see only the records logged on it: the filter goes on each megatron logger.
+    _add_log_filter(_DropMessages(pattern))
+
+
+def _add_log_filter(flt: logging.Filter) -> None:
+    """Attach `flt` to the megatron loggers that exist and to those created later."""
+    manager = logging.Logger.manager
+    for name, logger in list(manager.loggerDict.items()):
+        if name.startswith("megatron") and isinstance(logger, logging.Logger):
+            logger.addFilter(flt)
+    original = manager.getLogger
+
+    def get_logger(name: str) -> logging.Logger:
+        logger = original(name)
+        if name.startswith("megatron") and flt not in logger.filters:
+            logger.addFilter(flt)
+        return logger
+
+    manager.getLogger = get_logger  # type: ignore[method-assign]
+
+
+def megatron_core_version() -> str:
+    """The installed megatron-core version ('unknown' when it does not say)."""
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:
+        return "unknown"
+
+
+def known_fields(cls: type, kwargs: dict[str, Any], *, what: str, user_fields: str = "") -> dict:
+    """`kwargs` unchanged when megatron-core's dataclass `cls` knows every key; else CompatibilityError.
+
+    A field renamed or removed by a megatron-core release would otherwise vanish without a word.
+    `user_fields` names the config field the user filled `kwargs` from (for the fix in the message).
+    """
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(kwargs) - known)
+    if not unknown:
+        return kwargs
+    hint = f"remove them from {user_fields}, or " if user_fields else ""
+    raise CompatibilityError(
+        f"the installed megatron-core {megatron_core_version()} has no {what} field(s) "
+        f"{', '.join(unknown)}: {hint}install a tested megatron-core ({' or '.join(TESTED_VERSIONS)}) "
+        "and report the rename (docs/megatron-compat.md)"
+    )
