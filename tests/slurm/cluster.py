@@ -158,6 +158,21 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.5)
         raise SlurmUnavailable(f"the nodes did not come up: {out}\n{self.daemon_log()}")
 
+    def _step_daemons(self) -> list[int]:
+        """PIDs of this cluster's slurmstepd processes (their environment names our config)."""
+        import psutil
+
+        pids = []
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.info["name"] == "slurmstepd" and proc.environ().get("SLURM_CONF") == str(
+                    self.conf
+                ):
+                    pids.append(proc.pid)
+            except psutil.Error:
+                continue
+        return pids
+
     def daemon_log(self) -> str:
         parts = []
         for f in sorted((self.root / "log").glob("*")):
@@ -169,6 +184,14 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         subprocess.run(
             ["scancel", "--full", "--partition=debug"], env=self.env, capture_output=True
         )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._step_daemons():
+            time.sleep(0.5)
+        for pid in self._step_daemons():  # slurmstepd outlives slurmd: end ours by PID
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for p in self._procs:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -222,4 +245,6 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             if info.get("JobState") in states:
                 return info
             time.sleep(0.5)
-        raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {info}")
+        out = Path(info.get("StdOut", "/nonexistent"))
+        log = out.read_text()[-4000:] if out.is_file() else "(no log)"
+        raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {info}\n{log}")

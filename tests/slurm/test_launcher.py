@@ -46,7 +46,7 @@ def _log(submit_dir: Path, job: int) -> str:
     return files[0].read_text() if files else "(no log)"
 
 
-def _finish(cluster: Cluster, job: int, submit_dir: Path, timeout: float = 150) -> dict:
+def _finish(cluster: Cluster, job: int, submit_dir: Path, timeout: float = 900) -> dict:
     info = cluster.wait_state(
         job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout
     )
@@ -56,7 +56,7 @@ def _finish(cluster: Cluster, job: int, submit_dir: Path, timeout: float = 150) 
 
 def _release_when_requeued(cluster: Cluster, job: int) -> None:
     """A requeued job waits ~2 min (BeginTime) before it may start again; start it now."""
-    info = cluster.wait_state(job, ("PENDING",), timeout=120)
+    info = cluster.wait_state(job, ("PENDING",), timeout=600)
     assert int(info["Restarts"]) >= 1, info
     cluster.scontrol("update", f"jobid={job}", "starttime=now")
 
@@ -102,7 +102,7 @@ def test_b_usr1_requeues_and_resumes_bitwise(
         cwd=submit_dir,
         env=_env(2),
     )
-    assert wait_for(lambda: len(read_metrics(save / "metrics.jsonl")) >= 2, timeout=150), _log(
+    assert wait_for(lambda: len(read_metrics(save / "metrics.jsonl")) >= 2, timeout=900), _log(
         submit_dir, job
     )
     cluster.run("scancel", "--signal=USR1", str(job))
@@ -147,7 +147,7 @@ def test_d_scontrol_requeue_sigterm_resumes_with_zero_exit_codes(
         cwd=submit_dir,
         env=_env(2),
     )
-    assert wait_for(lambda: len(read_metrics(save / "metrics.jsonl")) >= 2, timeout=150), _log(
+    assert wait_for(lambda: len(read_metrics(save / "metrics.jsonl")) >= 2, timeout=900), _log(
         submit_dir, job
     )
     cluster.scontrol("requeue", str(job))
