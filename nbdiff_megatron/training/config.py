@@ -109,6 +109,10 @@ class LossConfig:
 
     token_shift: bool = True
     """Logit i-1 predicts token i (the AR head's meaning; NBDiff-7B decodes this way)."""
+    fused: bool = True
+    """Fused output projection + masked loss (kernels.nbdiff_linear_loss): only loss rows are
+    projected, never [2L, V] logits, vocab-parallel under TP. false = the reference path (full
+    logits, gathered over TP, then method.losses.nbdiff_loss), kept as the oracle."""
     validate: bool = False
     """Run the loss's spec checks every step (token ids in range, t in (0, 1], no masked token at a
     block start under token shift); they synchronise the device, so they are for tests and debugging."""
@@ -138,7 +142,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Learning-rate schedule (`method.schedules.lr_at`).
 
-    Step k as logged (k = 1..train.steps; the 0-based loop step s = k - 1) trains with `lr_at(k)`,
+    Step k (k = 1..train.steps, the one step numbering of method/curriculum.py) trains with `lr_at(k)`,
     Megatron-style (its scheduler has advanced once per finished step): with warm-up the first step
     already moves (peak / warmup_steps), the peak is reached at step warmup_steps, and the last step
     runs at min_lr when the schedule cools down (wsd with decay_steps > 0, cosine).

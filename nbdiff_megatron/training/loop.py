@@ -493,6 +493,8 @@ def _loss_func(
     mb: _MicroBatch,
     output: torch.Tensor,
     *,
+    weight: torch.Tensor | None,
+    fused: dict[str, Any] | None,
     ar_weight: float,
     token_shift: bool,
     block_size: int,
@@ -514,7 +516,17 @@ def _loss_func(
         ar_denominator=denominators[1],
         validate=validate,
     )
-    if cp_layout is None:
+    if fused is not None:
+        # `output` is the final-norm hidden state, `weight` this TP rank's vocabulary shard; under
+        # CP the rows are this rank's, scored against the full micro-batch's targets.
+        from nbdiff_megatron.kernels import nbdiff_linear_loss
+
+        rows = None if cp_layout is None else cp_layout.global_positions(device=mb.x0.device)
+        checks = dict(block_size=block_size, positions=mb.positions) if cp_layout is None else {}
+        terms = nbdiff_linear_loss(
+            output, weight, mb.x0, mb.masked, mb.t, rows=rows, **fused, **checks, **common
+        )
+    elif cp_layout is None:
         # block_size and positions only feed the spec checks (a masked block start under shift).
         terms = nbdiff_loss(
             output, mb.x0, mb.masked, mb.t, block_size=block_size, positions=mb.positions, **common
@@ -533,12 +545,41 @@ def _loss_func(
     return total * scale, {"terms": reported}
 
 
+def _output_weight(model: Any) -> torch.Tensor | None:
+    """This rank's shard of the output weight on the last pipeline stage (tied or not), else None."""
+    inner = model
+    while not hasattr(inner, "post_process") and hasattr(inner, "module"):
+        inner = inner.module
+    if not inner.post_process:
+        return None
+    if inner.share_embeddings_and_output_weights:
+        return inner.shared_embedding_or_output_weight()
+    return inner.output_layer.weight
+
+
 def _forward_step(
     mbs_iter: Iterator[_MicroBatch], model: Any, *, loss_kwargs: dict[str, Any]
 ) -> tuple[torch.Tensor, Callable]:
     mb = next(mbs_iter)
-    output = model(*mb.inputs)
-    return output, partial(_loss_func, mb, **loss_kwargs)
+    if loss_kwargs["fused"] is None:
+        return model(*mb.inputs), partial(_loss_func, mb, weight=None, **loss_kwargs)
+    # Fused loss: the last stage returns hidden states; the loss projects only its loss rows.
+    output = model(*mb.inputs, return_hidden=True)
+    return output, partial(_loss_func, mb, weight=_output_weight(model), **loss_kwargs)
+
+
+def _fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Arguments of nbdiff_linear_loss that come from the layout (None: the reference loss)."""
+    if not cfg.loss.fused:
+        return None
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    return dict(
+        tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
+        vocab_size=cfg.model.vocab_size,
+        sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
+    )
 
 
 def _reduce_terms(rt: _Runtime, losses: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -627,6 +668,7 @@ def _train_step(
     rt.optimizer.zero_grad()
     mbs = _micro_batches(rt, step, block_size)
     loss_kwargs = dict(
+        fused=_fused_loss_kwargs(cfg),
         ar_weight=ar_weight_of(cfg, step),
         token_shift=cfg.loss.token_shift,
         block_size=block_size,
@@ -728,7 +770,13 @@ def train(
             f"noise.mask_token_id={mask_id} is outside the vocabulary [0, {model_cfg.vocab_size}); "
             "leave it null to use the tokenizer's [MASK]"
         )
-    model = build_model(model_cfg, block_size=cfg.curriculum.target_block_size, seed=cfg.train.seed)
+    model = build_model(
+        model_cfg,
+        block_size=cfg.curriculum.target_block_size,
+        seed=cfg.train.seed,
+        parallel_output=cfg.loss.fused,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+    )
     num_params = _count_params(model)
     model = _wrap_ddp(model, cfg, on_cuda)
     optimizer = _build_optimizer(model, cfg, precision, on_cuda)
