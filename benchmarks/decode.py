@@ -1,9 +1,11 @@
 """Benchmark decoding: block diffusion (KV cache, parallel unmasking) vs the AR decoder of the same model.
 
-For each threshold of the confidence rule it reports, per batch size, the forward passes (NFE), the tokens
-per forward (TPF, hardware independent) and tokens/s, with the speed-up over AR decoding (the same
-weights, KV cache, one token per forward). Greedy decoding, EOS ignored, so every run generates exactly
-`--max-new-tokens` tokens per prompt.
+For each threshold of the confidence rule, and then one row per other unmasking rule (static and
+dynamic schedules, entropy-bounded, margin, entropy, top-k), it reports, per batch size, the forward
+passes (NFE), the tokens per forward (TPF, hardware independent) and tokens/s, with the speed-up over AR
+decoding (the same weights, KV cache, one token per forward). The sub-block cache (approximate) gets a
+row beside the exact decoder with the same sub-blocks, with the share of tokens that agree with it.
+Greedy decoding, EOS ignored, so every run generates exactly `--max-new-tokens` tokens per prompt.
 
 Models:
     --load CKPT            a trained checkpoint (the demo model: `nbdiff demo` writes runs/tiny)
@@ -73,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's (or 32)")
     p.add_argument("--sub-block-size", type=int, default=None)
+    p.add_argument("--block-align", default="document", choices=("document", "prompt"))
+    p.add_argument(
+        "--no-rules", action="store_true", help="only the confidence thresholds (no rule rows)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (tokens)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best is kept)")
@@ -164,8 +170,24 @@ def main(argv: list[str] | None = None) -> int:
         block_size=block,
         sub_block_size=args.sub_block_size,
         token_shift=token_shift,
+        block_align=args.block_align,
         **common,
     )
+    sub = args.sub_block_size or max(block // 4, 1)
+    rules = (
+        []
+        if args.no_rules
+        else [
+            ("static S=B/2", UnmaskingConfig("static", steps=max(block // 2, 1))),
+            ("static S=B/4", UnmaskingConfig("static", steps=max(block // 4, 1))),
+            ("dynamic .9 S=B/4", UnmaskingConfig("dynamic", 0.9, steps=max(block // 4, 1))),
+            ("entropy_bnd 1.0", UnmaskingConfig("entropy_bounded", 1.0)),
+            ("margin 0.5", UnmaskingConfig("margin", 0.5)),
+            ("entropy 1.0", UnmaskingConfig("entropy", 1.0)),
+            ("topk k=2", UnmaskingConfig("topk", k=2)),
+        ]
+    )
+    name = f"block{block}" + (f"/{args.sub_block_size}" if args.sub_block_size else "")
     rows = []
     for batch in args.batch_sizes:
         prompts = make_prompts(tok, batch, prompt_len, cfg.vocab_size, mask_id)
@@ -173,22 +195,44 @@ def main(argv: list[str] | None = None) -> int:
         ar.generate(prompts, max_new_tokens=4)
         base = timed(ar, prompts, args.repeats)
         rows.append(
-            dict(batch=batch, decoder="ar", threshold=None, **base.stats.as_dict(), speedup=1.0)
-        )
-        for threshold in args.thresholds:
-            out = timed(
-                blockdec, prompts, args.repeats, unmasking=UnmaskingConfig("confidence", threshold)
+            dict(
+                batch=batch,
+                decoder="ar",
+                rule=None,
+                **base.stats.as_dict(),
+                speedup=1.0,
+                agree=None,
             )
+        )
+
+        def row(label, out, decoder=name, agree=None, batch=batch, base=base):
             rows.append(
                 dict(
                     batch=batch,
-                    decoder=f"block{block}"
-                    + (f"/{args.sub_block_size}" if args.sub_block_size else ""),
-                    threshold=threshold,
+                    decoder=decoder,
+                    rule=label,
                     **out.stats.as_dict(),
                     speedup=out.stats.tokens_per_second / base.stats.tokens_per_second,
+                    agree=agree,
                 )
             )
+
+        for threshold in args.thresholds:
+            unmasking = UnmaskingConfig("confidence", threshold)
+            row(
+                f"conf {threshold:.2f}", timed(blockdec, prompts, args.repeats, unmasking=unmasking)
+            )
+        for label, unmasking in rules:
+            row(label, timed(blockdec, prompts, args.repeats, unmasking=unmasking))
+        if not args.no_rules and sub < block:
+            # sub-block cache: approximate; agreement = share of tokens equal to the exact decoder's
+            options = dict(sub_block_size=sub, unmasking=UnmaskingConfig("confidence", 0.9))
+            exact = timed(blockdec, prompts, args.repeats, **options)
+            cached = timed(blockdec, prompts, args.repeats, sub_block_cache=True, **options)
+            same = sum(a == b for x, y in zip(exact.tokens, cached.tokens) for a, b in zip(x, y))
+            total = sum(len(x) for x in exact.tokens)
+            row("conf 0.90", exact, decoder=f"block{block}/{sub}")
+            row("conf 0.90", cached, decoder=f"+subcache/{sub}", agree=same / max(total, 1))
     device = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -197,16 +241,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# decode benchmark, {datetime.date.today()}, {device}, torch {torch.__version__}; "
         f"prompt {prompt_len} tokens, {args.max_new_tokens} new tokens, greedy, "
+        f"{args.block_align}-aligned blocks, "
         f"{'model ' + str(args.load) if args.load else 'random ' + args.random}"
     )
-    header = f"{'batch':>5} {'decoder':<10} {'thresh':>6} {'NFE':>5} {'TPF':>6} {'tok/s':>9} {'vs AR':>6}"
+    header = (
+        f"{'batch':>5} {'decoder':<13} {'rule':<17} {'NFE':>5} {'TPF':>6} {'tok/s':>9} "
+        f"{'vs AR':>6} {'agree':>6}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        thr = "-" if r["threshold"] is None else f"{r['threshold']:.2f}"
+        rule = r["rule"] or "-"
+        agree = "-" if r["agree"] is None else f"{r['agree']:.3f}"
         print(
-            f"{r['batch']:>5} {r['decoder']:<10} {thr:>6} {r['nfe']:>5} {r['tpf']:>6.2f} "
-            f"{r['tokens_per_s']:>9.1f} {r['speedup']:>5.2f}x"
+            f"{r['batch']:>5} {r['decoder']:<13} {rule:<17} {r['nfe']:>5} {r['tpf']:>6.2f} "
+            f"{r['tokens_per_s']:>9.1f} {r['speedup']:>5.2f}x {agree:>6}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "rows": rows}, indent=2))

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                           help="record token_shift=false in the NBDiff settings")
     to_mcore.add_argument("--mask-kind", choices=("context_causal", "block_causal"),
                           default="context_causal", help="NBDiff attention mask family")
+    to_mcore.add_argument("--block-align", choices=("document", "prompt"), default="document",
+                          help="where the model's blocks start when decoding: document (ours) or "
+                          "prompt (the NBDiff release's decoder)")
     _common(to_mcore)
 
     to_hf = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> HF folder",
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, tokenizer=args.tokenizer,
             mask_id=args.mask_id, seq_length=args.seq_length, block_size=args.block_size,
             token_shift=not args.no_token_shift, mask_kind=args.mask_kind,
+            block_align=args.block_align,
             overwrite=args.overwrite, show_progress=not args.no_progress,
         )
     else:

@@ -257,8 +257,12 @@ def export_family(cfg: ModelConfig) -> str:
 
 
 def hf_config_for_export(cfg: ModelConfig, family: str, *, source_hf_config: dict[str, Any] | None,
-                         dtype: str, extra: dict[str, Any] | None = None):
-    """A transformers config object describing `cfg` as a `family` model (what save_pretrained writes)."""
+                         dtype: str, extra: dict[str, Any] | None = None,
+                         context_length: int | None = None):
+    """A transformers config object describing `cfg` as a `family` model (what save_pretrained writes).
+
+    `context_length`: max_position_embeddings to record (a trained checkpoint's seq_length); None
+    keeps the source config's value."""
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
@@ -268,6 +272,8 @@ def hf_config_for_export(cfg: ModelConfig, family: str, *, source_hf_config: dic
                 "initializer_range"):
         if source_hf_config and source_hf_config.get(key) is not None:
             carried[key] = source_hf_config[key]
+    if context_length is not None:
+        carried["max_position_embeddings"] = int(context_length)
     carried.setdefault("max_position_embeddings", max(cfg.seq_length, 2048))
     rope_scaling = None
     if cfg.rope_scaling is not None:

@@ -103,7 +103,8 @@ def _check_tensors(hf: HFCheckpoint, units: list[list[Any]], cfg: ModelConfig, h
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
                 dtype: str | None = None, tokenizer: str | None = None, mask_id: int | None = None,
                 seq_length: int | None = None, block_size: int = 32, token_shift: bool = True,
-                mask_kind: str = "context_causal", overwrite: bool = False,
+                mask_kind: str = "context_causal", block_align: str = "document",
+                overwrite: bool = False,
                 show_progress: bool = True) -> common.ConversionSummary:
     """Convert an HF Llama / Qwen2 / Qwen3 (openPangu-style) folder into a megatron-core checkpoint.
 
@@ -115,7 +116,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
         tokenizer: tokenizer folder/file; None = the HF folder's own tokenizer files, if any.
         mask_id: [MASK] id override; None = the tokenizer's (or a new row after the vocabulary).
         seq_length: ModelConfig.seq_length to record; None = min(max_position_embeddings, 4096).
-        block_size, token_shift, mask_kind: NBDiff settings recorded in the metadata.
+        block_size, token_shift, mask_kind, block_align: NBDiff settings recorded in the metadata
+            (block_align "prompt" for a model whose blocks start at the prompt's end, as the
+            NBDiff release's).
         show_progress: tqdm bar over layers on stderr.
     """
     timer = common.Timer()
@@ -209,7 +212,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
             "dtype": target,
             "layout": {"tp": tp, "pp": pp},
             "nbdiff": {"block_size": block_size, "token_shift": token_shift,
-                       "mask_kind": mask_kind},
+                       "mask_kind": mask_kind, "block_align": block_align},
             # flat copies: what `nbdiff generate` (inference/loading.py) reads
             "block_size": block_size,
             "token_shift": token_shift,

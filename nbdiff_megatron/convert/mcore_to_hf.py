@@ -104,7 +104,10 @@ def describe_checkpoint(ckpt: Path, model_config: str | None) -> dict[str, Any]:
                 "block_size": _find(train_state, ("config", "curriculum", "target_block_size")),
                 "token_shift": _find(train_state, ("config", "loss", "token_shift")),
                 "mask_kind": _find(train_state, ("config", "curriculum", "mask_kind")),
+                # nbdiff train packs documents: blocks count from each document's start
+                "block_align": train_state.get("block_align") or "document",
             },
+            "trained_context": _find(train_state, ("config", "model", "seq_length")),
             "tokenizer_type": tok.get("type") or tok.get("tokenizer_type")
             or _find(train_state, ("config", "data", "tokenizer_type")),
             "tokenizer_model": tok.get("model") or tok.get("tokenizer_model")
@@ -197,7 +200,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: str | None
     nbdiff = info.get("nbdiff") or {}
     extra = {"mask_token_id": mask_id, "nbdiff": {**nbdiff, "mask_token_id": mask_id}}
     config = hf_config_for_export(cfg, family_name, source_hf_config=source_hf, dtype=target,
-                                  extra=extra)
+                                  extra=extra, context_length=info.get("trained_context"))
     out = Path(out_dir)
     summary = common.ConversionSummary("mcore-to-hf", str(ckpt), str(out.resolve()), family_name,
                                        target, mask_id=mask_id)
@@ -220,12 +223,24 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: str | None
                     summary.parameters += tensor.numel()
             del loaded
         writer.finish()
-        config.save_pretrained(str(tmp))
         files = _tokenizer_sources(ckpt, info, tokenizer)
         if files:
             copy_files(files, tmp)
         else:
             summary.notes.append("no tokenizer files found; pass --tokenizer to include them")
+        from nbdiff_megatron.convert import hf_export
+
+        special = hf_export.special_token_ids(tmp, info)
+        if special is None:
+            summary.notes.append("the tokenizer could not be loaded: config.json keeps the source's "
+                                 "special token ids and no generation_config.json is written")
+        else:
+            hf_export.set_special_tokens(config, special)
+        config.save_pretrained(str(tmp))
+        if special is not None:
+            hf_export.write_generation_config(tmp, special, mask_id)
+        hf_export.write_block_generate(tmp)
+        hf_export.write_model_card(tmp, family_name, config)
         public = {k: v for k, v in info.items() if k != "model_config"}
         public["exported_as"] = family_name
         public["dtype"] = target

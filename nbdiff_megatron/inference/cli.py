@@ -37,6 +37,12 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="refine each block in sub-blocks of this size (e.g. 8 for 32 = 4 x 8)",
     )
     g.add_argument(
+        "--sub-block-cache",
+        action="store_true",
+        help="approximate: reuse the k/v of finished sub-blocks inside the active block (needs "
+        "--sub-block-size); faster forwards, tokens may differ from the exact decoder",
+    )
+    g.add_argument(
         "--block-align",
         default=None,
         choices=BLOCK_ALIGNS,
@@ -207,6 +213,7 @@ def build_decoder(args: argparse.Namespace, loaded: Any, max_new_tokens: int) ->
             seed=args.seed,
             mask_kind=getattr(loaded, "mask_kind", "context_causal"),
             block_align=args.block_align or getattr(loaded, "block_align", "document"),
+            sub_block_cache=bool(getattr(args, "sub_block_cache", False)) and not args.ar,
         )
     except ValueError as exc:
         raise InferenceError(str(exc)) from exc

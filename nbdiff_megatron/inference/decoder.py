@@ -88,6 +88,11 @@ class DecodeConfig:
     block_align: str = "document"
     """Where blocks start: "document" (multiples of B from the prompt's first token, as trained with
     packing) or "prompt" (the first block starts right after the prompt)."""
+    sub_block_cache: bool = False
+    """Approximate (Fast-dLLM v2 style): after a sub-block is finished, the later refinement steps of
+    the block reuse its k/v from the first forward of the next sub-block instead of re-encoding it
+    (they forward only the columns from the active sub-block on). Needs sub_block_size and the cache;
+    not exact: finished sub-blocks no longer see the later tokens of their block."""
 
     def __post_init__(self) -> None:
         if self.block_align not in BLOCK_ALIGNS:
@@ -123,6 +128,11 @@ class DecodeConfig:
         ):
             raise InferenceError(
                 f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
+            )
+        if self.sub_block_cache and (self.sub_block_size is None or not self.use_cache):
+            raise InferenceError(
+                "--sub-block-cache needs --sub-block-size (smaller than the block) and the KV cache "
+                "(no --no-cache)"
             )
         steps = self.unmasking.steps
         units = self.block_size // (self.sub_block_size or self.block_size)
@@ -378,9 +388,25 @@ class DecodeSession:
         self.last_logits = logits[:, -1]
         return logits
 
-    def block_logits(self, block: torch.Tensor) -> torch.Tensor:
-        """Logits `[b, n, V]` of the active block (bidirectional, reads the prefix, commits nothing)."""
-        return self._run(self.cursor, block, causal=False, commit=False)
+    def block_logits(self, block: torch.Tensor, reuse: int = 0) -> torch.Tensor:
+        """Logits `[b, n, V]` of the active block (bidirectional, reads the prefix, commits nothing).
+
+        `reuse` > 0 (sub-block cache, approximate): the block's first `reuse` columns are not
+        re-encoded; their k/v are the ones the previous forward of this block left in the cache.
+        Only the later columns are run; the first `reuse` rows of the result are zeros.
+        """
+        if reuse <= 0:
+            return self._run(self.cursor, block, causal=False, commit=False)
+        if self.cache is None:
+            raise InferenceError("the sub-block cache needs the KV cache")
+        start = self.cursor
+        self.cache.length = start + reuse  # provisional: the finished sub-blocks' k/v
+        try:
+            tail = self._run(start + reuse, block[:, reuse:], causal=False, commit=False)
+        finally:
+            self.cache.length = start
+        head = tail.new_zeros((tail.shape[0], reuse, tail.shape[2]))
+        return torch.cat([head, tail], dim=1)
 
     def commit(self, block: torch.Tensor) -> torch.Tensor:
         """Write the finished block and encode it into the cache as a committed block (causally, or
@@ -586,7 +612,13 @@ class BlockDecoder:
                 in_sub[:, sub_start : sub_start + sub] = True
                 step = 0
                 while bool((masked & in_sub).any()):
-                    logits = session.block_logits(block)
+                    # sub-block cache: the first step of a sub-block refreshes the whole block's
+                    # k/v; its later steps reuse those of the finished sub-blocks (with token shift
+                    # the last finished column is re-run: its logit predicts this sub-block's start)
+                    reuse = 0
+                    if config.sub_block_cache and step > 0:
+                        reuse = max(sub_start - int(config.token_shift), 0)
+                    logits = session.block_logits(block, reuse)
                     count_forward(running)
                     if config.token_shift:
                         # position j is predicted by the logit at j - 1 (j = 0 was filled above)

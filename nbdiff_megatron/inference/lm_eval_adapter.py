@@ -7,12 +7,15 @@
 - `generate_until`: block decoding (BlockDecoder; `--ar` for the AR baseline) with the request's
   `until` strings as stop strings (checked after every block, then cut), `max_gen_toks` as the budget and
   `do_sample` / `temperature` honoured.
-- `loglikelihood` / `loglikelihood_rolling`: the estimator is the model's **causal (AR) log-likelihood**:
-  one causal forward over context + continuation, summing log p(token_i | tokens_<i) over the
-  continuation (`is_greedy` = every continuation token is the argmax). This is exact for the model's
-  clean (x_0) half, which NBDiff trains with the AR loss L_AR (NBDIFF.md §4), so it is what the adapted
-  model assigns with its AR head, not a diffusion ELBO bound; it is cheap (one forward per request) and
-  deterministic. Inputs longer than the context are truncated from the left.
+- `loglikelihood` / `loglikelihood_rolling` (`--loglikelihood`):
+  - "causal": the model's **causal (AR) log-likelihood**: one causal forward over context +
+    continuation, summing log p(token_i | tokens_<i) over the continuation (`is_greedy` = every
+    continuation token is the argmax). Exact for the model's clean (x_0) half, which NBDiff trains
+    with the AR loss L_AR (NBDIFF.md §4); cheap (one forward per request) and deterministic.
+  - "diffusion": the seeded Monte Carlo estimate of the block-diffusion bound (likelihood.py), blocks
+    laid out as in decoding; `--ll-samples` draws per block. The default follows the checkpoint:
+    diffusion when it was trained with λ = 0 or the block-causal mask (no meaningful AR head).
+  Inputs longer than the context are truncated from the left.
 
 Hub tasks cannot be downloaded here: use local task YAMLs (`--include-path`) or `--task-jsonl FILE`, which
 builds a GSM8K-style task ({"question", "answer" ending in "#### N"}, exact match on N) around a local file.
@@ -31,6 +34,8 @@ from typing import Any
 import torch
 
 from nbdiff_megatron.errors import InferenceError
+
+LOGLIKELIHOODS = ("causal", "diffusion")
 
 
 def _require_lm_eval() -> Any:
@@ -122,9 +127,29 @@ def make_lm_class() -> type:
         """lm-eval model over an NBDiff megatron-core model (see the module docstring)."""
 
         def __init__(
-            self, loaded: Any, decoder: Any, *, batch_size: int = 8, max_gen_toks: int = 256
+            self,
+            loaded: Any,
+            decoder: Any,
+            *,
+            batch_size: int = 8,
+            max_gen_toks: int = 256,
+            loglikelihood: str = "causal",
+            scorer: Any = None,
+            ll_samples: int = 8,
+            seed: int = 0,
         ) -> None:
             super().__init__()
+            if loglikelihood not in LOGLIKELIHOODS:
+                raise InferenceError(
+                    f"--loglikelihood must be one of {', '.join(LOGLIKELIHOODS)}, got "
+                    f"{loglikelihood!r}"
+                )
+            if loglikelihood == "diffusion" and scorer is None:
+                raise InferenceError("the diffusion log-likelihood needs a BlockDecoder (scorer)")
+            self.loglikelihood_mode = loglikelihood
+            self.scorer = scorer
+            self.ll_samples = ll_samples
+            self.seed = seed
             self.loaded = loaded
             self.decoder = decoder
             self.tokenizer = loaded.tokenizer
@@ -146,8 +171,35 @@ def make_lm_class() -> type:
                 ctx = [self.tokenizer.eod]
             return ctx, cont
 
-        @torch.inference_mode()
         def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+            if self.loglikelihood_mode == "diffusion":
+                return self._diffusion_score(pairs)
+            return self._causal_score(pairs)
+
+        def _diffusion_score(
+            self, pairs: list[tuple[list[int], list[int]]]
+        ) -> list[tuple[float, bool]]:
+            from nbdiff_megatron.inference.likelihood import diffusion_loglikelihood
+
+            results: list[tuple[float, bool]] = []
+            for start in range(0, len(pairs), self.batch_size):
+                chunk = []
+                for ctx, cont in pairs[start : start + self.batch_size]:
+                    cont = cont[-(self.max_context - 1) :]
+                    chunk.append((ctx[-(self.max_context - len(cont)) :], cont))
+                results += diffusion_loglikelihood(
+                    self.scorer,
+                    chunk,
+                    samples=self.ll_samples,
+                    seed=self.seed,
+                    row_ids=range(start, start + len(chunk)),
+                )
+            return results
+
+        @torch.inference_mode()
+        def _causal_score(
+            self, pairs: list[tuple[list[int], list[int]]]
+        ) -> list[tuple[float, bool]]:
             from nbdiff_megatron.model.builder import ar_forward
 
             model = self.loaded.model
@@ -286,6 +338,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="generation budget when a task sets none (default 256)",
     )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--loglikelihood",
+        default=None,
+        choices=LOGLIKELIHOODS,
+        help="multiple-choice scores: causal (the AR head) or diffusion (Monte Carlo block-diffusion "
+        "bound); default: diffusion for checkpoints trained with λ = 0 or block-causal, else causal",
+    )
+    parser.add_argument(
+        "--ll-samples",
+        type=int,
+        default=8,
+        help="diffusion log-likelihood: Monte Carlo draws per block (default 8; seeded by --seed)",
+    )
     add_decoding_arguments(parser)
 
 
@@ -387,7 +452,31 @@ def run(args: argparse.Namespace) -> int:
             params_dtype=args.dtype,
         )
         decoder = build_decoder(args, loaded, args.max_gen_toks)
-        lm = lm_class(loaded, decoder, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks)
+        from nbdiff_megatron.inference.likelihood import default_loglikelihood
+
+        mode = args.loglikelihood or default_loglikelihood(loaded.mask_kind, loaded.ar_weight)
+        if args.ll_samples < 1:
+            raise InferenceError(f"--ll-samples must be >= 1, got {args.ll_samples}")
+        scorer = None
+        if mode == "diffusion":
+            scorer = (
+                decoder
+                if not args.ar
+                else build_decoder(
+                    argparse.Namespace(**{**vars(args), "ar": False}), loaded, args.max_gen_toks
+                )
+            )
+        print(f"loglikelihood: {mode}", file=sys.stderr)
+        lm = lm_class(
+            loaded,
+            decoder,
+            batch_size=args.batch_size,
+            max_gen_toks=args.max_gen_toks,
+            loglikelihood=mode,
+            scorer=scorer,
+            ll_samples=args.ll_samples,
+            seed=args.seed if args.seed is not None else 0,
+        )
         results = evaluate(
             lm, tasks, include_path=paths, limit=args.limit, num_fewshot=args.num_fewshot
         )

@@ -86,7 +86,9 @@ def test_metadata_and_layout(converted):
     assert meta["mask_id"] == 2 and meta["mask_rows_added"] == 0
     assert meta["tokenizer"]["mask_id"] == 2
     assert meta["tokenizer"]["tokenizer_model"] == str((mcore_dir / "tokenizer").resolve())
-    assert meta["nbdiff"] == {"block_size": 32, "token_shift": True, "mask_kind": "context_causal"}
+    assert meta["nbdiff"] == {
+        "block_size": 32, "token_shift": True, "mask_kind": "context_causal", "block_align": "document"
+    }
     cfg = ModelConfig.from_dict(meta["model"])
     assert (cfg.qk_layernorm, cfg.add_qkv_bias, cfg.tie_embeddings, cfg.kv_channels) == \
         (True, False, False, None)

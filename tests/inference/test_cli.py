@@ -274,8 +274,12 @@ def test_stored_mask_kind_rejects_unknown_kinds(tmp_path):
     from nbdiff_megatron.errors import CheckpointError
     from nbdiff_megatron.inference.loading import _stored_mask_kind
 
-    with pytest.raises(CheckpointError, match="annealed"):
-        _stored_mask_kind({"curriculum": {"mask_kind": "annealed"}}, {}, tmp_path)
+    with pytest.raises(CheckpointError, match="mystery"):
+        _stored_mask_kind({"curriculum": {"mask_kind": "mystery"}}, {}, tmp_path)
+    # the annealed baseline ends on the context-causal mask and decodes as such
+    assert _stored_mask_kind({"curriculum": {"mask_kind": "annealed"}}, {}, tmp_path) == (
+        "context_causal"
+    )
 
 
 def test_block_causal_checkpoint_decodes_block_causally(tmp_path):
