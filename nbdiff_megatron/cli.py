@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("nbdiff_megatron.convert.cli", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
     "generate": ("nbdiff_megatron.inference.cli", "decode text with block diffusion (or AR)"),
     "eval": ("nbdiff_megatron.inference.lm_eval_adapter", "evaluate with lm-evaluation-harness"),
+    "plan": ("nbdiff_megatron.training.plan", "per-GPU memory, FLOPs and a verdict for a config"),
     "show-mask": ("nbdiff_megatron.plots", "draw the 2L x 2L training mask as a PNG"),
     "show-curriculum": ("nbdiff_megatron.plots", "plot B(s), lambda(s) and the LR of a config"),
     "ablate": ("nbdiff_megatron.ablation", "the paper's Table 2 ablation: 5 variants, one command"),

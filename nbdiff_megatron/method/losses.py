@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from nbdiff_megatron.method.masks import document_positions
 from nbdiff_megatron.method.noise import block_layout
 
-__all__ = ["LossTerms", "loss_token_counts", "nbdiff_loss"]
+__all__ = ["LossRows", "LossTerms", "loss_rows", "loss_terms", "loss_token_counts", "nbdiff_loss"]
 
 # Rows of logits upcast to fp32 at a time (~256 MiB of temporaries for the chunk).
 _CHUNK_ELEMENTS = 1 << 26
@@ -207,11 +207,24 @@ def nbdiff_loss(
         raise ValueError(
             f"logits must be a floating tensor [b, 2L, V], got {list(logits.shape)} {logits.dtype}"
         )
-    if x0.dim() != 2 or x0.dtype.is_floating_point or x0.dtype == torch.bool:
-        raise ValueError(f"x0 must be integer token ids [b, L], got {list(x0.shape)} {x0.dtype}")
-    batch, seq_len = x0.shape
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
     vocab = logits.shape[-1]
-    n_rows = 2 * seq_len if rows is None else rows.numel()
+    sel = loss_rows(
+        x0,
+        masked,
+        t,
+        vocab=vocab,
+        n_rows=None if rows is None else rows.numel(),
+        token_shift=token_shift,
+        loss_mask=loss_mask,
+        doc_ids=doc_ids,
+        validate=validate,
+        block_size=block_size,
+        positions=positions,
+        rows=rows,
+    )
+    batch, n_rows = x0.shape[0], sel.n_rows
     if logits.shape[:2] != (batch, n_rows):
         expected = "2L" if rows is None else "len(rows)"
         raise ValueError(
@@ -219,6 +232,63 @@ def nbdiff_loss(
             f"for x0 {list(x0.shape)}, "
             f"got {list(logits.shape)}"
         )
+    chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    ce = _rows_cross_entropy(logits, sel.seq, sel.pos, sel.targets, chunk)
+    return loss_terms(
+        ce, sel, ar_weight=ar_weight, mdm_denominator=mdm_denominator, ar_denominator=ar_denominator
+    )
+
+
+class LossRows(NamedTuple):
+    """The logit rows that carry loss and what they predict (``loss_rows``).
+
+    Row ``k`` is ``logits[seq[k], pos[k]]`` and predicts ``targets[k]``; the first ``n_mdm`` rows
+    are L_MDM terms (weight 1/``t_mdm``), the rest L_AR terms.
+    """
+
+    seq: torch.Tensor
+    """LongTensor [N]: the sample of each row."""
+    pos: torch.Tensor
+    """LongTensor [N]: the row's index along the logits' sequence dimension."""
+    targets: torch.Tensor
+    """LongTensor [N]: the token each row predicts."""
+    t_mdm: torch.Tensor
+    """Tensor [n_mdm]: t of each L_MDM row's target token."""
+    n_mdm: int
+    """Number of L_MDM rows (they come first)."""
+    mdm_count: torch.Tensor
+    """Loss tokens counted by this call (float, no grad)."""
+    ar_count: torch.Tensor
+    """AR targets counted by this call (float, no grad)."""
+    n_rows: int
+    """Rows the logits must have along the sequence dimension (2L, or len(rows))."""
+
+
+def loss_rows(
+    x0: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    vocab: int,
+    n_rows: int | None = None,
+    token_shift: bool = False,
+    loss_mask: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    validate: bool = True,
+    block_size: int | None = None,
+    positions: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+) -> LossRows:
+    """Validate the loss inputs and select the rows that carry loss (arguments: ``nbdiff_loss``).
+
+    Shared by the reference ``nbdiff_loss`` and the fused ``kernels.nbdiff_linear_loss``, so both
+    score exactly the same rows against the same targets.
+    """
+    if x0.dim() != 2 or x0.dtype.is_floating_point or x0.dtype == torch.bool:
+        raise ValueError(f"x0 must be integer token ids [b, L], got {list(x0.shape)} {x0.dtype}")
+    batch, seq_len = x0.shape
+    if n_rows is None:
+        n_rows = 2 * seq_len if rows is None else rows.numel()
     if masked.dtype != torch.bool or masked.shape != x0.shape:
         raise ValueError(
             f"masked must be a BoolTensor of shape {list(x0.shape)}, "
@@ -231,10 +301,6 @@ def nbdiff_loss(
             f"t must be a floating tensor of shape [b, L] = {list(x0.shape)} (or [b]), "
             f"got {list(t.shape)} {t.dtype}"
         )
-    if not (0.0 <= ar_weight <= 1.0):
-        raise ValueError(f"ar_weight (λ) must lie in [0, 1], got {ar_weight!r}")
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
     lm = _as_loss_mask(loss_mask, x0.shape, x0.device)
     docs = _as_doc_ids(doc_ids, x0.shape)
 
@@ -295,15 +361,34 @@ def nbdiff_loss(
         row_of[rows.to(x0.device)] = torch.arange(n_rows, device=x0.device)
         pos = row_of[pos]
     targets = torch.cat([x0[mdm_b, mdm_i], x0[ar_b, ar_i + 1]])
-    chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    ce = _rows_cross_entropy(logits, seq, pos, targets, chunk)
-    ce_mdm, ce_ar = ce[: mdm_b.numel()], ce[mdm_b.numel() :]
+    mdm_t = t[mdm_b, mdm_i]
+    return LossRows(
+        seq,
+        pos,
+        targets,
+        mdm_t,
+        mdm_b.numel(),
+        counted_tokens.sum().float(),
+        ar_valid.sum().float(),
+        n_rows,
+    )
 
-    mdm_sum = (ce_mdm / t[mdm_b, mdm_i].to(ce_mdm.dtype)).sum()
+
+def loss_terms(
+    ce: torch.Tensor,
+    sel: LossRows,
+    *,
+    ar_weight: float,
+    mdm_denominator: torch.Tensor | float | None = None,
+    ar_denominator: torch.Tensor | float | None = None,
+) -> LossTerms:
+    """Eq. 2 from the per-row cross-entropies ``ce [N]`` of ``sel``'s rows (fp32, with grad)."""
+    if not (0.0 <= ar_weight <= 1.0):
+        raise ValueError(f"ar_weight (λ) must lie in [0, 1], got {ar_weight!r}")
+    ce_mdm, ce_ar = ce[: sel.n_mdm], ce[sel.n_mdm :]
+    mdm_sum = (ce_mdm / sel.t_mdm.to(ce_mdm.dtype)).sum()
     ar_sum = ce_ar.sum()
-    mdm_count = counted_tokens.sum().float()
-    ar_count = ar_valid.sum().float()
-    mdm = mdm_sum / _denominator(mdm_denominator, mdm_count)
-    ar = ar_sum / _denominator(ar_denominator, ar_count)
+    mdm = mdm_sum / _denominator(mdm_denominator, sel.mdm_count)
+    ar = ar_sum / _denominator(ar_denominator, sel.ar_count)
     total = (1.0 - ar_weight) * mdm + ar_weight * ar
-    return LossTerms(total, mdm, ar, mdm_sum, mdm_count, ar_sum, ar_count)
+    return LossTerms(total, mdm, ar, mdm_sum, sel.mdm_count, ar_sum, sel.ar_count)

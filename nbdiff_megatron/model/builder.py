@@ -179,14 +179,17 @@ def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 def build_model(cfg: ModelConfig, *, block_size: int | None = None, pre_process: bool | None = None,
                 post_process: bool | None = None, parallel_output: bool = False,
                 vp_stage: int | None = None, seed: int | None = None,
-                use_transformer_engine: bool | None = None) -> NBDiffGPTModel:
+                use_transformer_engine: bool | None = None,
+                sequence_parallel: bool = False) -> NBDiffGPTModel:
     """Build this rank's stage of the NBDiff model from a ModelConfig.
 
     Uses megatron-core's parallel_state (initialised by the caller, e.g.
     `model.parallel.initialize_parallel`); without torch.distributed a 1-rank gloo group is started.
     `block_size` (the target B) is validated against `seq_length`. `seed` re-seeds the CPU and model-
     parallel RNGs first, so equal seeds give equal weights on CPU. `parallel_output=True` keeps the
-    logits vocab-parallel under TP (for a vocab-parallel fused loss).
+    logits vocab-parallel under TP (for a vocab-parallel fused loss). `sequence_parallel` turns on
+    megatron's sequence parallelism (with TP > 1): activations outside the TP regions, and the hidden
+    states `return_hidden` gives, are then the rank's `[b, s / tp, h]` sequence shard.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -211,7 +214,11 @@ def build_model(cfg: ModelConfig, *, block_size: int | None = None, pre_process:
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
-    config = cfg.to_transformer_config(tp=tp, pp=pp, cp=cp)
+    config = cfg.to_transformer_config(tp=tp, pp=pp, cp=cp, sequence_parallel=sequence_parallel)
+    if cfg.recompute_granularity is not None:
+        from nbdiff_megatron.model.recompute import allow_object_arguments
+
+        allow_object_arguments()
     spec = nbdiff_layer_spec(qk_layernorm=cfg.qk_layernorm,
                              use_transformer_engine=use_transformer_engine)
     if pre_process is None:

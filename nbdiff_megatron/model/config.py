@@ -18,6 +18,8 @@ from nbdiff_megatron.errors import ConfigError
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROPE_SCALING_TYPES = ("llama3", "linear")
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass
@@ -64,6 +66,14 @@ class ModelConfig:
     """Dropout after the attention and MLP blocks."""
     attention_dropout: float = 0.0
     """Dropout on the attention probabilities."""
+    recompute_granularity: str | None = None
+    """Activation recomputation (megatron-core's name): null (none), "selective" (the core attention
+    is recomputed in backward) or "full" (whole layers, see recompute_method)."""
+    recompute_method: str | None = None
+    """With full recomputation: "uniform" (every layer, in groups of recompute_num_layers) or
+    "block" (the first recompute_num_layers layers of each pipeline stage); null otherwise."""
+    recompute_num_layers: int | None = None
+    """With full recomputation: the group size (uniform) or the number of layers (block)."""
     extra_transformer_config: dict[str, Any] = field(default_factory=dict)
     """Expert escape hatch: extra keyword arguments passed to megatron-core's TransformerConfig."""
 
@@ -184,6 +194,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
+        self._validate_recompute(pp)
         if block_size is not None:
             if block_size <= 0:
                 raise ConfigError(f"block_size must be a positive integer, got {block_size}")
@@ -192,6 +203,34 @@ class ModelConfig:
                     f"block_size={block_size} is larger than model.seq_length={self.seq_length}: "
                     "lower the (target) block size or raise model.seq_length"
                 )
+
+    def _validate_recompute(self, pp: int) -> None:
+        granularity, method, count = (
+            self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        )
+        if granularity not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(
+                f"model.recompute_granularity={granularity!r} is unknown: use null, 'selective' or "
+                "'full'"
+            )
+        if granularity != "full":
+            if method is not None or count is not None:
+                raise ConfigError(
+                    "model.recompute_method / model.recompute_num_layers only apply to "
+                    f"model.recompute_granularity='full' (it is {granularity!r}): remove them or "
+                    "set recompute_granularity: full"
+                )
+            return
+        if method not in RECOMPUTE_METHODS:
+            raise ConfigError(
+                f"model.recompute_method={method!r}: full recomputation needs 'uniform' or 'block'"
+            )
+        per_stage = self.num_layers // pp
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= per_stage:
+            raise ConfigError(
+                f"model.recompute_num_layers={count!r} must be an integer in [1, {per_stage}] (the "
+                f"layers of one pipeline stage: {self.num_layers} / pp {pp})"
+            )
 
     # ------------------------------------------------------------------ megatron-core
     def to_transformer_config(self, tp: int = 1, pp: int = 1, cp: int = 1, *,
@@ -228,6 +267,9 @@ class ModelConfig:
             pipeline_model_parallel_size=pp,
             context_parallel_size=cp,
             sequence_parallel=sequence_parallel and tp > 1,
+            recompute_granularity=self.recompute_granularity,
+            recompute_method=self.recompute_method,
+            recompute_num_layers=self.recompute_num_layers,
             params_dtype=dtype,
             pipeline_dtype=dtype,
             bf16=dtype == torch.bfloat16,

@@ -13,6 +13,7 @@ clipping (both assert CUDA tensors), Transformer Engine, fused kernels, CUDA gra
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,13 +67,15 @@ def _null_stream_context(stream: Any = None) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
-def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False,
-                       **_: Any) -> torch.Tensor:
+def _cpu_get_rng_state(
+    device: Any = "cuda", clone: bool = False, graph_safe: bool = False, **_: Any
+) -> torch.Tensor:
     return torch.get_rng_state()
 
 
-def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False,
-                       **_: Any) -> None:
+def _cpu_set_rng_state(
+    new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False, **_: Any
+) -> None:
     torch.set_rng_state(new_state)
 
 
@@ -129,7 +132,9 @@ def apply() -> bool:
     # left alone: torch.manual_seed calls it, and routing it to torch.manual_seed would recurse.
     _patch(torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed))
     _patch(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
-    _patch(torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state))
+    _patch(
+        torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    )
     random_mod = _module("megatron.core.tensor_parallel.random")
     if random_mod is not None:
         if hasattr(random_mod, "_get_cuda_rng_state"):
@@ -145,8 +150,37 @@ def apply() -> bool:
             if hasattr(mod, "_set_cuda_rng_state"):
                 _patch(mod, "_set_cuda_rng_state", _cpu_set_rng_state)
 
+    _allow_sequence_parallel_torch_norm()
     _APPLIED = True
     return True
+
+
+def _allow_sequence_parallel_torch_norm() -> None:
+    """Sequence parallelism with the local spec's torch norms (transformer/torch_norm.py).
+
+    `WrappedTorchNorm.__new__` asserts `not config.sequence_parallel` (only apex / TE norms carry the
+    flag). Under SP a norm sees this rank's sequence shard, so its weight gradient is partial: the norm
+    is built as usual and its parameters are tagged `sequence_parallel = True`, the attribute megatron's
+    `finalize_model_grads` looks for to all-reduce those gradients over the TP group (what apex's
+    FusedLayerNorm and TE's norms do on GPU).
+    """
+    norm_mod = _module("megatron.core.transformer.torch_norm")
+    wrapped = getattr(norm_mod, "WrappedTorchNorm", None)
+    if wrapped is None or hasattr(wrapped, "_nbdiff_orig___new__"):
+        return
+    original = wrapped.__new__
+
+    def __new__(cls: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(config, "sequence_parallel", False):
+            return original(cls, config, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original(cls, plain, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    _patch(wrapped, "__new__", __new__)
 
 
 def _to_cpu_device(value: Any) -> Any:
@@ -168,8 +202,9 @@ class CudaToCpuMode(TorchFunctionMode):
     and dist_checkpointing exchange utils.
     """
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = dict(kwargs or {})
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])

@@ -152,6 +152,23 @@ def test_data_parallel_two_ranks_learns(corpus_prefix: str, tmp_path: Path) -> N
     _assert_learns(records)
 
 
+def test_tp2_sequence_parallel_matches_one_rank(
+    corpus_prefix: str, from_scratch: list[dict], tmp_path: Path
+) -> None:
+    # Sequence parallelism reaches megatron-core (activations sharded along 2L), with the fused
+    # vocab-parallel loss gathering the hidden rows: the same losses and gradient norms as 1 rank.
+    layout = "tp 2 x pp 1 x cp 1 x dp 1"
+    _, records, _ = _two_ranks(
+        corpus_prefix,
+        tmp_path,
+        layout,
+        "--parallel.tp=2",
+        "--parallel.sequence_parallel=true",
+        "--train.steps=3",
+    )
+    _assert_match(records, from_scratch, "tp=2 + sp")
+
+
 def test_a_user_error_is_printed_once_under_torchrun(corpus_prefix: str, tmp_path: Path) -> None:
     launched = run_cli(
         corpus_prefix, "--parallel.dp=1", log=tmp_path / "bad.log", nproc=2, expect=None
