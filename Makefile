@@ -1,27 +1,58 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# `make test-py312` runs the suite on the users' stack too (Python 3.12 + megatron-core 0.19.x, own venv).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch alone, e.g. --index-url of PyTorch's CPU wheel index (see README).
+TORCH_PIP_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean
+# The users' clusters: Python 3.12 + megatron-core 0.19.x. A python3.12 that runs, else pyenv's.
+PYTHON312 ?= $(shell for p in python3.12 $${HOME:-/root}/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
+VENV312 ?= .venv312
+MCORE312 ?= megatron-core>=0.19,<0.20
+PY312 := $(VENV312)/bin/python
+# The stamp is named by what the dependencies come from, so a changed pyproject.toml / setup.py / pin
+# reinstalls them, and a venv kept outside a fresh clone (CI: .ci/run) is reused without mtime games.
+DEPS312_KEY := $(shell (cat pyproject.toml setup.py; echo '$(MCORE312)') | sha256sum | cut -c1-12)
+STAMP312 := $(VENV312)/.installed-$(DEPS312_KEY)-torch$(TORCH_VERSION)
+
+.PHONY: demo test test-py312 lint install install-py312 clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch is installed first and pinned: an unpinned torch pulls the CUDA build and several GB.
+# torch is installed first and pinned, so nothing upgrades it; it is the CPU build only where pip finds a CPU
+# wheel (this machine's local wheel, or PyTorch's CPU index through TORCH_PIP_ARGS): PyPI's is the CUDA build.
 $(STAMP): $(PY) pyproject.toml setup.py
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# On 3.12, PyPI's torch==2.13.0 is the CUDA build (the CPU wheels live on PyTorch's own index): pip pulls
+# ~5 GB with 13 nvidia-* packages, which torch needs to import even on a CPU (libcudnn.so.9 is loaded
+# at import). pip did not cache these downloads here: CI keeps the venv itself between runs.
+$(STAMP312):
+	@test -n "$(PYTHON312)" || { echo "make test-py312: no Python 3.12 found; set PYTHON312=/path/to/python3.12"; exit 2; }
+	rm -rf $(VENV312)
+	$(PYTHON312) -m venv $(VENV312)
+	$(PY312) -m pip install -q --upgrade pip
+	$(PY312) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(PY312) -m pip install -q "$(MCORE312)" -e ".[dev]"
+	touch $(STAMP312)
+
+# The editable install points at this checkout (a kept venv may have served another clone).
+install-py312: $(STAMP312)
+	$(PY312) -m pip install -q --no-deps -e .
 
 demo: $(STAMP)
 	$(VENV)/bin/nbdiff demo
@@ -30,9 +61,16 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not gpu" --timeout=900
 
+# megatron-core's deprecation notices are shown and listed here (NBDIFF_SHOW_DEPRECATIONS=1): 0.19.x
+# is where the next break shows first.
+test-py312: install-py312
+	$(PY312) -c "import sys, torch, megatron.core as m; print('python', sys.version.split()[0], \
+		'torch', torch.__version__, 'megatron-core', m.__version__)"
+	NBDIFF_SHOW_DEPRECATIONS=1 $(PY312) -m pytest -q -m "not gpu" --timeout=900
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf build *.egg-info $(VENV)
+	rm -rf build *.egg-info $(VENV) $(VENV312)

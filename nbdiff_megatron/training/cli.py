@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the validated config as YAML and exit"
     )
+    parser.add_argument(
+        "--print-save-dir",
+        action="store_true",
+        help="print checkpoint.save (empty when unset) and exit; the SLURM launcher reads it",
+    )
     parser.epilog = (
         "Any config field can be overridden as --section.field=value, e.g. --train.steps=100 "
         "--optimizer.lr=1e-4 --parallel.tp=2."
@@ -64,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides_from_args(args), model_file=args.model_config)
     if args.print_config:
         print(dump_config(cfg), end="")
+        return 0
+    if args.print_save_dir:
+        print(cfg.checkpoint.save or "")
         return 0
     from nbdiff_megatron.model.parallel import destroy_parallel
     from nbdiff_megatron.training.loop import train

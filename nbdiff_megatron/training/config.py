@@ -207,6 +207,10 @@ class LoggingConfig:
     """Show a tqdm progress bar with ETA (rank 0)."""
     peak_tflops: float | None = None
     """Peak bf16 TFLOP/s of one GPU for the MFU estimate; None = guessed from the device name."""
+    wandb_project: str | None = None
+    """Weights & Biases project to log to (besides TensorBoard); None = no W&B (optional package)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """W&B mode: offline writes under <checkpoint.save>/wandb for a later `wandb sync` (no network)."""
 
 
 @dataclass
@@ -216,7 +220,15 @@ class FaultConfig:
     max_consecutive_nonfinite: int = 5
     """Halt after this many steps in a row with a NaN/inf loss (each such step is skipped)."""
     save_on_signal: bool = True
-    """On SIGTERM/SIGUSR1 (SLURM preemption): save a checkpoint at the end of the step and exit 0."""
+    """On SIGTERM/SIGUSR1/SIGINT (preemption, Ctrl-C): save a checkpoint at the step's end, exit 0."""
+    spike_factor: float = 3.0
+    """A step whose loss exceeds this many times its moving average is a loss spike; 0 = off."""
+    grad_spike_factor: float = 10.0
+    """A step whose gradient norm exceeds this many times its moving average is a spike; 0 = off."""
+    spike_window: int = 20
+    """Healthy steps in the moving averages; spikes are looked for once the window is full."""
+    max_consecutive_spikes: int = 5
+    """Halt after this many spike steps in a row (the checkpoint before the first one is kept)."""
 
 
 @dataclass
@@ -778,6 +790,16 @@ def validate_config(cfg: TrainConfig) -> None:
         cfg.faults.max_consecutive_nonfinite >= 1,
         "faults.max_consecutive_nonfinite must be >= 1",
     )
+    _need(
+        cfg.faults.spike_factor == 0 or cfg.faults.spike_factor > 1,
+        "faults.spike_factor must be > 1 (or 0 to turn loss-spike detection off)",
+    )
+    _need(
+        cfg.faults.grad_spike_factor == 0 or cfg.faults.grad_spike_factor > 1,
+        "faults.grad_spike_factor must be > 1 (or 0 to turn gradient-spike detection off)",
+    )
+    _need(cfg.faults.spike_window >= 1, "faults.spike_window must be >= 1")
+    _need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
     data_validate = getattr(cfg.data, "validate", None)
     if callable(data_validate):
         problems.check(data_validate)

@@ -2,14 +2,23 @@
 
 - `NonFiniteGuard`: a step whose loss or global gradient norm is NaN/inf is skipped (no optimizer
   update) and counted; after `max_consecutive` such steps in a row the run halts with `TrainingHalted`.
+- `SpikeGuard`: a step whose loss (or gradient norm) exceeds k times its moving average over the last
+  healthy steps is a spike; after `max_consecutive` spikes in a row the run halts. A destroyed model
+  (e.g. a far too high learning rate) often keeps a finite loss, stuck near ln V: only a spike shows it.
+- `HealthyCheckpoints`: which checkpoint is the last one known to be healthy (its weights gave a healthy
+  next step), so that rotation never deletes it and a halt can name it and set `latest` back to it.
 - `PreemptionHandler`: SIGTERM / SIGUSR1 (what SLURM sends before preempting or at the time limit with
-  `--signal`) set a flag; the loop saves a checkpoint at the end of the step and exits 0.
+  `--signal`) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint at the end of the step and exits
+  0. A signal that arrived before the handler was installed is not lost when a launcher recorded it in the
+  file named by NBDIFF_SIGNAL_FILE (the SLURM supervisor does, see training/cluster.py).
 - Fault drills for tests and for rehearsing recovery on a cluster, driven by environment variables:
   `NBDIFF_FAULT_KILL_AFTER_STEP=k` SIGKILLs the process right after step k is logged;
   `NBDIFF_FAULT_KILL_IN_SAVE=k` SIGKILLs it after the checkpoint of step k is written but before it is
   renamed into place; `NBDIFF_FAULT_NAN_STEPS=3,4` makes the loss of those steps NaN;
   `NBDIFF_FAULT_NAN_GRAD_STEPS=3` leaves the loss finite but puts a NaN into one gradient after the
-  backward (steps count from 1, as logged).
+  backward; `NBDIFF_FAULT_SPIKE_STEPS=5,6` multiplies the reported loss of those steps by 10 (a loss
+  spike as the health checks see it); `NBDIFF_FAULT_KILL_IN_WRITE=k` SIGKILLs the process while the
+  checkpoint writer's forked workers of step k are still writing (steps count from 1, as logged).
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
+from collections import deque
 from typing import Any
 
 from nbdiff_megatron.errors import NBDiffError
@@ -50,20 +61,130 @@ class NonFiniteGuard:
             )
             raise TrainingHalted(
                 f"{what} (not finite) for {self.consecutive} steps in a row, up to step "
-                f"{step}; training halted. Lower optimizer.lr, check the data around this point, or "
-                "resume from the last checkpoint (faults.max_consecutive_nonfinite sets the limit)"
+                f"{step}; training halted (faults.max_consecutive_nonfinite sets the limit)."
             )
         return False
 
 
-class PreemptionHandler:
-    """Turns SIGTERM / SIGUSR1 into a flag that the loop checks once per step."""
+class SpikeGuard:
+    """Loss and gradient-norm spikes against moving averages of the last `window` healthy steps."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    def __init__(
+        self, *, loss_factor: float, grad_factor: float, window: int, max_consecutive: int
+    ) -> None:
+        self.loss_factor = loss_factor
+        self.grad_factor = grad_factor
+        self.max_consecutive = max_consecutive
+        self.losses: deque[float] = deque(maxlen=window)
+        self.grads: deque[float] = deque(maxlen=window)
+        self.consecutive = 0
+        self.total_spikes = 0
+        self.regime: Any = None  # what the averages compare within (the block size moves the loss)
+
+    def _spike(self, values: deque[float], value: float | None, factor: float) -> float | None:
+        """The moving average that `value` exceeds `factor` times, or None."""
+        if not factor or value is None or len(values) < (values.maxlen or 1):
+            return None
+        mean = sum(values) / len(values)
+        return mean if value > factor * mean else None
+
+    def state(self) -> dict[str, Any]:
+        """The moving-average windows, stored in checkpoints so a resumed run watches at once."""
+        return {"losses": list(self.losses), "grads": list(self.grads), "regime": self.regime}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        self.losses.extend(state.get("losses", []))
+        self.grads.extend(state.get("grads", []))
+        self.regime = state.get("regime")
+
+    def check(
+        self, step: int, loss: float, grad_norm: float | None = None, regime: Any = None
+    ) -> bool:
+        """True if the step is healthy (no spike); raise TrainingHalted after too many in a row.
+
+        Only finite steps are passed here (NonFiniteGuard handles the others). A new `regime` (the
+        curriculum grew the block size, which moves the loss) starts the moving averages afresh."""
+        if regime != self.regime:
+            self.regime = regime
+            self.losses.clear()
+            self.grads.clear()
+        loss_mean = self._spike(self.losses, loss, self.loss_factor)
+        grad_mean = self._spike(self.grads, grad_norm, self.grad_factor)
+        if loss_mean is None and grad_mean is None:
+            self.consecutive = 0
+            self.losses.append(loss)
+            if grad_norm is not None:
+                self.grads.append(grad_norm)
+            return True
+        self.consecutive += 1
+        self.total_spikes += 1
+        if self.consecutive >= self.max_consecutive:
+            what = (
+                f"the loss ({loss:.4g}) was above {self.loss_factor:g} x its moving average "
+                f"({loss_mean:.4g})"
+                if loss_mean is not None
+                else f"the gradient norm ({grad_norm:.4g}) was above {self.grad_factor:g} x its "
+                f"moving average ({grad_mean:.4g})"
+            )
+            raise TrainingHalted(
+                f"{what} for {self.consecutive} steps in a row, up to step {step}; training "
+                "halted (faults.spike_factor, faults.grad_spike_factor and "
+                "faults.max_consecutive_spikes set the limits)."
+            )
+        return False
+
+
+class HealthyCheckpoints:
+    """Tracks the newest checkpoint whose weights are known to be healthy.
+
+    The loss of step s is measured on the weights after step s - 1, so the checkpoint of step k is
+    healthy once step k + 1 was healthy; the checkpoint just before the first anomalous step s (k = s - 1)
+    already holds the weights that produced the anomaly and is not trusted.
+    """
+
+    def __init__(self) -> None:
+        self.saved: list[int] = []
+        self.healthy: int | None = None
+
+    def started_from(self, step: int) -> None:
+        """The run resumed from the checkpoint of `step` (verified by the next step like any other)."""
+        self.saved.append(step)
+
+    def saved_at(self, step: int) -> None:
+        self.saved.append(step)
+
+    def step_done(self, step: int, healthy: bool) -> None:
+        """Step `step` (1-based) finished: healthy or not."""
+        if healthy and (step - 1) in self.saved:
+            self.healthy = step - 1
+
+    def protected(self) -> set[int]:
+        """Checkpoint steps that rotation must keep."""
+        return set() if self.healthy is None else {self.healthy}
+
+    def suspect(self) -> list[int]:
+        """Checkpoints written after the last healthy one (their weights may be damaged)."""
+        floor = -1 if self.healthy is None else self.healthy
+        return sorted(s for s in set(self.saved) if s > floor)
+
+
+SIGNAL_FILE_ENV = "NBDIFF_SIGNAL_FILE"
+
+
+class PreemptionHandler:
+    """Turns SIGTERM / SIGUSR1 / SIGINT into a flag that the loop checks once per step.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt) for someone who does not want to wait for the save.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self._file = os.environ.get(SIGNAL_FILE_ENV) or None
 
     def install(self) -> PreemptionHandler:
         for name in self.SIGNALS:
@@ -71,10 +192,31 @@ class PreemptionHandler:
             if signum is None:
                 continue
             self._previous[signum] = signal.signal(signum, self._handle)
+        self.poll()
         return self
 
+    def poll(self) -> str | None:
+        """The signal received so far: by this process, or recorded by a launcher in the signal file
+        (e.g. before the handler was installed)."""
+        if self.received is None and self._file and os.path.exists(self._file):
+            try:
+                with open(self._file) as f:
+                    self.received = f.read().strip() or "SIGTERM"
+            except OSError:
+                pass
+        return self.received
+
     def _handle(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        if name == "SIGINT" and os.environ.get("RANK", "0") == "0":
+            print(
+                "Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                "(press Ctrl-C again to stop at once without saving)",
+                flush=True,
+            )
+        self.received = name
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():
@@ -118,6 +260,11 @@ def nan_grad_drill_steps() -> set[int]:
     return _env_steps("NBDIFF_FAULT_NAN_GRAD_STEPS")
 
 
+def spike_drill_steps() -> set[int]:
+    """Steps whose reported loss the NBDIFF_FAULT_SPIKE_STEPS drill multiplies by 10 (a loss spike)."""
+    return _env_steps("NBDIFF_FAULT_SPIKE_STEPS")
+
+
 def poison_one_gradient(model: Any) -> None:
     """Put a NaN into the first gradient element this rank holds (after the DDP reduction).
 
@@ -131,6 +278,62 @@ def poison_one_gradient(model: Any) -> None:
         if grad is not None and grad.numel():
             grad.view(-1)[0] = float("nan")
             return
+
+
+def children_die_with_this_process() -> None:
+    """Make every process forked from here on get SIGKILL when this process dies (Linux).
+
+    dist_checkpointing's writer forks worker processes; if the trainer is killed with SIGKILL
+    mid-save they would live on (parent pid 1, holding the trainer's stdout open, so that
+    `nbdiff train ... | tee log` never ends). PR_SET_PDEATHSIG in each child ties it to us.
+    """
+    global _DEATHSIG_ARMED
+    if _DEATHSIG_ARMED or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    forking = [0]
+
+    def before() -> None:
+        forking[0] = os.getpid()
+
+    def in_child() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != forking[0]:  # the parent died before prctl took effect
+            os._exit(1)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
+    _DEATHSIG_ARMED = True
+
+
+_DEATHSIG_ARMED = False
+_KILL_IN_WRITE = False
+
+
+def arm_kill_in_write(step: int) -> None:
+    """NBDIFF_FAULT_KILL_IN_WRITE drill: during the save of `step`, the checkpoint writer's forked
+    workers stall (a slow file system) and the trainer dies of SIGKILL right after forking them."""
+    global _KILL_IN_WRITE
+    if step not in _env_steps("NBDIFF_FAULT_KILL_IN_WRITE") or _KILL_IN_WRITE:
+        return
+    _KILL_IN_WRITE = True
+
+    def in_parent() -> None:
+        if _KILL_IN_WRITE:
+            _kill_self()
+
+    def in_child() -> None:
+        if _KILL_IN_WRITE:
+            import time
+
+            time.sleep(120)
+            os._exit(0)
+
+    os.register_at_fork(after_in_parent=in_parent, after_in_child=in_child)
 
 
 def _kill_self() -> None:

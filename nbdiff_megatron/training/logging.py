@@ -1,4 +1,5 @@
-"""What a training run reports: console lines, a progress bar with ETA, TensorBoard, a metrics file.
+"""What a training run reports: console lines, a progress bar with ETA, TensorBoard, Weights & Biases
+(optional), a metrics file.
 
 Only rank 0 writes. The metrics file (JSON lines, one record per optimizer step) is what tests, the demo
 plots and resumption read; a resumed run first drops the records of steps it is about to redo, so the
@@ -100,6 +101,8 @@ class StepRecord:
     step_time: float
     tokens_per_s: float
     mfu: float | None
+    spike: bool = False
+    """The loss or gradient norm spiked above its moving average (faults.SpikeGuard)."""
     mask_kind: str = "context_causal"
     """curriculum.mask_kind the step trained with (context_causal, block_causal, annealed)."""
     anneal_progress: float | None = None
@@ -132,6 +135,10 @@ class RunLogger:
         tensorboard_dir: str | None,
         progress_bar: bool,
         label: str = "train",
+        wandb_project: str | None = None,
+        wandb_mode: str = "online",
+        wandb_dir: str | None = None,
+        wandb_id: str | None = None,
     ) -> None:
         self.enabled = enabled
         self.log_interval = log_interval
@@ -139,6 +146,7 @@ class RunLogger:
         self.start_step = start_step
         self.metrics_path = Path(metrics_file) if metrics_file else None
         self.writer = None
+        self.wandb = None
         self.bar = None
         self._want_bar = False
         self._label = label
@@ -155,8 +163,19 @@ class RunLogger:
                 self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step + 1)
             except ImportError:  # tensorboard not installed: console and metrics file still work
                 self.writer = None
+        if wandb_project:
+            self.wandb = open_wandb(wandb_project, wandb_mode, wandb_dir, wandb_id, start_step)
         self._want_bar = progress_bar
         self._label = label
+
+    def run_metadata(self, meta: dict[str, Any]) -> None:
+        """Record the run's config and where it runs (job id, nodes) in TensorBoard and W&B."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.add_text("run/metadata", "```\n" + json.dumps(meta, indent=1) + "\n```")
+        if self.wandb is not None:
+            self.wandb.config.update(meta, allow_val_change=True)
 
     def _open_bar(self) -> None:
         from tqdm.auto import tqdm
@@ -209,6 +228,15 @@ class RunLogger:
             for key, value in scalars.items():
                 if math.isfinite(value):
                     self.writer.add_scalar(key, value, s)
+        if self.wandb is not None:
+            self.wandb.log(
+                {
+                    k: v
+                    for k, v in record.to_json().items()
+                    if isinstance(v, (int, float)) and k != "step"
+                },
+                step=record.step,
+            )
         if self._want_bar:
             self._open_bar()
         if self.bar is not None:
@@ -218,6 +246,7 @@ class RunLogger:
             record.step % self.log_interval == 0
             or record.step == self.total_steps
             or record.skipped
+            or record.spike
         ):
             self.info(self.format_line(record))
 
@@ -239,6 +268,8 @@ class RunLogger:
         if r.skipped:
             what = "loss" if not math.isfinite(r.loss) else "gradient norm"
             parts.append(f"SKIPPED (non-finite {what})")
+        elif r.spike:
+            parts.append("SPIKE (above its moving average)")
         return "  ".join(parts)
 
     def close(self) -> None:
@@ -249,3 +280,34 @@ class RunLogger:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def open_wandb(
+    project: str, mode: str, directory: str | None, run_id: str | None, start_step: int
+) -> Any:
+    """A Weights & Biases run (the optional `wandb` package); a requeued job continues the same run.
+
+    `run_id` is stable per save directory, so every restart of a run logs into one W&B run (resume
+    "allow"). Offline mode writes under `directory` for a later `wandb sync` (no network needed).
+    """
+    try:
+        import wandb
+    except ImportError:
+        from nbdiff_megatron.errors import ConfigError
+
+        raise ConfigError(
+            f"logging.wandb_project={project!r} needs the optional `wandb` package: "
+            "pip install wandb (or drop logging.wandb_project)"
+        ) from None
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=project,
+        mode=mode,
+        dir=directory,
+        id=run_id,
+        resume="allow" if run_id else None,
+    )

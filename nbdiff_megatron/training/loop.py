@@ -43,7 +43,7 @@ import torch.distributed as dist
 from nbdiff_megatron.errors import ConfigError, DataError
 from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
-from nbdiff_megatron.training import checkpointing, faults
+from nbdiff_megatron.training import checkpointing, cluster, faults
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import (
     RunLogger,
@@ -69,6 +69,8 @@ class TrainResult:
     """Steps skipped because the loss or the gradient norm was not finite."""
     num_params: int = 0
     """Parameters of the whole model, counted once (the same at any parallel layout)."""
+    already_complete: bool = False
+    """The save directory held a COMPLETE marker for train.steps: nothing was run."""
 
 
 # ----------------------------------------------------------------------------------- curriculum
@@ -154,6 +156,10 @@ class _Runtime:
     """This DP rank's micro-batches (CPU tensors), from the data position of the start step."""
     consumed_at_start: int = 0
     start_step: int = 0
+    loaded_state: dict[str, Any] = field(default_factory=dict)
+    """The train_state of the checkpoint this run started from (empty for a fresh start)."""
+    health: Any = None
+    """The SpikeGuard, whose moving averages are saved with every checkpoint."""
 
 
 def _resolve_precision(cfg: TrainConfig) -> str:
@@ -683,6 +689,8 @@ def _train_step(
             forward_only=False,
         )
     terms = _reduce_terms(rt, losses)
+    if step in faults.spike_drill_steps():
+        terms = terms * 10.0
     if not bool(torch.isfinite(terms).all()):
         return terms, None
     if step in faults.nan_grad_drill_steps():
@@ -735,6 +743,18 @@ def train(
     from nbdiff_megatron.model.builder import build_model
     from nbdiff_megatron.model.context_parallel import ContextParallelLayout
 
+    done_marker = checkpointing.read_completion_marker(cfg.checkpoint.save)
+    if done_marker is not None and done_marker["step"] >= cfg.train.steps:
+        # Resume rule 4: a requeued job or a re-run pipeline step of a finished run does nothing.
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"nbdiff train: {cfg.checkpoint.save} is already complete (step "
+                f"{done_marker['step']} of train.steps={cfg.train.steps}, "
+                f"{checkpointing.COMPLETE_FILE} marker); nothing to do. Raise --train.steps to "
+                "train further.",
+                flush=True,
+            )
+        return TrainResult(final_step=done_marker["step"], already_complete=True)
     on_cuda = torch.cuda.is_available()
     world, dp = _init_distributed(cfg)  # checks the launch first: all its problems at once
     precision = _resolve_precision(cfg)
@@ -786,6 +806,7 @@ def train(
         )
         start_step = int(info["step"])
         resumed_from = info["loaded_from"]
+        rt.loaded_state = info
         rt.start_step = start_step
         rt.consumed_at_start = int(
             info.get("consumed_samples", start_step * cfg.train.global_batch_size)
@@ -813,14 +834,23 @@ def train(
         tensorboard_dir=tb_dir,
         progress_bar=cfg.logging.progress_bar,
         label=label,
+        wandb_project=cfg.logging.wandb_project,
+        wandb_mode=cfg.logging.wandb_mode,
+        wandb_dir=ck.save,
+        wandb_id=_wandb_id(ck.save),
     )
+    job = cluster.job_metadata()
     if rank == 0 and ck.save:
         Path(ck.save).mkdir(parents=True, exist_ok=True)
         (Path(ck.save) / "config.yaml").write_text(dump_config(cfg))
-    _announce(logger, cfg, rt, precision, start_step, plan.note)
+        if done_marker is not None:  # train.steps was raised: the run goes on, no longer complete
+            checkpointing.clear_completion_marker(ck.save)
+        _record_start(Path(ck.save), job, start_step, resumed_from, resume_command)
+    _announce(logger, cfg, rt, precision, start_step, plan.note, job)
     if kept_aside:
         logger.info(f"  kept the metrics of an earlier start as {kept_aside}")
     _report_sft(logger, cfg, dataset)
+    logger.run_metadata({"config": cfg.to_dict(), "job": job, "start_step": start_step})
 
     peak = cfg.logging.peak_tflops or guess_peak_tflops()
     flops = model_flops_per_step(
@@ -832,9 +862,26 @@ def train(
     )
     fwd_bwd = get_forward_backward_func()
     guard = faults.NonFiniteGuard(cfg.faults.max_consecutive_nonfinite)
-    handler = faults.PreemptionHandler().install() if cfg.faults.save_on_signal else None
+    fc = cfg.faults
+    spikes = faults.SpikeGuard(
+        loss_factor=fc.spike_factor,
+        grad_factor=fc.grad_spike_factor,
+        window=fc.spike_window,
+        max_consecutive=fc.max_consecutive_spikes,
+    )
+    rt.health = spikes
+    healthy = faults.HealthyCheckpoints()
+    handler = faults.PreemptionHandler().install() if fc.save_on_signal else None
     result = TrainResult(final_step=start_step, num_params=num_params)
     last_saved = start_step if plan.mode in ("continue", "resume") else None
+    if last_saved is not None:
+        spikes.load_state(rt.loaded_state.get("health"))
+    if (
+        last_saved is not None
+        and ck.save
+        and Path(resumed_from).parent.resolve() == Path(ck.save).resolve()
+    ):
+        healthy.started_from(last_saved)
     try:
         # `step` is k = 1..train.steps: B, λ, LR, noise seed, log line and checkpoint of step k.
         for step in range(start_step + 1, cfg.train.steps + 1):
@@ -844,7 +891,14 @@ def train(
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
-            ok = guard.check(step, loss, grad_norm)
+            try:
+                ok = guard.check(step, loss, grad_norm)
+                spike = ok and not spikes.check(
+                    step, loss, grad_norm, regime=block_size_of(cfg, step)
+                )
+            except faults.TrainingHalted as exc:
+                raise _halt(rt, cfg, exc, healthy, step, resume_command) from None
+            healthy.step_done(step, ok and not spike)
             tokens_per_s = cfg.tokens_per_step() / max(elapsed, 1e-9)
             record = StepRecord(
                 step=step,
@@ -861,6 +915,7 @@ def train(
                 step_time=elapsed,
                 tokens_per_s=tokens_per_s,
                 mfu=(flops / elapsed / (world * peak * 1e12)) if peak else None,
+                spike=spike,
             )
             logger.log_step(record)
             result.history.append(record.to_json())
@@ -869,21 +924,20 @@ def train(
             faults.maybe_kill_after_step(step)
 
             done = step == cfg.train.steps
-            preempted = handler is not None and faults.any_rank_true(handler.received is not None)
+            preempted = handler is not None and faults.any_rank_true(handler.poll() is not None)
             due = ck.save and (step % ck.save_interval == 0 or done or preempted)
             if due:
-                result.checkpoint = str(_save(rt, cfg, step, logger))
+                result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
                 last_saved = step
             if preempted:
-                result.stopped_by_signal = handler.received or "signal"
+                result.stopped_by_signal = handler.poll() or "signal"
                 logger.info(
                     f"received {result.stopped_by_signal}: "
                     + (
-                        f"checkpoint saved at step {step} ({result.checkpoint}); "
+                        f"checkpoint saved at step {step} ({result.checkpoint}); exiting cleanly."
                         if ck.save
-                        else "no checkpoint.save configured, nothing saved; "
+                        else "no checkpoint.save configured, nothing saved; exiting cleanly."
                     )
-                    + "exiting cleanly."
                 )
                 if ck.save:
                     logger.info(
@@ -892,7 +946,14 @@ def train(
                     )
                 break
         if ck.save and last_saved != result.final_step and result.final_step > start_step:
-            result.checkpoint = str(_save(rt, cfg, result.final_step, logger))
+            result.checkpoint = str(_save(rt, cfg, result.final_step, logger, healthy, job))
+        if ck.save and result.stopped_by_signal is None and result.final_step == cfg.train.steps:
+            if rank == 0:
+                checkpointing.write_completion_marker(
+                    ck.save, result.final_step, {"checkpoint": result.checkpoint, "job": job}
+                )
+            if dist.is_initialized():
+                dist.barrier()
     finally:
         if handler is not None:
             handler.uninstall()
@@ -902,7 +963,79 @@ def train(
     return result
 
 
-def _save(rt: _Runtime, cfg: TrainConfig, step: int, logger: RunLogger) -> Path:
+def _halt(
+    rt: _Runtime,
+    cfg: TrainConfig,
+    exc: faults.TrainingHalted,
+    healthy: faults.HealthyCheckpoints,
+    step: int,
+    command: str | None,
+) -> faults.TrainingHalted:
+    """The TrainingHalted to raise: with the suspect checkpoints set aside and `latest` pointing at
+    the last healthy one, whose path and resume command the message names."""
+    save = cfg.checkpoint.save
+    if not save:
+        return exc
+    suspect = healthy.suspect()
+    if rt.rank == 0:
+        checkpointing.set_aside(save, suspect, healthy.healthy)
+    if dist.is_initialized():
+        dist.barrier()
+    if healthy.healthy is None:
+        where = (
+            "No healthy checkpoint of this run exists (the anomaly began before one was "
+            f"verified); start again (delete {save}) with a lower --optimizer.lr"
+        )
+    else:
+        path = Path(save) / checkpointing.checkpoint_name(healthy.healthy)
+        where = (
+            f"The last healthy checkpoint is {path} (step {healthy.healthy}); `latest` points at it"
+            + (
+                f" and the {len(suspect)} newer one(s) were moved to "
+                f"{Path(save) / checkpointing.ANOMALOUS_DIR}"
+                if suspect
+                else ""
+            )
+            + ". Resume from it, e.g. with a lower --optimizer.lr or after checking the data "
+            f"around step {step}, with: {command or 'the same nbdiff train command'}"
+        )
+    return faults.TrainingHalted(f"{exc} {where}")
+
+
+def _wandb_id(save: str | None) -> str | None:
+    """One W&B run id per save directory: every restart of a run continues the same W&B run."""
+    import hashlib
+
+    if not save:
+        return None
+    return hashlib.sha1(str(Path(save).resolve()).encode()).hexdigest()[:16]
+
+
+def _record_start(
+    save: Path, job: dict[str, Any], start_step: int, loaded: str | None, command: str | None
+) -> None:
+    """Append one line per start of the run to <save>/runs.jsonl (where and from what it ran)."""
+    import json
+
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "start_step": start_step,
+        "loaded": loaded,
+        "command": command,
+        **job,
+    }
+    with (save / "runs.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _save(
+    rt: _Runtime,
+    cfg: TrainConfig,
+    step: int,
+    logger: RunLogger,
+    healthy: faults.HealthyCheckpoints,
+    job: dict[str, Any],
+) -> Path:
     t0 = time.perf_counter()
     path = checkpointing.save_checkpoint(
         cfg.checkpoint.save,
@@ -914,11 +1047,15 @@ def _save(rt: _Runtime, cfg: TrainConfig, step: int, logger: RunLogger) -> Path:
             "consumed_samples": rt.consumed_at_start
             + (step - rt.start_step) * cfg.train.global_batch_size,
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
+            "job": job,
+            "health": rt.health.state() if rt.health is not None else None,
             # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
             "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
+        protect=healthy.protected(),
     )
+    healthy.saved_at(step)
     logger.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
     return path
 
@@ -930,6 +1067,7 @@ def _announce(
     precision: str,
     start: int,
     how: str,
+    job: dict[str, Any],
 ) -> None:
     par = cfg.parallel
     m = cfg.model
@@ -950,6 +1088,11 @@ def _announce(
         f"{cfg.token_budget():,} tokens in all",
     ]
     lines.append(f"  {how}")
+    if "job_id" in job:
+        lines.append(
+            f"  SLURM job {job['job_id']} on {job.get('nodes', job['host'])}"
+            + (f" (restart {job['restart_count']})" if job.get("restart_count") else "")
+        )
     for line in lines:
         logger.info(line)
 

@@ -238,3 +238,76 @@ def test_tools_preprocess_data_script(tmp_path, tokenizer):
     assert "documents written: 2" in proc.stdout and "tokens/s" in proc.stderr
     ds = _indexed(str(tmp_path / "tool_text_document"))
     assert ds[1].tolist() == tokenizer.encode(DOCS[1]) + [tokenizer.eod]
+
+
+def test_plain_text_split_modes_and_byte_order_mark(tmp_path, tokenizer):
+    text = "\ufeffFirst paragraph,\nstill first.\n\n\nSecond one.\nThird line\n"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    expected = {
+        "file": [text[1:]],  # the BOM is dropped, everything else kept
+        "paragraph": ["First paragraph,\nstill first.", "Second one.\nThird line"],
+        "line": ["First paragraph,", "still first.", "Second one.", "Third line"],
+    }
+    for split, docs in expected.items():
+        s = preprocess([str(tmp_path / "t.txt")], str(tmp_path / split), *TOK, text_split=split,
+                       progress=False)  # fmt: skip
+        ds = _indexed(s.output_prefixes["text"])
+        assert [ds[i].tolist() for i in range(len(ds))] == [tokenizer.encode(d) for d in docs]
+    # a BOM before the first JSON line no longer costs that line
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    s = preprocess([str(tmp_path / "bom.jsonl")], str(tmp_path / "bom"), *TOK, progress=False)
+    assert s.documents == 2 and not s.problems
+
+
+def test_long_line_is_skipped_and_listed(tmp_path, tokenizer):
+    path = tmp_path / "long.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"text": "short"}\n')
+        f.write(b'{"text": "' + b"x" * 5000 + b'"}\n')
+        f.write(b'{"text": "after"}\n')
+    s = preprocess([str(path)], str(tmp_path / "o"), *TOK, max_line_bytes=1000, progress=False)
+    assert s.documents == 2 and [p.reason for p in s.problems] == ["line too long"]
+    assert str(s.problems[0]).startswith(f"{path}:2: line too long (5013 bytes")
+    assert "line too long" in (tmp_path / "o_skipped.txt").read_text()
+    ds = _indexed(s.output_prefixes["text"])
+    assert [ds[0].tolist(), ds[1].tolist()] == [
+        tokenizer.encode("short"),
+        tokenizer.encode("after"),
+    ]
+    # the same limit holds for plain text documents
+    (tmp_path / "big.txt").write_text("y" * 3000 + "\n\nsmall\n")
+    s = preprocess([str(tmp_path / "big.txt")], str(tmp_path / "t"), *TOK, max_line_bytes=1000,
+                   text_split="paragraph", progress=False)  # fmt: skip
+    assert s.documents == 1 and [p.reason for p in s.problems] == ["document too long"]
+
+
+def test_empty_input_or_no_valid_document_is_an_error_and_writes_nothing(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "in" / "bad.jsonl").write_bytes(b'{"title": "no text"}\n\n')
+    out = tmp_path / "out"
+    for name in ("empty.jsonl", "bad.jsonl"):
+        with pytest.raises(DataError, match=f"no valid document in .*{name}.*nothing was written"):
+            preprocess([str(tmp_path / "in" / name)], str(out / "x"), *TOK, progress=False)
+        assert os.listdir(out) == []
+
+
+def test_outputs_in_the_input_folder_are_not_read_back(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write_jsonl(folder / "d.jsonl", [{"text": d} for d in DOCS])
+    (folder / "bad.jsonl").write_bytes(b"{broken\n")
+    first = preprocess([str(folder)], str(folder / "corpus"), *TOK, progress=False)
+    assert sorted(os.listdir(folder)) == [
+        "bad.jsonl", "corpus_skipped.txt", "corpus_text_document.bin",
+        "corpus_text_document.idx", "corpus_text_document.json", "d.jsonl",
+    ]  # fmt: skip
+    again = preprocess([str(folder)], str(folder / "corpus"), *TOK, progress=False)
+    assert (again.documents, dict(again.skipped)) == (first.documents, dict(first.skipped))
+    # another prefix in the same folder: the first run's sidecar is still not an input
+    other = preprocess([str(folder)], str(folder / "other"), *TOK, progress=False)
+    assert other.documents == first.documents and dict(other.skipped) == {"malformed JSON": 1}
+    # an input that merely starts like the prefix is still an input
+    _write_jsonl(folder / "corpus.jsonl", [{"text": "one more"}])
+    more = preprocess([str(folder)], str(folder / "corpus"), *TOK, progress=False)
+    assert more.documents == first.documents + 1

