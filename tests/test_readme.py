@@ -94,7 +94,7 @@ def _run_block(script: str, root: Path, env: dict[str, str]) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,  # the suite's own per-test limit; ~3 min of CPU in all on a quiet 2-core machine
     )
     output = done.stdout + done.stderr
     print(f"[{time.monotonic() - started:5.1f} s] {script.splitlines()[0][:90]}")
