@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 # The users' clusters: Python 3.12 + megatron-core 0.19.x. A python3.12 that runs, else pyenv's.
-PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+PYTHON312 ?= $(shell for p in python3.12 $${HOME:-/root}/.pyenv/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 VENV312 ?= .venv312
 MCORE312 ?= megatron-core>=0.19,<0.20

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ TEXT_SPLITS = ("file", "paragraph", "line")
 # A longer JSONL line (or text record) is skipped: tokenizing one 40 MB line took 7 GB of memory.
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
+# What preprocessing writes after its --output-prefix (sidecars, also while being written; problem list).
+_OUTPUT_NAME = re.compile(r"_.+_(document|sentence)(\.tmp\d+)?\.json|_skipped\.txt")
 _READ_CHUNK = 1 << 20
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 _TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".text")
@@ -92,7 +95,9 @@ def expand_inputs(
 
 def is_preprocess_output(path: str, output_prefix: str | None = None) -> bool:
     """True for a file `nbdiff preprocess` writes: under the output prefix, or a dataset sidecar."""
-    if output_prefix and os.path.abspath(path).startswith(os.path.abspath(output_prefix)):
+    prefix = os.path.abspath(output_prefix) if output_prefix else None
+    full = os.path.abspath(path)
+    if prefix and full.startswith(prefix) and _OUTPUT_NAME.fullmatch(full[len(prefix) :]):
         return True
     stem, ext = os.path.splitext(path)
     if ext == ".json" and (os.path.exists(stem + ".idx") or os.path.exists(stem + ".bin")):

@@ -307,3 +307,7 @@ def test_outputs_in_the_input_folder_are_not_read_back(tmp_path):
     # another prefix in the same folder: the first run's sidecar is still not an input
     other = preprocess([str(folder)], str(folder / "other"), *TOK, progress=False)
     assert other.documents == first.documents and dict(other.skipped) == {"malformed JSON": 1}
+    # an input that merely starts like the prefix is still an input
+    _write_jsonl(folder / "corpus.jsonl", [{"text": "one more"}])
+    more = preprocess([str(folder)], str(folder / "corpus"), *TOK, progress=False)
+    assert more.documents == first.documents + 1
