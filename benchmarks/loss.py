@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_mode(args)))
         return 0
     forwarded = [
-        a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")
+        f"--vocab={args.vocab}",
+        f"--hidden={args.hidden}",
+        f"--length={args.length}",
+        f"--dtype={args.dtype}",
+        f"--device={args.device}",
+        f"--repeats={args.repeats}",
+        f"--threads={args.threads}",
     ]
     results = {}
     for mode in MODES:

@@ -30,11 +30,15 @@ OPTIONAL_DEPENDENCY = re.compile(
     r"(Transformer Engine|Apex|apex|TE) (and Apex )?(is|are) not installed"
     r"|No module named '(transformer_engine|apex|amp_C)'"
 )
-# Deprecations with a plan in docs/megatron-compat.md; shown with NBDIFF_SHOW_DEPRECATIONS=1.
+# Deprecations with a plan in docs/megatron-compat.md, and those megatron-core itself triggers in
+# torch or in its own defaults (its to fix); shown with NBDIFF_SHOW_DEPRECATIONS=1.
 PLANNED_DEPRECATIONS = re.compile(
     r"GPTModel IS DEPRECATED"
     r"|MCore's async save is deprecated"
     r"|Passing tp_group will be mandatory soon"
+    r"|full scope is deprecated"  # TransformerConfig's own cuda_graph_scope default (0.16.x)
+    r"|`load_state_dict` is deprecated"  # dist_checkpointing -> torch.distributed.checkpoint
+    r"|Please use DTensor instead and we are deprecating ShardedTensor"
 )
 
 

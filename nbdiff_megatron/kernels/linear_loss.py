@@ -112,7 +112,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         hidden, weight, local_target, here, lse = ctx.saved_tensors
         n_valid, chunk_rows, group = ctx.n_valid, ctx.chunk_rows, ctx.group
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight)
+        # Accumulated over the row chunks in at least fp32 (a bf16 sum over chunks would round).
+        grad_weight = torch.zeros_like(weight, dtype=lse.dtype)
         w = weight[:n_valid]
         if n_valid > 0:
             grad_ce = grad_ce.to(lse.dtype)
@@ -126,11 +127,11 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 probs.mul_(grad_ce[s : s + chunk_rows, None])
                 d_logits = probs.to(hidden.dtype)
                 grad_hidden[s : s + chunk_rows] = d_logits @ w
-                grad_weight[:n_valid] += d_logits.t() @ h
+                grad_weight[:n_valid] += (d_logits.t() @ h).to(grad_weight.dtype)
         if _group_size(group) > 1:
             # hidden is replicated over the TP group; its gradient is the sum of the shards'.
             dist.all_reduce(grad_hidden, group=group)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 class _GatherSequence(torch.autograd.Function):
