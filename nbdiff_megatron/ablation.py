@@ -41,7 +41,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
 VARIANTS = ("annealed", "plain", "ar", "nbdiff", "block_causal")
 ACCEPTS_OVERRIDES = True  # `--a.b=value` config overrides, applied to every training run
 
-# CPU defaults: sized so that the whole command takes <= 15 minutes on 2 cores (docs/ABLATION.md).
+# CPU defaults: sized for <= 15 minutes on 2 idle cores (an estimate: docs/ABLATION.md has what was
+# measured, on a shared machine).
 DEFAULT_STEPS = 140
 DEFAULT_AR_STEPS = 200
 DEFAULT_DOCUMENTS = 240
