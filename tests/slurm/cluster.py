@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.launch import DIST_VARS
+
 NODES = ("nbdiffa", "nbdiffb")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 
@@ -80,7 +82,11 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        # Without this process's distributed variables: an in-process test earlier in the session
+        # may have set MASTER_PORT to a store this pytest process still hosts, and sbatch exports
+        # the submitting environment to the job.
+        env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+        return {**env, "SLURM_CONF": str(self.conf)}
 
     def write_config(self) -> None:
         ctld, *node_ports = _free_ports(1 + len(NODES))

@@ -1,7 +1,7 @@
 """Peak memory of one forward + backward of the NBDiff model and loss (run as a subprocess).
 
 `python tests/training/plan_peak_check.py L FUSED [RECOMPUTE]` prints one JSON line: the peak RSS of
-this process (bytes, ru_maxrss) after building the model, running x_t ⊕ x_0 forward, the loss
+this process (bytes; counted from after building the model: VmHWM reset) while running x_t ⊕ x_0 forward, the loss
 (fused or reference) and backward, and the bytes autograd kept for backward (saved tensors).
 The configuration is PEAK_MODEL below; `nbdiff plan`'s activation + loss model is compared with the
 difference of two such peaks (tests/training/test_plan.py).
@@ -26,6 +26,26 @@ PEAK_MODEL = dict(
     tie_embeddings=True,
 )
 BATCH = 1
+
+
+def _reset_peak() -> bool:
+    """Start the peak-RSS count here (Linux: writing 5 to clear_refs resets VmHWM), so that a
+    transient peak of the imports or of building the model cannot hide the step's own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss(reset: bool) -> int:
+    if reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -59,6 +79,7 @@ def main() -> None:
         saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    baseline = _reset_peak()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         out = nbdiff_forward(model, x_t, x0, block_size=4, return_hidden=fused)
         model_saved = sum(saved.values())
@@ -68,7 +89,7 @@ def main() -> None:
         else:
             terms = nbdiff_loss(out, x0, masked, t, ar_weight=0.5)
     terms.total.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss(baseline)
     print(
         json.dumps(
             dict(
