@@ -16,13 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 # Set by an initialised process group of the test process (or an outer launcher): a child that
 # inherited them would join that group instead of starting its own.
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# The CI's deprecation job sets this for the test process; children run as a user runs them (the
+# tests of quiet output check the default), unless a test passes it in `extra`.
+TEST_PROCESS_ONLY = ("NBDIFF_SHOW_DEPRECATIONS",)
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment for a child: no distributed variables, 1 thread, offline hub,
+    """This process's environment for a child: no distributed variables (nor the CI's
+    deprecation switch), 1 thread, offline hub,
     the repository on PYTHONPATH (torchrun runs scripts from tests/ that import the package); then
     `extra`."""
-    env = {name: value for name, value in os.environ.items() if name not in DIST_VARS}
+    dropped = DIST_VARS + TEST_PROCESS_ONLY
+    env = {name: value for name, value in os.environ.items() if name not in dropped}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     env.update(extra or {})
     return env
