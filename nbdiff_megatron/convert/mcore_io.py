@@ -131,12 +131,21 @@ def read_common_state(ckpt: Path) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
     try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # an older torch: its errors are Exceptions
+        CheckpointException = Exception  # noqa: N806
+    try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception as exc:
+    # megatron-core >= 0.19 keeps the common state in the shards: a truncated shard fails here,
+    # with torch's CheckpointException (a BaseException only)
+    except (Exception, CheckpointException) as exc:
+        damaged = damaged_shard_files(ckpt)
+        if damaged:
+            raise ConversionError(truncated_message(damaged)) from None
         raise ConversionError(
-            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {exc}); is it a "
-            "megatron-core dist_checkpointing directory?"
-        ) from exc
+            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {str(exc)[:300]}); "
+            "is it a megatron-core dist_checkpointing directory?"
+        ) from None
     return common if isinstance(common, dict) else {}
 
 

@@ -137,11 +137,7 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
             loaded = dist_checkpointing.load({"model": sharded}, str(ckpt))
     # torch.distributed.checkpoint's CheckpointException derives from BaseException only
     except (Exception, _checkpoint_exception()) as exc:
-        from nbdiff_megatron.convert.mcore_io import damaged_shard_files, truncated_message
-
-        damaged = damaged_shard_files(ckpt)
-        if damaged:
-            raise CheckpointError(truncated_message(damaged)) from None
+        _raise_if_truncated(ckpt)
         raise CheckpointError(
             f"cannot read the tensors of checkpoint {ckpt} ({type(exc).__name__}: "
             f"{str(exc)[:300]}): it may be corrupt; load an earlier checkpoint"
@@ -154,6 +150,15 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
             f"checkpoint {ckpt} does not match the model built from its stored config "
             f"({type(exc).__name__}: {str(exc)[:300]})"
         ) from exc
+
+
+def _raise_if_truncated(ckpt: Path) -> None:
+    """One message naming the damaged shard file, when that is why a read failed."""
+    from nbdiff_megatron.convert.mcore_io import damaged_shard_files, truncated_message
+
+    damaged = damaged_shard_files(ckpt)
+    if damaged:
+        raise CheckpointError(truncated_message(damaged)) from None
 
 
 def _checkpoint_exception() -> type[BaseException]:
@@ -230,10 +235,13 @@ def load_megatron(
     ckpt = checkpointing.find_checkpoint(path)
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception as exc:
+    # megatron-core >= 0.19 keeps the common state in the shards, so a truncated shard fails here
+    # already, with torch's CheckpointException (a BaseException only)
+    except (Exception, _checkpoint_exception()) as exc:
+        _raise_if_truncated(ckpt)
         raise CheckpointError(
-            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
     common = common if isinstance(common, dict) else {}
     train_state = common.get("train_state") or {}
     converted = common.get("nbdiff_metadata") or {}
