@@ -30,3 +30,14 @@ class InferenceError(NBDiffError, ValueError):
 
 class CompatibilityError(NBDiffError):
     """The installed megatron-core lacks a field or feature this project passes to it."""
+
+
+def checkpoint_read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a dist checkpoint can raise: torch.distributed.checkpoint's
+    CheckpointException derives from BaseException only, so `except Exception` misses it (and
+    megatron-core >= 0.19 reads even the common state through it)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # an older torch: its errors are Exceptions
+        return (Exception,)
+    return (Exception, CheckpointException)

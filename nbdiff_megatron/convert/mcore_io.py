@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from nbdiff_megatron.errors import ConversionError
+from nbdiff_megatron.errors import ConversionError, checkpoint_read_errors
 from nbdiff_megatron.model.config import ModelConfig
 
 METADATA_KEY = "nbdiff_metadata"
@@ -131,14 +131,9 @@ def read_common_state(ckpt: Path) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
     try:
-        from torch.distributed.checkpoint.api import CheckpointException
-    except ImportError:  # an older torch: its errors are Exceptions
-        CheckpointException = Exception  # noqa: N806
-    try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    # megatron-core >= 0.19 keeps the common state in the shards: a truncated shard fails here,
-    # with torch's CheckpointException (a BaseException only)
-    except (Exception, CheckpointException) as exc:
+    # megatron-core >= 0.19 keeps the common state in the shards: a truncated shard fails here
+    except checkpoint_read_errors() as exc:
         damaged = damaged_shard_files(ckpt)
         if damaged:
             raise ConversionError(truncated_message(damaged)) from None

@@ -24,6 +24,7 @@ from nbdiff_megatron.errors import (
     ConversionError,
     InferenceError,
     NBDiffError,
+    checkpoint_read_errors,
 )
 from nbdiff_megatron.model.config import ModelConfig
 
@@ -135,8 +136,7 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     try:
         with cpu_compat.cuda_to_cpu():
             loaded = dist_checkpointing.load({"model": sharded}, str(ckpt))
-    # torch.distributed.checkpoint's CheckpointException derives from BaseException only
-    except (Exception, _checkpoint_exception()) as exc:
+    except checkpoint_read_errors() as exc:
         _raise_if_truncated(ckpt)
         raise CheckpointError(
             f"cannot read the tensors of checkpoint {ckpt} ({type(exc).__name__}: "
@@ -159,14 +159,6 @@ def _raise_if_truncated(ckpt: Path) -> None:
     damaged = damaged_shard_files(ckpt)
     if damaged:
         raise CheckpointError(truncated_message(damaged)) from None
-
-
-def _checkpoint_exception() -> type[BaseException]:
-    try:
-        from torch.distributed.checkpoint.api import CheckpointException
-    except ImportError:  # an older torch: its errors are Exceptions
-        return Exception
-    return CheckpointException
 
 
 def _stored_mask_kind(config: dict, converted: dict, ckpt: Path) -> str:
@@ -235,9 +227,8 @@ def load_megatron(
     ckpt = checkpointing.find_checkpoint(path)
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    # megatron-core >= 0.19 keeps the common state in the shards, so a truncated shard fails here
-    # already, with torch's CheckpointException (a BaseException only)
-    except (Exception, _checkpoint_exception()) as exc:
+    # megatron-core >= 0.19 keeps the common state in the shards: a truncated shard fails here
+    except checkpoint_read_errors() as exc:
         _raise_if_truncated(ckpt)
         raise CheckpointError(
             f"cannot read the common state of {ckpt} ({type(exc).__name__}: {str(exc)[:300]})"

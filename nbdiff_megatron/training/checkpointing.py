@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nbdiff_megatron.errors import CheckpointError
+from nbdiff_megatron.errors import CheckpointError, checkpoint_read_errors
 
 CHECKPOINT_PREFIX = "iter_"
 TMP_PREFIX = ".tmp_"
@@ -141,11 +141,10 @@ def model_description(ckpt: str | Path) -> str:
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """The non-tensor state of a checkpoint: step, data position, config, layout."""
     from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
-    except (Exception, CheckpointException) as exc:  # 0.19.x reads it through torch DCP
+    except checkpoint_read_errors() as exc:
         raise CheckpointError(
             f"cannot read the common state of checkpoint {path} ({_short(exc)}); "
             "the checkpoint is corrupt, load an earlier one"
@@ -552,12 +551,10 @@ def load_checkpoint(
         include_rng=include_rng,
         is_loading=True,
     )
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         with _device_mode():
             loaded = dist_checkpointing.load(state, str(ckpt))
-    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+    except checkpoint_read_errors() as exc:
         raise CheckpointError(
             f"cannot load checkpoint {ckpt}: {_short(exc)}. The checkpoint is corrupt or was "
             f"written for a different model shape (compare {model_description(ckpt)} with your "
