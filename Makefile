@@ -11,6 +11,12 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The suite runs on pytest-xdist workers, one per core of a 2-core CI machine (each test process is
+# single-threaded: OMP_NUM_THREADS=1). --dist loadgroup keeps the tests that share a module-scoped
+# fixture (the SLURM cluster, a trained tiny model) on one worker: tests/conftest.py. TEST_WORKERS=0
+# runs the suite in this process, serially.
+TEST_WORKERS ?= 2
+PYTEST_ARGS := -q -m "not gpu" --timeout=900 -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # The users' clusters: Python 3.12 + megatron-core 0.19.x. A python3.12 that runs, else pyenv's.
 PYTHON312 ?= $(shell for p in python3.12 $${HOME:-/root}/.pyenv/versions/3.12*/bin/python3.12; do \
@@ -19,7 +25,7 @@ VENV312 ?= .venv312
 MCORE312 ?= megatron-core>=0.19,<0.20
 PY312 := $(VENV312)/bin/python
 # The stamp is named by what the dependencies come from, so a changed pyproject.toml / setup.py / pin
-# reinstalls them, and a venv kept outside a fresh clone (CI: .ci/run) is reused without mtime games.
+# updates them, and a venv kept outside a fresh clone (CI: .ci/run) is reused without mtime games.
 DEPS312_KEY := $(shell (cat pyproject.toml setup.py; echo '$(MCORE312)') | sha256sum | cut -c1-12)
 STAMP312 := $(VENV312)/.installed-$(DEPS312_KEY)-torch$(TORCH_VERSION)
 
@@ -41,13 +47,16 @@ install: $(STAMP)
 # On 3.12, PyPI's torch==2.13.0 is the CUDA build (the CPU wheels live on PyTorch's own index): pip pulls
 # ~5 GB with 13 nvidia-* packages, which torch needs to import even on a CPU (libcudnn.so.9 is loaded
 # at import). pip did not cache these downloads here: CI keeps the venv itself between runs.
+# A kept venv whose dependencies changed (a new dev extra, another pin) is brought up to date in place:
+# pip adds or replaces what changed and keeps the ~6 GB of torch and nvidia-* wheels it already has (a
+# fresh venv is ~55 min of downloads here). One that is missing or not a Python 3.12 is made anew.
 $(STAMP312):
 	@test -n "$(PYTHON312)" || { echo "make test-py312: no Python 3.12 found; set PYTHON312=/path/to/python3.12"; exit 2; }
-	rm -rf $(VENV312)
-	$(PYTHON312) -m venv $(VENV312)
-	$(PY312) -m pip install -q --upgrade pip
+	$(PY312) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { rm -rf $(VENV312) \
+		&& $(PYTHON312) -m venv $(VENV312) && $(PY312) -m pip install -q --upgrade pip; }
 	$(PY312) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(PY312) -m pip install -q "$(MCORE312)" -e ".[dev]"
+	rm -f $(VENV312)/.installed-*
 	touch $(STAMP312)
 
 # The editable install points at this checkout (a kept venv may have served another clone).
@@ -59,14 +68,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not gpu" --timeout=900
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # megatron-core's deprecation notices are shown and listed here (NBDIFF_SHOW_DEPRECATIONS=1): 0.19.x
 # is where the next break shows first.
 test-py312: install-py312
 	$(PY312) -c "import sys, torch, megatron.core as m; print('python', sys.version.split()[0], \
 		'torch', torch.__version__, 'megatron-core', m.__version__)"
-	NBDIFF_SHOW_DEPRECATIONS=1 $(PY312) -m pytest -q -m "not gpu" --timeout=900
+	NBDIFF_SHOW_DEPRECATIONS=1 $(PY312) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
