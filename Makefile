@@ -12,11 +12,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # The suite runs on pytest-xdist workers, one per core of a 2-core CI machine (each test process is
-# single-threaded: OMP_NUM_THREADS=1). --dist loadgroup keeps the tests that share a module-scoped
-# fixture (the SLURM cluster, a trained tiny model) on one worker: tests/conftest.py. TEST_WORKERS=0
-# runs the suite in this process, serially.
+# single-threaded: OMP_NUM_THREADS=1). --dist loadscope gives each test module to one worker, so a
+# module-scoped fixture (the SLURM cluster, a trained tiny model) is built once, as in a serial run.
+# (xdist_group marks and --dist loadgroup do not group with pytest 9.2 + pytest-xdist 3.8.)
+# TEST_WORKERS=0 runs the suite in this process, serially.
 TEST_WORKERS ?= 2
-PYTEST_ARGS := -q -m "not gpu" --timeout=900 -n $(TEST_WORKERS) --dist loadgroup --durations=15
+PYTEST_ARGS := -q -m "not gpu" --timeout=900 -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 # The users' clusters: Python 3.12 + megatron-core 0.19.x. A python3.12 that runs, else pyenv's.
 PYTHON312 ?= $(shell for p in python3.12 $${HOME:-/root}/.pyenv/versions/3.12*/bin/python3.12; do \

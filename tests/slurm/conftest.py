@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,12 +21,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if os.environ.get("CI"):
             raise  # CI runs as root with apt: the scheduler test must run there
         pytest.skip(f"no SLURM here: {exc}")
-    c = Cluster(tmp_path_factory.mktemp("slurm"))
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+    # One test cluster at a time on this machine (test workers, other checkouts): a job's rendezvous
+    # port is 20000 + its job id, and every test cluster numbers its jobs from 1.
+    with open(os.path.join(tempfile.gettempdir(), "nbdiff-test-slurm.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        c = Cluster(tmp_path_factory.mktemp("slurm"))
+        c.start()
+        try:
+            yield c
+        finally:
+            c.stop()
 
 
 @pytest.fixture(scope="module")
