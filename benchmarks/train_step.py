@@ -197,7 +197,7 @@ def _report(record: dict) -> str:
             f"  {LABELS[objective]:<6} {1000 * r['step_time_s']:9.1f} ms median over "
             f"{r['timed_steps']} steps, {r['tokens_per_s']:12,.0f} x_0 tokens/s, "
             f"{r['model_flops_per_step'] / 1e12:,.3f} TFLOP/step ({r['tflops_per_gpu']:,.2f} "
-            f"TFLOP/s per GPU){mfu}"
+            f"TFLOP/s per rank){mfu}"
         )
     if record["ratio_nbdiff_over_ar"] is not None:
         lines.append(

@@ -50,12 +50,7 @@ from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training import checkpointing, cluster, faults
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
-from nbdiff_megatron.training.logging import (
-    RunLogger,
-    StepRecord,
-    guess_peak_tflops,
-    model_flops_per_step,
-)
+from nbdiff_megatron.training.logging import RunLogger, StepRecord, guess_peak_tflops
 
 
 @dataclass
@@ -813,6 +808,7 @@ def train(
 
     from nbdiff_megatron.model.builder import build_model
     from nbdiff_megatron.model.context_parallel import ContextParallelLayout
+    from nbdiff_megatron.training.plan import step_flops
 
     check_objective(cfg, objective)
     done_marker = checkpointing.read_completion_marker(cfg.checkpoint.save)
@@ -926,14 +922,9 @@ def train(
     logger.run_metadata({"config": cfg.to_dict(), "job": job, "start_step": start_step})
 
     peak = cfg.logging.peak_tflops or guess_peak_tflops()
-    flops = model_flops_per_step(
-        num_params=num_params,
-        num_layers=model_cfg.num_layers,
-        hidden_size=model_cfg.hidden_size,
-        seq_length=cfg.seq_length(),
-        sequences=cfg.train.global_batch_size,
-        ar=objective == "ar",
-    )
+    # The model FLOPs of a step as `nbdiff plan` counts them (the MFU of the log and of the plan agree).
+    nbdiff_flops, ar_flops = step_flops(cfg)
+    flops = ar_flops if objective == "ar" else nbdiff_flops
     fwd_bwd = get_forward_backward_func()
     guard = faults.NonFiniteGuard(cfg.faults.max_consecutive_nonfinite)
     fc = cfg.faults
