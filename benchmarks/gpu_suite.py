@@ -19,7 +19,8 @@ Steps (each in its own process, with its own time limit, so that one failure doe
 
 `--dry-run` runs what a CPU can: each benchmark's --help, the training config through
 `nbdiff train --print-config` and `nbdiff plan`, and `pytest -m gpu --collect-only`.
-The results file holds, per step: the command, exit code, seconds, pass/fail and the output's tail.
+The results file holds, per step: the command, exit code, seconds, pass/fail and the output's tail
+(and the train-step benchmark's JSON record under "figures").
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ def steps(dry_run: bool, work: Path, data_args: list[str]) -> list[tuple[str, li
                 "6",
                 "--warmup",
                 "2",
+                "--json",
+                str(work / "train_step.jsonl"),
                 *MODEL_300M,
                 *data_args,
                 "--model.seq_length=4096",
@@ -253,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "resume-300m" and result["ok"]:
             checks = _train_checks(work / "run300m")
             result.update(checks=checks, ok=checks["ok"])
+        figures = work / "train_step.jsonl"
+        if name == "train-step" and result["ok"] and figures.is_file():
+            # Per objective: step time, x_0 tokens/s, MFU; and the ratio NBDiff / AR.
+            result["figures"] = json.loads(figures.read_text().splitlines()[-1])
         results.append(result)
         print(f"[{'ok' if result['ok'] else 'FAIL'}] {name}: {result['seconds']} s", flush=True)
         if not result["ok"]:
