@@ -959,11 +959,11 @@ def train(
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
+            # An AR step is the B = 1, λ = 1 point of the curriculum.
+            block = 1 if objective == "ar" else block_size_of(cfg, step)
             try:
                 ok = guard.check(step, loss, grad_norm)
-                spike = ok and not spikes.check(
-                    step, loss, grad_norm, regime=block_size_of(cfg, step)
-                )
+                spike = ok and not spikes.check(step, loss, grad_norm, regime=block)
             except faults.TrainingHalted as exc:
                 raise _halt(rt, cfg, exc, healthy, step, resume_command) from None
             healthy.step_done(step, ok and not spike)
@@ -973,8 +973,7 @@ def train(
                 loss=loss,
                 mdm=float(terms[1]),
                 ar=float(terms[2]),
-                # An AR step is the B = 1, λ = 1 point of the curriculum.
-                block_size=1 if objective == "ar" else block_size_of(cfg, step),
+                block_size=block,
                 ar_weight=1.0 if objective == "ar" else ar_weight_of(cfg, step),
                 lr=lr_of(cfg, step),
                 grad_norm=grad_norm,
