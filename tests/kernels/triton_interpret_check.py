@@ -53,6 +53,9 @@ def check_kernels() -> None:
         out = _triton_ce.chunk_grad_(buf, lse, target, here, grad_ce, **size)
         assert out.data_ptr() == buf.data_ptr(), "chunk_grad_ must work in place"
         torch.testing.assert_close(buf, want, rtol=RTOL, atol=1e-7)
+    # A shard with no real column (a padded vocabulary's last rank): the TP reduction's neutrals.
+    none = _triton_ce.chunk_stats(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long), here[:3])
+    assert none[0].eq(float("-inf")).all() and not none[1].any() and not none[2].any()
     print("ok kernels")
 
 
