@@ -638,6 +638,9 @@ def _fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
         vocab_size=cfg.model.vocab_size,
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
+        # The model is wrapped in megatron DDP without overlap_grad_reduce (_wrap_ddp): d W goes
+        # straight into its fp32 main_grad, as megatron's gradient-accumulation fusion does.
+        accumulate_into_main_grad=True,
     )
 
 
