@@ -59,7 +59,9 @@ def _stats_kernel(
     picked = 0.0
     for c in range(start, stop, BLOCK):
         cols = c + tl.arange(0, BLOCK)
-        valid = cols < stop
+        # span is a whole number of blocks, so only the row's end cuts a block: masking against
+        # n_cols (not stop) keeps the mask's alignment visible to the compiler (vector loads).
+        valid = cols < n_cols
         x = tl.load(base + cols, mask=valid, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         e = tl.where(valid, tl.exp(x - m_new), 0.0)

@@ -116,6 +116,67 @@ def test_triton_kernels_under_the_interpreter_equal_torch():
         assert line in proc.stdout, proc.stdout
 
 
+def _compile_for_hopper(kernel, signature: dict[str, str], block: int, num_warps: int) -> str:
+    """The PTX of ``kernel`` compiled for sm_90 (H100 / H200) without a GPU, with the alignment
+    the runtime's specialisation sees for 16-divisible arguments (a padded vocabulary shard)."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:  # another triton layout: the GPU tests still compile it
+        pytest.skip(f"triton's ahead-of-time compile API is not available: {exc}")
+    names = [name for name in signature if signature[name] != "constexpr"]
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n != "n_splits"}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": block}, attrs=aligned)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
+    )
+    assert compiled.asm["cubin"], "no cubin"
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+def test_triton_kernels_compile_for_hopper_with_vector_memory_access():
+    """Without a GPU: both kernels lower to sm_90 code (what the interpreter cannot check), and
+    their logits traffic is 128-bit vector loads / stores -- the memory-bound passes' design."""
+    from nbdiff_megatron.kernels import _triton_ce
+
+    if _triton_ce.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 in this process: no compiled kernels to inspect")
+    rows = {"logits_ptr": "*fp32", "row_stride": "i32"}
+    stats = _compile_for_hopper(
+        _triton_ce._stats_kernel,
+        {
+            **rows,
+            "target_ptr": "*i64",
+            "max_ptr": "*fp32",
+            "sum_ptr": "*fp32",
+            "picked_ptr": "*fp32",
+            "n_cols": "i32",
+            "span": "i32",
+            "n_splits": "i32",
+            "BLOCK": "constexpr",
+        },
+        _triton_ce._STATS_BLOCK,
+        8,
+    )
+    grad = _compile_for_hopper(
+        _triton_ce._grad_kernel,
+        {
+            **rows,
+            "lse_ptr": "*fp32",
+            "target_ptr": "*i64",
+            "grad_ptr": "*fp32",
+            "n_cols": "i32",
+            "BLOCK": "constexpr",
+        },
+        _triton_ce._GRAD_BLOCK,
+        4,
+    )
+    assert "ld.global.v4.b32" in stats
+    assert "ld.global.v4.b32" in grad and "st.global.v4.b32" in grad
+
+
 def _gpu_triton(test):
     """gpu-marked, and skipped without CUDA or triton."""
     test = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")(test)
