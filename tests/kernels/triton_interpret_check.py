@@ -53,6 +53,23 @@ def check_kernels() -> None:
         out = _triton_ce.chunk_grad_(buf, lse, target, here, grad_ce, **size)
         assert out.data_ptr() == buf.data_ptr(), "chunk_grad_ must work in place"
         torch.testing.assert_close(buf, want, rtol=RTOL, atol=1e-7)
+    # Extreme but finite logits: a first block far below the rest, huge spreads. No inf / NaN.
+    logits, target, here = _chunk(gen, 4, 40, 40)
+    logits[:, :8] = -1e30
+    logits[1] *= 1e4
+    logits[2, 20:] = -3e38
+    expected = ce_chunk.chunk_stats(logits.clone(), target, here)
+    got = _triton_ce.chunk_stats(logits, target, here, splits=2, block=8)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.isfinite(a).all(), got
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=0)
+    lse = expected[0] + expected[1].log()
+    grad_ce = torch.ones(4)
+    buf = logits.clone()
+    _triton_ce.chunk_grad_(buf, lse, target, here, grad_ce, block=8)
+    want = ce_chunk.chunk_grad_(logits.clone(), lse, target, here, grad_ce)
+    assert torch.isfinite(buf).all()
+    torch.testing.assert_close(buf, want, rtol=RTOL, atol=1e-7)
     # A shard with no real column (a padded vocabulary's last rank): the TP reduction's neutrals.
     none = _triton_ce.chunk_stats(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long), here[:3])
     assert none[0].eq(float("-inf")).all() and not none[1].any() and not none[2].any()
