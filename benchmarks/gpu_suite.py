@@ -7,7 +7,7 @@ one H100 / H200).
 Steps (each in its own process, with its own time limit, so that one failure does not stop the rest):
 
 1. `pytest -m gpu`: FlexAttention fwd+bwd vs SDPA in bf16, the fused loss vs the reference in bf16,
-   bf16 training with the distributed optimizer, megatron's gradient clipping.
+   the fused loss's Triton chunk kernels vs its torch ones (fp32, 256 x 151,936), bf16 training with the distributed optimizer, megatron's gradient clipping.
 2. ~20 bf16 training steps of a ~300M model (16 layers, hidden 1024) with FlexAttention and the
    distributed optimizer on the bundled corpus: 10 steps with a checkpoint, then a resume to 20;
    checks that the loss falls, nothing is NaN and the resumed run continues at step 11.
@@ -44,6 +44,7 @@ TINY = str(REPO / "examples" / "tiny_cpu.yaml")
 GPU_TESTS = [
     "tests/model/test_attention.py",
     "tests/kernels/test_linear_loss.py",
+    "tests/kernels/test_ce_chunk.py",
     "tests/training/test_gpu_paths.py",
 ]
 

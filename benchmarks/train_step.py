@@ -111,7 +111,7 @@ def _measure(cfg: Any, objective: str, warmup: int, flops: float, peak: float | 
         "step_time_s": step_time,
         "tokens_per_s": cfg.tokens_per_step() / step_time,
         "model_flops_per_step": flops,
-        "tflops_per_gpu": flops / step_time / world / 1e12,
+        "tflops_per_rank": flops / step_time / world / 1e12,
         "mfu": flops / step_time / (world * peak * 1e12) if peak else None,
         "first_loss": result.history[0]["loss"],
         "last_loss": result.history[-1]["loss"],
@@ -196,7 +196,7 @@ def _report(record: dict) -> str:
         lines.append(
             f"  {LABELS[objective]:<6} {1000 * r['step_time_s']:9.1f} ms median over "
             f"{r['timed_steps']} steps, {r['tokens_per_s']:12,.0f} x_0 tokens/s, "
-            f"{r['model_flops_per_step'] / 1e12:,.3f} TFLOP/step ({r['tflops_per_gpu']:,.2f} "
+            f"{r['model_flops_per_step'] / 1e12:,.3f} TFLOP/step ({r['tflops_per_rank']:,.2f} "
             f"TFLOP/s per rank){mfu}"
         )
     if record["ratio_nbdiff_over_ar"] is not None:

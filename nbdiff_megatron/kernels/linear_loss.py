@@ -25,10 +25,14 @@ megatron's ``[S, b, h]``; S is 2L, or ``len(rows)`` under context parallelism (`
 the backward keeps this rank's slice of the (TP-summed) gradient, which is exactly the reduce-scatter
 of megatron's SP output layer.
 
-Backend: chunked torch (cuBLAS / MKL matmuls per chunk), on CPU and GPU alike; its memory does not
-grow with V beyond one chunk. Liger-Kernel's and Cut-Cross-Entropy's Triton kernels were considered
-and do not fit: neither is vocab-parallel or selects rows, and Liger computes the input gradient in
-forward for one scalar upstream gradient (here every row has its own, 1/t or the AR weight).
+Backend: each chunk is projected by one torch GEMM (cuBLAS / MKL); the two vocabulary-wide passes
+over its logits go through ``ce_chunk``, which runs our own Triton kernels on CUDA when triton
+imports (``kernels/_triton_ce.py``: one read per logit for the stats, one read + one write for the
+gradient) and chunked torch otherwise, same semantics; ``NBDIFF_LOSS_BACKEND=auto|torch|triton``
+overrides the choice. Either way the memory does not grow with V beyond one chunk. Liger-Kernel's
+and Cut-Cross-Entropy's Triton kernels were considered and do not fit: neither is vocab-parallel or
+selects rows, and Liger computes the input gradient in forward for one scalar upstream gradient
+(here every row has its own, 1/t or the AR weight).
 """
 
 from __future__ import annotations
