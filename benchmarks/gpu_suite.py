@@ -7,18 +7,20 @@ one H100 / H200).
 Steps (each in its own process, with its own time limit, so that one failure does not stop the rest):
 
 1. `pytest -m gpu`: FlexAttention fwd+bwd vs SDPA in bf16, the fused loss vs the reference in bf16,
-   bf16 training with the distributed optimizer, megatron's gradient clipping.
+   the fused loss's Triton chunk kernels vs its torch ones (fp32, 256 x 151,936), bf16 training with the distributed optimizer, megatron's gradient clipping.
 2. ~20 bf16 training steps of a ~300M model (16 layers, hidden 1024) with FlexAttention and the
    distributed optimizer on the bundled corpus: 10 steps with a checkpoint, then a resume to 20;
    checks that the loss falls, nothing is NaN and the resumed run continues at step 11.
 3. benchmarks/attention.py: NBDiff mask at 2L vs causal at L (ideal 2.0x).
 4. benchmarks/loss.py: fused vs reference loss path at h = 4096, 2L = 16,384, bf16.
-5. benchmarks/train_step.py: the NBDiff training step of the ~300M model at L = 4K (step time,
-   tokens/s, MFU).
+5. benchmarks/train_step.py --objective both: the NBDiff training step of the ~300M model at
+   L = 4K vs an AR step of the same model (causal LM on the same x_0), in one run: step times,
+   x_0 tokens/s, MFU (nbdiff plan's FLOP count) and the ratio NBDiff / AR (ideal 2.0x).
 
 `--dry-run` runs what a CPU can: each benchmark's --help, the training config through
 `nbdiff train --print-config` and `nbdiff plan`, and `pytest -m gpu --collect-only`.
-The results file holds, per step: the command, exit code, seconds, pass/fail and the output's tail.
+The results file holds, per step: the command, exit code, seconds, pass/fail and the output's tail
+(and the train-step benchmark's JSON record under "figures").
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ TINY = str(REPO / "examples" / "tiny_cpu.yaml")
 GPU_TESTS = [
     "tests/model/test_attention.py",
     "tests/kernels/test_linear_loss.py",
+    "tests/kernels/test_ce_chunk.py",
     "tests/training/test_gpu_paths.py",
 ]
 
@@ -193,16 +196,22 @@ def steps(dry_run: bool, work: Path, data_args: list[str]) -> list[tuple[str, li
                 "benchmarks/train_step.py",
                 "--config",
                 TINY,
+                "--objective",
+                "both",
                 "--steps",
-                "8",
+                "6",
                 "--warmup",
-                "3",
+                "2",
+                "--json",
+                str(work / "train_step.jsonl"),
                 *MODEL_300M,
+                *data_args,
                 "--model.seq_length=4096",
                 "--train.micro_batch_size=1",
                 "--train.global_batch_size=2",
             ],
-            75,
+            # Two runs in one process (FlexAttention compiles the 2L and the causal L masks).
+            120,
         ),
     ]
 
@@ -248,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "resume-300m" and result["ok"]:
             checks = _train_checks(work / "run300m")
             result.update(checks=checks, ok=checks["ok"])
+        figures = work / "train_step.jsonl"
+        if name == "train-step" and result["ok"] and figures.is_file():
+            # Per objective: step time, x_0 tokens/s, MFU; and the ratio NBDiff / AR.
+            result["figures"] = json.loads(figures.read_text().splitlines()[-1])
         results.append(result)
         print(f"[{'ok' if result['ok'] else 'FAIL'}] {name}: {result['seconds']} s", flush=True)
         if not result["ok"]:

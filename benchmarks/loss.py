@@ -1,16 +1,21 @@
 """Benchmark the NBDiff loss path: fused (kernels.nbdiff_linear_loss) vs reference (logits + nbdiff_loss).
 
-Each mode runs in its own process (so that peaks do not mix) on one micro-batch of 2L rows:
+Each mode runs in its own process (so that peaks do not mix) on one micro-batch of 2L rows, in the
+layout of training under megatron DDP: the output weight has a ``main_grad`` buffer (DDP's fp32
+gradient buffer) and autograd's weight gradient is added into it by a hook and dropped, as DDP's
+per-parameter hook does.
 
-- baseline  : hidden states [1, 2L, h] and the output weight [V, h] with their gradient buffers;
+- baseline  : hidden states [1, 2L, h], the output weight [V, h], hidden.grad and weight.main_grad;
 - reference : logits = hidden @ weight.T, then method.losses.nbdiff_loss, backward;
-- fused     : kernels.nbdiff_linear_loss(hidden, weight, ...), backward;
+- fused     : kernels.nbdiff_linear_loss(..., accumulate_into_main_grad=True) -- what training runs:
+              d W goes straight into main_grad (megatron's gradient-accumulation fusion);
+- fused_autograd : the same kernel handing d W to autograd (a [V, h] gradient, then the hook).
 
 with per-sequence t = 0.5, token shift, λ = 0.5. It prints the peak memory of each mode above the
 baseline (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated) and the forward + backward time
 (best of --repeats), and the ratios fused / reference.
 
-CPU (the issue's figures):  python benchmarks/loss.py            (V = 151,936, h = 1,024, 2L = 2,048, fp32)
+CPU (the issue's figures):  python benchmarks/loss.py --threads 2  (V = 151,936, h = 1,024, 2L = 2,048, fp32)
 GPU:                        python benchmarks/loss.py --device cuda --hidden 4096 --length 8192 --dtype bf16
 Quick check:                python benchmarks/loss.py --vocab 4096 --hidden 64 --length 128 --repeats 1
 """
@@ -31,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("baseline", "reference", "fused")
+MODES = ("baseline", "reference", "fused", "fused_autograd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +83,14 @@ def run_mode(args: argparse.Namespace) -> dict:
     hidden.requires_grad_()
     weight.requires_grad_()
     hidden.grad = torch.zeros_like(hidden)
-    weight.grad = torch.zeros_like(weight)
+    weight.main_grad = torch.zeros_like(weight, dtype=torch.float32)
+
+    def ddp_hook(param: torch.Tensor) -> None:  # megatron DDP: add to main_grad, drop .grad
+        if param.grad is not None:
+            param.main_grad.add_(param.grad)
+        param.grad = None
+
+    weight.register_post_accumulate_grad_hook(ddp_hook)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -89,7 +101,10 @@ def run_mode(args: argparse.Namespace) -> dict:
         if args.mode == "reference":
             terms = nbdiff_loss(hidden @ weight.t(), x0, masked, t, **kwargs)
         else:
-            terms = nbdiff_linear_loss(hidden, weight, x0, masked, t, **kwargs)
+            into_main_grad = args.mode == "fused"
+            terms = nbdiff_linear_loss(
+                hidden, weight, x0, masked, t, accumulate_into_main_grad=into_main_grad, **kwargs
+            )
         terms.total.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -127,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     base = results["baseline"]["peak_bytes"]
-    ref, fused = results["reference"], results["fused"]
+    ref, fused, plain = results["reference"], results["fused"], results["fused_autograd"]
     ref_extra, fused_extra = ref["peak_bytes"] - base, fused["peak_bytes"] - base
+    plain_extra = plain["peak_bytes"] - base
     summary = dict(
         machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads"
@@ -146,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         reference_s=ref["seconds"],
         fused_s=fused["seconds"],
         time_ratio=fused["seconds"] / ref["seconds"],
+        fused_autograd_extra_gib=plain_extra / 2**30,
+        fused_autograd_s=plain["seconds"],
     )
     print(
         f"loss path, V={args.vocab:,} h={args.hidden:,} 2L={2 * args.length:,} {args.dtype} on "
         f"{args.device} ({summary['machine']}, {summary['date']})\n"
-        f"  baseline (hidden + weight + grads): {summary['baseline_gib']:.2f} GiB peak\n"
+        f"  baseline (hidden + weight + grad buffers): {summary['baseline_gib']:.2f} GiB peak\n"
         f"  reference: +{summary['reference_extra_gib']:.2f} GiB, {ref['seconds']:.2f} s fwd+bwd\n"
         f"  fused:     +{summary['fused_extra_gib']:.2f} GiB, {fused['seconds']:.2f} s fwd+bwd\n"
+        f"  fused, d W through autograd: +{plain_extra / 2**30:.2f} GiB, "
+        f"{plain['seconds']:.2f} s fwd+bwd\n"
         f"  fused / reference: memory {summary['memory_ratio']:.1%}, time {summary['time_ratio']:.2f}x"
     )
     if args.json:

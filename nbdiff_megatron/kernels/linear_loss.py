@@ -13,7 +13,9 @@ holding the ``[rows, V]`` logits:
    and target logit are reduced over the TP group (the algorithm of megatron-core's
    ``vocab_parallel_cross_entropy``, without the full logits). Backward recomputes each chunk's logits:
    ``d logits = (softmax - onehot) * dce``, ``d hidden = d logits @ W`` (summed over the TP group, as
-   the column-parallel output layer's input gradient is), ``d W = d logits^T @ hidden``.
+   the column-parallel output layer's input gradient is), ``d W += d logits^T @ hidden`` in place
+   (into megatron DDP's ``main_grad`` with ``accumulate_into_main_grad``). The two vocabulary-wide
+   passes over a chunk (``kernels/ce_chunk.py``) work in place on its logits: one chunk buffer.
 3. ``method.losses.loss_terms`` reduces the per-row CEs to eq. 2 (same code as the reference).
 
 Layouts: ``hidden`` is ``[b, S, h]`` (batch first, the logits' layout) or, with ``sequence_first``,
@@ -23,10 +25,14 @@ megatron's ``[S, b, h]``; S is 2L, or ``len(rows)`` under context parallelism (`
 the backward keeps this rank's slice of the (TP-summed) gradient, which is exactly the reduce-scatter
 of megatron's SP output layer.
 
-Backend: chunked torch (cuBLAS / MKL matmuls per chunk), on CPU and GPU alike; its memory does not
-grow with V beyond one chunk. Liger-Kernel's and Cut-Cross-Entropy's Triton kernels were considered
-and do not fit: neither is vocab-parallel or selects rows, and Liger computes the input gradient in
-forward for one scalar upstream gradient (here every row has its own, 1/t or the AR weight).
+Backend: each chunk is projected by one torch GEMM (cuBLAS / MKL); the two vocabulary-wide passes
+over its logits go through ``ce_chunk``, which runs our own Triton kernels on CUDA when triton
+imports (``kernels/_triton_ce.py``: one read per logit for the stats, one read + one write for the
+gradient) and chunked torch otherwise, same semantics; ``NBDIFF_LOSS_BACKEND=auto|torch|triton``
+overrides the choice. Either way the memory does not grow with V beyond one chunk. Liger-Kernel's
+and Cut-Cross-Entropy's Triton kernels were considered and do not fit: neither is vocab-parallel or
+selects rows, and Liger computes the input gradient in forward for one scalar upstream gradient
+(here every row has its own, 1/t or the AR weight).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nbdiff_megatron.kernels import ce_chunk
 from nbdiff_megatron.method.losses import LossTerms, loss_rows, loss_terms
 
 __all__ = ["nbdiff_linear_loss"]
@@ -60,6 +67,17 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def _accumulate_weight_grad(dst: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """``dst [V', h] += d_logits.T @ h`` with no ``[V', h]`` temporary when the dtypes agree."""
+    if d_logits.dtype == h.dtype == dst.dtype:
+        dst.addmm_(d_logits.t(), h)
+        return
+    # Low-precision GEMM into a wider accumulator: vocabulary slices bound the temporary.
+    step = max(1, _CHUNK_ELEMENTS // max(h.shape[1], 1))
+    for s in range(0, dst.shape[0], step):
+        dst[s : s + step] += (d_logits[:, s : s + step].t() @ h).to(dst.dtype)
+
+
 class _VocabParallelLinearCE(torch.autograd.Function):
     """Per-row CE of ``hidden [N, h] @ weight[:n_valid].T``, vocab-parallel over ``group``."""
 
@@ -73,6 +91,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         n_valid: int,
         chunk_rows: int,
         group: Any,
+        into_main_grad: bool,
     ) -> torch.Tensor:
         rows = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)
@@ -85,14 +104,11 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         target_logit = torch.zeros(rows, dtype=acc, device=hidden.device)
         if n_valid > 0:
             for s in range(0, rows, chunk_rows):
-                logits = _chunk_logits(hidden[s : s + chunk_rows], w)
-                m = logits.max(dim=-1).values
-                row_max[s : s + chunk_rows] = m
-                sum_exp[s : s + chunk_rows] = (logits - m[:, None]).exp_().sum(dim=-1)
-                picked = logits.gather(1, local_target[s : s + chunk_rows, None]).squeeze(1)
-                target_logit[s : s + chunk_rows] = torch.where(
-                    here[s : s + chunk_rows], picked, torch.zeros_like(picked)
+                e = s + chunk_rows
+                stats = ce_chunk.chunk_stats(
+                    _chunk_logits(hidden[s:e], w), local_target[s:e], here[s:e]
                 )
+                row_max[s:e], sum_exp[s:e], target_logit[s:e] = stats
         if _group_size(group) > 1:
             global_max = row_max.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -105,6 +121,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         lse = row_max + sum_exp.log()
         ctx.save_for_backward(hidden, weight, local_target, here, lse)
         ctx.n_valid, ctx.chunk_rows, ctx.group = n_valid, chunk_rows, group
+        ctx.into_main_grad = into_main_grad
         return lse - target_logit
 
     @staticmethod
@@ -112,26 +129,29 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         hidden, weight, local_target, here, lse = ctx.saved_tensors
         n_valid, chunk_rows, group = ctx.n_valid, ctx.chunk_rows, ctx.group
         grad_hidden = torch.zeros_like(hidden)
-        # Accumulated over the row chunks in at least fp32 (a bf16 sum over chunks would round).
-        grad_weight = torch.zeros_like(weight, dtype=lse.dtype)
+        if ctx.into_main_grad:
+            # megatron's gradient-accumulation fusion: straight into DDP's grad buffer.
+            grad_weight = weight.main_grad
+        else:
+            # At least fp32: a bf16 sum over the row chunks would round.
+            grad_weight = torch.zeros_like(weight, dtype=lse.dtype)
         w = weight[:n_valid]
         if n_valid > 0:
             grad_ce = grad_ce.to(lse.dtype)
             for s in range(0, hidden.shape[0], chunk_rows):
-                h = hidden[s : s + chunk_rows]
-                logits = _chunk_logits(h, w)
-                # d CE / d logits = softmax - onehot(target), scaled by the row's upstream gradient.
-                probs = (logits - lse[s : s + chunk_rows, None]).exp_()
-                onehot = here[s : s + chunk_rows].to(probs.dtype)
-                probs.scatter_add_(1, local_target[s : s + chunk_rows, None], -onehot[:, None])
-                probs.mul_(grad_ce[s : s + chunk_rows, None])
-                d_logits = probs.to(hidden.dtype)
-                grad_hidden[s : s + chunk_rows] = d_logits @ w
-                grad_weight[:n_valid] += (d_logits.t() @ h).to(grad_weight.dtype)
+                e = s + chunk_rows
+                h = hidden[s:e]
+                d_logits = ce_chunk.chunk_grad_(
+                    _chunk_logits(h, w), lse[s:e], local_target[s:e], here[s:e], grad_ce[s:e]
+                ).to(hidden.dtype)
+                torch.mm(d_logits, w, out=grad_hidden[s:e])
+                _accumulate_weight_grad(grad_weight[:n_valid], d_logits, h)
         if _group_size(group) > 1:
             # hidden is replicated over the TP group; its gradient is the sum of the shards'.
             dist.all_reduce(grad_hidden, group=group)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+        if ctx.into_main_grad:
+            return grad_hidden, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -178,6 +198,7 @@ def nbdiff_linear_loss(
     validate: bool = True,
     block_size: int | None = None,
     positions: torch.Tensor | None = None,
+    accumulate_into_main_grad: bool = False,
 ) -> LossTerms:
     """``nbdiff_loss(hidden @ weight.T gathered over tp_group, ...)`` without the logits (module doc).
 
@@ -193,6 +214,10 @@ def nbdiff_linear_loss(
         vocab_size: the real vocabulary V (columns at or beyond it are padding and never score);
             None means ``V_local * tp``.
         chunk_rows: rows projected at a time (default: ~128 MiB of fp32 logits per chunk).
+        accumulate_into_main_grad: add d weight straight into ``weight.main_grad`` (megatron DDP's
+            gradient buffer, as megatron's gradient-accumulation fusion does) and give autograd no
+            weight gradient, which saves a ``[V_local, h]`` temporary per micro-batch. Only for DDP
+            without ``overlap_grad_reduce`` (its per-parameter hooks would never see the weight).
     """
     if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
         raise ValueError(
@@ -206,6 +231,14 @@ def nbdiff_linear_loss(
         )
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
+    if accumulate_into_main_grad and weight.requires_grad:
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None or tuple(main_grad.shape) != tuple(weight.shape):
+            raise ValueError(
+                "accumulate_into_main_grad=True needs weight.main_grad, a gradient buffer of the "
+                f"weight's shape {list(weight.shape)} (megatron DDP sets it), got "
+                f"{None if main_grad is None else list(main_grad.shape)}"
+            )
     tp = _group_size(tp_group)
     v_local = weight.shape[0]
     padded = v_local * tp
@@ -247,7 +280,14 @@ def nbdiff_linear_loss(
     # Only the loss-carrying rows are projected (advanced indexing: backward scatters into hidden).
     selected = hidden[sel.seq, sel.pos]
     ce = _VocabParallelLinearCE.apply(
-        selected, weight, sel.targets, vocab_start, n_valid, chunk, tp_group
+        selected,
+        weight,
+        sel.targets,
+        vocab_start,
+        n_valid,
+        chunk,
+        tp_group,
+        accumulate_into_main_grad and weight.requires_grad,
     )
     return loss_terms(
         ce, sel, ar_weight=ar_weight, mdm_denominator=mdm_denominator, ar_denominator=ar_denominator

@@ -169,6 +169,15 @@ def _parallel_sizes() -> tuple[int, int, int]:
             parallel_state.get_context_parallel_world_size())
 
 
+def model_process_groups() -> Any:
+    """The process groups the model is built for, passed explicitly (megatron-core is making them
+    mandatory): parallel_state's groups, the collection GPTModel would otherwise build itself
+    (0.16.1 and 0.19.2), so the model and its layers are the same either way."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
 def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -245,6 +254,7 @@ def build_model(cfg: ModelConfig, *, block_size: int | None = None, pre_process:
         rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
         seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
         vp_stage=vp_stage,
+        pg_collection=model_process_groups(),
     )
     kwargs = _filtered_kwargs(GPTModel.__init__, kwargs)
     with cpu_compat.cuda_to_cpu():

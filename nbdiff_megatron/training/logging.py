@@ -42,18 +42,6 @@ def guess_peak_tflops() -> float | None:
     return None
 
 
-def model_flops_per_step(
-    *, num_params: int, num_layers: int, hidden_size: int, seq_length: int, sequences: int
-) -> float:
-    """Training FLOPs of one step on `sequences` x_t ⊕ x_0 inputs of 2 * seq_length tokens.
-
-    6 N per token for the weights (forward + backward) plus 12 * layers * hidden * context for the
-    attention scores; the context is the full 2L (the dense-mask upper bound).
-    """
-    tokens = sequences * 2 * seq_length
-    return tokens * (6.0 * num_params + 12.0 * num_layers * hidden_size * 2 * seq_length)
-
-
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a metrics file, one per step (the last record wins if a step appears twice)."""
     by_step: dict[int, dict[str, Any]] = {}

@@ -22,6 +22,11 @@ iter_k show; `method/curriculum.py` states this convention):
 
 On GPU the model runs in bf16 with the distributed optimizer and megatron's gradient clipping; on CPU in
 fp32 with the plain optimizer, and the clipping is done here (megatron's asserts CUDA tensors).
+
+`train(cfg, objective="ar")` runs the same steps as a plain causal LM instead (the baseline of
+benchmarks/train_step.py): the same model, optimizer, precision, DDP and batches, but the forward is
+over the L tokens of x_0 with the causal mask, and the loss is L_AR alone (`nbdiff_loss` scoring only
+the x_0 rows: same targets, document boundaries and loss mask as the NBDiff step's AR term).
 """
 
 from __future__ import annotations
@@ -45,12 +50,7 @@ from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training import checkpointing, cluster, faults
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
-from nbdiff_megatron.training.logging import (
-    RunLogger,
-    StepRecord,
-    guess_peak_tflops,
-    model_flops_per_step,
-)
+from nbdiff_megatron.training.logging import RunLogger, StepRecord, guess_peak_tflops
 
 
 @dataclass
@@ -71,6 +71,29 @@ class TrainResult:
     """Parameters of the whole model, counted once (the same at any parallel layout)."""
     already_complete: bool = False
     """The save directory held a COMPLETE marker for train.steps: nothing was run."""
+
+
+OBJECTIVES = ("nbdiff", "ar")
+"""What a training step optimises: the NBDiff loss on x_t ⊕ x_0, or next-token CE on x_0 alone."""
+
+
+def check_objective(cfg: TrainConfig, objective: str) -> None:
+    """Raise ConfigError when `objective` is unknown or cannot run with this config."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective={objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+    if objective == "nbdiff":
+        return
+    if cfg.parallel.cp > 1:
+        raise ConfigError(
+            f"the AR objective runs with parallel.cp=1 only (got {cfg.parallel.cp}): the context-"
+            "parallel layout shards the 2L sequence of the NBDiff step"
+        )
+    ck = cfg.checkpoint
+    if ck.save or ck.load:
+        raise ConfigError(
+            "the AR objective is a measurement baseline and neither saves nor loads checkpoints: "
+            "set --checkpoint.save=null --checkpoint.load=null"
+        )
 
 
 # ----------------------------------------------------------------------------------- curriculum
@@ -160,6 +183,8 @@ class _Runtime:
     """The train_state of the checkpoint this run started from (empty for a fresh start)."""
     health: Any = None
     """The SpikeGuard, whose moving averages are saved with every checkpoint."""
+    objective: str = "nbdiff"
+    """One of OBJECTIVES: "ar" trains the same model as a plain causal LM on x_0."""
 
 
 def _resolve_precision(cfg: TrainConfig) -> str:
@@ -425,6 +450,10 @@ class _MicroBatch:
     positions: torch.Tensor
     inputs: Any
     """ModelInputs of the forward (this CP rank's shard when cp > 1)."""
+    rows: torch.Tensor | None = None
+    """Positions in the x_t ⊕ x_0 layout (0..2L-1) of the forward's output rows when it covers only
+    some of them: L..2L-1 for the AR objective (an x_0-only forward). None: all 2L (or the CP
+    layout's)."""
 
 
 def _micro_batch(
@@ -433,6 +462,8 @@ def _micro_batch(
     from nbdiff_megatron.model.builder import nbdiff_model_inputs
 
     cfg = rt.cfg
+    if rt.objective == "ar":
+        return _ar_micro_batch(rt, batch)
     noise = noise_micro_batch(
         cfg,
         batch["tokens"],
@@ -460,6 +491,27 @@ def _micro_batch(
         annealed_draw=noise.annealed_draw,
     )
     return _MicroBatch(x0, masked, t, doc_ids, loss_mask, positions, inputs)
+
+
+def _ar_micro_batch(rt: _Runtime, batch: dict[str, torch.Tensor]) -> _MicroBatch:
+    """A micro-batch of the AR objective: a causal forward on x_0, scored as the x_0 rows of the
+    x_t ⊕ x_0 layout (nothing masked), so the loss is exactly the NBDiff step's L_AR term."""
+    from nbdiff_megatron.method.masks import document_positions
+    from nbdiff_megatron.model.builder import ar_model_inputs
+
+    x0, doc_ids, loss_mask = (batch[k].to(rt.device) for k in ("tokens", "doc_ids", "loss_mask"))
+    length = x0.shape[1]
+    inputs = ar_model_inputs(x0, doc_ids=doc_ids, backend=rt.cfg.model.resolved_attention_backend())
+    return _MicroBatch(
+        x0,
+        torch.zeros_like(x0, dtype=torch.bool),
+        torch.ones(x0.shape, dtype=torch.float32, device=rt.device),
+        doc_ids,
+        loss_mask,
+        document_positions(doc_ids.long()),
+        inputs,
+        rows=torch.arange(length, 2 * length, device=rt.device),
+    )
 
 
 def _micro_batches(rt: _Runtime, step: int, block_size: int) -> list[_MicroBatch]:
@@ -521,15 +573,22 @@ def _loss_func(
         # CP the rows are this rank's, scored against the full micro-batch's targets.
         from nbdiff_megatron.kernels import nbdiff_linear_loss
 
-        rows = None if cp_layout is None else cp_layout.global_positions(device=mb.x0.device)
-        checks = dict(block_size=block_size, positions=mb.positions) if cp_layout is None else {}
+        rows = mb.rows if cp_layout is None else cp_layout.global_positions(device=mb.x0.device)
+        checks = dict(block_size=block_size, positions=mb.positions) if rows is None else {}
         terms = nbdiff_linear_loss(
             output, weight, mb.x0, mb.masked, mb.t, rows=rows, **fused, **checks, **common
         )
     elif cp_layout is None:
         # block_size and positions only feed the spec checks (a masked block start under shift).
         terms = nbdiff_loss(
-            output, mb.x0, mb.masked, mb.t, block_size=block_size, positions=mb.positions, **common
+            output,
+            mb.x0,
+            mb.masked,
+            mb.t,
+            block_size=block_size,
+            positions=mb.positions,
+            rows=mb.rows,
+            **common,
         )
     else:
         # This CP rank's logit rows; the CP ranks' totals sum to the micro-batch's share.
@@ -579,6 +638,9 @@ def _fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
         vocab_size=cfg.model.vocab_size,
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
+        # The model is wrapped in megatron DDP without overlap_grad_reduce (_wrap_ddp): d W goes
+        # straight into its fp32 main_grad, as megatron's gradient-accumulation fusion does.
+        accumulate_into_main_grad=True,
     )
 
 
@@ -662,6 +724,7 @@ def _train_step(
     from nbdiff_megatron.model import cpu_compat
 
     cfg = rt.cfg
+    ar_only = rt.objective == "ar"
     block_size = block_size_of(cfg, step)
     _set_lr(rt.optimizer, lr_of(cfg, step))
     rt.model.zero_grad_buffer()
@@ -669,7 +732,7 @@ def _train_step(
     mbs = _micro_batches(rt, step, block_size)
     loss_kwargs = dict(
         fused=_fused_loss_kwargs(cfg),
-        ar_weight=ar_weight_of(cfg, step),
+        ar_weight=1.0 if ar_only else ar_weight_of(cfg, step),
         token_shift=cfg.loss.token_shift,
         block_size=block_size,
         cp_layout=rt.cp_layout,
@@ -684,7 +747,8 @@ def _train_step(
             data_iterator=iter(mbs),
             model=[rt.model],
             num_microbatches=len(mbs),
-            seq_length=2 * cfg.seq_length(),  # the full 2L: megatron divides by cp itself
+            # The full 2L (megatron divides by cp itself); L for the AR objective's x_0 forward.
+            seq_length=(1 if ar_only else 2) * cfg.seq_length(),
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False,
         )
@@ -728,21 +792,28 @@ def keep_aside(path: str | Path) -> Path | None:
 
 
 def train(
-    cfg: TrainConfig, *, label: str = "train", resume_command: str | None = None
+    cfg: TrainConfig,
+    *,
+    label: str = "train",
+    resume_command: str | None = None,
+    objective: str = "nbdiff",
 ) -> TrainResult:
     """Run (or resume) training as configured; all ranks call it. Returns a TrainResult.
 
     How the run starts follows the one resume rule (`checkpointing.plan_start`): a save directory
     that holds this run's checkpoints is continued, whatever checkpoint.load / finetune say.
     `resume_command` is the command line that started the run (printed when a signal stops it: the
-    same command continues the run).
+    same command continues the run). `objective="ar"` trains the same model as a plain causal LM on
+    x_0 (module docstring; `check_objective` says what it runs with).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nbdiff_megatron.model.builder import build_model
     from nbdiff_megatron.model.context_parallel import ContextParallelLayout
+    from nbdiff_megatron.training.plan import step_flops
 
+    check_objective(cfg, objective)
     done_marker = checkpointing.read_completion_marker(cfg.checkpoint.save)
     if done_marker is not None and done_marker["step"] >= cfg.train.steps:
         # Resume rule 4: a requeued job or a re-run pipeline step of a finished run does nothing.
@@ -794,6 +865,7 @@ def train(
         int(mask_id),
         tokenizer,
         num_params,
+        objective=objective,
     )
 
     start_step = 0
@@ -853,13 +925,9 @@ def train(
     logger.run_metadata({"config": cfg.to_dict(), "job": job, "start_step": start_step})
 
     peak = cfg.logging.peak_tflops or guess_peak_tflops()
-    flops = model_flops_per_step(
-        num_params=num_params,
-        num_layers=model_cfg.num_layers,
-        hidden_size=model_cfg.hidden_size,
-        seq_length=cfg.seq_length(),
-        sequences=cfg.train.global_batch_size,
-    )
+    # The model FLOPs of a step as `nbdiff plan` counts them (the MFU of the log and of the plan agree).
+    nbdiff_flops, ar_flops = step_flops(cfg)
+    flops = ar_flops if objective == "ar" else nbdiff_flops
     fwd_bwd = get_forward_backward_func()
     guard = faults.NonFiniteGuard(cfg.faults.max_consecutive_nonfinite)
     fc = cfg.faults
@@ -891,11 +959,11 @@ def train(
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
+            # An AR step is the B = 1, λ = 1 point of the curriculum.
+            block = 1 if objective == "ar" else block_size_of(cfg, step)
             try:
                 ok = guard.check(step, loss, grad_norm)
-                spike = ok and not spikes.check(
-                    step, loss, grad_norm, regime=block_size_of(cfg, step)
-                )
+                spike = ok and not spikes.check(step, loss, grad_norm, regime=block)
             except faults.TrainingHalted as exc:
                 raise _halt(rt, cfg, exc, healthy, step, resume_command) from None
             healthy.step_done(step, ok and not spike)
@@ -905,8 +973,8 @@ def train(
                 loss=loss,
                 mdm=float(terms[1]),
                 ar=float(terms[2]),
-                block_size=block_size_of(cfg, step),
-                ar_weight=ar_weight_of(cfg, step),
+                block_size=block,
+                ar_weight=1.0 if objective == "ar" else ar_weight_of(cfg, step),
                 lr=lr_of(cfg, step),
                 grad_norm=grad_norm,
                 skipped=not ok,
@@ -1074,16 +1142,24 @@ def _announce(
     lines = [
         f"nbdiff train: {rt.num_params / 1e6:.2f}M parameters ({rt.num_params:,}; "
         f"{m.num_layers} layers, hidden "
-        f"{m.hidden_size}, vocab {m.vocab_size}), L = {cfg.seq_length()} (forward on 2L = "
-        f"{2 * cfg.seq_length()}), {precision} on {rt.device.type}",
+        f"{m.hidden_size}, vocab {m.vocab_size}), L = {cfg.seq_length()} ("
+        + (
+            "AR objective: causal forward on L"
+            if rt.objective == "ar"
+            else f"forward on 2L = {2 * cfg.seq_length()}"
+        )
+        + f"), {precision} on {rt.device.type}",
         f"  layout: tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {rt.dp} = {rt.world} processes; "
         f"global batch {cfg.train.global_batch_size} = {rt.dp} x "
         f"{cfg.train.global_batch_size // rt.dp // cfg.train.micro_batch_size} micro-batches x "
         f"{cfg.train.micro_batch_size}",
-        f"  curriculum: B {cfg.curriculum.start_block_size} -> {cfg.curriculum.target_block_size} "
-        f"(x{cfg.curriculum.growth_base} every {cfg.curriculum.growth_interval} steps after "
-        f"{cfg.curriculum.growth_warmup}), λ = {cfg.curriculum.ar_weight}, mask "
-        f"{cfg.curriculum.mask_kind}, token shift {'on' if cfg.loss.token_shift else 'off'}",
+        "  objective: AR (next-token CE on x_0; the curriculum and the noise are not used)"
+        if rt.objective == "ar"
+        else f"  curriculum: B {cfg.curriculum.start_block_size} -> "
+        f"{cfg.curriculum.target_block_size} (x{cfg.curriculum.growth_base} every "
+        f"{cfg.curriculum.growth_interval} steps after {cfg.curriculum.growth_warmup}), λ = "
+        f"{cfg.curriculum.ar_weight}, mask {cfg.curriculum.mask_kind}, token shift "
+        f"{'on' if cfg.loss.token_shift else 'off'}",
         f"  steps {start} -> {cfg.train.steps}, {cfg.tokens_per_step():,} tokens/step, "
         f"{cfg.token_budget():,} tokens in all",
     ]

@@ -167,8 +167,12 @@ def loss_bytes(cfg: TrainConfig, lay: Layout, dtype_bytes: int) -> float:
     vocab = _vocab(cfg)
     rows = _LOSS_ROW_FRACTION * tokens
     if lay.fused_loss:
-        # The loss rows' hidden states and their gradient, one fp32 chunk (+ its probabilities).
-        return 2 * rows * m.hidden_size * dtype_bytes + 2 * min(
+        # The loss rows' hidden states and their gradient, and one fp32 chunk of logits (worked on
+        # in place); in bf16 up to one more chunk's worth: the GEMM's bf16 output before the fp32
+        # copy, d logits cast back for the GEMMs, the weight gradient's vocabulary slices. d W
+        # itself goes into DDP's main_grad (counted in the gradients).
+        chunks = 1 if dtype_bytes == 4 else 2
+        return 2 * rows * m.hidden_size * dtype_bytes + chunks * min(
             _FUSED_CHUNK_BYTES, rows * 4 * vocab
         )
     # Gathered [2L, V] logits and their gradient in the model dtype, fp32 log-softmax of the rows.

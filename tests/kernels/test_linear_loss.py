@@ -172,6 +172,39 @@ def test_memory_does_not_hold_rows_by_vocab():
     assert all(n < rows * vocab // 4 for n in saved)
 
 
+def test_accumulates_into_main_grad_like_megatron_ddp():
+    """accumulate_into_main_grad adds d W to weight.main_grad (on top of what is there) and gives
+    autograd no weight gradient; the hidden gradient is unchanged."""
+    x0, masked, t, doc_ids, loss_mask = _batch(23, token_shift=True)
+    kwargs = dict(ar_weight=0.4, token_shift=True, loss_mask=loss_mask, doc_ids=doc_ids)
+    h_ref, w_ref = _leaves(24)
+    nbdiff_loss(h_ref @ w_ref.t(), x0, masked, t, **kwargs).total.backward()
+    h, w = _leaves(24)
+    earlier = torch.randn(w.shape, dtype=w.dtype, generator=torch.Generator().manual_seed(25))
+    w.main_grad = earlier.clone()  # e.g. the previous micro-batches' sum
+    terms = nbdiff_linear_loss(h, w, x0, masked, t, accumulate_into_main_grad=True, **kwargs)
+    terms.total.backward()
+    assert w.grad is None
+    torch.testing.assert_close(w.main_grad, earlier + w_ref.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="main_grad"):
+        nbdiff_linear_loss(*_leaves(26), x0, masked, t, accumulate_into_main_grad=True, **kwargs)
+
+
+def test_low_precision_weight_gradient_is_accumulated_in_vocabulary_slices(monkeypatch):
+    """bf16 GEMMs into an fp32 accumulator go slice by slice (bounded temporary), same sum."""
+    from nbdiff_megatron.kernels import linear_loss
+
+    monkeypatch.setattr(linear_loss, "_CHUNK_ELEMENTS", 7 * H)  # 7 vocabulary rows per slice
+    gen = torch.Generator().manual_seed(27)
+    d = torch.randn(5, V, generator=gen).bfloat16()
+    h = torch.randn(5, H, generator=gen).bfloat16()
+    dst = torch.randn(V, H, generator=gen)
+    expected = dst + (d.float().t() @ h.float())
+    linear_loss._accumulate_weight_grad(dst, d, h)
+    torch.testing.assert_close(dst, expected, rtol=2e-2, atol=2e-2)
+
+
 def test_tensor_parallel_two_ranks_equal_one_rank():
     """TP = 2 on gloo (vocab shards, padded vocabulary, with and without SP) equals 1 rank."""
     from pathlib import Path

@@ -80,6 +80,24 @@ def main() -> None:
             err = float((a - b).abs().max())
             worst = max(worst, err)
             print(f"rank {rank} sp={sequence_parallel} {name}: max abs diff {err:.3e}")
+    # megatron DDP's gradient-accumulation fusion: the shard's d W lands in weight.main_grad.
+    w = weight[rows].clone().requires_grad_()
+    w.main_grad = torch.zeros_like(w)
+    fused = nbdiff_linear_loss(
+        hidden.clone().requires_grad_(),
+        w,
+        x0,
+        masked,
+        t,
+        tp_group=dist.group.WORLD,
+        vocab_size=V,
+        accumulate_into_main_grad=True,
+        **kwargs,
+    )
+    fused.total.backward()
+    err = float((w.main_grad - w_ref.grad[rows]).abs().max())
+    worst = max(worst, err, 0.0 if w.grad is None else float("inf"))
+    print(f"rank {rank} main_grad grad_weight: max abs diff {err:.3e}")
     if worst > 1e-10:
         sys.exit(f"rank {rank}: fused TP loss differs from the reference by {worst}")
     dist.destroy_process_group()

@@ -41,7 +41,7 @@ def tiny_overrides(prefix: str, *extra: str) -> list[str]:
     return [f"--data.data_path=[{prefix}]", *BASE_OVERRIDES, *extra]
 
 
-def train_in_process(prefix: str, *extra: str):
+def train_in_process(prefix: str, *extra: str, objective: str = "nbdiff"):
     """Run `train()` here with the tiny config; returns the TrainResult (tears the group down)."""
     from nbdiff_megatron.model.parallel import destroy_parallel
     from nbdiff_megatron.training.config import load_config
@@ -51,11 +51,52 @@ def train_in_process(prefix: str, *extra: str):
         os.environ.pop(name, None)
     cfg = load_config(TINY, tiny_overrides(prefix, *extra))
     try:
-        return train(cfg)
+        return train(cfg, objective=objective)
     finally:
         destroy_parallel()
         for name in DIST_VARS:
             os.environ.pop(name, None)
+
+
+def plain_causal_loss(prefix: str, *extra: str) -> float:
+    """Next-token CE of the tiny run's initial model on its first global batch, computed directly:
+    a causal forward on x_0 (`ar_forward`) and a masked mean CE (targets in the loss mask and in the
+    same document as their predecessor), outside the training loop."""
+    import torch
+    import torch.nn.functional as F
+
+    from nbdiff_megatron.data.datasets import build_datasets
+    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    from nbdiff_megatron.model.builder import ar_forward, build_model
+    from nbdiff_megatron.model.parallel import destroy_parallel, initialize_parallel
+    from nbdiff_megatron.training.config import load_config
+
+    cfg = load_config(TINY, tiny_overrides(prefix, *extra))
+    tokenizer = load_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    model_cfg = cfg.model.__class__(**{**cfg.model.to_dict(), "vocab_size": tokenizer.vocab_size})
+    initialize_parallel(1, 1, 1, seed=cfg.train.seed)
+    try:
+        model = build_model(model_cfg, block_size=1, seed=cfg.train.seed)
+        train_set = build_datasets(
+            cfg.data,
+            cfg.seq_length(),
+            tokenizer,
+            (cfg.train.steps * cfg.train.global_batch_size, None, None),
+            seed=cfg.data.seed,
+        )[0]
+        samples = [train_set[i] for i in range(cfg.train.global_batch_size)]
+        x0 = torch.stack([s["tokens"] for s in samples])
+        doc_ids = torch.stack([s["doc_ids"] for s in samples])
+        loss_mask = torch.stack([s["loss_mask"] for s in samples])
+        with torch.no_grad():
+            logits = ar_forward(model, x0, doc_ids=doc_ids)
+        targets_ok = loss_mask[:, 1:] & (doc_ids[:, 1:] == doc_ids[:, :-1])
+        ce = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), x0[:, 1:].reshape(-1), reduction="none"
+        ).view_as(targets_ok)
+        return float((ce * targets_ok).sum() / targets_ok.sum())
+    finally:
+        destroy_parallel()
 
 
 def cli_command(prefix: str, *extra: str, nproc: int = 1) -> list[str]:

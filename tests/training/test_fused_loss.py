@@ -7,9 +7,13 @@ import pytest
 from .runs import train_in_process
 
 
-def test_fused_loss_trains_like_the_reference_path(corpus_prefix: str) -> None:
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_trains_like_the_reference_path(corpus_prefix: str, tie: bool) -> None:
     # B = 2 with λ = 0.5, token shift on, packed documents: both terms and every row rule are live.
+    # The fused loss adds d W straight into DDP's main_grad: tied, the embedding's gradient still
+    # arrives through autograd; untied, the output weight gets no autograd gradient at all.
     extra = [
+        f"--model.tie_embeddings={str(tie).lower()}",
         "--curriculum.start_block_size=2",
         "--curriculum.target_block_size=2",
         "--train.steps=3",

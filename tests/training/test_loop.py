@@ -13,7 +13,7 @@ from nbdiff_megatron.training import checkpointing
 from nbdiff_megatron.training.faults import NonFiniteGuard, PreemptionHandler, TrainingHalted
 from nbdiff_megatron.training.logging import read_metrics
 
-from .runs import TINY, tiny_overrides, train_in_process
+from .runs import TINY, plain_causal_loss, tiny_overrides, train_in_process
 
 
 def test_single_rank_trains_saves_and_keeps_the_last_k(corpus_prefix: str, tmp_path: Path) -> None:
@@ -64,14 +64,6 @@ def test_single_rank_trains_saves_and_keeps_the_last_k(corpus_prefix: str, tmp_p
 
 
 def test_block_size_one_and_ar_weight_one_is_plain_causal_lm_training(corpus_prefix: str) -> None:
-    import torch.nn.functional as F
-
-    from nbdiff_megatron.data.datasets import build_datasets
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
-    from nbdiff_megatron.model.builder import ar_forward, build_model
-    from nbdiff_megatron.model.parallel import destroy_parallel, initialize_parallel
-    from nbdiff_megatron.training.config import load_config
-
     extra = [
         "--train.steps=2",
         "--curriculum.start_block_size=1",
@@ -80,34 +72,8 @@ def test_block_size_one_and_ar_weight_one_is_plain_causal_lm_training(corpus_pre
     ]
     result = train_in_process(corpus_prefix, *extra)
     assert all(r["mdm"] == 0.0 and r["block_size"] == 1 for r in result.history)
-
     # The same initial weights and the same first batch, through a plain causal forward on x_0 only.
-    cfg = load_config(TINY, tiny_overrides(corpus_prefix, *extra))
-    tokenizer = load_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    model_cfg = cfg.model.__class__(**{**cfg.model.to_dict(), "vocab_size": tokenizer.vocab_size})
-    initialize_parallel(1, 1, 1, seed=cfg.train.seed)
-    try:
-        model = build_model(model_cfg, block_size=1, seed=cfg.train.seed)
-        train_set = build_datasets(
-            cfg.data,
-            cfg.seq_length(),
-            tokenizer,
-            (cfg.train.steps * cfg.train.global_batch_size, None, None),
-            seed=cfg.data.seed,
-        )[0]
-        samples = [train_set[i] for i in range(cfg.train.global_batch_size)]
-        x0 = torch.stack([s["tokens"] for s in samples])
-        doc_ids = torch.stack([s["doc_ids"] for s in samples])
-        loss_mask = torch.stack([s["loss_mask"] for s in samples])
-        with torch.no_grad():
-            logits = ar_forward(model, x0, doc_ids=doc_ids)
-        targets_ok = loss_mask[:, 1:] & (doc_ids[:, 1:] == doc_ids[:, :-1])
-        ce = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), x0[:, 1:].reshape(-1), reduction="none"
-        ).view_as(targets_ok)
-        plain = float((ce * targets_ok).sum() / targets_ok.sum())
-    finally:
-        destroy_parallel()
+    plain = plain_causal_loss(corpus_prefix, *extra)
     assert result.history[0]["loss"] == pytest.approx(plain, abs=1e-5)
     assert result.history[0]["ar"] == pytest.approx(plain, abs=1e-5)
 

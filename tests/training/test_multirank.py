@@ -68,9 +68,14 @@ def _assert_match(records: list[dict], reference: list[dict], what: str) -> None
 
 
 def _two_ranks(
-    prefix: str, tmp_path: Path, layout: str, *extra: str
+    prefix: str,
+    tmp_path: Path,
+    layout: str,
+    *extra: str,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
 ) -> tuple[Path, list[dict], str]:
-    """`nbdiff train` on 2 ranks (torchrun, gloo); checks the announced layout.
+    """`nbdiff train` on 2 ranks (or nproc; torchrun, gloo); checks the announced layout.
 
     Returns the save directory, the metrics records and the console output.
     """
@@ -82,9 +87,10 @@ def _two_ranks(
         *extra,
         f"--checkpoint.save={save}",
         log=tmp_path / f"{name}.log",
-        nproc=2,
+        nproc=nproc,
+        env=env,
     )
-    assert f"layout: {layout} = 2 processes" in launched.output()
+    assert f"layout: {layout} = {nproc} processes" in launched.output()
     return save, read_metrics(save / "metrics.jsonl"), launched.output()
 
 
@@ -157,16 +163,39 @@ def test_tp2_sequence_parallel_matches_one_rank(
 ) -> None:
     # Sequence parallelism reaches megatron-core (activations sharded along 2L), with the fused
     # vocab-parallel loss gathering the hidden rows: the same losses and gradient norms as 1 rank.
+    # With megatron-core's deprecation notices shown: no layer of ours runs without its TP group
+    # (test_tp_group.py checks 1 rank, and that the notice is not filtered).
     layout = "tp 2 x pp 1 x cp 1 x dp 1"
-    _, records, _ = _two_ranks(
+    _, records, output = _two_ranks(
         corpus_prefix,
         tmp_path,
         layout,
         "--parallel.tp=2",
         "--parallel.sequence_parallel=true",
         "--train.steps=3",
+        env={"NBDIFF_SHOW_DEPRECATIONS": "1"},
     )
     _assert_match(records, from_scratch, "tp=2 + sp")
+    assert "Passing tp_group will be mandatory soon" not in output, output[-4000:]
+
+
+def test_tp2_cp2_sequence_parallel_four_ranks_match_one_rank(
+    corpus_prefix: str, from_scratch: list[dict], tmp_path: Path
+) -> None:
+    # The production layout of the 32K phase at toy size: SP shards each CP rank's zigzag rows over
+    # TP, the attention runs the CP path, the fused loss gathers the SP rows of its CP chunk.
+    layout = "tp 2 x pp 1 x cp 2 x dp 1"
+    _, records, _ = _two_ranks(
+        corpus_prefix,
+        tmp_path,
+        layout,
+        "--parallel.tp=2",
+        "--parallel.cp=2",
+        "--parallel.sequence_parallel=true",
+        "--train.steps=3",
+        nproc=4,
+    )
+    _assert_match(records, from_scratch, "tp=2 x cp=2 + sp")
 
 
 def test_a_user_error_is_printed_once_under_torchrun(corpus_prefix: str, tmp_path: Path) -> None:
