@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
+QUIET_RANK_GRACE_S = 10.0
+"""How long a rank other than 0 waits before exiting on a user error (rank 0 prints it)."""
+
+
 def report_user_error(command: str, exc: BaseException) -> None:
     """Print a user error (no traceback) once: on rank 0 under torchrun/srun, the others stay quiet.
 
@@ -82,9 +86,13 @@ def report_user_error(command: str, exc: BaseException) -> None:
     keeps the message readable among the launcher's own report.
     """
     import os
+    import time
 
     rank = os.environ.get("RANK", "0")
     if rank not in ("", "0"):
+        # torchrun stops every worker as soon as one exits: leaving at once could stop rank 0
+        # before it has printed. The launcher ends this wait when rank 0 exits.
+        time.sleep(QUIET_RANK_GRACE_S)
         return
     print(f"nbdiff {command}: error: {exc}", file=sys.stderr, flush=True)
 
