@@ -25,9 +25,11 @@ class OptionalBuildExt(build_ext):
 def _extensions():
     import os
 
-    sources = sorted(
-        os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")
-    ) if os.path.isdir("csrc") else []
+    sources = (
+        sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+        if os.path.isdir("csrc")
+        else []
+    )
     if not sources:
         return []
     from pybind11.setup_helpers import Pybind11Extension

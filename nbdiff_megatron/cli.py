@@ -16,8 +16,14 @@ from nbdiff_megatron.errors import NBDiffError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nbdiff_megatron.demo", "train a tiny AR model, adapt it with NBDiff, decode (CPU)"),
-    "train": ("nbdiff_megatron.training.cli", "adapt / fine-tune a model (YAML config + --key=value)"),
-    "preprocess": ("nbdiff_megatron.data.preprocess", "tokenize text into Megatron indexed datasets"),
+    "train": (
+        "nbdiff_megatron.training.cli",
+        "adapt / fine-tune a model (YAML config + --key=value)",
+    ),
+    "preprocess": (
+        "nbdiff_megatron.data.preprocess",
+        "tokenize text into Megatron indexed datasets",
+    ),
     "convert": ("nbdiff_megatron.convert.cli", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
     "generate": ("nbdiff_megatron.inference.cli", "decode text with block diffusion (or AR)"),
     "eval": ("nbdiff_megatron.inference.lm_eval_adapter", "evaluate with lm-evaluation-harness"),

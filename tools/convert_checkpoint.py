@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Checkpoint conversion under the name Megatron users look for: forwards to `nbdiff convert`.
 
-    python tools/convert_checkpoint.py hf-to-mcore --hf Qwen3-4B-Base/ --out ckpt/qwen3-4b --tp 2
-    python tools/convert_checkpoint.py mcore-to-hf --mcore runs/phase1 --out hf/nbdiff-4b
+python tools/convert_checkpoint.py hf-to-mcore --hf Qwen3-4B-Base/ --out ckpt/qwen3-4b --tp 2
+python tools/convert_checkpoint.py mcore-to-hf --mcore runs/phase1 --out hf/nbdiff-4b
 """
 
 import os

@@ -21,9 +21,12 @@ from nbdiff_megatron.errors import ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
 
-def load_hf_into_model(path: str | Path, *, vocab_size: int = 0,
-                       build: Callable[[ModelConfig], torch.nn.Module],
-                       ) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+def load_hf_into_model(
+    path: str | Path,
+    *,
+    vocab_size: int = 0,
+    build: Callable[[ModelConfig], torch.nn.Module],
+) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
     """(model, config, info) from an HF folder; info holds mask_id, token_shift, block_size if known.
 
     `vocab_size` is the tokenizer's size ([MASK] included); the model gets max(HF vocab, it) rows,
@@ -36,8 +39,9 @@ def load_hf_into_model(path: str | Path, *, vocab_size: int = 0,
     hf_vocab = int(hf.config.get("vocab_size") or 0)
     mask_id = hf.config.get("mask_token_id")
     real = max(hf_vocab, int(vocab_size), int(mask_id) + 1 if mask_id is not None else 0)
-    cfg, dropped_o_bias = model_config_from_hf(hf.config, family, vocab_size=real,
-                                               source=str(hf.path / "config.json"))
+    cfg, dropped_o_bias = model_config_from_hf(
+        hf.config, family, vocab_size=real, source=str(hf.path / "config.json")
+    )
     full: dict[str, torch.Tensor] = {}
     vocab = VocabSizes(hf=hf_vocab, real=real, padded=real)  # load_full_state_dict pads per TP
     for unit in table_for(family, cfg, dropped_o_bias=dropped_o_bias):
@@ -51,6 +55,13 @@ def load_hf_into_model(path: str | Path, *, vocab_size: int = 0,
     model = build(cfg)
     load_full_state_dict(model, full)
     nbdiff = hf.config.get("nbdiff") or {}
-    info = {k: v for k, v in {"mask_id": mask_id, "token_shift": nbdiff.get("token_shift"),
-                              "block_size": nbdiff.get("block_size")}.items() if v is not None}
+    info = {
+        k: v
+        for k, v in {
+            "mask_id": mask_id,
+            "token_shift": nbdiff.get("token_shift"),
+            "block_size": nbdiff.get("block_size"),
+        }.items()
+        if v is not None
+    }
     return model, cfg, info

@@ -23,8 +23,11 @@ from nbdiff_megatron.errors import ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
 # megatron-core's RotaryEmbedding hard-codes these Llama-3 scaling constants (rotary_pos_embedding.py).
-LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+LLAMA3_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,22 @@ _M = "decoder.layers.{i}."
 LLAMA_RULES: tuple[TensorRule, ...] = (
     TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
     TensorRule(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",)),
-    TensorRule(_M + "self_attention.linear_qkv.weight",
-               (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight",
-                _L + "self_attn.v_proj.weight"), "qkv"),
+    TensorRule(
+        _M + "self_attention.linear_qkv.weight",
+        (
+            _L + "self_attn.q_proj.weight",
+            _L + "self_attn.k_proj.weight",
+            _L + "self_attn.v_proj.weight",
+        ),
+        "qkv",
+    ),
     TensorRule(_M + "self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",)),
     TensorRule(_M + "pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",)),
-    TensorRule(_M + "mlp.linear_fc1.weight",
-               (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "gated_mlp"),
+    TensorRule(
+        _M + "mlp.linear_fc1.weight",
+        (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+        "gated_mlp",
+    ),
     TensorRule(_M + "mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",)),
     TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     TensorRule("output_layer.weight", ("lm_head.weight",), "vocab", when="untied"),
@@ -66,15 +78,20 @@ LLAMA_RULES: tuple[TensorRule, ...] = (
 QKV_BIAS_RULE = TensorRule(
     _M + "self_attention.linear_qkv.bias",
     (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
-    "qkv", when="qkv_bias")
-QK_NORM_RULES = (
-    TensorRule(_M + "self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",),
-               when="qk_norm"),
-    TensorRule(_M + "self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",),
-               when="qk_norm"),
+    "qkv",
+    when="qkv_bias",
 )
-ZERO_O_BIAS_RULE = TensorRule(None, (_L + "self_attn.o_proj.bias",), "zero_dropped",
-                              when="dropped_o_bias")
+QK_NORM_RULES = (
+    TensorRule(
+        _M + "self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), when="qk_norm"
+    ),
+    TensorRule(
+        _M + "self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), when="qk_norm"
+    ),
+)
+ZERO_O_BIAS_RULE = TensorRule(
+    None, (_L + "self_attn.o_proj.bias",), "zero_dropped", when="dropped_o_bias"
+)
 
 # HF tensors that are derived buffers, not weights (old Llama checkpoints saved RoPE's inv_freq).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -100,24 +117,37 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama",), ("LlamaForCausalLM",), LLAMA_RULES, "never", False),
-    "qwen2": Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), LLAMA_RULES + (QKV_BIAS_RULE,),
-                    "always", False),
-    "qwen3": Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), LLAMA_RULES + QK_NORM_RULES,
-                    "never", True),
-    "openpangu": Family("openpangu", ("PanguEmbedded", "openpangu_dense", "pangu_embedded"),
-                        ("PanguEmbeddedForCausalLM",),
-                        LLAMA_RULES + (QKV_BIAS_RULE, ZERO_O_BIAS_RULE), "config", False),
+    "qwen2": Family(
+        "qwen2", ("qwen2",), ("Qwen2ForCausalLM",), LLAMA_RULES + (QKV_BIAS_RULE,), "always", False
+    ),
+    "qwen3": Family(
+        "qwen3", ("qwen3",), ("Qwen3ForCausalLM",), LLAMA_RULES + QK_NORM_RULES, "never", True
+    ),
+    "openpangu": Family(
+        "openpangu",
+        ("PanguEmbedded", "openpangu_dense", "pangu_embedded"),
+        ("PanguEmbeddedForCausalLM",),
+        LLAMA_RULES + (QKV_BIAS_RULE, ZERO_O_BIAS_RULE),
+        "config",
+        False,
+    ),
 }
 
 # What an exported model is written as: transformers' own classes, no remote code.
-EXPORT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                        "qwen3": "Qwen3ForCausalLM"}
+EXPORT_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def supported_list() -> str:
     """Human-readable list of the supported architectures (for error messages)."""
-    return ", ".join(f"{arch} (model_type {fam.model_types[0]})"
-                     for fam in FAMILIES.values() for arch in fam.architectures)
+    return ", ".join(
+        f"{arch} (model_type {fam.model_types[0]})"
+        for fam in FAMILIES.values()
+        for arch in fam.architectures
+    )
 
 
 def detect_family(hf_config: dict[str, Any], source: str = "config.json") -> Family:
@@ -125,7 +155,9 @@ def detect_family(hf_config: dict[str, Any], source: str = "config.json") -> Fam
     model_type = hf_config.get("model_type")
     architectures = tuple(hf_config.get("architectures") or ())
     for family in FAMILIES.values():
-        if model_type in family.model_types or any(a in family.architectures for a in architectures):
+        if model_type in family.model_types or any(
+            a in family.architectures for a in architectures
+        ):
             return family
     raise ConversionError(
         f"{source}: unsupported architecture (model_type={model_type!r}, architectures="
@@ -155,7 +187,9 @@ def _rope(hf_config: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
     kind = merged.get("rope_type", merged.get("type", "default"))
     partial = hf_config.get("partial_rotary_factor", merged.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
-        raise ConversionError(f"{source}: partial_rotary_factor={partial} is unsupported (need 1.0)")
+        raise ConversionError(
+            f"{source}: partial_rotary_factor={partial} is unsupported (need 1.0)"
+        )
     if kind in (None, "default"):
         return float(theta), None
     if kind == "linear":
@@ -167,8 +201,11 @@ def _rope(hf_config: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
                     f"{source}: rope {key}={merged[key]} is unsupported; megatron-core's Llama-3 "
                     f"RoPE scaling fixes it to {fixed}"
                 )
-        return float(theta), {"type": "llama3", "factor": float(merged["factor"]),
-                              **{k: merged.get(k, v) for k, v in LLAMA3_FIXED.items()}}
+        return float(theta), {
+            "type": "llama3",
+            "factor": float(merged["factor"]),
+            **{k: merged.get(k, v) for k, v in LLAMA3_FIXED.items()},
+        }
     raise ConversionError(
         f"{source}: rope type {kind!r} is unsupported; supported: default, linear, llama3"
     )
@@ -178,9 +215,14 @@ def _reject(source: str, field: str, value: Any, allowed: str) -> None:
     raise ConversionError(f"{source}: {field}={value!r} is unsupported ({allowed})")
 
 
-def model_config_from_hf(hf_config: dict[str, Any], family: Family, *, vocab_size: int,
-                         seq_length: int | None = None,
-                         source: str = "config.json") -> tuple[ModelConfig, bool]:
+def model_config_from_hf(
+    hf_config: dict[str, Any],
+    family: Family,
+    *,
+    vocab_size: int,
+    seq_length: int | None = None,
+    source: str = "config.json",
+) -> tuple[ModelConfig, bool]:
     """Map an HF config onto ModelConfig; returns (config, o_proj bias present and to be dropped).
 
     `vocab_size` is the real vocabulary, [MASK] included (>= the HF vocab_size).
@@ -204,8 +246,12 @@ def model_config_from_hf(hf_config: dict[str, Any], family: Family, *, vocab_siz
         dropped_o_bias = qkv_bias
     else:
         if attention_bias:
-            _reject(source, "attention_bias", True,
-                    f"{family.name} with o_proj bias has no megatron-core equivalent")
+            _reject(
+                source,
+                "attention_bias",
+                True,
+                f"{family.name} with o_proj bias has no megatron-core equivalent",
+            )
         qkv_bias = False
     try:
         hidden = int(hf_config["hidden_size"])
@@ -256,20 +302,34 @@ def export_family(cfg: ModelConfig) -> str:
     return "llama"
 
 
-def hf_config_for_export(cfg: ModelConfig, family: str, *, source_hf_config: dict[str, Any] | None,
-                         dtype: str, extra: dict[str, Any] | None = None,
-                         context_length: int | None = None):
+def hf_config_for_export(
+    cfg: ModelConfig,
+    family: str,
+    *,
+    source_hf_config: dict[str, Any] | None,
+    dtype: str,
+    extra: dict[str, Any] | None = None,
+    context_length: int | None = None,
+):
     """A transformers config object describing `cfg` as a `family` model (what save_pretrained writes).
 
     `context_length`: max_position_embeddings to record (a trained checkpoint's seq_length); None
     keeps the source config's value."""
     import transformers
 
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config}[family]
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
     carried: dict[str, Any] = {}
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
-                "initializer_range"):
+    for key in (
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "max_position_embeddings",
+        "initializer_range",
+    ):
         if source_hf_config and source_hf_config.get(key) is not None:
             carried[key] = source_hf_config[key]
     if context_length is not None:
@@ -301,7 +361,8 @@ def hf_config_for_export(cfg: ModelConfig, family: str, *, source_hf_config: dic
     if rope_scaling is not None and rope_scaling["rope_type"] == "llama3":
         kwargs["max_position_embeddings"] = max(
             kwargs["max_position_embeddings"],
-            int(rope_scaling.get("original_max_position_embeddings", 8192)) + 1)
+            int(rope_scaling.get("original_max_position_embeddings", 8192)) + 1,
+        )
     config = cls(**kwargs, **(extra or {}))
     config.architectures = [EXPORT_ARCHITECTURES[family]]
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]

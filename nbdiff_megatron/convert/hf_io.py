@@ -20,8 +20,15 @@ from nbdiff_megatron.errors import ConversionError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
 # Files that make a folder a tokenizer (the others only accompany one).
@@ -47,7 +54,9 @@ class HFCheckpoint:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ConversionError(f"--hf {self.path} is not a directory (expected an HF model folder)")
+            raise ConversionError(
+                f"--hf {self.path} is not a directory (expected an HF model folder)"
+            )
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise ConversionError(f"{config_path} is missing: --hf must be an HF model folder")
@@ -161,8 +170,10 @@ class ShardWriter:
         if unwritten or missing:
             raise ConversionError(f"internal: tensors never written: {unwritten + missing}")
         if self.count > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": dict(sorted(self.weight_map.items()))}
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": dict(sorted(self.weight_map.items())),
+            }
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -46,7 +46,11 @@ def _resolve_tokenizer(hf: HFCheckpoint, tokenizer: str | None) -> Any | None:
             return None
         tokenizer = str(hf.path)
     path = Path(tokenizer)
-    if path.is_dir() and not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file():
+    if (
+        path.is_dir()
+        and not (path / "tokenizer.json").is_file()
+        and (path / "tokenizer.model").is_file()
+    ):
         return load_tokenizer("SentencePieceTokenizer", str(path / "tokenizer.model"))
     if path.suffix == ".model":
         return load_tokenizer("SentencePieceTokenizer", str(path))
@@ -69,15 +73,15 @@ def _source_dtype(hf_config: dict[str, Any]) -> str:
     return common.HF_DTYPE_NAMES.get(str(name).replace("torch.", ""), "fp32")
 
 
-def _check_tensors(hf: HFCheckpoint, units: list[list[Any]], cfg: ModelConfig, hf_vocab: int,
-                   tied_lm_head: bool) -> None:
+def _check_tensors(
+    hf: HFCheckpoint, units: list[list[Any]], cfg: ModelConfig, hf_vocab: int, tied_lm_head: bool
+) -> None:
     """Missing / unexpected / wrongly shaped HF tensors -> one ConversionError listing them all."""
     needed = {name for unit in units for rule in unit for name in rule.hf}
     present = set(hf.names())
     optional = {"lm_head.weight"} if tied_lm_head else set()
     missing = needed - present
-    unexpected = {n for n in present - needed - optional
-                  if not n.endswith(IGNORED_HF_SUFFIXES)}
+    unexpected = {n for n in present - needed - optional if not n.endswith(IGNORED_HF_SUFFIXES)}
     wrong = []
     for name in sorted((needed | optional) & present):
         shape, dtype = hf.header(name)
@@ -100,12 +104,23 @@ def _check_tensors(hf: HFCheckpoint, units: list[list[Any]], cfg: ModelConfig, h
         )
 
 
-def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
-                dtype: str | None = None, tokenizer: str | None = None, mask_id: int | None = None,
-                seq_length: int | None = None, block_size: int = 32, token_shift: bool = True,
-                mask_kind: str = "context_causal", block_align: str = "document",
-                overwrite: bool = False,
-                show_progress: bool = True) -> common.ConversionSummary:
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    mask_id: int | None = None,
+    seq_length: int | None = None,
+    block_size: int = 32,
+    token_shift: bool = True,
+    mask_kind: str = "context_causal",
+    block_align: str = "document",
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> common.ConversionSummary:
     """Convert an HF Llama / Qwen2 / Qwen3 (openPangu-style) folder into a megatron-core checkpoint.
 
     Args:
@@ -134,7 +149,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
         mask_id = int(tok.mask_id)
     if mask_id is None:
         mask_id = hf_vocab
-        notes.append(f"no tokenizer: [MASK] gets a new row, id {mask_id} (pass --mask-id to reuse one)")
+        notes.append(
+            f"no tokenizer: [MASK] gets a new row, id {mask_id} (pass --mask-id to reuse one)"
+        )
     if mask_id < 0 or mask_id > max(hf_vocab, tok.vocab_size if tok else 0):
         raise ConversionError(
             f"[MASK] id {mask_id} is outside the vocabulary (HF vocab_size {hf_vocab}); pass a "
@@ -147,17 +164,25 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
             "rows: pass the tokenizer that belongs to this model (--tokenizer)"
         )
     if real_vocab > hf_vocab:
-        notes.append(f"added {real_vocab - hf_vocab} embedding row(s) for [MASK] (id {mask_id}), "
-                     "initialised to the mean embedding")
+        notes.append(
+            f"added {real_vocab - hf_vocab} embedding row(s) for [MASK] (id {mask_id}), "
+            "initialised to the mean embedding"
+        )
 
-    cfg, dropped_o_bias = model_config_from_hf(hf.config, family, vocab_size=real_vocab,
-                                               seq_length=seq_length,
-                                               source=str(hf.path / "config.json"))
+    cfg, dropped_o_bias = model_config_from_hf(
+        hf.config,
+        family,
+        vocab_size=real_vocab,
+        seq_length=seq_length,
+        source=str(hf.path / "config.json"),
+    )
     target = dtype or _source_dtype(hf.config)
     try:
         cfg.validate(tp=tp, pp=pp, block_size=block_size)
     except ConfigError as exc:
-        raise ConversionError(f"the model cannot be laid out with --tp {tp} --pp {pp}: {exc}") from exc
+        raise ConversionError(
+            f"the model cannot be laid out with --tp {tp} --pp {pp}: {exc}"
+        ) from exc
 
     units = table_for(family, cfg, dropped_o_bias=dropped_o_bias)
     tied_lm_head = cfg.tie_embeddings and "lm_head.weight" in hf.weight_map
@@ -176,12 +201,20 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
     vocab = VocabSizes(hf=hf_vocab, real=real_vocab, padded=cfg.padded_vocab_size(tp))
     torch_dtype = common.DTYPES[target]
     out = Path(out_dir)
-    summary = common.ConversionSummary("hf-to-mcore", str(hf.path), str(out.resolve()),
-                                       family.name, target, mask_id=mask_id, notes=notes)
+    summary = common.ConversionSummary(
+        "hf-to-mcore",
+        str(hf.path),
+        str(out.resolve()),
+        family.name,
+        target,
+        mask_id=mask_id,
+        notes=notes,
+    )
     with common.staging_dir(out, overwrite) as tmp:
         stager = mcore_io.Stager(tmp / ".staging")
-        for unit in common.progress(units, total=len(units), desc="hf-to-mcore",
-                                    enabled=show_progress):
+        for unit in common.progress(
+            units, total=len(units), desc="hf-to-mcore", enabled=show_progress
+        ):
             for rule in unit:
                 sources = [hf.get(name).to(torch_dtype) for name in rule.hf]
                 tensor = to_mcore(rule, sources, cfg, vocab)
@@ -211,8 +244,12 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
             "mask_rows_added": real_vocab - hf_vocab,
             "dtype": target,
             "layout": {"tp": tp, "pp": pp},
-            "nbdiff": {"block_size": block_size, "token_shift": token_shift,
-                       "mask_kind": mask_kind, "block_align": block_align},
+            "nbdiff": {
+                "block_size": block_size,
+                "token_shift": token_shift,
+                "mask_kind": mask_kind,
+                "block_align": block_align,
+            },
             # flat copies: what `nbdiff generate` (inference/loading.py) reads
             "block_size": block_size,
             "token_shift": token_shift,
@@ -255,6 +292,8 @@ def _model_yaml(cfg: ModelConfig) -> str:
     import yaml
 
     values = {k: v for k, v in cfg.to_dict().items() if k != "extra_transformer_config" or v}
-    header = ("# The model section matching this checkpoint (nbdiff convert hf-to-mcore); paste it\n"
-              "# into a training config. params_dtype is the run dtype, not the stored one.\n")
+    header = (
+        "# The model section matching this checkpoint (nbdiff convert hf-to-mcore); paste it\n"
+        "# into a training config. params_dtype is the run dtype, not the stored one.\n"
+    )
     return header + yaml.safe_dump({"model": values}, sort_keys=False)

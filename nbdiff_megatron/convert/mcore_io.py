@@ -51,7 +51,9 @@ def _ensure_single_rank_parallel() -> None:
 def template_model_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     """The config whose TP=1 template pads the vocabulary as `cfg` would under TP=`tp`."""
     return dataclasses.replace(
-        cfg, params_dtype="fp32", attention_backend="sdpa",
+        cfg,
+        params_dtype="fp32",
+        attention_backend="sdpa",
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp,
     )
 
@@ -107,8 +109,9 @@ class Stager:
         path = self.directory / f"{self.count:06d}.bin"
         self.count += 1
         with open(path, "wb") as handle:
-            handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes()
-                         if tensor.numel() else b"")
+            handle.write(
+                tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            )
         if tensor.numel() == 0:
             return tensor.clone()
         mapped = torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype)
@@ -168,8 +171,11 @@ class CheckpointReader:
         damaged = damaged_shard_files(ckpt, self._metadata)
         if damaged:
             raise ConversionError(truncated_message(damaged))
-        self.tensors = {key: md for key, md in self._metadata.state_dict_metadata.items()
-                        if hasattr(md, "chunks")}
+        self.tensors = {
+            key: md
+            for key, md in self._metadata.state_dict_metadata.items()
+            if hasattr(md, "chunks")
+        }
 
     def stored_key(self, key: str) -> str | None:
         """The key a model tensor is stored under, or None.
@@ -190,8 +196,13 @@ class CheckpointReader:
         """Stored dtype of a tensor."""
         return self.tensors[self.stored_key(key) or key].properties.dtype
 
-    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
-             dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(
+        self,
+        key: str,
+        offsets: tuple[int, ...],
+        sizes: tuple[int, ...],
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of the global tensor `key`."""
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
         from torch.distributed.checkpoint.planner import LoadPlan
@@ -226,15 +237,20 @@ def damaged_shard_files(ckpt: Path, metadata: Any = None) -> list[Path]:
     for info in storage.values():
         end = int(info.offset) + int(info.length)
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    return [Path(ckpt) / name for name, end in sorted(needed.items())
-            if not (Path(ckpt) / name).is_file() or (Path(ckpt) / name).stat().st_size < end]
+    return [
+        Path(ckpt) / name
+        for name, end in sorted(needed.items())
+        if not (Path(ckpt) / name).is_file() or (Path(ckpt) / name).stat().st_size < end
+    ]
 
 
 def truncated_message(damaged: list[Path]) -> str:
     """One message naming the first damaged file and the fix."""
     more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-    return (f"checkpoint file {damaged[0]} is truncated or missing{more}: the save did not finish "
-            "or the copy is incomplete; copy the checkpoint again or use an earlier one")
+    return (
+        f"checkpoint file {damaged[0]} is truncated or missing{more}: the save did not finish "
+        "or the copy is incomplete; copy the checkpoint again or use an earlier one"
+    )
 
 
 class _RegionPlanner:
@@ -293,8 +309,9 @@ def check_stored_keys(template: dict[str, Any], reader: CheckpointReader, num_la
         )
 
 
-def load_units(template: dict[str, Any], reader: CheckpointReader, units: list[list[str]],
-               vocab_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def load_units(
+    template: dict[str, Any], reader: CheckpointReader, units: list[list[str]], vocab_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Yield, unit by unit, {state-dict name: full tensor} read from the checkpoint.
 
     Each unit is a list of template names (one decoder layer, or the global tensors); only those

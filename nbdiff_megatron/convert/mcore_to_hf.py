@@ -47,7 +47,9 @@ def parse_size(text: str | int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ConversionError(f"--max-shard-size {text!r} is not a size like 2GB or 500MB") from None
+        raise ConversionError(
+            f"--max-shard-size {text!r} is not a size like 2GB or 500MB"
+        ) from None
 
 
 def _model_config_from_yaml(path: str) -> ModelConfig:
@@ -108,9 +110,11 @@ def describe_checkpoint(ckpt: Path, model_config: str | None) -> dict[str, Any]:
                 "block_align": train_state.get("block_align") or "document",
             },
             "trained_context": _find(train_state, ("config", "model", "seq_length")),
-            "tokenizer_type": tok.get("type") or tok.get("tokenizer_type")
+            "tokenizer_type": tok.get("type")
+            or tok.get("tokenizer_type")
             or _find(train_state, ("config", "data", "tokenizer_type")),
-            "tokenizer_model": tok.get("model") or tok.get("tokenizer_model")
+            "tokenizer_model": tok.get("model")
+            or tok.get("tokenizer_model")
             or _find(train_state, ("config", "data", "tokenizer_model")),
         }
         if info["mask_id"] is None and info["tokenizer_model"]:
@@ -125,8 +129,9 @@ def describe_checkpoint(ckpt: Path, model_config: str | None) -> dict[str, Any]:
     try:
         info["model_config"] = ModelConfig.from_dict(info["model"])
     except (ConfigError, TypeError) as exc:
-        raise ConversionError(f"checkpoint {ckpt}: the recorded model config is invalid ({exc})") \
-            from exc
+        raise ConversionError(
+            f"checkpoint {ckpt}: the recorded model config is invalid ({exc})"
+        ) from exc
     return info
 
 
@@ -137,7 +142,9 @@ def _tokenizer_sources(ckpt: Path, info: dict[str, Any], tokenizer: str | None) 
         candidates.append(Path(tokenizer))
     else:
         candidates += [ckpt / common.TOKENIZER_DIR, ckpt.parent / common.TOKENIZER_DIR]
-        recorded = info.get("tokenizer_model") or (info.get("tokenizer") or {}).get("tokenizer_model")
+        recorded = info.get("tokenizer_model") or (info.get("tokenizer") or {}).get(
+            "tokenizer_model"
+        )
         if recorded and Path(recorded).is_file() and Path(recorded).name == "tokenizer.json":
             recorded = str(Path(recorded).parent)  # copy its tokenizer_config.json too
         if recorded:
@@ -154,10 +161,17 @@ def _tokenizer_sources(ckpt: Path, info: dict[str, Any], tokenizer: str | None) 
     return []
 
 
-def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-                tokenizer: str | None = None, model_config: str | None = None,
-                max_shard_size: str | int = "2GB", overwrite: bool = False,
-                show_progress: bool = True) -> common.ConversionSummary:
+def mcore_to_hf(
+    mcore_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    model_config: str | None = None,
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> common.ConversionSummary:
     """Export a megatron-core NBDiff checkpoint as an HF (transformers) folder.
 
     Args:
@@ -179,8 +193,9 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: str | None
     try:
         cfg.validate()
     except ConfigError as exc:
-        raise ConversionError(f"checkpoint {ckpt}: the recorded model config is invalid ({exc})") \
-            from exc
+        raise ConversionError(
+            f"checkpoint {ckpt}: the recorded model config is invalid ({exc})"
+        ) from exc
     family_name = export_family(cfg)
     family = FAMILIES[family_name]
     template = mcore_io.template_sharded_state_dict(cfg, 1)
@@ -192,24 +207,38 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: str | None
 
     units = table_for(family, cfg)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    sizes = [[(name, itemsize * _numel(expected_hf_shape(name, cfg, cfg.vocab_size)))
-              for rule in unit for name in rule.hf] for unit in units]
+    sizes = [
+        [
+            (name, itemsize * _numel(expected_hf_shape(name, cfg, cfg.vocab_size)))
+            for rule in unit
+            for name in rule.hf
+        ]
+        for unit in units
+    ]
     plan = plan_shards(sizes, parse_size(max_shard_size))
     source_hf = (info.get("architecture") or {}).get("hf_config")
     mask_id = info.get("mask_id")
     nbdiff = info.get("nbdiff") or {}
     extra = {"mask_token_id": mask_id, "nbdiff": {**nbdiff, "mask_token_id": mask_id}}
-    config = hf_config_for_export(cfg, family_name, source_hf_config=source_hf, dtype=target,
-                                  extra=extra, context_length=info.get("trained_context"))
+    config = hf_config_for_export(
+        cfg,
+        family_name,
+        source_hf_config=source_hf,
+        dtype=target,
+        extra=extra,
+        context_length=info.get("trained_context"),
+    )
     out = Path(out_dir)
-    summary = common.ConversionSummary("mcore-to-hf", str(ckpt), str(out.resolve()), family_name,
-                                       target, mask_id=mask_id)
+    summary = common.ConversionSummary(
+        "mcore-to-hf", str(ckpt), str(out.resolve()), family_name, target, mask_id=mask_id
+    )
     with common.staging_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, plan)
         names_per_unit = [[rule.mcore for rule in unit if rule.mcore] for unit in units]
         loaded_units = mcore_io.load_units(template, reader, names_per_unit, cfg.vocab_size)
-        for unit, loaded in common.progress(zip(units, loaded_units), total=len(units),
-                                            desc="mcore-to-hf", enabled=show_progress):
+        for unit, loaded in common.progress(
+            zip(units, loaded_units), total=len(units), desc="mcore-to-hf", enabled=show_progress
+        ):
             for rule in unit:
                 outputs = to_hf(rule, loaded[rule.mcore], cfg)
                 for name, tensor in zip(rule.hf, outputs):
@@ -232,8 +261,10 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: str | None
 
         special = hf_export.special_token_ids(tmp, info)
         if special is None:
-            summary.notes.append("the tokenizer could not be loaded: config.json keeps the source's "
-                                 "special token ids and no generation_config.json is written")
+            summary.notes.append(
+                "the tokenizer could not be loaded: config.json keeps the source's "
+                "special token ids and no generation_config.json is written"
+            )
         else:
             hf_export.set_special_tokens(config, special)
         config.save_pretrained(str(tmp))

@@ -41,17 +41,24 @@ class VocabSizes:
     """Rows megatron-core allocates for the intended TP size."""
 
 
-def table_for(family: Family, cfg: ModelConfig, *,
-              dropped_o_bias: bool = False) -> list[list[BoundRule]]:
+def table_for(
+    family: Family, cfg: ModelConfig, *, dropped_o_bias: bool = False
+) -> list[list[BoundRule]]:
     """Units of bound rules: [global rules, layer 0 rules, layer 1 rules, ...]."""
     applicable = [r for r in family.rules if rule_applies(r, cfg, dropped_o_bias)]
     units = [[BoundRule(r.mcore, r.hf, r.transform) for r in applicable if not r.per_layer]]
     for i in range(cfg.num_layers):
-        units.append([
-            BoundRule(r.mcore.format(i=i) if r.mcore else None,
-                      tuple(n.format(i=i) for n in r.hf), r.transform)
-            for r in applicable if r.per_layer
-        ])
+        units.append(
+            [
+                BoundRule(
+                    r.mcore.format(i=i) if r.mcore else None,
+                    tuple(n.format(i=i) for n in r.hf),
+                    r.transform,
+                )
+                for r in applicable
+                if r.per_layer
+            ]
+        )
     return units
 
 
@@ -90,8 +97,9 @@ def attention_shape(cfg: ModelConfig) -> T.AttentionShape:
     return T.AttentionShape(cfg.num_attention_heads, cfg.query_groups, cfg.head_dim)
 
 
-def to_mcore(rule: BoundRule, tensors: list[torch.Tensor], cfg: ModelConfig,
-             vocab: VocabSizes) -> torch.Tensor | None:
+def to_mcore(
+    rule: BoundRule, tensors: list[torch.Tensor], cfg: ModelConfig, vocab: VocabSizes
+) -> torch.Tensor | None:
     """Apply a rule forward (HF tensors -> the megatron-core tensor)."""
     kind = rule.transform
     if kind == "copy":

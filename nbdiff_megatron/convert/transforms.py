@@ -31,8 +31,9 @@ class AttentionShape:
         return self.num_heads // self.num_query_groups
 
 
-def qkv_interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   shape: AttentionShape) -> torch.Tensor:
+def qkv_interleave(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape
+) -> torch.Tensor:
     """Fuse HF q/k/v projections (weights [out, in] or biases [out]) into megatron's linear_qkv.
 
     megatron-core stores, per query group, that group's query heads, then its key head, then its value
@@ -46,16 +47,19 @@ def qkv_interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat([q, k, v], dim=1).reshape(groups * (per_group + 2) * head_dim, *tail)
 
 
-def qkv_split(qkv: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
+def qkv_split(
+    qkv: torch.Tensor, shape: AttentionShape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of `qkv_interleave`: megatron linear_qkv -> (q, k, v) in HF order."""
     groups, per_group, head_dim = shape.num_query_groups, shape.heads_per_group, shape.head_dim
     tail = qkv.shape[1:]
     fused = qkv.reshape(groups, (per_group + 2) * head_dim, *tail)
     q, k, v = torch.split(fused, [per_group * head_dim, head_dim, head_dim], dim=1)
-    return (q.reshape(groups * per_group * head_dim, *tail).contiguous(),
-            k.reshape(groups * head_dim, *tail).contiguous(),
-            v.reshape(groups * head_dim, *tail).contiguous())
+    return (
+        q.reshape(groups * per_group * head_dim, *tail).contiguous(),
+        k.reshape(groups * head_dim, *tail).contiguous(),
+        v.reshape(groups * head_dim, *tail).contiguous(),
+    )
 
 
 def gated_mlp_concat(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

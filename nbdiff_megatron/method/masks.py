@@ -80,7 +80,9 @@ def _check_draw(draw: torch.Tensor | None, seq_len: int, block_size: int) -> tor
 
 def _check_doc_ids(doc_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     if not isinstance(doc_ids, torch.Tensor):
-        raise ValueError(f"doc_ids must be a LongTensor of shape [L] or [b, L], got {type(doc_ids)}")
+        raise ValueError(
+            f"doc_ids must be a LongTensor of shape [L] or [b, L], got {type(doc_ids)}"
+        )
     if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
         raise ValueError(f"doc_ids must hold integers, got dtype {doc_ids.dtype}")
     if doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != seq_len:

@@ -101,17 +101,28 @@ class AttentionMask:
             object.__setattr__(self, "allowed", _as_4d(self.allowed.bool()))
 
     @classmethod
-    def dense(cls, allowed: torch.Tensor, *,
-              cp_gather_order: torch.Tensor | None = None) -> AttentionMask:
+    def dense(
+        cls, allowed: torch.Tensor, *, cp_gather_order: torch.Tensor | None = None
+    ) -> AttentionMask:
         """Wrap a dense project-convention mask ([Q, K], [b, Q, K] or [b, 1, Q, K])."""
         return cls(allowed=allowed, cp_gather_order=cp_gather_order)
 
     @classmethod
-    def flex(cls, block_mask: Any, *, mask_mod: Any = None, cache_key: Any = None,
-             cp_gather_order: torch.Tensor | None = None) -> AttentionMask:
+    def flex(
+        cls,
+        block_mask: Any,
+        *,
+        mask_mod: Any = None,
+        cache_key: Any = None,
+        cp_gather_order: torch.Tensor | None = None,
+    ) -> AttentionMask:
         """Wrap a FlexAttention BlockMask (optionally with the mask_mod and cache key it came from)."""
-        return cls(block_mask=block_mask, mask_mod=mask_mod, cache_key=cache_key,
-                   cp_gather_order=cp_gather_order)
+        return cls(
+            block_mask=block_mask,
+            mask_mod=mask_mod,
+            cache_key=cache_key,
+            cp_gather_order=cp_gather_order,
+        )
 
     @property
     def context_parallel(self) -> bool:
@@ -120,7 +131,7 @@ class AttentionMask:
 
     @property
     def backend(self) -> str:
-        """"sdpa" for a dense mask, "flex" for a BlockMask."""
+        """ "sdpa" for a dense mask, "flex" for a BlockMask."""
         return "sdpa" if self.allowed is not None else "flex"
 
     def to_megatron(self) -> torch.Tensor:
@@ -196,14 +207,22 @@ class BlockMaskCache:
 BLOCK_MASK_CACHE = BlockMaskCache()
 
 
-def build_block_mask(mask_mod: Callable, batch: int | None, q_len: int, kv_len: int,
-                     device: torch.device | str) -> Any:
+def build_block_mask(
+    mask_mod: Callable, batch: int | None, q_len: int, kv_len: int, device: torch.device | str
+) -> Any:
     """A BlockMask for `mask_mod` (heads broadcast; batch None = broadcast over the batch)."""
     if not HAVE_FLEX:
         raise RuntimeError("FlexAttention needs torch >= 2.5; use attention_backend='sdpa'")
     device = torch.device(device)
-    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len,
-                             device=device, _compile=device.type == "cuda")
+    return create_block_mask(
+        mask_mod,
+        B=batch,
+        H=None,
+        Q_LEN=q_len,
+        KV_LEN=kv_len,
+        device=device,
+        _compile=device.type == "cuda",
+    )
 
 
 # ------------------------------------------------------------------------------- context parallel
@@ -247,8 +266,9 @@ def gather_sequence(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     return _GatherSequence.apply(tensor, group)
 
 
-def gather_context_parallel_kv(key: torch.Tensor, value: torch.Tensor, gather_order: torch.Tensor,
-                               group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_context_parallel_kv(
+    key: torch.Tensor, value: torch.Tensor, gather_order: torch.Tensor, group: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V `[s_local, b, hk, d]` of every CP rank, in sequence order: `[s_full, b, hk, d]` each.
 
     One collective for both (concatenated along the head dim); `gather_order` maps the rank-major
@@ -274,10 +294,18 @@ class NBDiffAttention(MegatronModule):
     `[sq, b, heads_per_rank * head_dim]`.
     """
 
-    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any = None,
-                 attention_type: str = "self", attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
-                 pg_collection: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any = None,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(config=config)
         self.cp_size = int(getattr(config, "context_parallel_size", 1) or 1)
         # The CP group megatron built this layer for (its pg_collection, 0.16 and 0.19 pass one);
@@ -286,14 +314,25 @@ class NBDiffAttention(MegatronModule):
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
-        self.dropout_p = (config.attention_dropout if attention_dropout is None
-                          else attention_dropout)
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
         head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Any, attn_mask_type: Any = None, attention_bias: Any = None,
-                packed_seq_params: Any = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        attn_mask_type: Any = None,
+        attention_bias: Any = None,
+        packed_seq_params: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """q [sq, b, hq, d], k/v [sk, b, hk, d] -> [sq, b, hq * d]."""
         if attention_bias is not None:
             raise NotImplementedError("NBDiffAttention does not take an attention_bias")
@@ -325,8 +364,9 @@ class NBDiffAttention(MegatronModule):
                     "shard of the inputs; build them with nbdiff_model_inputs(..., cp_layout="
                     "ContextParallelLayout.current(L)) or model.context_parallel.shard_model_inputs"
                 )
-            key, value = gather_context_parallel_kv(key, value, mask.cp_gather_order,
-                                                    self._context_parallel_group())
+            key, value = gather_context_parallel_kv(
+                key, value, mask.cp_gather_order, self._context_parallel_group()
+            )
             k = key.permute(1, 2, 0, 3)
             v = value.permute(1, 2, 0, 3)
         elif mask is not None and mask.context_parallel:
@@ -352,8 +392,9 @@ class NBDiffAttention(MegatronModule):
     def _dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              allowed: torch.Tensor | None) -> torch.Tensor:
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
         hq, hk = q.shape[1], k.shape[1]
         extra: dict[str, Any] = {}
         if hq != hk:
@@ -385,18 +426,29 @@ class NBDiffAttention(MegatronModule):
 
             # Heads are split across TP ranks: draw dropout from the model-parallel RNG stream.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                                      is_causal=is_causal, scale=self.softmax_scale,
-                                                      **extra)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal,
-                                              scale=self.softmax_scale, **extra)
+                return F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=allowed,
+                    dropout_p=dropout,
+                    is_causal=is_causal,
+                    scale=self.softmax_scale,
+                    **extra,
+                )
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, is_causal=is_causal, scale=self.softmax_scale, **extra
+        )
 
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    def _flex(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any
+    ) -> torch.Tensor:
         if not HAVE_FLEX:
             raise RuntimeError("FlexAttention needs torch >= 2.5; use attention_backend='sdpa'")
         if self._dropout() > 0.0:
-            raise NotImplementedError("FlexAttention has no attention dropout: use the sdpa backend")
+            raise NotImplementedError(
+                "FlexAttention has no attention dropout: use the sdpa backend"
+            )
         hq, hk = q.shape[1], k.shape[1]
         kernel = _flex_kernel(q.device)
-        return kernel(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
-                      enable_gqa=hq != hk)
+        return kernel(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=hq != hk)

@@ -73,8 +73,15 @@ class PositionIdsRotaryEmbedding(RotaryEmbedding):
 
     position_ids: torch.Tensor | None = None
 
-    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
-                cp_group: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        max_seq_len: int,
+        offset: int = 0,
+        packed_seq: bool = False,
+        cp_group: Any = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         position_ids = self.position_ids
         if position_ids is None:
             position_ids = torch.arange(max_seq_len, device=self.inv_freq.device) + offset
@@ -119,9 +126,15 @@ class NBDiffGPTModel(GPTModel):
             # the table is evaluated; avoids re-deriving constructor arguments across versions.
             rotary.__class__ = PositionIdsRotaryEmbedding
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                attention_mask: Any, *args: Any, return_hidden: bool = False,
-                **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: Any,
+        *args: Any,
+        return_hidden: bool = False,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         rotary = getattr(self, "rotary_pos_emb", None)
         if isinstance(rotary, PositionIdsRotaryEmbedding):
             rotary.position_ids = position_ids
@@ -164,9 +177,11 @@ class NBDiffGPTModel(GPTModel):
 def _parallel_sizes() -> tuple[int, int, int]:
     from megatron.core import parallel_state
 
-    return (parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_context_parallel_world_size())
+    return (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_context_parallel_world_size(),
+    )
 
 
 def model_process_groups() -> Any:
@@ -185,11 +200,18 @@ def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def build_model(cfg: ModelConfig, *, block_size: int | None = None, pre_process: bool | None = None,
-                post_process: bool | None = None, parallel_output: bool = False,
-                vp_stage: int | None = None, seed: int | None = None,
-                use_transformer_engine: bool | None = None,
-                sequence_parallel: bool = False) -> NBDiffGPTModel:
+def build_model(
+    cfg: ModelConfig,
+    *,
+    block_size: int | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    parallel_output: bool = False,
+    vp_stage: int | None = None,
+    seed: int | None = None,
+    use_transformer_engine: bool | None = None,
+    sequence_parallel: bool = False,
+) -> NBDiffGPTModel:
     """Build this rank's stage of the NBDiff model from a ModelConfig.
 
     Uses megatron-core's parallel_state (initialised by the caller, e.g.
@@ -228,14 +250,17 @@ def build_model(cfg: ModelConfig, *, block_size: int | None = None, pre_process:
         from nbdiff_megatron.model.recompute import allow_object_arguments
 
         allow_object_arguments()
-    spec = nbdiff_layer_spec(qk_layernorm=cfg.qk_layernorm,
-                             use_transformer_engine=use_transformer_engine)
+    spec = nbdiff_layer_spec(
+        qk_layernorm=cfg.qk_layernorm, use_transformer_engine=use_transformer_engine
+    )
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None,
-                                                             vp_stage=vp_stage)
+        pre_process = parallel_state.is_pipeline_first_stage(
+            ignore_virtual=vp_stage is None, vp_stage=vp_stage
+        )
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None,
-                                                             vp_stage=vp_stage)
+        post_process = parallel_state.is_pipeline_last_stage(
+            ignore_virtual=vp_stage is None, vp_stage=vp_stage
+        )
     rope = cfg.rope_kwargs()
     kwargs: dict[str, Any] = dict(
         config=config,
@@ -248,7 +273,8 @@ def build_model(cfg: ModelConfig, *, block_size: int | None = None, pre_process:
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=int(rope["rotary_base"]) if float(rope["rotary_base"]).is_integer()
+        rotary_base=int(rope["rotary_base"])
+        if float(rope["rotary_base"]).is_integer()
         else rope["rotary_base"],
         rope_scaling=rope.get("rope_scaling", False),
         rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
@@ -287,13 +313,19 @@ def _check_batch(name: str, ids: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a LongTensor [b, L], got shape {tuple(ids.shape)}")
 
 
-def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
-                        kind: str = "context_causal", doc_ids: torch.Tensor | None = None,
-                        backend: str | None = "sdpa",
-                        cache: BlockMaskCache | None = BLOCK_MASK_CACHE,
-                        cp_layout: ContextParallelLayout | None = None,
-                        turn_ids: torch.Tensor | None = None,
-                        annealed_draw: torch.Tensor | None = None) -> ModelInputs:
+def nbdiff_model_inputs(
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    *,
+    block_size: int,
+    kind: str = "context_causal",
+    doc_ids: torch.Tensor | None = None,
+    backend: str | None = "sdpa",
+    cache: BlockMaskCache | None = BLOCK_MASK_CACHE,
+    cp_layout: ContextParallelLayout | None = None,
+    turn_ids: torch.Tensor | None = None,
+    annealed_draw: torch.Tensor | None = None,
+) -> ModelInputs:
     """Model inputs of the x_t ⊕ x_0 training forward (NBDIFF.md §3).
 
     Args:
@@ -346,32 +378,46 @@ def nbdiff_model_inputs(x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
     else:
         position_ids = training_position_ids(length, doc_ids)
     if backend == "sdpa":
-        allowed = training_mask(length, block_size, kind, doc_ids, turn_ids=turn_ids,
-                                annealed_draw=annealed_draw).to(device)
+        allowed = training_mask(
+            length, block_size, kind, doc_ids, turn_ids=turn_ids, annealed_draw=annealed_draw
+        ).to(device)
         inputs = ModelInputs(input_ids, position_ids, AttentionMask.dense(allowed))
         return inputs if cp_layout is None else shard_model_inputs(inputs, cp_layout, cache=cache)
     per_sample = doc_ids is not None or turn_ids is not None or annealed_draw is not None
     mask_batch = batch if per_sample else None
-    mask_mod = training_mask_mod(length, block_size, kind, doc_ids, turn_ids=turn_ids,
-                                 annealed_draw=annealed_draw)
-    key = ("nbdiff", kind, length, block_size, BlockMaskCache.layout_key(doc_ids),
-           BlockMaskCache.layout_key(turn_ids), mask_batch, str(device))
+    mask_mod = training_mask_mod(
+        length, block_size, kind, doc_ids, turn_ids=turn_ids, annealed_draw=annealed_draw
+    )
+    key = (
+        "nbdiff",
+        kind,
+        length,
+        block_size,
+        BlockMaskCache.layout_key(doc_ids),
+        BlockMaskCache.layout_key(turn_ids),
+        mask_batch,
+        str(device),
+    )
     if kind == "annealed":
         cache, key = None, None  # a fresh random draw every micro-batch: nothing to reuse
     if cp_layout is not None:
-        mask = local_flex_mask(mask_mod, cp_layout, batch=mask_batch, device=device, cache_key=key,
-                               cache=cache)
+        mask = local_flex_mask(
+            mask_mod, cp_layout, batch=mask_batch, device=device, cache_key=key, cache=cache
+        )
         return ModelInputs(cp_layout.shard(input_ids), cp_layout.shard(position_ids), mask)
 
     def build() -> Any:
         return build_block_mask(mask_mod, mask_batch, 2 * length, 2 * length, device)
 
     block_mask = cache.get(key, build) if cache is not None else build()
-    return ModelInputs(input_ids, position_ids,
-                       AttentionMask.flex(block_mask, mask_mod=mask_mod, cache_key=key))
+    return ModelInputs(
+        input_ids, position_ids, AttentionMask.flex(block_mask, mask_mod=mask_mod, cache_key=key)
+    )
 
 
-def _causal_allowed(length: int, doc_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def _causal_allowed(
+    length: int, doc_ids: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
     idx = torch.arange(length, device=device)
     allowed = idx[None, :] <= idx[:, None]
     if doc_ids is not None:
@@ -389,9 +435,13 @@ def _causal_mask_mod(doc_ids: torch.Tensor | None) -> Any:
     return mask_mod
 
 
-def ar_model_inputs(x0: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-                    backend: str | None = "sdpa",
-                    cache: BlockMaskCache | None = BLOCK_MASK_CACHE) -> ModelInputs:
+def ar_model_inputs(
+    x0: torch.Tensor,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    backend: str | None = "sdpa",
+    cache: BlockMaskCache | None = BLOCK_MASK_CACHE,
+) -> ModelInputs:
     """Model inputs of a plain causal (AR) forward on x_0 alone: positions 0..L-1 (per document)."""
     _check_batch("x0", x0)
     batch, length = x0.shape
@@ -450,31 +500,53 @@ def _default_backend(model: torch.nn.Module, backend: str | None) -> str | None:
     return cfg.resolved_attention_backend() if cfg is not None else None
 
 
-def nbdiff_forward(model: torch.nn.Module, x_t: torch.Tensor, x0: torch.Tensor, *, block_size: int,
-                   kind: str = "context_causal", doc_ids: torch.Tensor | None = None,
-                   backend: str | None = None, return_hidden: bool = False,
-                   cp_layout: ContextParallelLayout | None = None) -> torch.Tensor:
+def nbdiff_forward(
+    model: torch.nn.Module,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    *,
+    block_size: int,
+    kind: str = "context_causal",
+    doc_ids: torch.Tensor | None = None,
+    backend: str | None = None,
+    return_hidden: bool = False,
+    cp_layout: ContextParallelLayout | None = None,
+) -> torch.Tensor:
     """Logits [b, 2L, V] of the x_t ⊕ x_0 forward (hidden states [b, 2L, h] with return_hidden).
 
     Single-stage convenience; under pipeline parallelism call the model with `nbdiff_model_inputs`.
     Under context parallelism pass `cp_layout` (e.g. `ContextParallelLayout.current(L)`): the result
     is this rank's `[b, 2L/cp, ...]` rows (`context_parallel.gather_cp_sequence` gathers them).
     """
-    inputs = nbdiff_model_inputs(x_t, x0, block_size=block_size, kind=kind, doc_ids=doc_ids,
-                                 backend=_default_backend(model, backend), cp_layout=cp_layout)
+    inputs = nbdiff_model_inputs(
+        x_t,
+        x0,
+        block_size=block_size,
+        kind=kind,
+        doc_ids=doc_ids,
+        backend=_default_backend(model, backend),
+        cp_layout=cp_layout,
+    )
     return model(*inputs, return_hidden=return_hidden)
 
 
-def ar_forward(model: torch.nn.Module, x0: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-               backend: str | None = None, return_hidden: bool = False) -> torch.Tensor:
+def ar_forward(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    backend: str | None = None,
+    return_hidden: bool = False,
+) -> torch.Tensor:
     """Logits [b, L, V] of a plain causal forward on x_0 (the AR baseline, conversion checks)."""
     inputs = ar_model_inputs(x0, doc_ids=doc_ids, backend=_default_backend(model, backend))
     return model(*inputs, return_hidden=return_hidden)
 
 
-def prefix_block_forward(model: torch.nn.Module, prefix_ids: torch.Tensor,
-                         block_ids: torch.Tensor) -> torch.Tensor:
+def prefix_block_forward(
+    model: torch.nn.Module, prefix_ids: torch.Tensor, block_ids: torch.Tensor
+) -> torch.Tensor:
     """Logits [b, n, V] of the active block given the committed prefix (recompute, no KV cache)."""
     inputs = prefix_block_model_inputs(prefix_ids, block_ids)
     logits = model(*inputs)
-    return logits[:, prefix_ids.shape[1] if prefix_ids is not None else 0:]
+    return logits[:, prefix_ids.shape[1] if prefix_ids is not None else 0 :]

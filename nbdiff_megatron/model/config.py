@@ -107,7 +107,9 @@ class ModelConfig:
         return self.attention_backend
 
     # ------------------------------------------------------------------ validation
-    def validate(self, tp: int = 1, pp: int = 1, cp: int = 1, block_size: int | None = None) -> None:
+    def validate(
+        self, tp: int = 1, pp: int = 1, cp: int = 1, block_size: int | None = None
+    ) -> None:
         """Raise ConfigError naming the field and the fix when the config cannot build a model."""
 
         def positive(name: str) -> None:
@@ -115,8 +117,14 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
 
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "seq_length", "make_vocab_size_divisible_by"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "seq_length",
+            "make_vocab_size_divisible_by",
+        ):
             positive(name)
         for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
             if not isinstance(value, int) or value <= 0:
@@ -187,7 +195,9 @@ class ModelConfig:
                 )
             factor = self.rope_scaling.get("factor")
             if not isinstance(factor, (int, float)) or factor <= 0:
-                raise ConfigError(f"model.rope_scaling.factor must be a positive number, got {factor!r}")
+                raise ConfigError(
+                    f"model.rope_scaling.factor must be a positive number, got {factor!r}"
+                )
         if self.rotary_base <= 0:
             raise ConfigError(f"model.rotary_base must be positive, got {self.rotary_base}")
         for name in ("hidden_dropout", "attention_dropout"):
@@ -206,7 +216,9 @@ class ModelConfig:
 
     def _validate_recompute(self, pp: int) -> None:
         granularity, method, count = (
-            self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+            self.recompute_granularity,
+            self.recompute_method,
+            self.recompute_num_layers,
         )
         if granularity not in RECOMPUTE_GRANULARITIES:
             raise ConfigError(
@@ -233,8 +245,15 @@ class ModelConfig:
             )
 
     # ------------------------------------------------------------------ megatron-core
-    def to_transformer_config(self, tp: int = 1, pp: int = 1, cp: int = 1, *,
-                              sequence_parallel: bool = False, **overrides: Any):
+    def to_transformer_config(
+        self,
+        tp: int = 1,
+        pp: int = 1,
+        cp: int = 1,
+        *,
+        sequence_parallel: bool = False,
+        **overrides: Any,
+    ):
         """megatron-core TransformerConfig: RMSNorm, SwiGLU, no linear bias, CPU-safe settings on CPU."""
         import torch.nn.functional as F
         from megatron.core.transformer.transformer_config import TransformerConfig
@@ -295,7 +314,9 @@ class ModelConfig:
         )
         kwargs.update(self.extra_transformer_config)
         kwargs.update(overrides)
-        return TransformerConfig(**known_fields(TransformerConfig, kwargs, what="TransformerConfig"))
+        return TransformerConfig(
+            **known_fields(TransformerConfig, kwargs, what="TransformerConfig")
+        )
 
     def rope_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of megatron-core's RotaryEmbedding for this config."""
@@ -303,7 +324,9 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind == "llama3":
-                kwargs.update(rope_scaling=True, rope_scaling_factor=float(self.rope_scaling["factor"]))
+                kwargs.update(
+                    rope_scaling=True, rope_scaling_factor=float(self.rope_scaling["factor"])
+                )
             elif kind == "linear":
                 kwargs.update(seq_len_interpolation_factor=float(self.rope_scaling["factor"]))
         return kwargs

@@ -275,6 +275,7 @@ def gather_cp_sequence(
 
 # ------------------------------------------------------------------------------- loss
 
+
 def cp_local_loss(
     local_logits: torch.Tensor,
     x0: torch.Tensor,
@@ -312,7 +313,10 @@ def cp_local_loss(
             f"x0 must be the full micro-batch [b, L] with L = {layout.seq_length} (the CP layout's), "
             f"got {list(x0.shape)}"
         )
-    if local_logits.dim() != 3 or tuple(local_logits.shape[:2]) != (x0.shape[0], layout.local_length):
+    if local_logits.dim() != 3 or tuple(local_logits.shape[:2]) != (
+        x0.shape[0],
+        layout.local_length,
+    ):
         raise ValueError(
             f"local_logits must have shape [b, 2L/cp, V] = [{x0.shape[0]}, {layout.local_length}, V], "
             f"got {list(local_logits.shape)}"

@@ -20,8 +20,9 @@ from nbdiff_megatron.model import cpu_compat
 _LAYER_KEY = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234,
-                        backend: str | None = None) -> None:
+def initialize_parallel(
+    tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234, backend: str | None = None
+) -> None:
     """Start torch.distributed (from torchrun's env, or a 1-process group) and megatron parallel_state.
 
     Seeds megatron's RNG tracker so that dropout and weight initialisation are reproducible.
@@ -85,8 +86,9 @@ def full_key(local_key: str, layer_offset: int) -> str:
     return f"{match.group(1)}{int(match.group(2)) + layer_offset}{match.group(3)}"
 
 
-def _tp_slice(full: torch.Tensor, local_shape: torch.Size, dim: int, rank: int, size: int,
-              gated: bool) -> torch.Tensor:
+def _tp_slice(
+    full: torch.Tensor, local_shape: torch.Size, dim: int, rank: int, size: int, gated: bool
+) -> torch.Tensor:
     if gated:
         # SwiGLU fc1 holds [gate; up] on every rank: shard each half separately.
         halves = torch.chunk(full, 2, dim=dim)
@@ -140,8 +142,14 @@ def shard_full_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module)
             raise KeyError(f"{key} (stage parameter {name}) is missing from the full state dict")
         tensor = full[key]
         if getattr(local, "tensor_model_parallel", False) and tp_size > 1:
-            tensor = _tp_slice(tensor, local.shape, local.partition_dim, tp_rank, tp_size,
-                               _is_gated_fc1(name, gated))
+            tensor = _tp_slice(
+                tensor,
+                local.shape,
+                local.partition_dim,
+                tp_rank,
+                tp_size,
+                _is_gated_fc1(name, gated),
+            )
         elif tensor.shape != local.shape and tensor.dim() == local.dim():
             tensor = _tp_slice(tensor, local.shape, 0, 0, 1, False)
         out[name] = tensor.to(dtype=local.dtype).clone()
@@ -156,8 +164,14 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) 
             tensor.copy_(shard[name])
 
 
-def gather_full_tensor(name: str, local: torch.Tensor, param: torch.Tensor, *,
-                       gated_linear_unit: bool, full_rows: int | None = None) -> torch.Tensor:
+def gather_full_tensor(
+    name: str,
+    local: torch.Tensor,
+    param: torch.Tensor,
+    *,
+    gated_linear_unit: bool,
+    full_rows: int | None = None,
+) -> torch.Tensor:
     """All-gather a TP-sharded tensor (a parameter or its gradient) into the 1-rank layout.
 
     `param` carries megatron's partition attributes; `full_rows` trims vocab padding on dim 0.

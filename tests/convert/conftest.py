@@ -15,21 +15,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_TOKENIZER = ROOT / "nbdiff_megatron" / "assets" / "tokenizer"
 # Vocabulary sizes: odd, and larger than the bundled tokenizer's 4096 tokens.
-SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 # name -> (transformers config class, extra config fields)
 MODELS = {
     "qwen3_untied": ("Qwen3Config", dict(vocab_size=4099, head_dim=16, tie_word_embeddings=False)),
     "qwen2_tied": ("Qwen2Config", dict(vocab_size=4101, tie_word_embeddings=True)),
     "llama_untied": ("LlamaConfig", dict(vocab_size=4097, tie_word_embeddings=False)),
-    "llama_tied_mha": ("LlamaConfig", dict(vocab_size=4103, tie_word_embeddings=True,
-                                           num_key_value_heads=4, rope_theta=5000.0)),
+    "llama_tied_mha": (
+        "LlamaConfig",
+        dict(vocab_size=4103, tie_word_embeddings=True, num_key_value_heads=4, rope_theta=5000.0),
+    ),
 }
 
 
-def build_hf_model(kind: str, path: Path, *, dtype: torch.dtype = torch.float32,
-                   tokenizer: Path | None = BUNDLED_TOKENIZER, seed: int = 0, **overrides):
+def build_hf_model(
+    kind: str,
+    path: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Path | None = BUNDLED_TOKENIZER,
+    seed: int = 0,
+    **overrides,
+):
     """Save a random tiny HF model of `kind` (MODELS) to `path`; returns the model (eval mode)."""
     import transformers
 

@@ -45,8 +45,9 @@ def test_unsupported_architecture_lists_supported(llama_dir, tmp_path):
     _nothing_left(tmp_path)
 
 
-@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("mlp_bias", True),
-                                         ("attention_bias", True)])
+@pytest.mark.parametrize(
+    "field,value", [("hidden_act", "gelu"), ("mlp_bias", True), ("attention_bias", True)]
+)
 def test_unsupported_options_are_named(llama_dir, tmp_path, field, value):
     cfg = json.loads((llama_dir / "config.json").read_text())
     cfg[field] = value
@@ -110,8 +111,12 @@ def test_mcore_side_missing_and_misshaped_tensors(llama_dir, tmp_path, one_rank)
     model.update(ffn_hidden_size=128, qk_layernorm=True)
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump({"model": model}))
     with pytest.raises(ConversionError) as err:
-        mcore_to_hf(tmp_path / "mcore", tmp_path / "hf_out", model_config=str(tmp_path / "wrong.yaml"),
-                    show_progress=False)
+        mcore_to_hf(
+            tmp_path / "mcore",
+            tmp_path / "hf_out",
+            model_config=str(tmp_path / "wrong.yaml"),
+            show_progress=False,
+        )
     message = str(err.value)
     assert "missing tensors" in message and "q_layernorm" in message
     assert "wrongly shaped tensors" in message and "linear_fc2.weight" in message
@@ -124,8 +129,12 @@ def test_openpangu_style_checkpoint(tmp_path, one_rank):
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg.update(model_type="PanguEmbedded", architectures=["PanguEmbeddedForCausalLM"], bias=True)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    _edit_weights(tmp_path / "hf", lambda t: t.update(
-        {f"model.layers.{i}.self_attn.o_proj.bias": torch.zeros(64) for i in range(2)}))
+    _edit_weights(
+        tmp_path / "hf",
+        lambda t: t.update(
+            {f"model.layers.{i}.self_attn.o_proj.bias": torch.zeros(64) for i in range(2)}
+        ),
+    )
     summary = hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", show_progress=False)
     assert summary.family == "openpangu"
     assert any("o_proj" in note for note in summary.notes)
@@ -137,25 +146,50 @@ def test_openpangu_style_checkpoint(tmp_path, one_rank):
     ids = torch.randint(0, 4101, (1, 10))
     assert torch.equal(hf_logits(exported, ids), hf_logits(model, ids))
 
-    _edit_weights(tmp_path / "hf", lambda t: t.update(
-        {"model.layers.1.self_attn.o_proj.bias": torch.ones(64)}))
+    _edit_weights(
+        tmp_path / "hf",
+        lambda t: t.update({"model.layers.1.self_attn.o_proj.bias": torch.ones(64)}),
+    )
     with pytest.raises(ConversionError, match="o_proj.bias is not zero"):
         hf_to_mcore(tmp_path / "hf", tmp_path / "mcore2", show_progress=False)
     _nothing_left(tmp_path, "mcore2")
 
 
 def test_cli_and_tools_forwarder(llama_dir, tmp_path, capsys, one_rank):
-    code = nbdiff_main(["convert", "hf-to-mcore", "--hf", str(llama_dir), "--out",
-                        str(tmp_path / "mcore"), "--no-progress"])
+    code = nbdiff_main(
+        [
+            "convert",
+            "hf-to-mcore",
+            "--hf",
+            str(llama_dir),
+            "--out",
+            str(tmp_path / "mcore"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert "hf-to-mcore" in capsys.readouterr().out
-    code = nbdiff_main(["convert", "mcore-to-hf", "--mcore", str(tmp_path / "mcore"), "--out",
-                        str(tmp_path / "export"), "--dtype", "bf16", "--no-progress"])
+    code = nbdiff_main(
+        [
+            "convert",
+            "mcore-to-hf",
+            "--mcore",
+            str(tmp_path / "mcore"),
+            "--out",
+            str(tmp_path / "export"),
+            "--dtype",
+            "bf16",
+            "--no-progress",
+        ]
+    )
     assert code == 0
-    assert load_file(tmp_path / "export" / "model.safetensors")["model.norm.weight"].dtype == \
-        torch.bfloat16
+    assert (
+        load_file(tmp_path / "export" / "model.safetensors")["model.norm.weight"].dtype
+        == torch.bfloat16
+    )
     # A user error is printed without a traceback and exits 2.
-    code = nbdiff_main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "missing"), "--out",
-                        str(tmp_path / "x")])
+    code = nbdiff_main(
+        ["convert", "hf-to-mcore", "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]
+    )
     assert code == 2
     assert "is not a directory" in capsys.readouterr().err

@@ -38,8 +38,11 @@ def _ar_logits(model, ids):
 def _hf_tensors(path):
     tensors = {}
     index = path / "model.safetensors.index.json"
-    files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() \
+    files = (
+        set(json.loads(index.read_text())["weight_map"].values())
+        if index.is_file()
         else {"model.safetensors"}
+    )
     for f in files:
         tensors.update(load_file(path / f))
     return tensors
@@ -70,8 +73,13 @@ def test_round_trip_is_identical(kind, converted, tmp_path):
     assert summary.tensors == len(original)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     src_cfg, out_cfg = model.config, reloaded.config
-    for field in ("vocab_size", "hidden_size", "num_key_value_heads", "tie_word_embeddings",
-                  "model_type"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+        "model_type",
+    ):
         assert getattr(out_cfg, field) == getattr(src_cfg, field), field
     assert out_cfg.mask_token_id == 2
     ids = torch.randint(0, src_cfg.vocab_size, (1, 12))
@@ -87,11 +95,18 @@ def test_metadata_and_layout(converted):
     assert meta["tokenizer"]["mask_id"] == 2
     assert meta["tokenizer"]["tokenizer_model"] == str((mcore_dir / "tokenizer").resolve())
     assert meta["nbdiff"] == {
-        "block_size": 32, "token_shift": True, "mask_kind": "context_causal", "block_align": "document"
+        "block_size": 32,
+        "token_shift": True,
+        "mask_kind": "context_causal",
+        "block_align": "document",
     }
     cfg = ModelConfig.from_dict(meta["model"])
-    assert (cfg.qk_layernorm, cfg.add_qkv_bias, cfg.tie_embeddings, cfg.kv_channels) == \
-        (True, False, False, None)
+    assert (cfg.qk_layernorm, cfg.add_qkv_bias, cfg.tie_embeddings, cfg.kv_channels) == (
+        True,
+        False,
+        False,
+        None,
+    )
     assert (mcore_dir / "latest").read_text().strip() == "0"
     assert (mcore_dir / "iter_0000000" / "metadata.json").is_file()
     assert (mcore_dir / "tokenizer" / "tokenizer.json").is_file()
@@ -112,8 +127,9 @@ def test_bf16_round_trip_and_tp2_padding(tmp_path, one_rank):
     # bf16 weights in an fp32 megatron model: exactly the HF model's weights, upcast.
     ids = torch.randint(0, 4101, (1, 16))
     ref = hf_logits(model.float(), ids)
-    torch.testing.assert_close(_ar_logits(_load_megatron(tmp_path / "mcore"), ids), ref,
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        _ar_logits(_load_megatron(tmp_path / "mcore"), ids), ref, rtol=0, atol=1e-4
+    )
 
 
 def test_added_mask_row_without_tokenizer(tmp_path, one_rank):
@@ -157,9 +173,11 @@ def test_in_memory_hf_loader_matches(converted, tmp_path):
 
     hf_dir, mcore_dir, model = converted("qwen3_untied")
     mcore_to_hf(mcore_dir, tmp_path / "export", show_progress=False)
-    loaded, cfg, info = load_hf_into_model(tmp_path / "export", vocab_size=4096,
-                                           build=lambda c: build_model(c, seed=5))
+    loaded, cfg, info = load_hf_into_model(
+        tmp_path / "export", vocab_size=4096, build=lambda c: build_model(c, seed=5)
+    )
     assert info == {"mask_id": 2, "token_shift": True, "block_size": 32}
     ids = torch.randint(0, 4099, (1, 12))
-    torch.testing.assert_close(_ar_logits(loaded.eval(), ids), hf_logits(model, ids),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        _ar_logits(loaded.eval(), ids), hf_logits(model, ids), rtol=0, atol=1e-4
+    )

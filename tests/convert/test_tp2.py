@@ -20,8 +20,9 @@ def test_tp2_forward_matches_hf(kind, converted, tmp_path):
     vocab = MODELS[kind][1]["vocab_size"]
     ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(3))
     torch.save(ids, tmp_path / "ids.pt")
-    run_torchrun([SCRIPT, mcore_dir, tmp_path / "ids.pt", tmp_path / "logits.pt"], nproc=2,
-                 timeout=180)
+    run_torchrun(
+        [SCRIPT, mcore_dir, tmp_path / "ids.pt", tmp_path / "logits.pt"], nproc=2, timeout=180
+    )
     got = torch.load(tmp_path / "logits.pt")
     ref = hf_logits(model, ids)
     assert got.shape == ref.shape

@@ -29,21 +29,41 @@ def test_trained_checkpoint_exports_and_reloads(tmp_path, one_rank):
     model.update(seq_length=32, attention_backend="sdpa")
     config = {
         "model": model,
-        "data": {"data_path": [prefix], "tokenizer_type": "HuggingFaceTokenizer",
-                 "tokenizer_model": bundled_tokenizer_path(), "split": "100,0,0"},
+        "data": {
+            "data_path": [prefix],
+            "tokenizer_type": "HuggingFaceTokenizer",
+            "tokenizer_model": bundled_tokenizer_path(),
+            "split": "100,0,0",
+        },
         "curriculum": {"start_block_size": 1, "target_block_size": 4, "growth_interval": 1},
         "optimizer": {"lr": 1e-2, "min_lr": 1e-3},
         "schedule": {"style": "constant"},
         "train": {"steps": 2, "micro_batch_size": 2, "global_batch_size": 2, "precision": "fp32"},
-        "checkpoint": {"save": str(tmp_path / "run"), "load": str(tmp_path / "mcore"),
-                       "finetune": True, "save_interval": 2},
+        "checkpoint": {
+            "save": str(tmp_path / "run"),
+            "load": str(tmp_path / "mcore"),
+            "finetune": True,
+            "save_interval": 2,
+        },
         "logging": {"progress_bar": False},
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     # This process's 1-rank group set MASTER_PORT & co.; the child must start its own.
-    proc = subprocess.run([sys.executable, "-m", "nbdiff_megatron.cli", "train", "--config",
-                           str(tmp_path / "train.yaml")], cwd=tmp_path, env=clean_env(),
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nbdiff_megatron.cli",
+            "train",
+            "--config",
+            str(tmp_path / "train.yaml"),
+        ],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     summary = mcore_to_hf(tmp_path / "run", tmp_path / "export", show_progress=False)
@@ -51,8 +71,10 @@ def test_trained_checkpoint_exports_and_reloads(tmp_path, one_rank):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     trained = exported.state_dict()
     # Training moved the weights, and the export is the trained model, not the source.
-    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"],
-                           source.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        trained["model.layers.0.mlp.up_proj.weight"],
+        source.state_dict()["model.layers.0.mlp.up_proj.weight"],
+    )
     # The exported HF model computes what the trained megatron model computes.
     import dataclasses
 
@@ -65,6 +87,7 @@ def test_trained_checkpoint_exports_and_reloads(tmp_path, one_rank):
     load_checkpoint(tmp_path / "run", [megatron_model], None, weights_only=True)
     ids = torch.randint(0, 4096, (1, 16))
     with torch.no_grad():
-        torch.testing.assert_close(ar_forward(megatron_model, ids).float(),
-                                   hf_logits(exported, ids), rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            ar_forward(megatron_model, ids).float(), hf_logits(exported, ids), rtol=0, atol=1e-4
+        )
     assert (tmp_path / "export" / "tokenizer.json").is_file()

@@ -24,9 +24,9 @@ def test_qkv_interleave_layout_and_inverse(heads, groups, head_dim, bias):
     per = heads // groups
     expected = []
     for g in range(groups):
-        expected += [q[(g * per + j) * head_dim:(g * per + j + 1) * head_dim] for j in range(per)]
-        expected.append(k[g * head_dim:(g + 1) * head_dim])
-        expected.append(v[g * head_dim:(g + 1) * head_dim])
+        expected += [q[(g * per + j) * head_dim : (g * per + j + 1) * head_dim] for j in range(per)]
+        expected.append(k[g * head_dim : (g + 1) * head_dim])
+        expected.append(v[g * head_dim : (g + 1) * head_dim])
     assert torch.equal(fused, torch.cat(expected))
     q2, k2, v2 = T.qkv_split(fused, shape)
     assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)

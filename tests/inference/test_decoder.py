@@ -375,9 +375,7 @@ def test_block_causal_block_logits_equal_training_forward(tiny_model, use_cache)
     session.prefill()
     for j in range(1, k):
         committed = session.commit(x0[:, j * B : (j + 1) * B])
-        torch.testing.assert_close(
-            committed, x0_logits[:, j * B : (j + 1) * B], rtol=0, atol=1e-5
-        )
+        torch.testing.assert_close(committed, x0_logits[:, j * B : (j + 1) * B], rtol=0, atol=1e-5)
     torch.testing.assert_close(
         session.block_logits(x_t[:, k * B : (k + 1) * B]), expected, rtol=0, atol=1e-5
     )

@@ -41,19 +41,30 @@ TOL = 1e-5
 
 
 def config() -> ModelConfig:
-    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                       num_query_groups=2, vocab_size=VOCAB, seq_length=L, attention_backend="sdpa",
-                       qk_layernorm=True)
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        seq_length=L,
+        attention_backend="sdpa",
+        qk_layernorm=True,
+    )
 
 
 def micro_batches() -> list[dict]:
     gen = torch.Generator().manual_seed(99)
     x0 = torch.randint(0, VOCAB, (BATCH, L), generator=gen)
     xt = torch.where(torch.rand(BATCH, L, generator=gen) < 0.5, torch.full_like(x0, VOCAB - 1), x0)
-    docs = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 7,
-                         [0] * 16, [0] * 3 + [1] * 13])
-    return [{"x0": x0[i:i + MICRO], "xt": xt[i:i + MICRO], "docs": docs[i:i + MICRO]}
-            for i in range(0, BATCH, MICRO)]
+    docs = torch.tensor(
+        [[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 7, [0] * 16, [0] * 3 + [1] * 13]
+    )
+    return [
+        {"x0": x0[i : i + MICRO], "xt": xt[i : i + MICRO], "docs": docs[i : i + MICRO]}
+        for i in range(0, BATCH, MICRO)
+    ]
 
 
 def forward_step(data_iterator, model):
@@ -76,8 +87,12 @@ def run_schedule(model) -> float | None:
     model.zero_grad(set_to_none=True)
     with cpu_compat.cuda_to_cpu():
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches()), model=[model],
-            num_microbatches=BATCH // MICRO, seq_length=2 * L, micro_batch_size=MICRO,
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches()),
+            model=[model],
+            num_microbatches=BATCH // MICRO,
+            seq_length=2 * L,
+            micro_batch_size=MICRO,
             forward_only=False,
         )
     # What finalize_model_grads does under DDP: QK-norm weights see only this rank's heads.
@@ -126,8 +141,11 @@ def main() -> int:
     # 1-rank reference (each rank computes it identically).
     initialize_parallel(1, 1, 1, seed=5)
     reference = build_model(cfg, seed=5)
-    full_state = {k: v.detach().clone() for k, v in reference.state_dict().items()
-                  if not k.endswith("_extra_state")}
+    full_state = {
+        k: v.detach().clone()
+        for k, v in reference.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
     ref_loss = run_schedule(reference)
     ref_rows = cfg.padded_vocab_size(1)
     ref_grads = {}
@@ -139,8 +157,14 @@ def main() -> int:
     initialize_parallel(tp, pp, 1, seed=5)
     result: dict = {"rank": dist.get_rank(), "mode": args.mode}
     if args.mode == "tp":
-        bad = ModelConfig(num_layers=2, hidden_size=48, ffn_hidden_size=128, num_attention_heads=3,
-                          vocab_size=VOCAB, seq_length=L)
+        bad = ModelConfig(
+            num_layers=2,
+            hidden_size=48,
+            ffn_hidden_size=128,
+            num_attention_heads=3,
+            vocab_size=VOCAB,
+            seq_length=L,
+        )
         try:
             build_model(bad)
             result["bad_heads_error"] = None
@@ -163,11 +187,17 @@ def main() -> int:
     result["max_grad_diff"] = max(diffs.values())
     result["worst_param"] = max(diffs, key=diffs.get)
     result["grad_scale"] = max(g.abs().max().item() for g in ref_grads.values())
-    ok = (not missing and result["max_grad_diff"] <= TOL
-          and (loss is None or result["loss_diff"] <= TOL))
+    ok = (
+        not missing
+        and result["max_grad_diff"] <= TOL
+        and (loss is None or result["loss_diff"] <= TOL)
+    )
     if args.mode == "tp":
-        ok = ok and bool(result["bad_heads_error"]) and \
-            "model.num_attention_heads" in result["bad_heads_error"]
+        ok = (
+            ok
+            and bool(result["bad_heads_error"])
+            and "model.num_attention_heads" in result["bad_heads_error"]
+        )
     result["ok"] = ok
     print("RESULT " + json.dumps(result), flush=True)
     if args.out is not None:

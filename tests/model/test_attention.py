@@ -25,14 +25,28 @@ L = 16
 
 
 def _module(heads: int = 4, groups: int = 2, head_dim: int = 8) -> NBDiffAttention:
-    config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
-                               num_query_groups=groups, kv_channels=head_dim, attention_dropout=0.0,
-                               use_cpu_initialization=True)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
     return NBDiffAttention(config, layer_number=1).eval()
 
 
-def _qkv(seed: int, s: int, b: int = 2, heads: int = 4, groups: int = 2, d: int = 8,
-         dtype=torch.float32, device="cpu"):
+def _qkv(
+    seed: int,
+    s: int,
+    b: int = 2,
+    heads: int = 4,
+    groups: int = 2,
+    d: int = 8,
+    dtype=torch.float32,
+    device="cpu",
+):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(s, b, heads, d, generator=gen).to(device, dtype)
     k = torch.randn(s, b, groups, d, generator=gen).to(device, dtype)
@@ -105,16 +119,20 @@ def test_model_flex_inputs_match_sdpa_inputs_on_cpu(one_rank):
     cache = BlockMaskCache()
     with torch.no_grad():
         dense = model(*nbdiff_model_inputs(xt, x0, block_size=4, doc_ids=_docs(), backend="sdpa"))
-        flex_inputs = nbdiff_model_inputs(xt, x0, block_size=4, doc_ids=_docs(), backend="flex",
-                                          cache=cache)
+        flex_inputs = nbdiff_model_inputs(
+            xt, x0, block_size=4, doc_ids=_docs(), backend="flex", cache=cache
+        )
         flex = model(*flex_inputs)
-        again = nbdiff_model_inputs(xt, x0, block_size=4, doc_ids=_docs(), backend="flex",
-                                    cache=cache)
+        again = nbdiff_model_inputs(
+            xt, x0, block_size=4, doc_ids=_docs(), backend="flex", cache=cache
+        )
     assert (flex - dense).abs().max() <= 1e-5
     assert cache.misses == 1 and cache.hits == 1
     assert again.attention_mask.block_mask is flex_inputs.attention_mask.block_mask
     other = nbdiff_model_inputs(xt, x0, block_size=2, doc_ids=_docs(), backend="flex", cache=cache)
-    assert cache.misses == 2 and other.attention_mask.block_mask is not again.attention_mask.block_mask
+    assert (
+        cache.misses == 2 and other.attention_mask.block_mask is not again.attention_mask.block_mask
+    )
 
 
 @pytest.mark.gpu
@@ -131,8 +149,11 @@ def test_flex_forward_backward_matches_sdpa_bf16_cuda():
         if backend == "sdpa":
             mask = AttentionMask.dense(training_mask(length, 32, doc_ids=docs))
         else:
-            mask = AttentionMask.flex(build_block_mask(training_mask_mod(length, 32, doc_ids=docs),
-                                                       2, 2 * length, 2 * length, "cuda"))
+            mask = AttentionMask.flex(
+                build_block_mask(
+                    training_mask_mod(length, 32, doc_ids=docs), 2, 2 * length, 2 * length, "cuda"
+                )
+            )
         out = attn(qq, kk, vv, mask)
         out.float().pow(2).sum().backward()
         outs[backend] = out.float()

@@ -56,12 +56,15 @@ def test_block_size_one_x0_half_equals_stock_megatron_causal_forward(model, one_
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     cfg = tiny_config(qk_layernorm=True)
-    stock = GPTModel(config=cfg.to_transformer_config(),
-                     transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True,
-                                                                     normalization="RMSNorm"),
-                     vocab_size=cfg.padded_vocab_size(1), max_sequence_length=2 * L,
-                     share_embeddings_and_output_weights=True, position_embedding_type="rope",
-                     parallel_output=False)
+    stock = GPTModel(
+        config=cfg.to_transformer_config(),
+        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+        vocab_size=cfg.padded_vocab_size(1),
+        max_sequence_length=2 * L,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        parallel_output=False,
+    )
     missing = stock.load_state_dict(model.state_dict(), strict=False)
     assert not [k for k in missing.missing_keys if not k.endswith("_extra_state")]
     stock.eval()
@@ -125,8 +128,10 @@ def test_packed_batch_with_different_layouts_equals_samples_alone(model):
     x0, xt = _tokens(12), _tokens(13)
     batch = nbdiff_forward(model, xt, x0, block_size=4, doc_ids=docs)
     for i in range(2):
-        alone = nbdiff_forward(model, xt[i:i + 1], x0[i:i + 1], block_size=4, doc_ids=docs[i:i + 1])
-        assert _max_diff(batch[i:i + 1], alone) <= TOL
+        alone = nbdiff_forward(
+            model, xt[i : i + 1], x0[i : i + 1], block_size=4, doc_ids=docs[i : i + 1]
+        )
+        assert _max_diff(batch[i : i + 1], alone) <= TOL
 
 
 @torch.no_grad()
@@ -136,9 +141,11 @@ def test_packed_document_equals_the_same_document_at_the_start(model):
     packed = nbdiff_forward(model, xt, x0, block_size=4, doc_ids=_doc_ids([5, 7, 4])[None])
     moved_x0 = torch.cat([x0[:, 5:12], x0[:, :5], x0[:, 12:]], dim=1)
     moved_xt = torch.cat([xt[:, 5:12], xt[:, :5], xt[:, 12:]], dim=1)
-    first = nbdiff_forward(model, moved_xt, moved_x0, block_size=4, doc_ids=_doc_ids([7, 5, 4])[None])
+    first = nbdiff_forward(
+        model, moved_xt, moved_x0, block_size=4, doc_ids=_doc_ids([7, 5, 4])[None]
+    )
     assert _max_diff(packed[:, 5:12], first[:, 0:7]) <= TOL  # x_t half
-    assert _max_diff(packed[:, L + 5:L + 12], first[:, L:L + 7]) <= TOL  # x_0 half
+    assert _max_diff(packed[:, L + 5 : L + 12], first[:, L : L + 7]) <= TOL  # x_0 half
 
 
 def test_rotary_from_position_ids_matches_megatron_table(model):

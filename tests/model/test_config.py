@@ -35,8 +35,12 @@ def test_padded_vocab_is_a_multiple_of_divisor_times_tp():
 @pytest.mark.parametrize(
     ("fields", "tp", "pp", "needle"),
     [
-        (dict(num_attention_heads=3, hidden_size=48, num_query_groups=None), 2, 1,
-         "model.num_attention_heads"),
+        (
+            dict(num_attention_heads=3, hidden_size=48, num_query_groups=None),
+            2,
+            1,
+            "model.num_attention_heads",
+        ),
         (dict(num_query_groups=1), 2, 1, "model.num_query_groups"),
         (dict(num_layers=3), 1, 2, "model.num_layers"),
         (dict(attention_backend="xformers"), 1, 1, "model.attention_backend"),
