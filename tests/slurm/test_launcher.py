@@ -55,10 +55,15 @@ def _finish(cluster: Cluster, job: int, submit_dir: Path, timeout: float = 900) 
 
 
 def _release_when_requeued(cluster: Cluster, job: int) -> None:
-    """A requeued job waits ~2 min (BeginTime) before it may start again; start it now."""
+    """A requeued job waits ~2 min (BeginTime) before it may start again; start it in 3 s.
+
+    Not at once: slurmd refuses a job credential created in the second its previous one was
+    revoked ("Killing non-startable batch JobId=N: Job credential revoked"), which the BeginTime
+    delay exists to avoid; a quick release used to fail the job that way.
+    """
     info = cluster.wait_state(job, ("PENDING",), timeout=600)
     assert int(info["Restarts"]) >= 1, info
-    cluster.scontrol("update", f"jobid={job}", "starttime=now")
+    cluster.scontrol("update", f"jobid={job}", "starttime=now+3")
 
 
 def _curve(save: Path) -> list[tuple]:
