@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -138,6 +137,16 @@ def test_a_signal_recorded_before_the_handler_is_not_lost(
         handler.uninstall()
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (SigCgt in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (int(sig) - 1) & 1)
+
+
 def _supervised(corpus_prefix: str, save: Path) -> list[str]:
     args = ["-m", "nbdiff_megatron.cli", "train", "--config", str(REPO / "examples/tiny_cpu.yaml")]
     args += tiny_overrides(corpus_prefix, "--train.steps=200", f"--checkpoint.save={save}")
@@ -153,7 +162,9 @@ def test_supervised_torchrun_stops_cleanly_on_an_early_usr1(
     save = tmp_path / "run"
     launched = Launched(_supervised(corpus_prefix, save), tmp_path / "run.log")
     try:
-        time.sleep(1.0)  # torchrun is starting, the trainers are still importing torch
+        # As soon as the supervisor handles USR1 (a fixed sleep let a loaded machine kill it first):
+        # torchrun is starting, the trainers are still importing torch.
+        assert wait_for(lambda: _catches(launched.proc.pid, signal.SIGUSR1), timeout=120)
         os.kill(launched.proc.pid, signal.SIGUSR1)
         code = launched.proc.wait(timeout=240)
     finally:
