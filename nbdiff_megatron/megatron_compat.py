@@ -9,6 +9,13 @@ break is seen before users see it. The implicit-tp_group notice ("Passing tp_gro
 soon") is not hidden: the model passes its process groups explicitly (model/builder.py, model/spec.py)
 and nothing of ours raises it any more; if it appears, a new call site needs its group.
 
+Start-up cost: megatron-core wraps ~40 of its fused functions in `torch.compile` as it imports them
+(`megatron.core.jit.jit_fuser`). Each wrapper is built at import, and the first one imports TorchDynamo and
+Inductor: ~3 s of every process's start-up on a CPU, for functions that compile on their first call anyway
+and that a CPU run never calls (our configs turn megatron's fusions off). `defer_megatron_jit()` (run when
+this package is imported) makes `jit_fuser` build each wrapper on that first call instead, in CPU-only
+processes; a GPU process keeps megatron-core's own behaviour.
+
 Version differences: a config field that the installed megatron-core does not know is never dropped
 silently; `known_fields` raises CompatibilityError naming the fields and the installed version.
 """
@@ -16,9 +23,13 @@ silently; `known_fields` raises CompatibilityError naming the fields and the ins
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -136,3 +147,68 @@ def known_fields(cls: type, kwargs: dict[str, Any], *, what: str, user_fields: s
         f"{', '.join(unknown)}: {hint}install a tested megatron-core ({' or '.join(TESTED_VERSIONS)}) "
         "and report the rename (docs/megatron-compat.md)"
     )
+
+
+JIT_MODULE = "megatron.core.jit"
+
+
+def compile_on_first_call(fn: Any = None, **options: Any) -> Any:
+    """`torch.compile` with the wrapper built when `fn` is first called (not when it is defined).
+
+    The same compiled function as `torch.compile(fn, **options)`, which compiles on its first call
+    too; only building the wrapper (and importing TorchDynamo for it) moves. Used as megatron-core's
+    `jit_fuser`: bare, as `@jit_fuser`, or with options.
+    """
+    if fn is None:
+        return functools.partial(compile_on_first_call, **options)
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal compiled
+        if compiled is None:
+            import torch
+
+            compiled = torch.compile(fn, **options)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+def _defer_jit_fuser(module: Any) -> None:
+    """After megatron.core.jit runs: its torch.compile fuser builds on first call, if CUDA is absent."""
+    import torch
+
+    if getattr(module, "jit_fuser", None) is torch.compile and not torch.cuda.is_available():
+        module.jit_fuser = compile_on_first_call
+
+
+class _JitFuserHook(importlib.abc.MetaPathFinder):
+    """Finds megatron.core.jit like the path finder does; its loader then defers the fuser."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != JIT_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            _defer_jit_fuser(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def defer_megatron_jit() -> None:
+    """Install the hook that defers megatron-core's `jit_fuser` (see the module docstring).
+
+    Idempotent. It acts only if megatron.core.jit is imported after this call: every megatron module
+    takes `jit_fuser` from it at its own import.
+    """
+    if JIT_MODULE in sys.modules:
+        return
+    if not any(isinstance(finder, _JitFuserHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _JitFuserHook())

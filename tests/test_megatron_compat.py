@@ -36,3 +36,47 @@ def test_megatron_core_imports_quietly() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "not installed" not in done.stderr and "Warning" not in done.stderr, done.stderr
+
+
+def test_megatron_jit_fuser_is_deferred_on_a_cpu_and_skips_inductor_at_import() -> None:
+    code = (
+        "import sys, nbdiff_megatron, torch, megatron.core, megatron.core.models.gpt; "
+        "from megatron.core import jit; "
+        "from nbdiff_megatron.megatron_compat import compile_on_first_call as deferred; "
+        "from megatron.core.fusions import fused_bias_gelu as g; "
+        "assert not torch.cuda.is_available(); "
+        "assert jit.jit_fuser is deferred, jit.jit_fuser; "
+        "assert g.bias_gelu.__wrapped__.__name__ == 'bias_gelu', g.bias_gelu; "
+        "assert 'torch._inductor.compile_fx' not in sys.modules"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=clean_env()
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_compile_on_first_call_builds_the_compiled_function_once_when_first_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from nbdiff_megatron.megatron_compat import compile_on_first_call
+
+    built: list[dict] = []
+
+    def fake_compile(fn, **options):
+        built.append(options)
+        return lambda *args, **kwargs: ("compiled", fn(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+    def add(a, b=1):
+        """Adds."""
+        return a + b
+
+    bare = compile_on_first_call(add)
+    with_options = compile_on_first_call(dynamic=False)(add)
+    assert built == [] and bare.__name__ == "add" and bare.__doc__ == "Adds."
+    assert bare(2, b=3) == ("compiled", 5) and bare(1) == ("compiled", 2)
+    assert with_options(4) == ("compiled", 5)
+    assert built == [{}, {"dynamic": False}]  # one build each, with the decorator's options

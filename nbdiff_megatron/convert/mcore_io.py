@@ -120,13 +120,10 @@ class Stager:
 
 def save_checkpoint_dir(sharded: dict[str, Any], metadata: dict[str, Any], directory: Path) -> None:
     """dist_checkpointing.save of {'model': sharded, METADATA_KEY: metadata} (training's layout)."""
-    from megatron.core import dist_checkpointing
-
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron.training.checkpointing import write_dist_checkpoint
 
     directory.mkdir(parents=True, exist_ok=True)
-    with cpu_compat.cuda_to_cpu():
-        dist_checkpointing.save({"model": sharded, METADATA_KEY: metadata}, str(directory))
+    write_dist_checkpoint({"model": sharded, METADATA_KEY: metadata}, directory)
 
 
 def read_common_state(ckpt: Path) -> dict[str, Any]:

@@ -385,6 +385,17 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def write_dist_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
+    """`dist_checkpointing.save(state, directory)` as every save of this project runs it: synchronous,
+    its write results through an in-process queue, CUDA device arguments mapped to the CPU on a CPU."""
+    from megatron.core import dist_checkpointing
+
+    _in_process_results_queue()
+    with _device_mode():
+        # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
+        dist_checkpointing.save(state, str(directory), **_save_kwargs(dist_checkpointing.save))
+
+
 def save_checkpoint(
     save_dir: str | Path,
     step: int,
@@ -402,7 +413,6 @@ def save_checkpoint(
     `latest` is updated and checkpoints beyond the newest `keep_last` are deleted, except the steps in
     `protect` (the last healthy checkpoint, faults.HealthyCheckpoints).
     """
-    from megatron.core import dist_checkpointing
 
     from nbdiff_megatron.training import faults
 
@@ -424,12 +434,9 @@ def save_checkpoint(
         "layout": layout(),
         "format_version": FORMAT_VERSION,
     }
-    _in_process_results_queue()
     faults.children_die_with_this_process()
     faults.arm_kill_in_write(step)
-    with _device_mode():
-        # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
-        dist_checkpointing.save(state, str(tmp), **_save_kwargs(dist_checkpointing.save))
+    write_dist_checkpoint(state, tmp)
     faults.maybe_kill_during_save(step)
     _barrier()
     if _rank() == 0:

@@ -99,6 +99,8 @@ class Cluster:
             for name, port in zip(NODES, node_ports)
         )
         r = self.root
+        # sched_interval / bf_interval = 1 s: a requeued job becomes eligible at its BeginTime with no
+        # event to schedule it, and waited for the periodic passes (60 s and 30 s by default).
         self.conf.write_text(
             f"""ClusterName=nbdiffci
 SlurmctldHost=localhost(127.0.0.1)
@@ -122,7 +124,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MinJobAge=600
 KillWait=30
-SchedulerParameters=defer_batch
+SchedulerParameters=defer_batch,sched_interval=1,bf_interval=1
 {nodes}
 PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
