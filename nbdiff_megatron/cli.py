@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 QUIET_RANK_GRACE_S = 10.0
-"""How long a rank other than 0 waits before exiting on a user error (rank 0 prints it)."""
+"""How long a rank other than 0 waits before exiting on a user error (rank 0 prints it); the
+environment variable NBDIFF_QUIET_RANK_GRACE_S overrides it (seconds)."""
 
 
 def report_user_error(command: str, exc: BaseException) -> None:
@@ -98,7 +99,7 @@ def report_user_error(command: str, exc: BaseException) -> None:
     if rank not in ("", "0"):
         # torchrun stops every worker as soon as one exits: leaving at once could stop rank 0
         # before it has printed. The launcher ends this wait when rank 0 exits.
-        time.sleep(QUIET_RANK_GRACE_S)
+        time.sleep(float(os.environ.get("NBDIFF_QUIET_RANK_GRACE_S", QUIET_RANK_GRACE_S)))
         return
     print(f"nbdiff {command}: error: {exc}", file=sys.stderr, flush=True)
 

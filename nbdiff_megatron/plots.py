@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from nbdiff_megatron.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported by show-mask only (show-curriculum plots plain numbers)
+    import torch
 
 ACCEPTS_OVERRIDES = True  # show-curriculum takes a config's --a.b=value overrides
 
@@ -37,6 +39,8 @@ def _save(fig, path: str | Path) -> Path:
 
 def parse_doc_lengths(text: str | None, seq_len: int) -> torch.Tensor | None:
     """ "3,5,8" -> doc ids [0,0,0,1,1,1,1,1,2,...]; the lengths must add up to seq_len."""
+    import torch
+
     if not text:
         return None
     try:
@@ -120,6 +124,8 @@ def _add_show_mask(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_show_mask(args: argparse.Namespace) -> int:
+    import torch
+
     from nbdiff_megatron.method.masks import annealed_training_mask, training_mask
 
     doc_ids = parse_doc_lengths(args.doc_lengths, args.seq_len)

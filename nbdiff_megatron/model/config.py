@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from nbdiff_megatron.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
-PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# params_dtype -> the torch dtype's name (torch is imported when a dtype is needed: reading and checking a
+# config, e.g. `nbdiff train --print-config` or a job script's `--print-save-dir`, does not need it).
+PARAMS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 ROPE_SCALING_TYPES = ("llama3", "linear")
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -93,7 +96,9 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """torch dtype of `params_dtype`."""
-        return PARAMS_DTYPES[self.params_dtype]
+        import torch
+
+        return getattr(torch, PARAMS_DTYPES[self.params_dtype])
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocabulary size of the embedding table: a multiple of make_vocab_size_divisible_by * tp."""
@@ -103,6 +108,8 @@ class ModelConfig:
     def resolved_attention_backend(self) -> str:
         """The backend used on this machine ("auto" -> flex with CUDA, sdpa otherwise)."""
         if self.attention_backend == "auto":
+            import torch
+
             return "flex" if torch.cuda.is_available() else "sdpa"
         return self.attention_backend
 
@@ -255,6 +262,7 @@ class ModelConfig:
         **overrides: Any,
     ):
         """megatron-core TransformerConfig: RMSNorm, SwiGLU, no linear bias, CPU-safe settings on CPU."""
+        import torch
         import torch.nn.functional as F
         from megatron.core.transformer.transformer_config import TransformerConfig
 
