@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from nbdiff_megatron.megatron_compat import defer_megatron_jit
+from nbdiff_megatron.megatron_compat import defer_megatron_compile
 
 # Before any of our modules imports megatron-core: its fused functions then compile on first use
 # rather than importing TorchDynamo at start-up (~3 s per CPU process; megatron_compat.py).
-defer_megatron_jit()
+defer_megatron_compile()

@@ -9,11 +9,12 @@ break is seen before users see it. The implicit-tp_group notice ("Passing tp_gro
 soon") is not hidden: the model passes its process groups explicitly (model/builder.py, model/spec.py)
 and nothing of ours raises it any more; if it appears, a new call site needs its group.
 
-Start-up cost: megatron-core wraps ~40 of its fused functions in `torch.compile` as it imports them
-(`megatron.core.jit.jit_fuser`). Each wrapper is built at import, and the first one imports TorchDynamo and
-Inductor: ~3 s of every process's start-up on a CPU, for functions that compile on their first call anyway
-and that a CPU run never calls (our configs turn megatron's fusions off). `defer_megatron_jit()` (run when
-this package is imported) makes `jit_fuser` build each wrapper on that first call instead, in CPU-only
+Start-up cost: megatron-core wraps ~40 of its functions in `torch.compile` as it imports them
+(`megatron.core.jit.jit_fuser`, and in 0.19.x `@torch.compile` on a MoE router method). Each wrapper is
+built at import, and the first one imports TorchDynamo and Inductor: ~3 s of every process's start-up on
+a CPU, for functions that compile on their first call anyway and that a CPU run never calls (our configs
+turn megatron's fusions off). `defer_megatron_compile()` (run when this package is imported) makes
+torch.compile build each wrapper on that first call instead while a megatron module executes, in CPU-only
 processes; a GPU process keeps megatron-core's own behaviour.
 
 Version differences: a config field that the installed megatron-core does not know is never dropped
@@ -22,6 +23,7 @@ silently; `known_fields` raises CompatibilityError naming the fields and the ins
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.abc
@@ -30,7 +32,9 @@ import logging
 import os
 import re
 import sys
+import types
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from nbdiff_megatron.errors import CompatibilityError
@@ -149,45 +153,60 @@ def known_fields(cls: type, kwargs: dict[str, Any], *, what: str, user_fields: s
     )
 
 
-JIT_MODULE = "megatron.core.jit"
+_real_compile: Any = None
+"""torch.compile itself while megatron-core's modules execute (None otherwise)."""
 
 
 def compile_on_first_call(fn: Any = None, **options: Any) -> Any:
     """`torch.compile` with the wrapper built when `fn` is first called (not when it is defined).
 
     The same compiled function as `torch.compile(fn, **options)`, which compiles on its first call
-    too; only building the wrapper (and importing TorchDynamo for it) moves. Used as megatron-core's
-    `jit_fuser`: bare, as `@jit_fuser`, or with options.
+    too; only building the wrapper (and importing TorchDynamo for it) moves. Bare, as a decorator, or
+    with options; anything but a function or method (a module, a class) is compiled at once.
     """
+    import torch
+
+    compile_now = _real_compile or torch.compile
     if fn is None:
         return functools.partial(compile_on_first_call, **options)
+    if not isinstance(fn, (types.FunctionType, types.MethodType)):
+        return compile_now(fn, **options)
     compiled = None
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         nonlocal compiled
         if compiled is None:
-            import torch
-
-            compiled = torch.compile(fn, **options)
+            compiled = compile_now(fn, **options)
         return compiled(*args, **kwargs)
 
     return call
 
 
-def _defer_jit_fuser(module: Any) -> None:
-    """After megatron.core.jit runs: its torch.compile fuser builds on first call, if CUDA is absent."""
+@contextlib.contextmanager
+def _compile_deferred() -> Iterator[None]:
+    """torch.compile is `compile_on_first_call` inside (in a CPU-only process; nested: once)."""
+    global _real_compile
     import torch
 
-    if getattr(module, "jit_fuser", None) is torch.compile and not torch.cuda.is_available():
-        module.jit_fuser = compile_on_first_call
+    if _real_compile is not None or torch.cuda.is_available():
+        yield
+        return
+    _real_compile = torch.compile
+    torch.compile = compile_on_first_call
+    try:
+        yield
+    finally:
+        torch.compile = _real_compile
+        _real_compile = None
 
 
-class _JitFuserHook(importlib.abc.MetaPathFinder):
-    """Finds megatron.core.jit like the path finder does; its loader then defers the fuser."""
+class _MegatronImportHook(importlib.abc.MetaPathFinder):
+    """Finds megatron.* modules like the path finder does; each then executes with torch.compile
+    deferred (`megatron.core.jit.jit_fuser = torch.compile` included)."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != JIT_MODULE:
+        if fullname != "megatron" and not fullname.startswith("megatron."):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -195,20 +214,17 @@ class _JitFuserHook(importlib.abc.MetaPathFinder):
         execute = spec.loader.exec_module
 
         def exec_module(module: Any) -> None:
-            execute(module)
-            _defer_jit_fuser(module)
+            with _compile_deferred():
+                execute(module)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
-def defer_megatron_jit() -> None:
-    """Install the hook that defers megatron-core's `jit_fuser` (see the module docstring).
+def defer_megatron_compile() -> None:
+    """Install the hook that defers megatron-core's import-time torch.compile (module docstring).
 
-    Idempotent. It acts only if megatron.core.jit is imported after this call: every megatron module
-    takes `jit_fuser` from it at its own import.
+    Idempotent. It acts on the megatron modules imported after this call.
     """
-    if JIT_MODULE in sys.modules:
-        return
-    if not any(isinstance(finder, _JitFuserHook) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _JitFuserHook())
+    if not any(isinstance(finder, _MegatronImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _MegatronImportHook())

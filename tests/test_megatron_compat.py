@@ -38,16 +38,18 @@ def test_megatron_core_imports_quietly() -> None:
     assert "not installed" not in done.stderr and "Warning" not in done.stderr, done.stderr
 
 
-def test_megatron_jit_fuser_is_deferred_on_a_cpu_and_skips_inductor_at_import() -> None:
+def test_megatron_compile_is_deferred_on_a_cpu_and_skips_inductor_at_import() -> None:
     code = (
-        "import sys, nbdiff_megatron, torch, megatron.core, megatron.core.models.gpt; "
+        "import sys, nbdiff_megatron, torch, megatron.core, megatron.core.models.gpt, "
+        "megatron.core.pipeline_parallel; "
         "from megatron.core import jit; "
         "from nbdiff_megatron.megatron_compat import compile_on_first_call as deferred; "
         "from megatron.core.fusions import fused_bias_gelu as g; "
         "assert not torch.cuda.is_available(); "
         "assert jit.jit_fuser is deferred, jit.jit_fuser; "
+        "assert torch.compile is not deferred and torch.compile.__module__ == 'torch'; "
         "assert g.bias_gelu.__wrapped__.__name__ == 'bias_gelu', g.bias_gelu; "
-        "assert 'torch._inductor.compile_fx' not in sys.modules"
+        "assert 'torch._inductor.compile_fx' not in sys.modules, 'Inductor was imported'"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=clean_env()
@@ -80,3 +82,6 @@ def test_compile_on_first_call_builds_the_compiled_function_once_when_first_call
     assert bare(2, b=3) == ("compiled", 5) and bare(1) == ("compiled", 2)
     assert with_options(4) == ("compiled", 5)
     assert built == [{}, {"dynamic": False}]  # one build each, with the decorator's options
+    module = torch.nn.Linear(2, 2)
+    compile_on_first_call(module)
+    assert len(built) == 3  # a module is compiled at once, as torch.compile does

@@ -63,6 +63,24 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _check_launch_early(cfg) -> None:
+    """A layout that does not match the launched processes fails here, before megatron-core is
+    imported (seconds per process); then with every launch problem, as `train` reports them."""
+    import os
+
+    from nbdiff_megatron.errors import ConfigError
+    from nbdiff_megatron.training.config import check_launch, check_world_size
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        check_world_size(cfg, world)
+    except ConfigError:
+        import torch
+
+        check_launch(cfg, world, torch.cuda.is_available())
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     from nbdiff_megatron.training.config import dump_config, load_config
 
@@ -73,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_save_dir:
         print(cfg.checkpoint.save or "")
         return 0
+    _check_launch_early(cfg)
     from nbdiff_megatron.model.parallel import destroy_parallel
     from nbdiff_megatron.training.loop import train
 
