@@ -101,6 +101,8 @@ class Cluster:
         r = self.root
         # sched_interval / bf_interval = 1 s: a requeued job becomes eligible at its BeginTime with no
         # event to schedule it, and waited for the periodic passes (60 s and 30 s by default).
+        # KillWait=90 (sites: 30-120 s): the grace after SIGTERM in which a job saves and reports it;
+        # 30 s was too short for a test job on a 2-core machine running the rest of the suite.
         self.conf.write_text(
             f"""ClusterName=nbdiffci
 SlurmctldHost=localhost(127.0.0.1)
@@ -123,7 +125,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MinJobAge=600
-KillWait=30
+KillWait=90
 SchedulerParameters=defer_batch,sched_interval=1,bf_interval=1
 {nodes}
 PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
