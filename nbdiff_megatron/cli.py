@@ -86,6 +86,17 @@ QUIET_RANK_GRACE_S = 10.0
 environment variable NBDIFF_QUIET_RANK_GRACE_S overrides it (seconds)."""
 
 
+def quiet_rank_grace_s() -> float:
+    """NBDIFF_QUIET_RANK_GRACE_S as seconds >= 0, or QUIET_RANK_GRACE_S when unset or not a number
+    (the error being reported matters more than a malformed knob)."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("NBDIFF_QUIET_RANK_GRACE_S", QUIET_RANK_GRACE_S)))
+    except ValueError:
+        return QUIET_RANK_GRACE_S
+
+
 def report_user_error(command: str, exc: BaseException) -> None:
     """Print a user error (no traceback) once: on rank 0 under torchrun/srun, the others stay quiet.
 
@@ -99,7 +110,7 @@ def report_user_error(command: str, exc: BaseException) -> None:
     if rank not in ("", "0"):
         # torchrun stops every worker as soon as one exits: leaving at once could stop rank 0
         # before it has printed. The launcher ends this wait when rank 0 exits.
-        time.sleep(float(os.environ.get("NBDIFF_QUIET_RANK_GRACE_S", QUIET_RANK_GRACE_S)))
+        time.sleep(quiet_rank_grace_s())
         return
     print(f"nbdiff {command}: error: {exc}", file=sys.stderr, flush=True)
 

@@ -183,15 +183,23 @@ def compile_on_first_call(fn: Any = None, **options: Any) -> Any:
     return call
 
 
+@functools.cache
+def _cuda_present() -> bool:
+    """torch.cuda.is_available(), asked once per process (not once per megatron module)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @contextlib.contextmanager
 def _compile_deferred() -> Iterator[None]:
     """torch.compile is `compile_on_first_call` inside (in a CPU-only process; nested: once)."""
     global _real_compile
-    import torch
-
-    if _real_compile is not None or torch.cuda.is_available():
+    if _real_compile is not None or _cuda_present():
         yield
         return
+    import torch
+
     _real_compile = torch.compile
     torch.compile = compile_on_first_call
     try:

@@ -413,7 +413,6 @@ def save_checkpoint(
     `latest` is updated and checkpoints beyond the newest `keep_last` are deleted, except the steps in
     `protect` (the last healthy checkpoint, faults.HealthyCheckpoints).
     """
-
     from nbdiff_megatron.training import faults
 
     save_dir = Path(save_dir)

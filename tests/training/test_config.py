@@ -279,3 +279,16 @@ def test_only_rank_zero_prints_a_user_error() -> None:
     assert runs["0"].returncode == runs["1"].returncode == 2
     assert runs["0"].stderr.count("Did you mean 'steps'") == 1
     assert runs["1"].stderr == "" and runs["1"].stdout == ""
+
+
+def test_quiet_rank_grace_reads_the_environment_and_survives_a_bad_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbdiff_megatron.cli import QUIET_RANK_GRACE_S, quiet_rank_grace_s
+
+    monkeypatch.delenv("NBDIFF_QUIET_RANK_GRACE_S", raising=False)
+    assert quiet_rank_grace_s() == QUIET_RANK_GRACE_S
+    monkeypatch.setenv("NBDIFF_QUIET_RANK_GRACE_S", "0.5")
+    assert quiet_rank_grace_s() == 0.5
+    monkeypatch.setenv("NBDIFF_QUIET_RANK_GRACE_S", "soon")
+    assert quiet_rank_grace_s() == QUIET_RANK_GRACE_S
