@@ -182,16 +182,15 @@ def _add_show_curriculum(parser: argparse.ArgumentParser) -> None:
 def curriculum_series(cfg, max_points: int = 4000) -> dict[str, list]:
     """B(k), λ(k) and LR(k) of a training config at up to ``max_points`` steps k = 1..train.steps
     (every step if fewer; steps are numbered as the logs number them, method/curriculum.py)."""
-    from nbdiff_megatron.training.loop import ar_weight_of, block_size_of, lr_of
-
+    schedule = cfg.step_schedule()
     total = cfg.train.steps
     stride = max(1, -(-total // max_points))
     steps = sorted(set(range(1, total + 1, stride)) | {total})
     return {
         "step": steps,
-        "block_size": [block_size_of(cfg, s) for s in steps],
-        "ar_weight": [ar_weight_of(cfg, s) for s in steps],
-        "lr": [lr_of(cfg, s) for s in steps],
+        "block_size": [schedule.block_size(s) for s in steps],
+        "ar_weight": [schedule.ar_weight(s) for s in steps],
+        "lr": [schedule.lr(s) for s in steps],
     }
 
 

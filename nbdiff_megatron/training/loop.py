@@ -3,8 +3,9 @@
 One optimizer step k (k = 1..train.steps, the number the logs, the metrics file and the checkpoint
 iter_k show; `method/curriculum.py` states this convention):
 
-1. The curriculum gives the block size B(k) and the AR weight λ(k), and `lr_at(k)` the learning rate:
-   all functions of k only, so every rank agrees without communication.
+1. The config's step schedule (`cfg.step_schedule()`, training/schedule.py) gives the block size B(k),
+   the AR weight λ(k) and the learning rate: all functions of k only, so every rank agrees without
+   communication.
 2. Each data-parallel rank takes its micro-batches of the global batch from `data.loader`'s
    deterministic sampler, which starts at the consumed-samples count of the checkpoint (exact resume);
    the CP ranks of a DP rank get the same micro-batches.
@@ -46,8 +47,6 @@ import torch
 import torch.distributed as dist
 
 from nbdiff_megatron.errors import ConfigError, DataError
-from nbdiff_megatron.method.curriculum import Curriculum
-from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training import checkpointing, cluster, faults
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import RunLogger, StepRecord, guess_peak_tflops
@@ -94,60 +93,6 @@ def check_objective(cfg: TrainConfig, objective: str) -> None:
             "the AR objective is a measurement baseline and neither saves nor loads checkpoints: "
             "set --checkpoint.save=null --checkpoint.load=null"
         )
-
-
-# ----------------------------------------------------------------------------------- curriculum
-
-
-def curriculum_of(cfg: TrainConfig) -> Curriculum:
-    """The block growth (eq. 3) and λ co-schedule of a config (NBDIFF.md §5)."""
-    cur = cfg.curriculum
-    return Curriculum(
-        target=cur.target_block_size,
-        start=cur.start_block_size,
-        base=cur.growth_base,
-        interval=cur.growth_interval,
-        warmup=cur.growth_warmup,
-        ar_weight_start=cur.ar_weight,
-        ar_weight_end=cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final,
-        ar_weight_style=cur.ar_weight_anneal,
-    )
-
-
-def block_size_of(cfg: TrainConfig, step: int) -> int:
-    """B(k) of step k (1-based, as logged), eq. 3: B_target first trains at the step the config's
-    growth says (`Curriculum.growth_end_step`). The annealed-mask baseline trains at B_target from
-    step 1 (it anneals the mask instead, `anneal_progress_of`)."""
-    if cfg.curriculum.mask_kind == "annealed":
-        return cfg.curriculum.target_block_size
-    return curriculum_of(cfg).block_size(step)
-
-
-def anneal_progress_of(cfg: TrainConfig, step: int) -> float | None:
-    """Progress of the annealed mask at step k (`Curriculum.anneal_progress`); None for other kinds."""
-    if cfg.curriculum.mask_kind != "annealed":
-        return None
-    return curriculum_of(cfg).anneal_progress(step)
-
-
-def ar_weight_of(cfg: TrainConfig, step: int) -> float:
-    """λ(k) of step k: annealed with the block size (NBDIFF.md §5 co-schedules)."""
-    return curriculum_of(cfg).ar_weight(step)
-
-
-def lr_of(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of step k (1-based, as logged): `lr_at(k)` (ScheduleConfig explains why)."""
-    sch = cfg.schedule
-    schedule = LRSchedule(
-        peak=cfg.optimizer.lr,
-        min_lr=cfg.optimizer.min_lr,
-        warmup=sch.warmup_steps,
-        total=cfg.train.steps,
-        decay=sch.decay_steps,
-        style=sch.style,
-        decay_shape=sch.decay_shape,
-    )
-    return schedule.at(step)
 
 
 def noise_seed(seed: int, step: int, dp_rank: int, micro_batch: int) -> int:
@@ -431,7 +376,7 @@ def noise_micro_batch(
     # so position-dependent masking keeps L_MDM an unbiased bound (1 / t would not).
     t_token = torch.where(probability > 0, probability.to(t_token.dtype), t_token)
     draw = None
-    progress = anneal_progress_of(cfg, step)
+    progress = cfg.step_schedule().anneal_progress(step)
     if progress is not None:
         # Drawn after the token masks, from the same generator: TP/PP/CP ranks agree, resumes replay.
         draw = annealed_draw(batch, length, block_size, progress, generator=gen)
@@ -725,14 +670,15 @@ def _train_step(
 
     cfg = rt.cfg
     ar_only = rt.objective == "ar"
-    block_size = block_size_of(cfg, step)
-    _set_lr(rt.optimizer, lr_of(cfg, step))
+    schedule = cfg.step_schedule()
+    block_size = schedule.block_size(step)
+    _set_lr(rt.optimizer, schedule.lr(step))
     rt.model.zero_grad_buffer()
     rt.optimizer.zero_grad()
     mbs = _micro_batches(rt, step, block_size)
     loss_kwargs = dict(
         fused=_fused_loss_kwargs(cfg),
-        ar_weight=1.0 if ar_only else ar_weight_of(cfg, step),
+        ar_weight=1.0 if ar_only else schedule.ar_weight(step),
         token_shift=cfg.loss.token_shift,
         block_size=block_size,
         cp_layout=rt.cp_layout,
@@ -960,7 +906,7 @@ def train(
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
             # An AR step is the B = 1, λ = 1 point of the curriculum.
-            block = 1 if objective == "ar" else block_size_of(cfg, step)
+            block = 1 if objective == "ar" else cfg.step_schedule().block_size(step)
             try:
                 ok = guard.check(step, loss, grad_norm)
                 spike = ok and not spikes.check(step, loss, grad_norm, regime=block)
@@ -974,12 +920,12 @@ def train(
                 mdm=float(terms[1]),
                 ar=float(terms[2]),
                 block_size=block,
-                ar_weight=1.0 if objective == "ar" else ar_weight_of(cfg, step),
-                lr=lr_of(cfg, step),
+                ar_weight=1.0 if objective == "ar" else cfg.step_schedule().ar_weight(step),
+                lr=cfg.step_schedule().lr(step),
                 grad_norm=grad_norm,
                 skipped=not ok,
                 mask_kind=cfg.curriculum.mask_kind,
-                anneal_progress=anneal_progress_of(cfg, step),
+                anneal_progress=cfg.step_schedule().anneal_progress(step),
                 step_time=elapsed,
                 tokens_per_s=tokens_per_s,
                 mfu=(flops / elapsed / (world * peak * 1e12)) if peak else None,
