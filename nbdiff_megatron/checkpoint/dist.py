@@ -185,7 +185,7 @@ def write_dist_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
 
     _in_process_results_queue()
     with device_mode():
-        # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
+        # Synchronous save: the persistent async writer spawns a child that needs CUDA (docs/megatron-compat.md).
         dist_checkpointing.save(state, str(directory), **_save_kwargs(dist_checkpointing.save))
 
 

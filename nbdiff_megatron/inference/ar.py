@@ -1,6 +1,6 @@
 """Autoregressive baseline decoding of the same weights: one token per forward, KV cache.
 
-The side-by-side reference for block decoding (NBDIFF.md §7: the point is the speed-up over AR decoding of
+The side-by-side reference for block decoding (docs/METHOD.md §7: the point is the speed-up over AR decoding of
 the same model). Prompts are left-padded to a common length; padding is masked out of attention and
 positions start at 0 at each row's first real token.
 """

@@ -1,13 +1,13 @@
-"""Block-diffusion decoding with a KV cache and parallel unmasking (NBDIFF.md §7, Fast-dLLM v2 style).
+"""Block-diffusion decoding with a KV cache and parallel unmasking (docs/METHOD.md §7, Fast-dLLM v2 style).
 
 Layout of a batch (one tensor of columns shared by every prompt):
 
     row i:  [pad ... pad | prompt, full blocks | prompt tail, [MASK] ... | [MASK] x B | ...]
              0                                 R (first active block)     R + B
 
-Block alignment (`block_align`, NBDIFF.md §7):
+Block alignment (`block_align`, docs/METHOD.md §7):
 - "document" (default; how `nbdiff train` packs): blocks are aligned to *positions* (multiples of B from
-  the first prompt token, position 0), exactly as in training (NBDIFF.md §3, blocks counted from a
+  the first prompt token, position 0), exactly as in training (docs/METHOD.md §3, blocks counted from a
   document's start), so a prompt whose length is not a multiple of B leaves its last `P mod B` tokens
   inside the first active block, as fixed (unmasked) tokens of x_t.
 - "prompt" (the NBDiff release's decoder): the first block starts right after the prompt; the prompt is
@@ -22,7 +22,7 @@ unmasking rule (at least one), sub-block by sub-block when sub-blocks are set. T
 run once more to commit its k/v to the cache; that forward's last logit starts the next block.
 
 How committed tokens are encoded follows the x_0 half of the model's training mask (`mask_kind`,
-NBDIFF.md §2-3): "context_causal" (NBDiff) encodes the prompt and every committed block causally
+docs/METHOD.md §2-3): "context_causal" (NBDiff) encodes the prompt and every committed block causally
 (`j <= i`); "block_causal" (BD3-LM / SDAR baseline, x_0 half `blk(j) <= blk(i)`) encodes each prompt
 block and each committed block bidirectionally inside the block, causally across blocks, blocks counted
 from the prompt's first token. Either way the last committed logit (the last token of a block sees its
@@ -54,9 +54,9 @@ from nbdiff_megatron.inference.unmasking import (
     unmask_step,
 )
 
-# Training mask kinds whose x_0 half the decoder can reproduce in its cache (NBDIFF.md §2).
+# Training mask kinds whose x_0 half the decoder can reproduce in its cache (docs/METHOD.md §2).
 MASK_KINDS = ("context_causal", "block_causal")
-# Where blocks start (NBDIFF.md §7): at multiples of B from the document start, or at the prompt's end.
+# Where blocks start (docs/METHOD.md §7): at multiples of B from the document start, or at the prompt's end.
 BLOCK_ALIGNS = ("document", "prompt")
 
 

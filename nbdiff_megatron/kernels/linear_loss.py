@@ -1,4 +1,4 @@
-"""Fused output projection + NBDiff masked cross-entropy (NBDIFF.md §4, eq. 2), vocab-parallel.
+"""Fused output projection + NBDiff masked cross-entropy (docs/METHOD.md §4, eq. 2), vocab-parallel.
 
 ``nbdiff_linear_loss(hidden, weight, ...)`` equals ``nbdiff_loss(hidden @ weight.T, ...)`` (the logits
 gathered over the TP group) in value and in gradients w.r.t. ``hidden`` and ``weight``, without ever

@@ -60,7 +60,7 @@ class ParallelConfig:
 
 @dataclass
 class NoiseConfig:
-    """How x_t is drawn from x_0 (NBDIFF.md §4, noising).
+    """How x_t is drawn from x_0 (docs/METHOD.md §4, noising).
 
     Tokens outside the loss (SFT prompts and user turns, padding) are never masked: inference always
     sees the prompt clean (`training.loop.noise_micro_batch`).
@@ -89,7 +89,7 @@ class CurriculumConfig:
     """Block-size growth (eq. 3) and the co-scheduled AR weight λ; functions of the step only."""
 
     mask_kind: Literal["context_causal", "block_causal", "annealed"] = "context_causal"
-    """Attention mask family (NBDIFF.md §2): context_causal (NBDiff), block_causal (ablation; needs
+    """Attention mask family (docs/METHOD.md §2): context_causal (NBDiff), block_causal (ablation; needs
     ar_weight 0) or annealed (DiffuLLaMA-style baseline: target block size from step 1, the mask
     interpolating from the B=1 to the target mask over the growth phase the growth_* fields define)."""
     start_block_size: int = 1
@@ -125,7 +125,7 @@ class CurriculumConfig:
 
 @dataclass
 class LossConfig:
-    """Loss options (NBDIFF.md §4)."""
+    """Loss options (docs/METHOD.md §4)."""
 
     token_shift: bool = True
     """Logit i-1 predicts token i (the AR head's meaning; NBDiff-7B decodes this way)."""
@@ -581,7 +581,7 @@ def validate_config(cfg: TrainConfig) -> None:
         cur.mask_kind != "block_causal" or cur.target_block_size == 1 or largest_weight == 0.0,
         f"curriculum.ar_weight={cur.ar_weight} (ar_weight_final={cur.ar_weight_final}) with "
         "curriculum.mask_kind=block_causal: the block-causal x_0 half lets clean position i see "
-        "x_0[i+1] inside its block, so L_AR would train a copy task (NBDIFF.md §4); set "
+        "x_0[i+1] inside its block, so L_AR would train a copy task (docs/METHOD.md §4); set "
         "--curriculum.ar_weight=0 (and ar_weight_final to 0 or null) for the block-causal "
         "ablation, or use mask_kind=context_causal",
     )

@@ -326,7 +326,7 @@ def noise_micro_batch(
     block_size: int,
     mask_id: int,
 ) -> Noise:
-    """t and x_t of one micro-batch (NBDIFF.md §4), drawn on the CPU from `noise_seed`.
+    """t and x_t of one micro-batch (docs/METHOD.md §4), drawn on the CPU from `noise_seed`.
 
     The generator is seeded by (train.seed, step, DP rank, micro-batch) and by nothing else -- not the
     TP/PP/CP rank -- so every model-parallel rank of a data-parallel rank draws the same noise and a
@@ -334,7 +334,7 @@ def noise_micro_batch(
 
     Tokens outside the loss (loss_mask False) are never masked: in SFT these are the prompt and user
     turns, which inference always sees clean, so each x_t block sees what the active block sees at
-    decoding time (NBDIFF.md §3); in pretraining they are the padding suffix, which carries no loss and
+    decoding time (docs/METHOD.md §3); in pretraining they are the padding suffix, which carries no loss and
     stays clean too (a [MASK] there would only be noise in the x_t context of no loss token). The random
     draws are made for every position first, so the noise of the loss tokens does not depend on it.
     """
@@ -1063,7 +1063,7 @@ def _save(
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
             "job": job,
             "health": rt.health.state() if rt.health is not None else None,
-            # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
+            # blocks count from each packed document's start (docs/METHOD.md §3): decoders align so
             "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
