@@ -88,10 +88,10 @@ NO_SAVE_NOTE = (
 )
 
 
-def _say(text: str, *, stream=sys.stdout) -> None:
+def _say(text: str, *, stderr: bool = False) -> None:
     """Print once per launch (rank 0), as the run's own report does."""
     if os.environ.get("RANK", "0") in ("", "0"):
-        print(text, file=stream, flush=True)
+        print(text, file=sys.stderr if stderr else sys.stdout, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         args.config, overrides_from_args(args), model_file=args.model_config, notes=notes
     )
     for note in notes:  # on stderr: --print-config's YAML stays clean on stdout
-        _say(note, stream=sys.stderr)
+        _say(note, stderr=True)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

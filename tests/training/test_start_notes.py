@@ -1,8 +1,10 @@
-"""`--model-config`: a converted checkpoint's model.yaml gives the shape, the config keeps what it sets on
-purpose (phase 2's raised RoPE base), and every value that changes is named in one line at start."""
+"""What `nbdiff train` says at start. `--model-config`: a converted checkpoint's model.yaml gives the
+shape, the config keeps what it sets on purpose (phase 2's raised RoPE base), and every value that
+changes is named in one line. A run without checkpoint.save says so at start and at the end."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -10,6 +12,8 @@ import yaml
 from nbdiff_megatron.cli import main
 from nbdiff_megatron.model.config import ModelConfig
 from nbdiff_megatron.training.config import load_config
+from tests.launch import DIST_VARS
+from tests.training.runs import TINY, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 PHASE2 = REPO / "examples" / "phase2_32k.yaml"
@@ -82,3 +86,13 @@ def test_an_identical_shape_prints_nothing(tmp_path: Path) -> None:
     notes: list[str] = []
     cfg = load_config(config, model_file=model_yaml, notes=notes)
     assert notes == [] and cfg.model.seq_length == 32768
+
+
+def test_a_run_without_checkpoint_save_says_so_at_start_and_end(corpus_prefix: str, capsys) -> None:
+    for name in DIST_VARS:
+        os.environ.pop(name, None)
+    assert main(["train", "--config", TINY, *tiny_overrides(corpus_prefix, "--train.steps=1")]) == 0
+    out = capsys.readouterr().out
+    start, end = out.index("checkpoint.save is unset"), out.rindex("checkpoint.save is unset")
+    assert start < out.index("nbdiff train:") < out.index("done:") < end
+    assert "this run saves no checkpoint" in out and "this run saved no checkpoint" in out
