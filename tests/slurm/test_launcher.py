@@ -1,11 +1,13 @@
-"""slurm/nbdiff.sbatch on a real scheduler: completion, USR1 -> requeue -> exact resume, 2 nodes,
-`scontrol requeue` (SIGTERM). Jobs are submitted from a folder outside the repository."""
+"""slurm/nbdiff.sbatch on a real scheduler: completion, USR1 (twice, the batch shell included) ->
+requeue -> exact resume, 2 nodes, `scontrol requeue` (SIGTERM). Jobs are submitted from a folder
+outside the repository."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,9 @@ def test_a_tiny_run_completes_with_a_marker(reference: Path) -> None:
 def test_b_usr1_requeues_and_resumes_bitwise(
     cluster: Cluster, corpus: str, reference: Path, submit_dir: Path
 ) -> None:
+    """USR1 to the steps, then 0.1 s later USR1 to the whole job, batch shell included (`--full`):
+    the shell survives (it traps USR1), the supervisor takes two signals in quick succession, the job
+    requeues itself and the resumed run is bitwise the uninterrupted one."""
     save = submit_dir / "run"
     job = cluster.sbatch(
         "--gpus-per-node=0",
@@ -111,10 +116,14 @@ def test_b_usr1_requeues_and_resumes_bitwise(
         submit_dir, job
     )
     cluster.run("scancel", "--signal=USR1", str(job))
+    time.sleep(0.1)
+    cluster.run("scancel", "--full", "--signal=USR1", str(job))
     _release_when_requeued(cluster, job)
     info = _finish(cluster, job, submit_dir)
     log = _log(submit_dir, job)
     assert "received SIGUSR1" in log and "requeueing job" in log, log
+    assert "nbdiff.sbatch: SIGUSR1 received" in log, log  # the batch shell got it, and lived
+    assert "Traceback" not in log, log
     assert int(info["Restarts"]) == 1 and info["ExitCode"] == "0:0", info
     starts = [json.loads(line) for line in (save / "runs.jsonl").read_text().splitlines()]
     assert len(starts) == 2 and 2 <= starts[1]["start_step"] < STEPS, starts
