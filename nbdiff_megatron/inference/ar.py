@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from nbdiff_megatron.errors import InferenceError
-from nbdiff_megatron.inference.decoder import (
+from nbdiff_megatron.inference.decoder import setup_decoder
+from nbdiff_megatron.inference.refinement import (
     DecodeConfig,
     DecodeOutput,
     DecodeStats,
     attention_allowed,
-    prompt_lists,
-    setup_decoder,
+    check_prompts,
 )
 from nbdiff_megatron.inference.unmasking import propose_tokens, row_generators
 
@@ -61,13 +61,7 @@ class ARDecoder:
         """
         config = replace(self.config, **overrides) if overrides else self.config
         began = time.perf_counter()
-        prompts = prompt_lists(prompts)
-        for i, p in enumerate(prompts):
-            if len(p) >= self.max_context:
-                raise InferenceError(
-                    f"prompt {i} has {len(p)} tokens, the model's context is {self.max_context}: "
-                    "shorten the prompt (at least one position must be left to generate)"
-                )
+        prompts = check_prompts(prompts, self.max_context)
         runner = self.runner
         device = runner.device
         batch = len(prompts)
