@@ -598,6 +598,7 @@ class BlockRefinement:
         generator: Any,
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
+        suppress_mask: bool = True,
     ) -> None:
         self.session, self.config = session, config
         self.eos_ids = [int(e) for e in eos_ids]
@@ -607,7 +608,9 @@ class BlockRefinement:
         batch, device = session.tokens.shape[0], session.tokens.device
         self.device = device
         self.eos = torch.tensor(self.eos_ids or [-1], device=device)
-        self.no_mask = torch.tensor([session.mask_id], device=device)
+        self.suppressed = torch.tensor(
+            [session.mask_id] if suppress_mask else [], dtype=torch.long, device=device
+        )
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.reasons = ["length"] * batch
         self.eos_tokens: list[int | None] = [None] * batch
@@ -623,7 +626,7 @@ class BlockRefinement:
 
     def _suppress_mask(self, logits: torch.Tensor) -> torch.Tensor:
         # [MASK] is an input symbol, never an answer.
-        return logits.index_fill(-1, self.no_mask, float("-inf"))
+        return logits.index_fill(-1, self.suppressed, float("-inf"))
 
     def run(self) -> list[list[int]]:
         """Decode every row; returns each row's generated ids (the EOS that stopped it included)."""
@@ -799,9 +802,12 @@ def decode_batch(
     row_ids: Sequence[int] | None = None,
     callback: Callable[[int, list[list[int]]], None] | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
+    suppress_mask: bool = True,
 ) -> DecodeOutput:
-    """Block-decode `prompts` with `runner`'s model (what `BlockDecoder.generate` and the exported
-    decoder run). `row_ids` name the prompts for the sampling seed (default 0..b-1)."""
+    """Block-decode `prompts` with `runner`'s model (what `BlockDecoder.generate`, `ARDecoder.generate`
+    and the exported decoder run). `row_ids` name the prompts for the sampling seed (default
+    0..b-1); `suppress_mask=False` lets `mask_id` be drawn (an AR model without [MASK]: `mask_id` is
+    then only the placeholder of undecoded columns)."""
     began = time.perf_counter()
     prompts = check_prompts(prompts, max_context)
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
@@ -818,6 +824,7 @@ def decode_batch(
         generator=row_generators(config.seed, row_ids),
         callback=callback,
         stop=stop,
+        suppress_mask=suppress_mask,
     )
     rows = loop.run()
     tokens = [row[:-1] if eos is not None else row for row, eos in zip(rows, loop.eos_tokens)]
