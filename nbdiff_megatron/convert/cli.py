@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the chosen direction and print its summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.direction == "hf-to-mcore":
-        from nbdiff_megatron.convert.hf_to_mcore import hf_to_mcore
+        from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
 
         summary = hf_to_mcore(
             args.hf,

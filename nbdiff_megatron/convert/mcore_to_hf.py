@@ -20,14 +20,15 @@ from typing import Any
 
 import torch
 
-from nbdiff_megatron.convert import common, mcore_io
-from nbdiff_megatron.convert.families import (
+from nbdiff_megatron.checkpoint import common, mcore_io
+from nbdiff_megatron.checkpoint.dist import find_checkpoint, read_common_state
+from nbdiff_megatron.checkpoint.families import (
     FAMILIES,
     export_family,
     hf_config_for_export,
 )
-from nbdiff_megatron.convert.hf_io import TOKENIZER_FILES, ShardWriter, copy_files, plan_shards
-from nbdiff_megatron.convert.tables import expected_hf_shape, table_for, to_hf
+from nbdiff_megatron.checkpoint.hf_io import TOKENIZER_FILES, ShardWriter, copy_files, plan_shards
+from nbdiff_megatron.checkpoint.tables import expected_hf_shape, table_for, to_hf
 from nbdiff_megatron.errors import ConfigError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
@@ -91,7 +92,7 @@ def _tokenizer_mask_id(kind: str | None, model: str) -> int | None:
 
 def describe_checkpoint(ckpt: Path, model_config: str | None) -> dict[str, Any]:
     """Metadata of a checkpoint: model config, mask id, tokenizer, family, dtype, source HF config."""
-    state = mcore_io.read_common_state(ckpt)
+    state = read_common_state(ckpt)
     meta = state.get(mcore_io.METADATA_KEY)
     if isinstance(meta, dict):
         info = dict(meta)
@@ -183,8 +184,6 @@ def mcore_to_hf(
         max_shard_size: largest safetensors shard (e.g. "2GB").
         show_progress: tqdm bar over layers on stderr.
     """
-    from nbdiff_megatron.training.checkpointing import find_checkpoint
-
     timer = common.Timer()
     common.check_dtype_arg(dtype)
     ckpt = find_checkpoint(mcore_dir)
@@ -276,7 +275,7 @@ def mcore_to_hf(
         public["exported_as"] = family_name
         public["dtype"] = target
         (tmp / common.METADATA_FILE).write_text(json.dumps(public, indent=2, default=str) + "\n")
-        from nbdiff_megatron.convert.hf_io import staged_rename
+        from nbdiff_megatron.checkpoint.hf_io import staged_rename
 
         staged_rename(tmp, out.resolve(), overwrite)
     summary.seconds = timer.elapsed()

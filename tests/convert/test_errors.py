@@ -73,7 +73,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(llama_dir, tmp_path
 
 
 def test_failure_midway_leaves_nothing(llama_dir, tmp_path, one_rank, monkeypatch):
-    from nbdiff_megatron.convert import mcore_io
+    from nbdiff_megatron.checkpoint import mcore_io
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")

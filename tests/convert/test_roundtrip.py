@@ -168,7 +168,7 @@ def test_sharded_export(converted, tmp_path):
 
 def test_in_memory_hf_loader_matches(converted, tmp_path):
     """convert.api.load_hf_into_model (used by `nbdiff generate --load HF`) gives the HF logits."""
-    from nbdiff_megatron.convert.api import load_hf_into_model
+    from nbdiff_megatron.checkpoint.api import load_hf_into_model
     from nbdiff_megatron.model.builder import build_model
 
     hf_dir, mcore_dir, model = converted("qwen3_untied")

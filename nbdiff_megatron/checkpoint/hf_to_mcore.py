@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from nbdiff_megatron.convert import common, mcore_io
-from nbdiff_megatron.convert.families import (
+from nbdiff_megatron.checkpoint import common, mcore_io
+from nbdiff_megatron.checkpoint.families import (
     IGNORED_HF_SUFFIXES,
     detect_family,
     model_config_from_hf,
 )
-from nbdiff_megatron.convert.hf_io import HFCheckpoint, copy_files
-from nbdiff_megatron.convert.tables import VocabSizes, expected_hf_shape, table_for, to_mcore
+from nbdiff_megatron.checkpoint.hf_io import HFCheckpoint, copy_files
+from nbdiff_megatron.checkpoint.tables import VocabSizes, expected_hf_shape, table_for, to_mcore
 from nbdiff_megatron.errors import ConfigError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
@@ -62,7 +62,7 @@ def _tokenizer_files(hf: HFCheckpoint, tokenizer: str | None) -> list[Path]:
         return hf.tokenizer_files()
     path = Path(tokenizer)
     if path.is_dir():
-        from nbdiff_megatron.convert.hf_io import TOKENIZER_FILES
+        from nbdiff_megatron.checkpoint.hf_io import TOKENIZER_FILES
 
         return [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
     return [path]
@@ -262,7 +262,7 @@ def hf_to_mcore(
             copy_files(_tokenizer_files(hf, tokenizer), tmp / common.TOKENIZER_DIR)
         (tmp / common.METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         (tmp / common.MODEL_YAML).write_text(_model_yaml(cfg))
-        from nbdiff_megatron.convert.hf_io import staged_rename
+        from nbdiff_megatron.checkpoint.hf_io import staged_rename
 
         staged_rename(tmp, out.resolve(), overwrite)
     summary.seconds = timer.elapsed()
