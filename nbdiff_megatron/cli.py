@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nbdiff_megatron.inference.cli", "decode text with block diffusion (or AR)"),
     "eval": ("nbdiff_megatron.inference.lm_eval_adapter", "evaluate with lm-evaluation-harness"),
     "plan": ("nbdiff_megatron.training.plan", "per-GPU memory, FLOPs and a verdict for a config"),
+    "build-index": (
+        "nbdiff_megatron.training.index_cache",
+        "build a config's dataset index cache ahead of a job (one process, no GPU)",
+    ),
     "show-mask": ("nbdiff_megatron.plots", "draw the 2L x 2L training mask as a PNG"),
     "show-curriculum": ("nbdiff_megatron.plots", "plot B(s), lambda(s) and the LR of a config"),
     "ablate": ("nbdiff_megatron.ablation", "the paper's Table 2 ablation: 5 variants, one command"),

@@ -691,3 +691,62 @@ class MegatronTokenizerAdapter:
             "vocab_size": meta["vocab_size"],
             "eod": meta["eod"],
         }
+
+
+# ------------------------------------------------------------------------ a run's own tokenizer copy
+
+RUN_TOKENIZER_DIR = "tokenizer"
+"""The folder of a save directory (or a converted checkpoint) that holds its tokenizer's files."""
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+"""The files of an HF tokenizer folder (what is copied from a folder)."""
+
+
+def copy_tokenizer(tokenizer_model: str, run_dir: str | os.PathLike) -> str | None:
+    """Copy a local tokenizer (an HF folder's tokenizer files, or one tokenizer file) into
+    `run_dir`/tokenizer/, so the run keeps working when its source moves; returns the copy's folder,
+    or None when there is nothing local to copy (NullTokenizer, a missing path)."""
+    import shutil
+
+    source = os.path.abspath(tokenizer_model) if tokenizer_model else ""
+    if not source or not os.path.exists(source):
+        return None
+    # tokenizer.json's folder may hold its tokenizer_config.json (chat template, special tokens)
+    folder = os.path.dirname(source) if os.path.basename(source) == "tokenizer.json" else source
+    files = (
+        [os.path.join(folder, n) for n in TOKENIZER_FILE_NAMES]
+        if os.path.isdir(folder)
+        else [source]
+    )
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        return None
+    target = os.path.join(os.fspath(run_dir), RUN_TOKENIZER_DIR)
+    if os.path.abspath(target) == folder:
+        return target  # the run's own copy already
+    os.makedirs(target, exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, os.path.join(target, os.path.basename(file)))
+    return target
+
+
+def tokenizer_in_run(run_dir: str | os.PathLike, recorded: str) -> str:
+    """Where a consumer of a run (generate, eval, export) loads the tokenizer `recorded` for it: the
+    run's own copy in `run_dir`/tokenizer/ when there is one (the same file name for a single-file
+    tokenizer), else `recorded` as it was written (absolute in runs of this version)."""
+    copy = os.path.join(os.fspath(run_dir), RUN_TOKENIZER_DIR)
+    if not os.path.isdir(copy):
+        return recorded
+    if recorded and not os.path.isdir(recorded):
+        same_file = os.path.join(copy, os.path.basename(recorded))
+        if os.path.isfile(same_file):
+            return same_file
+    return copy

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from nbdiff_megatron.checkpoint.dist import find_checkpoint, raise_if_truncated, read_common_state
-from nbdiff_megatron.data.tokenizer import stop_token_ids
+from nbdiff_megatron.data.tokenizer import stop_token_ids, tokenizer_in_run
 from nbdiff_megatron.errors import (
     CheckpointError,
     ConfigError,
@@ -210,7 +210,13 @@ def load_megatron(
     data = config.get("data") or {}
     tok = _tokenizer(
         tok_info.get("type") or tok_info.get("tokenizer_type") or data.get("tokenizer_type", ""),
-        tok_info.get("model") or tok_info.get("tokenizer_model") or data.get("tokenizer_model", ""),
+        # the run's own tokenizer copy first: the run works from any directory and after a move
+        tokenizer_in_run(
+            ckpt.parent,
+            tok_info.get("model")
+            or tok_info.get("tokenizer_model")
+            or data.get("tokenizer_model", ""),
+        ),
         tokenizer,
         tokenizer_type,
     )
