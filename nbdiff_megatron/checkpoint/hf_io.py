@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nbdiff_megatron.errors import ConversionError
 
@@ -37,8 +39,6 @@ TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def open_safetensors(path: Path) -> Any:
     """safe_open(path), or one ConversionError naming the file when it is truncated or corrupt."""
-    from safetensors import safe_open
-
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
@@ -151,8 +151,6 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue a tensor; its shard is written as soon as all of the shard's tensors are in."""
-        from safetensors.torch import save_file
-
         shard = self.shard_of[name]
         self.pending[shard][name] = tensor.contiguous()
         if set(self.pending[shard]) == self.expected[shard]:
