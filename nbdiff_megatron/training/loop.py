@@ -946,7 +946,6 @@ def train(
             due = ck.save and (step % ck.save_interval == 0 or done or preempted)
             if due:
                 result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
-                last_saved = step
             if preempted:
                 result.stopped_by_signal = handler.poll() or "signal"
                 logger.info(
@@ -963,8 +962,8 @@ def train(
                         f"in {ck.save}): {resume_command or 'nbdiff train ... (unchanged)'}"
                     )
                 break
-        if ck.save and last_saved != result.final_step and result.final_step > start_step:
-            result.checkpoint = str(_save(rt, cfg, result.final_step, logger, healthy, job))
+        # Every way out of the loop above has saved its last step (the final step and a preemption
+        # are always due); a halt raises.
         if ck.save and result.stopped_by_signal is None and result.final_step == cfg.train.steps:
             if rank == 0:
                 checkpointing.write_completion_marker(
