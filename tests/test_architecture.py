@@ -173,3 +173,15 @@ def test_the_method_document_has_every_section_the_code_cites() -> None:
             for first, last in re.findall(r"§(\d+)(?:[-–]§?(\d+))?", citation):
                 cited.update(f"§{n}" for n in range(int(first), int(last or first) + 1))
     assert cited and cited <= headings, sorted(cited - headings)
+
+
+def test_every_module_of_the_package_has_its_home_in_the_architecture_document() -> None:
+    architecture = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    package = REPO / "nbdiff_megatron"
+    modules = [
+        p.relative_to(package).as_posix()
+        for p in sorted(package.rglob("*.py"))
+        if p.name != "__init__.py" and "__pycache__" not in p.parts
+    ]
+    unnamed = [m for m in modules if f"`{m}`" not in architecture]
+    assert not unnamed, f"docs/ARCHITECTURE.md does not say what these hold: {unnamed}"
