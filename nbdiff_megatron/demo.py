@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+from nbdiff_megatron.data.bundled import example_config
+
+EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 DEFAULT_PROMPT = "1 In the beginning God created"
 # Thresholds decoded besides --threshold (the speed / agreement trade-off).
 SWEEP_THRESHOLDS = (0.9, 0.7, 0.5)
