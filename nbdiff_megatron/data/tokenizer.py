@@ -58,6 +58,8 @@ MASK_TOKEN = "[MASK]"
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
 MASK_CANDIDATES = ("[MASK]", "<|mask|>", "<mask>", "<MASK>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+# End-of-turn markers of chat templates that should stop generation as EOS does.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 # cl100k's pre-tokenization pattern; TikTokenizer(pattern=...) overrides it.
 TIKTOKEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -124,6 +126,24 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
     if getattr(tokenizer, "merge_file", None):
         meta["merge_file"] = os.path.abspath(tokenizer.merge_file)
     return meta
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end generation: the tokenizer's eod, then the END_OF_TURN_TOKENS it knows
+    (never [MASK]). `nbdiff generate` and the exported HF decoder stop on the same ids."""
+    ids = (
+        [int(tokenizer.eod)]
+        if getattr(tokenizer, "eod", -1) is not None and tokenizer.eod >= 0
+        else []
+    )
+    for token in END_OF_TURN_TOKENS:
+        try:
+            found = tokenizer.token_to_id(token)
+        except Exception:  # a tokenizer without that lookup
+            found = None
+        if found is not None and int(found) not in ids and int(found) != tokenizer.mask_id:
+            ids.append(int(found))
+    return ids
 
 
 def check_tokenizer_metadata(expected: dict[str, Any], tokenizer: Tokenizer, where: str) -> None:

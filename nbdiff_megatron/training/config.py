@@ -38,6 +38,12 @@ class ParallelConfig:
     """Pipeline-parallel size: the layers are split into this many consecutive stages."""
     cp: int = 1
     """Context-parallel size: the 2L-token sequence (x_t and x_0 alike) is split over this many ranks."""
+    nccl_timeout_minutes: int = 60
+    """How long a collective may wait before torch.distributed fails it (the default process group and
+    megatron's groups). torch's default of 10 minutes is shorter than what rank 0 can spend building
+    the dataset index cache behind a barrier on a first start (tens of millions of samples on shared
+    storage) or loading a large checkpoint; 60 still ends a real hang within the hour. Build the
+    index ahead of the job with `nbdiff build-index` to keep that wait short."""
     dp: int | None = None
     """Data-parallel size; None = world size / (tp * pp * cp). Set it in cluster configs so that they
     can be validated without launching that many processes."""
@@ -737,6 +743,11 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("tp", "pp", "cp"):
         need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
     need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
+    need(
+        par.nccl_timeout_minutes >= 1,
+        f"parallel.nccl_timeout_minutes must be >= 1 (got {par.nccl_timeout_minutes}); it bounds "
+        "how long a collective waits, e.g. for rank 0 building the dataset index",
+    )
     need(
         par.cp < 1 or cfg.seq_length() % (2 * par.cp) == 0,
         f"model.seq_length={cfg.seq_length()} does not fit parallel.cp={par.cp}: context parallelism "

@@ -206,7 +206,9 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_launch(cfg, world, torch.cuda.is_available())
     par = cfg.parallel
-    initialize_parallel(par.tp, par.pp, par.cp, seed=cfg.train.seed)
+    initialize_parallel(
+        par.tp, par.pp, par.cp, seed=cfg.train.seed, timeout_minutes=par.nccl_timeout_minutes
+    )
     return world, dp
 
 
