@@ -28,9 +28,8 @@ class InferenceError(ValueError):
 
 def special_token_ids(folder: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     """eos ids (a list), bos, pad of the tokenizer copied into `folder`; None if it cannot load."""
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    from nbdiff_megatron.data.tokenizer import load_tokenizer, stop_token_ids
     from nbdiff_megatron.errors import NBDiffError
-    from nbdiff_megatron.inference.loading import _eos_ids
 
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         return None
@@ -40,7 +39,7 @@ def special_token_ids(folder: Path, info: dict[str, Any]) -> dict[str, Any] | No
         tok = load_tokenizer(kind or "HuggingFaceTokenizer", str(path))
     except (NBDiffError, OSError, ValueError):
         return None
-    eos = _eos_ids(tok)
+    eos = stop_token_ids(tok)
     pad = tok.pad if tok.pad is not None and tok.pad >= 0 else (eos[0] if eos else None)
     return {"eos": eos, "bos": tok.bos, "pad": pad}
 

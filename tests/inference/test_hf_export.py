@@ -128,11 +128,11 @@ def exported(tmp_path_factory):
 
 def test_export_config_is_complete(exported):
     _, hf, tok = exported
-    from nbdiff_megatron.inference.loading import _eos_ids
+    from nbdiff_megatron.data.tokenizer import stop_token_ids
 
     config = json.loads((hf / "config.json").read_text())
     gen = json.loads((hf / "generation_config.json").read_text())
-    eos = _eos_ids(tok)
+    eos = stop_token_ids(tok)
     assert config["max_position_embeddings"] == 64  # the trained context, not 2048
     assert config["eos_token_id"] in (eos, eos[0]) and tok.eod in eos
     assert config["eos_token_id"] != tok.mask_id and config["bos_token_id"] == tok.bos
