@@ -78,6 +78,7 @@ def test_eval_reports_tpf_nfe_per_task_and_threshold(one_rank, task_file):
     assert f"{task_file}:5: not valid JSON" in err
 
 
+@pytest.mark.multirank
 def test_data_parallel_eval_equals_one_rank(one_rank, tmp_path):
     """The same run on 2 gloo ranks: generation batches dealt over the ranks, results gathered,
     every number equal to the one-rank run (one launch: the ranks load the model and lm-eval)."""
