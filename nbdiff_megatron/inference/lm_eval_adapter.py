@@ -645,7 +645,8 @@ def _evaluate_threshold(
         fewshot_as_multiturn=args.fewshot_as_multiturn,
         system_instruction=args.system_instruction,
     )
-    results = evaluate(lm, tasks, include_path=paths, options=options)
+    # lm-eval returns the results on LOCAL_RANK 0 only (the other ranks helped decode)
+    results = evaluate(lm, tasks, include_path=paths, options=options) or {}
     return {
         "threshold": threshold,
         "results": results.get("results", {}),
