@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from nbdiff_megatron import install_compat
 from nbdiff_megatron.errors import NBDiffError
 
 # name -> (module, one-line help)
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"nbdiff: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from nbdiff_megatron.megatron_compat import quiet_megatron
-
-    quiet_megatron()  # before any sub-command imports megatron-core
+    # Before any sub-command imports megatron-core; the CPU patches are applied by the model builder
+    # when a command builds a model (docs/ARCHITECTURE.md).
+    install_compat(cpu_patches=False)
     parser = build_parser(command)
     args, extra = parser.parse_known_args(rest)
     args.argv = rest  # the sub-command's own arguments, as typed (a run prints how to resume it)
