@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(REPO))
+    from nbdiff_megatron import install_compat
+
+    install_compat(cpu_patches=False)  # as the nbdiff command (the model builder patches on CPU)
     record = run_checks(args, overrides)
     print(report(record), flush=True)
     if args.json:
