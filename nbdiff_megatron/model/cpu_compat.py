@@ -107,7 +107,7 @@ def apply() -> bool:
     spec's torch norms are used on a GPU without Transformer Engine too).
     """
     global _APPLIED
-    _allow_sequence_parallel_torch_norm()
+    allow_sequence_parallel_torch_norm()
     if _APPLIED:
         return True
     if not needed():
@@ -160,7 +160,7 @@ def apply() -> bool:
     return True
 
 
-def _allow_sequence_parallel_torch_norm() -> None:
+def allow_sequence_parallel_torch_norm() -> None:
     """Sequence parallelism with the local spec's torch norms (transformer/torch_norm.py), on any device.
 
     `WrappedTorchNorm.__new__` asserts `not config.sequence_parallel` (only apex / TE norms carry the

@@ -589,6 +589,9 @@ def load_checkpoint(
     not match the model.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from nbdiff_megatron.convert import mcore_io
 
     ckpt = find_checkpoint(path)
     try:
@@ -608,15 +611,20 @@ def load_checkpoint(
     )
     try:
         with _device_mode():
-            loaded = dist_checkpointing.load(state, str(ckpt))
+            # Entries the checkpoint lacks come back as "unexpected": only `_extra_state` may be
+            # (a checkpoint of the local spec loaded under Transformer Engine; mcore_io's rule).
+            loaded, _, absent = dist_checkpointing.load(
+                state, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED
+            )
     except checkpoint_read_errors() as exc:
         raise CheckpointError(
             f"cannot load checkpoint {ckpt}: {_short(exc)}. The checkpoint is corrupt or was "
             f"written for a different model shape (compare {model_description(ckpt)} with your "
             "model section); load an earlier checkpoint or fix the model section"
         ) from exc
+    mcore_io.check_absent_keys(absent, ckpt)
     try:
-        _unwrap(model[0]).load_state_dict(loaded["model"], strict=True)
+        mcore_io.load_model_state_dict(_unwrap(model[0]), loaded["model"])
     except RuntimeError as exc:
         raise CheckpointError(
             f"checkpoint {ckpt} does not match the model: {str(exc)[:400]}; check the model section"

@@ -482,7 +482,7 @@ def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> TrainConf
 
 
 # Fields of a converter's model.yaml that describe the run, not the checkpoint: the config keeps its own.
-RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend")
+RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend", "transformer_impl")
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
