@@ -118,9 +118,9 @@ def nbdiff_layer_spec(
         uses_transformer_engine("transformer_engine")  # raises without TE
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
-        # The local norms are torch's on every device: under sequence parallelism they need the
-        # patch that lets them carry it (a GPU without TE included).
-        cpu_compat.allow_sequence_parallel_torch_norm()
+        # The local norms are torch's on every device: they need the patch that lets them carry
+        # sequence parallelism and the training dtype (a GPU without TE included).
+        cpu_compat.patch_local_torch_norm()
         spec = gpt_layer_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization
         )
@@ -142,7 +142,7 @@ def final_norm_impl(use_transformer_engine: bool) -> type:
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    cpu_compat.allow_sequence_parallel_torch_norm()
+    cpu_compat.patch_local_torch_norm()
     return WrappedTorchNorm
 
 

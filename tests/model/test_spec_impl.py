@@ -81,6 +81,25 @@ def test_final_norm_follows_the_local_layers_not_megatron_import_time_pick(
     assert type(model.decoder.layers[0].input_layernorm) is torch.nn.RMSNorm
 
 
+def test_local_norms_run_in_the_training_dtype_under_bf16(one_rank) -> None:
+    from nbdiff_megatron.model.builder import nbdiff_forward
+
+    model = build_model(
+        tiny_config(params_dtype="bf16", qk_layernorm=True), seed=1, use_transformer_engine=False
+    )
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    # input, pre-MLP, query and key norms of 2 layers, and the final norm
+    assert len(norms) == 9
+    assert all(p.dtype == torch.bfloat16 for n in norms for p in n.parameters())
+    outputs = []
+    for norm in norms:
+        norm.register_forward_hook(lambda _m, _i, out: outputs.append(out.dtype))
+    x0 = torch.randint(0, 99, (1, 16))
+    hidden = nbdiff_forward(model, x0.masked_fill(x0 % 3 == 0, 99), x0, block_size=4)
+    assert hidden.dtype == torch.bfloat16
+    assert len(outputs) == 9 and set(outputs) == {torch.bfloat16}
+
+
 def test_transformer_impl_is_validated_and_resolved() -> None:
     with pytest.raises(ConfigError, match="model.transformer_impl='tensorrt'"):
         tiny_config(transformer_impl="tensorrt").validate()
@@ -122,16 +141,16 @@ def test_te_spec_with_nbdiff_attention_matches_the_local_spec(
     from megatron.core import dist_checkpointing
 
     from nbdiff_megatron.model.builder import nbdiff_forward
-    from nbdiff_megatron.training.checkpointing import load_model_state_dict
+    from nbdiff_megatron.training import checkpointing
 
     cfg = tiny_config(qk_layernorm=qk_layernorm)
     local = build_model(cfg, seed=3, use_transformer_engine=False).eval()
     te = build_model(cfg, seed=5, use_transformer_engine=True).eval()
     assert spec.uses_transformer_engine("transformer_engine")
-    # The local model's weights, through a checkpoint (as a converted checkpoint reaches TE).
-    dist_checkpointing.save(local.sharded_state_dict(), str(tmp_path))
-    loaded = dist_checkpointing.load(te.sharded_state_dict(), str(tmp_path))
-    load_model_state_dict(te, loaded)
+    assert type(te.decoder.final_layernorm).__name__ != "RMSNorm"  # TE's norm, not torch's
+    # The local model's weights through a checkpoint, as a converted checkpoint reaches TE.
+    dist_checkpointing.save({"model": local.sharded_state_dict()}, str(tmp_path))
+    checkpointing.load_checkpoint(str(tmp_path), [te], None, weights_only=True)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 100, (2, 16), generator=gen).cuda()
     x_t = torch.where(torch.rand(2, 16, generator=gen).cuda() < 0.5, 99, x0)
