@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -72,6 +73,15 @@ def nbdiff_phase_overrides(steps: int) -> list[str]:
         f"--schedule.warmup_steps={min(20, steps // 4)}",
         f"--schedule.decay_steps={max(0, min(steps * 2 // 5, steps - 20))}",
     ]
+
+
+def train_more_command(save: Path, steps: int) -> str:
+    """The command that continues the demo's NBDiff run to `steps`, from any directory: the run's
+    own config.yaml (the demo's data, block-growth schedule and save directory, absolute paths), so
+    it resumes from the newest checkpoint in `save` at the block size the demo reached."""
+    return shlex.join(
+        ["nbdiff", "train", "--config", str(save / "config.yaml"), f"--train.steps={steps}"]
+    )
 
 
 def _section(index: int, total: int, title: str) -> None:
@@ -465,11 +475,7 @@ def run(args: argparse.Namespace) -> int:
         ("metrics", f"{out / 'nbdiff' / 'metrics.jsonl'} (one JSON line per step)"),
         ("TensorBoard", f"tensorboard --logdir {out}"),
         ("decode more", f'nbdiff generate --load {nb_save} --prompt "..."'),
-        (
-            "train more",
-            "nbdiff train --config examples/tiny_cpu.yaml "
-            f"--data.data_path=[{prefix}] --load {nb_save} --train.steps=600",
-        ),
+        ("train more", train_more_command(nb_save, args.nbdiff_steps + 100)),
     ]
     for name, value in rows:
         print(f"  {name:<13} {value}")

@@ -110,6 +110,18 @@ def build_datasets(
     return _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed)
 
 
+def index_cache_dir(config: DataConfig) -> str | None:
+    """Where megatron-core keeps the pretraining datasets' index files (document, sample and shuffle
+    indices): data.data_cache_path, else a `cache` folder beside the first data prefix. None for SFT
+    data, which keeps no index cache."""
+    if config.mode == "sft":
+        return None
+    prefixes, _ = parse_blend(config.data_path)
+    return config.data_cache_path or os.path.join(
+        os.path.dirname(os.path.abspath(prefixes[0])), "cache"
+    )
+
+
 def _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed):
     from nbdiff_megatron.data import megatron_io
     from nbdiff_megatron.data.preprocess import read_sidecar
@@ -126,9 +138,7 @@ def _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed):
         sidecar = read_sidecar(prefix)
         if sidecar is not None:
             check_tokenizer_metadata(sidecar, tokenizer, f"dataset {prefix}")
-    cache = config.data_cache_path or os.path.join(
-        os.path.dirname(os.path.abspath(prefixes[0])), "cache"
-    )
+    cache = index_cache_dir(config)
     sizes = list(num_samples)
     if weights is not None:
         # megatron's builder needs a size for every weighted split; an unsized split gets one pass

@@ -42,6 +42,8 @@ from nbdiff_megatron.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 EOD_PLACEHOLDER = "<eod>"
+MAX_LISTED_PROBLEMS = 10
+"""Dropped conversations listed by file:line and reason in SFTStats.format (the rest are counted)."""
 
 
 @dataclass
@@ -75,6 +77,10 @@ class SFTStats:
             f"loss tokens: {self.loss_tokens}",
         ]
         lines += [f"  dropped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
+        # which lines and why, as preprocess lists them
+        lines += [f"    {problem}" for problem in self.problems[:MAX_LISTED_PROBLEMS]]
+        if len(self.problems) > MAX_LISTED_PROBLEMS:
+            lines.append(f"    ... and {len(self.problems) - MAX_LISTED_PROBLEMS} more")
         return "\n".join(lines)
 
 

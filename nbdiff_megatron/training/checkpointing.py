@@ -1,12 +1,5 @@
-"""Checkpoints with megatron-core `dist_checkpointing` (torch_dist format): save, keep-last-K, resume.
-
-Layout of a save directory:
-
-    <save>/iter_0000100/      one checkpoint (dist_checkpointing directory: metadata.json, shards, common)
-    <save>/latest             the step of the newest complete checkpoint (text)
-    <save>/.tmp_iter_0000200/ a save in progress: renamed to iter_0000200 only once complete
-    <save>/COMPLETE           written when the run reached train.steps (JSON: step, time, job)
-    <save>/anomalous/         checkpoints set aside by a health halt (written after the last healthy one)
+"""Training's checkpoint policy on top of checkpoint/dist.py: what a checkpoint of a run holds, save with
+keep-last-K, the resume rule, health set-asides and the completion marker.
 
 A checkpoint holds the model, the optimizer, the step, the data position and the RNG states (per rank),
 plus the config and parallel layout it was written with. The model and optimizer are stored as sharded
@@ -14,13 +7,13 @@ tensors, so a checkpoint saved with one TP/PP layout loads under another; the pe
 restored when the layout is unchanged (they have no meaning otherwise).
 
 Because every save goes to a temporary name first, a job killed while writing leaves the previous checkpoint
-(and `latest`) intact.
+(and `latest`) intact. `<save>/anomalous/` holds checkpoints set aside by a health halt (written after the
+last healthy one).
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import random
 import shutil
 from dataclasses import dataclass
@@ -29,135 +22,27 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from nbdiff_megatron.checkpoint import mcore_io
+from nbdiff_megatron.checkpoint.dist import (
+    COMPLETE_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    TMP_PREFIX,
+    barrier,
+    checkpoint_name,
+    device_mode,
+    find_checkpoint,
+    list_checkpoints,
+    model_description,
+    process_rank,
+    read_checkpoint_info,
+    short_error,
+    write_dist_checkpoint,
+)
 from nbdiff_megatron.errors import CheckpointError, checkpoint_read_errors
 
-CHECKPOINT_PREFIX = "iter_"
-TMP_PREFIX = ".tmp_"
-LATEST_FILE = "latest"
-COMPLETE_FILE = "COMPLETE"
 ANOMALOUS_DIR = "anomalous"
-FORMAT_VERSION = 1
-
-
-def checkpoint_name(step: int) -> str:
-    """Directory name of the checkpoint written after `step` optimizer steps."""
-    return f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """True if `path` is a finished dist_checkpointing directory (its metadata.json is readable)."""
-    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
-
-    path = Path(path)
-    return path.is_dir() and check_is_distributed_checkpoint(str(path))
-
-
-def list_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in a save directory, oldest first, as (step, path)."""
-    save_dir = Path(save_dir)
-    found = []
-    if not save_dir.is_dir():
-        return found
-    for child in save_dir.iterdir():
-        if not child.name.startswith(CHECKPOINT_PREFIX):
-            continue
-        try:
-            step = int(child.name[len(CHECKPOINT_PREFIX) :])
-        except ValueError:
-            continue
-        if is_complete_checkpoint(child):
-            found.append((step, child))
-    return sorted(found)
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """Resolve `--load PATH` to one checkpoint directory, or raise CheckpointError saying why.
-
-    PATH is either a checkpoint directory itself or a save directory (its `latest` checkpoint, or the
-    newest complete one when `latest` is missing).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; pass a save directory or one of its "
-            f"{CHECKPOINT_PREFIX}XXXXXXX sub-directories to --checkpoint.load"
-        )
-    if is_complete_checkpoint(path):
-        return path
-    if path.name.startswith(CHECKPOINT_PREFIX) or path.name.startswith(TMP_PREFIX):
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete or corrupt (no readable metadata.json: the save that "
-            "wrote it was probably interrupted); load the save directory to use its newest "
-            "complete checkpoint"
-        )
-    latest = path / LATEST_FILE
-    if latest.is_file():
-        text = latest.read_text().strip()
-        try:
-            candidate = path / checkpoint_name(int(text))
-        except ValueError:
-            raise CheckpointError(
-                f"{latest} holds {text!r}, not a step number; delete it to use the newest complete "
-                "checkpoint"
-            ) from None
-        if is_complete_checkpoint(candidate):
-            return candidate
-        raise CheckpointError(
-            f"{latest} points to {candidate.name}, which is missing or incomplete; delete {latest} to "
-            "fall back to the newest complete checkpoint"
-        )
-    found = list_checkpoints(path)
-    if not found:
-        raise CheckpointError(
-            f"no checkpoint in {path}: expected {CHECKPOINT_PREFIX}XXXXXXX sub-directories written by "
-            "`nbdiff train --checkpoint.save=DIR`"
-        )
-    return found[-1][1]
-
-
-def model_description(ckpt: str | Path) -> str:
-    """Where the model shape of a checkpoint is written, for error messages: the converter's
-    `model.yaml` or the training run's `config.yaml` (model section), beside the checkpoint."""
-    ckpt = Path(ckpt)
-    for folder in (ckpt, ckpt.parent):
-        for name in ("model.yaml", "config.yaml"):
-            if (folder / name).is_file():
-                section = "" if name == "model.yaml" else " (its model section)"
-                return f"{folder / name}{section}"
-    return "the model shape it was written with"
-
-
-def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """The non-tensor state of a checkpoint: step, data position, config, layout."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except checkpoint_read_errors() as exc:
-        raise CheckpointError(
-            f"cannot read the common state of checkpoint {path} ({_short(exc)}); "
-            "the checkpoint is corrupt, load an earlier one"
-        ) from exc
-    info = common.get("train_state") if isinstance(common, dict) else None
-    if not isinstance(info, dict) or "step" not in info:
-        raise CheckpointError(
-            f"checkpoint {path} was not written by `nbdiff train` (no train_state); "
-            "to start from converted weights use --checkpoint.finetune=true"
-            if isinstance(common, dict)
-            else f"checkpoint {path} has an unreadable common state"
-        )
-    return info
 
 
 # ----------------------------------------------------------------------------------- start plan
@@ -399,50 +284,7 @@ def _sharded_state_dict(
     return state
 
 
-def _device_mode():
-    from nbdiff_megatron.model import cpu_compat
-
-    return cpu_compat.cuda_to_cpu()
-
-
 # ------------------------------------------------------------------------------------------ save
-
-
-def _save_kwargs(save_fn: Any) -> dict[str, Any]:
-    """Version differences of `dist_checkpointing.save`: 0.19.x defaults `async_strategy` to 'nvrx'
-    (nvidia-resiliency-ext, rarely installed); 'mcore' is megatron-core's own. 0.16.1 has no such
-    argument."""
-    import inspect
-
-    params = inspect.signature(save_fn).parameters
-    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
-
-
-def _in_process_results_queue() -> None:
-    """Let synchronous saves return their write results through a plain in-process queue.
-
-    megatron-core creates that queue on a spawn `Manager`: an extra process, started on the first save,
-    that outlives a trainer killed with SIGKILL (holding its stdout open) and costs ~1.4 s to start.
-    Our saves are synchronous (the writes run in this process and its forked workers), where a
-    `queue.Queue` does the same job.
-    """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:  # another megatron-core layout: keep its own queue
-        return
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
-def write_dist_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
-    """`dist_checkpointing.save(state, directory)` as every save of this project runs it: synchronous,
-    its write results through an in-process queue, CUDA device arguments mapped to the CPU on a CPU."""
-    from megatron.core import dist_checkpointing
-
-    _in_process_results_queue()
-    with _device_mode():
-        # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
-        dist_checkpointing.save(state, str(directory), **_save_kwargs(dist_checkpointing.save))
 
 
 def save_checkpoint(
@@ -467,12 +309,12 @@ def save_checkpoint(
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(step)
     tmp = save_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
-    if _rank() == 0:
+    if process_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # left over by a save that was killed
         tmp.mkdir()
-    _barrier()
+    barrier()
     state = _sharded_state_dict(
         model, optimizer, rng=_rng_state(), include_rng=True, is_loading=False
     )
@@ -486,8 +328,8 @@ def save_checkpoint(
     faults.arm_kill_in_write(step)
     write_dist_checkpoint(state, tmp)
     faults.maybe_kill_during_save(step)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if process_rank() == 0:
         if final.exists():
             shutil.rmtree(final)  # re-saving a step after a resume
         os.replace(tmp, final)
@@ -495,7 +337,7 @@ def save_checkpoint(
         for old_step, old in list_checkpoints(save_dir)[:-keep_last]:
             if old_step not in protect:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -567,12 +409,6 @@ def clear_completion_marker(save_dir: str | Path) -> None:
 # ------------------------------------------------------------------------------------------ load
 
 
-def _short(exc: BaseException) -> str:
-    """The gist of an error whose text may be a whole remote traceback: its last line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
-
-
 def load_checkpoint(
     path: str | Path,
     model: list[torch.nn.Module],
@@ -591,8 +427,6 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from nbdiff_megatron.convert import mcore_io
-
     ckpt = find_checkpoint(path)
     try:
         info = read_checkpoint_info(ckpt)
@@ -610,7 +444,7 @@ def load_checkpoint(
         is_loading=True,
     )
     try:
-        with _device_mode():
+        with device_mode():
             # Entries the checkpoint lacks come back as "unexpected": only `_extra_state` may be
             # (a checkpoint of the local spec loaded under Transformer Engine; mcore_io's rule).
             loaded, _, absent = dist_checkpointing.load(
@@ -618,7 +452,7 @@ def load_checkpoint(
             )
     except checkpoint_read_errors() as exc:
         raise CheckpointError(
-            f"cannot load checkpoint {ckpt}: {_short(exc)}. The checkpoint is corrupt or was "
+            f"cannot load checkpoint {ckpt}: {short_error(exc)}. The checkpoint is corrupt or was "
             f"written for a different model shape (compare {model_description(ckpt)} with your "
             "model section); load an earlier checkpoint or fix the model section"
         ) from exc

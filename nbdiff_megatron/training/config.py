@@ -38,6 +38,12 @@ class ParallelConfig:
     """Pipeline-parallel size: the layers are split into this many consecutive stages."""
     cp: int = 1
     """Context-parallel size: the 2L-token sequence (x_t and x_0 alike) is split over this many ranks."""
+    nccl_timeout_minutes: int = 60
+    """How long a collective may wait before torch.distributed fails it (the default process group and
+    megatron's groups). torch's default of 10 minutes is shorter than what rank 0 can spend building
+    the dataset index cache behind a barrier on a first start (tens of millions of samples on shared
+    storage) or loading a large checkpoint; 60 still ends a real hang within the hour. Build the
+    index ahead of the job with `nbdiff build-index` to keep that wait short."""
     dp: int | None = None
     """Data-parallel size; None = world size / (tp * pp * cp). Set it in cluster configs so that they
     can be validated without launching that many processes."""
@@ -484,6 +490,10 @@ def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> TrainConf
 # Fields of a converter's model.yaml that describe the run, not the checkpoint: the config keeps its own.
 RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend", "transformer_impl")
 
+# The long-context fields a phase sets on purpose (phase 2 raises the RoPE base with its seq_length):
+# where the config sets them, a checkpoint's model.yaml never replaces them.
+CONFIG_KEEPS_MODEL_FIELDS = ("rotary_base", "rope_scaling")
+
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
     """The model shape in a `model.yaml` written by `nbdiff convert hf-to-mcore` (or any YAML file
@@ -504,16 +514,56 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k not in RUN_MODEL_FIELDS}
 
 
+def merge_model_file(
+    config_model: dict[str, Any], file_model: dict[str, Any], model_file: str | Path
+) -> tuple[dict[str, Any], str | None]:
+    """The model fields `model_file` contributes, and a line naming every config value that differs.
+
+    The checkpoint's shape wins (hidden size, heads, vocabulary, ...): the weights have that shape.
+    The config's long-context fields (CONFIG_KEEPS_MODEL_FIELDS) win where the config sets them.
+    """
+    shape = {
+        k: v
+        for k, v in file_model.items()
+        if not (k in CONFIG_KEEPS_MODEL_FIELDS and k in config_model)
+    }
+    replaced = [
+        f"{k}={_show(v)} (config: {_show(config_model[k])})"
+        for k, v in shape.items()
+        if k in config_model and config_model[k] != v
+    ]
+    kept = [
+        f"{k}={_show(config_model[k])} (model.yaml: {_show(v)})"
+        for k, v in file_model.items()
+        if k not in shape and config_model[k] != v
+    ]
+    if not replaced and not kept:
+        return shape, None
+    parts = []
+    if replaced:
+        parts.append(f"took the checkpoint's {', '.join(replaced)}")
+    if kept:
+        parts.append(f"kept the config's long-context {', '.join(kept)}")
+    return shape, f"--model-config {model_file}: " + "; ".join(parts)
+
+
+def _show(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+
 def load_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
     *,
     validate: bool = True,
     model_file: str | Path | None = None,
+    notes: list[str] | None = None,
 ) -> TrainConfig:
     """Read a YAML config, apply `model_file`'s model shape, then `--a.b=value` overrides, convert
     types and validate.
 
+    `notes` (when given) receives the one line that says which config values `model_file` replaced
+    and which the config kept (merge_model_file), for the caller to print at start.
     Raises ConfigError naming the file or field at fault.
     """
     raw: dict[str, Any] = {}
@@ -540,7 +590,11 @@ def load_config(
         # The file's stated budget describes the file's run; overriding its size makes another run.
         raw = _merge(raw, {"train": {"token_budget": None}})
     if model_file is not None:
-        raw = _merge(raw, {"model": read_model_file(model_file)})
+        config_model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        shape, note = merge_model_file(config_model, read_model_file(model_file), model_file)
+        raw = _merge(raw, {"model": shape})
+        if note and notes is not None:
+            notes.append(note)
     raw = _merge(raw, extra)
     try:
         return config_from_dict(raw, validate=validate)
@@ -694,6 +748,11 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("tp", "pp", "cp"):
         need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
     need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
+    need(
+        par.nccl_timeout_minutes >= 1,
+        f"parallel.nccl_timeout_minutes must be >= 1 (got {par.nccl_timeout_minutes}); it bounds "
+        "how long a collective waits, e.g. for rank 0 building the dataset index",
+    )
     need(
         par.cp < 1 or cfg.seq_length() % (2 * par.cp) == 0,
         f"model.seq_length={cfg.seq_length()} does not fit parallel.cp={par.cp}: context parallelism "

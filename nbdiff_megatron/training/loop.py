@@ -49,7 +49,7 @@ import torch.distributed as dist
 from nbdiff_megatron.errors import ConfigError, DataError
 from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
-from nbdiff_megatron.training import checkpointing, cluster, faults
+from nbdiff_megatron.training import checkpointing, cluster, faults, run_dir
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import RunLogger, StepRecord, guess_peak_tflops
 
@@ -203,7 +203,9 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_launch(cfg, world, torch.cuda.is_available())
     par = cfg.parallel
-    initialize_parallel(par.tp, par.pp, par.cp, seed=cfg.train.seed)
+    initialize_parallel(
+        par.tp, par.pp, par.cp, seed=cfg.train.seed, timeout_minutes=par.nccl_timeout_minutes
+    )
     return world, dp
 
 
@@ -814,6 +816,7 @@ def train(
     from nbdiff_megatron.training.plan import step_flops
 
     check_objective(cfg, objective)
+    cfg = run_dir.with_absolute_paths(cfg)  # the run's records work from any directory
     done_marker = checkpointing.read_completion_marker(cfg.checkpoint.save)
     if done_marker is not None and done_marker["step"] >= cfg.train.steps:
         # Resume rule 4: a requeued job or a re-run pipeline step of a finished run does nothing.
@@ -915,6 +918,7 @@ def train(
     if rank == 0 and ck.save:
         Path(ck.save).mkdir(parents=True, exist_ok=True)
         (Path(ck.save) / "config.yaml").write_text(dump_config(cfg))
+        run_dir.record_run_files(ck.save, cfg)
         if done_marker is not None:  # train.steps was raised: the run goes on, no longer complete
             checkpointing.clear_completion_marker(ck.save)
         _record_start(Path(ck.save), job, start_step, resumed_from, resume_command)

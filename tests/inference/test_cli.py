@@ -320,11 +320,27 @@ def test_generate_prints_stop_reasons_and_new_flags(trained_checkpoint, capsys):
     base = ["generate", "--load", str(save), "--prompt", "The king said", "--max-new-tokens", "9"]
     assert main(base + ["--block-align", "prompt", "--steps-per-block", "4"]) == 0
     err = capsys.readouterr().err
-    assert "prompt-aligned" in err and "stopped (prompt: reason) 0: " in err
+    assert "prompt-aligned" in err and "prompt 0 stopped at " in err
     assert main(base + ["--unmasking", "entropy_bounded", "--threshold", "2"]) == 0
     assert main(base + ["--temperature", "1", "--top-k", "5", "--seed", "3"]) == 0
     assert main(base + ["--steps-per-block", "4", "--unmasking", "margin"]) == 2
     assert "--steps-per-block applies" in capsys.readouterr().err
+
+
+def test_generate_says_when_the_context_caps_max_new_tokens(trained_checkpoint, capsys):
+    """Issue 25 (7): --max-new-tokens beyond the context is announced, the stop reason reads as a
+    sentence; --no-fused-commit decodes the same text with more forwards."""
+    save, _, _ = trained_checkpoint
+    base = ["generate", "--load", str(save), "--prompt", "The king said", "--max-new-tokens", "99"]
+    assert main(base) == 0
+    fused = capsys.readouterr()
+    assert "so it gets at most" in fused.err and "not --max-new-tokens 99" in fused.err
+    assert "prompt 0 stopped at" in fused.err
+    assert main(base + ["--no-fused-commit"]) == 0
+    unfused = capsys.readouterr()
+    assert unfused.out == fused.out
+    forwards = [int(e.split(" forwards")[0].rsplit(" ", 1)[1]) for e in (fused.err, unfused.err)]
+    assert forwards[0] <= forwards[1]
 
 
 def test_block_size_errors_and_warning(trained_checkpoint, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbdiff_megatron.convert import mcore_io
+from nbdiff_megatron.checkpoint import mcore_io
 from nbdiff_megatron.errors import CheckpointError
 from nbdiff_megatron.model.builder import build_model
 from nbdiff_megatron.training import checkpointing

@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 
-from nbdiff_megatron.errors import CheckpointError, ConversionError, checkpoint_read_errors
+from nbdiff_megatron.checkpoint.dist import (
+    damaged_shard_files,
+    truncated_message,
+    write_dist_checkpoint,
+)
+from nbdiff_megatron.errors import CheckpointError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
 METADATA_KEY = "nbdiff_metadata"
@@ -163,28 +168,8 @@ class Stager:
 
 def save_checkpoint_dir(sharded: dict[str, Any], metadata: dict[str, Any], directory: Path) -> None:
     """dist_checkpointing.save of {'model': sharded, METADATA_KEY: metadata} (training's layout)."""
-    from nbdiff_megatron.training.checkpointing import write_dist_checkpoint
-
     directory.mkdir(parents=True, exist_ok=True)
     write_dist_checkpoint({"model": sharded, METADATA_KEY: metadata}, directory)
-
-
-def read_common_state(ckpt: Path) -> dict[str, Any]:
-    """The common (non-tensor) state of a dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    # megatron-core >= 0.19 keeps the common state in the shards: a truncated shard fails here
-    except checkpoint_read_errors() as exc:
-        damaged = damaged_shard_files(ckpt)
-        if damaged:
-            raise ConversionError(truncated_message(damaged)) from None
-        raise ConversionError(
-            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {str(exc)[:300]}); "
-            "is it a megatron-core dist_checkpointing directory?"
-        ) from None
-    return common if isinstance(common, dict) else {}
 
 
 class CheckpointReader:
@@ -260,37 +245,6 @@ class CheckpointReader:
             )
         self._reader.read_data(LoadPlan(items), _RegionPlanner(dest)).wait()
         return dest
-
-
-def damaged_shard_files(ckpt: Path, metadata: Any = None) -> list[Path]:
-    """Shard files of a torch_dist checkpoint that are missing or shorter than its index says
-    (a save that did not finish, an incomplete copy); [] when the index itself is unreadable."""
-    try:
-        if metadata is None:
-            from torch.distributed.checkpoint import FileSystemReader
-
-            metadata = FileSystemReader(str(ckpt)).read_metadata()
-        storage = metadata.storage_data
-    except Exception:
-        return []
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        end = int(info.offset) + int(info.length)
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    return [
-        Path(ckpt) / name
-        for name, end in sorted(needed.items())
-        if not (Path(ckpt) / name).is_file() or (Path(ckpt) / name).stat().st_size < end
-    ]
-
-
-def truncated_message(damaged: list[Path]) -> str:
-    """One message naming the first damaged file and the fix."""
-    more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-    return (
-        f"checkpoint file {damaged[0]} is truncated or missing{more}: the save did not finish "
-        "or the copy is incomplete; copy the checkpoint again or use an earlier one"
-    )
 
 
 class _RegionPlanner:
