@@ -244,6 +244,12 @@ class FaultConfig:
     """Healthy steps in the moving averages; spikes are looked for once the window is full."""
     max_consecutive_spikes: int = 5
     """Halt after this many spike steps in a row (the checkpoint before the first one is kept)."""
+    level_factor: float = 1.3
+    """Halt when the mean loss of the last `level_window` steps exceeds this many times its lowest
+    earlier such mean at the same block size (a lasting rise, e.g. a far too high LR); 0 = off."""
+    level_window: int = 50
+    """Steps in the level-shift mean; a checkpoint is trusted against level shifts this many steps
+    after it was written (rotation keeps the last trusted one)."""
 
 
 @dataclass
@@ -870,6 +876,11 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     _need(cfg.faults.spike_window >= 1, "faults.spike_window must be >= 1")
     _need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
+    _need(
+        cfg.faults.level_factor == 0 or cfg.faults.level_factor > 1,
+        "faults.level_factor must be > 1 (or 0 to turn level-shift detection off)",
+    )
+    _need(cfg.faults.level_window >= 1, "faults.level_window must be >= 1")
     data_validate = getattr(cfg.data, "validate", None)
     if callable(data_validate):
         problems.check(data_validate)
