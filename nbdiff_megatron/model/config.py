@@ -64,7 +64,7 @@ class ModelConfig:
     attention_backend: str = "auto"
     """Core attention: "sdpa" (dense mask), "flex" (FlexAttention BlockMask) or "auto" (flex on CUDA)."""
     params_dtype: str = "fp32"
-    """Parameter and activation dtype: "fp32" or "bf16" (bf16 needs CUDA)."""
+    """Parameter and activation dtype: "fp32" or "bf16" (set from train.precision by the loop)."""
     hidden_dropout: float = 0.0
     """Dropout after the attention and MLP blocks."""
     attention_dropout: float = 0.0
@@ -268,10 +268,6 @@ class ModelConfig:
 
         self.validate(tp=tp, pp=pp, cp=cp)
         on_cuda = torch.cuda.is_available()
-        if not on_cuda and self.params_dtype != "fp32":
-            raise ConfigError(
-                f"model.params_dtype={self.params_dtype!r} needs CUDA; use fp32 on CPU"
-            )
         dtype = self.torch_dtype
         kwargs: dict[str, Any] = dict(
             num_layers=self.num_layers,

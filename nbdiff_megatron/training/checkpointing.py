@@ -218,6 +218,51 @@ def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
     return _unwrap(model[0]).sharded_state_dict()
 
 
+# The distributed optimizer's checkpoint layout: megatron-core 0.16's default ('fully_sharded_model_
+# space') is deprecated and fails at save ("flattened_range is not supported"); 'dp_reshardable'
+# saves each DP rank's shard (reshardable over DP). Ignored by the other optimizers.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _init_distributed_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer its (zero) Adam state before a load.
+
+    Its sharded state dict for loading starts from `state_dict()`, which reads every parameter's
+    Adam `step`: torch's Adam creates that state lazily at the first step (megatron-core's apex / TE
+    Adam have no per-parameter step), so a not-yet-stepped optimizer has none to read.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "data_parallel_group_idx") or opt.init_state_fn is None:
+            continue  # not a DistributedOptimizer
+        inner = opt.optimizer
+        if all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """torch Adam's per-parameter `step` of a loaded distributed optimizer.
+
+    megatron-core 0.16 saves torch Adam's step in the param groups and its dp_reshardable load
+    leaves the per-parameter step at the value `_init_distributed_optimizer_state` gave (0), which
+    would restart Adam's bias correction: set it from the loaded group step.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "data_parallel_group_idx"):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
 def _sharded_state_dict(
     model: list[torch.nn.Module],
     optimizer: Any | None,
@@ -228,7 +273,11 @@ def _sharded_state_dict(
 ) -> dict[str, Any]:
     state: dict[str, Any] = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        if is_loading:
+            _init_distributed_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata=_OPTIMIZER_METADATA
+        )
     if include_rng:
         state["rng_state"] = _rng_sharded_object(rng)
     return state
@@ -408,7 +457,11 @@ def load_checkpoint(
             f"checkpoint {ckpt} does not match the model: {str(exc)[:400]}; check the model section"
         ) from exc
     if not weights_only and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # The distributed optimizer copies into its main parameters in place (fp32: views of the
+        # model's leaf parameters), which autograd refuses outside no_grad.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     if include_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     if weights_only:

@@ -21,8 +21,9 @@ iter_k show; `method/curriculum.py` states this convention):
    targets from the full micro-batch; the CP ranks' losses sum to the micro-batch's.
    A step whose loss or global gradient norm is not finite is skipped (faults.py).
 
-On GPU the model runs in bf16 with the distributed optimizer and megatron's gradient clipping; on CPU in
-fp32 with the plain optimizer, and the clipping is done here (megatron's asserts CUDA tensors).
+CPU and GPU run the same DDP, optimizer, clipping and precision code: megatron-core's distributed
+optimizer (on gloo on CPU), its gradient clipping, bf16 or fp32 (`auto` is bf16 on GPU, fp32 on CPU;
+bf16 on CPU is slow but valid). docs/GPU.md lists the branches that remain device-specific.
 
 `train(cfg, objective="ar")` runs the same steps as a plain causal LM instead (the baseline of
 benchmarks/train_step.py): the same model, optimizer, precision, DDP and batches, but the forward is
@@ -209,14 +210,10 @@ class _Runtime:
 
 
 def _resolve_precision(cfg: TrainConfig) -> str:
-    on_cuda = torch.cuda.is_available()
+    """train.precision, with `auto` = bf16 on a GPU and fp32 on a CPU (bf16 runs on both)."""
     precision = cfg.train.precision
     if precision == "auto":
-        return "bf16" if on_cuda else "fp32"
-    if precision == "bf16" and not on_cuda:
-        raise ConfigError(
-            "train.precision=bf16 needs a GPU; use --train.precision=fp32 (or auto) on CPU"
-        )
+        return "bf16" if torch.cuda.is_available() else "fp32"
     return precision
 
 
@@ -250,7 +247,7 @@ def _model_config(cfg: TrainConfig, tokenizer: Any, precision: str) -> Any:
     return dataclasses.replace(model_cfg, params_dtype=precision)
 
 
-def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> Any:
+def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> Any:
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -259,10 +256,12 @@ def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> Any:
 
     from nbdiff_megatron.model import cpu_compat
 
+    par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=on_cuda and cfg.parallel.distributed_optimizer,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     with cpu_compat.cuda_to_cpu():
@@ -272,7 +271,7 @@ def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> Any:
     return wrapped
 
 
-def _build_optimizer(model: Any, cfg: TrainConfig, precision: str, on_cuda: bool) -> Any:
+def _build_optimizer(model: Any, cfg: TrainConfig, precision: str) -> Any:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from nbdiff_megatron.model import cpu_compat
@@ -286,17 +285,26 @@ def _build_optimizer(model: Any, cfg: TrainConfig, precision: str, on_cuda: bool
         adam_beta1=opt.adam_beta1,
         adam_beta2=opt.adam_beta2,
         adam_eps=opt.adam_eps,
-        # The loop clips (_optimizer_step): megatron's CPU path asserts CUDA tensors.
-        clip_grad=opt.clip_grad if on_cuda else 0.0,
+        clip_grad=opt.clip_grad,
         bf16=precision == "bf16",
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-        use_distributed_optimizer=on_cuda and cfg.parallel.distributed_optimizer,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    with cpu_compat.cuda_to_cpu():  # FP32Optimizer.__init__ makes a device='cuda' tensor
+    # On a CPU: FP32Optimizer.__init__ makes a device='cuda' tensor, and the distributed and bf16
+    # optimizers sort parameters by CUDA type names.
+    with cpu_compat.megatron_optimizer_on_cpu():
         optimizer = get_megatron_optimizer(ocfg, [model])
-    if on_cuda:
-        model.config.grad_scale_func = optimizer.scale_loss
+    model.config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def _finish_param_sync(model: Any) -> None:
+    """With overlap_param_gather, the parameters a DP rank does not own are all-gathered lazily, in
+    the next forward's pre-hooks: complete that gather now (before a checkpoint reads the weights),
+    as Megatron-LM does before it saves. No-op without it."""
+    if getattr(model, "use_forward_hook", False):
+        model.start_param_sync(force_sync=True)
 
 
 def _build_dataset(cfg: TrainConfig, tokenizer: Any) -> Any:
@@ -694,8 +702,8 @@ def _fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
         vocab_size=cfg.model.vocab_size,
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
-        # The model is wrapped in megatron DDP without overlap_grad_reduce (_wrap_ddp): d W goes
-        # straight into its fp32 main_grad, as megatron's gradient-accumulation fusion does.
+        # d W goes straight into megatron DDP's fp32 main_grad, as megatron's gradient-accumulation
+        # fusion does (and, like it, flags the weight so DDP's overlapped reduce sees it ready).
         accumulate_into_main_grad=True,
     )
 
@@ -718,27 +726,21 @@ def _reduce_terms(rt: _Runtime, losses: list[dict[str, torch.Tensor]]) -> torch.
     return terms
 
 
-def _clip_grads(optimizer: Any, max_norm: float, grad_norm: float, on_cuda: bool) -> None:
+def _clip_grads(optimizer: Any, max_norm: float, grad_norm: float) -> None:
     """Megatron's clipping with the global norm already computed (as ChainedOptimizer.step does)."""
-    if on_cuda:
-        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
-            if params:
-                decoupled = getattr(
-                    opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
-                )
+    from nbdiff_megatron.model import cpu_compat
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params:
+            decoupled = getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+            # On a CPU: its type check names CUDA tensors, its overflow buffer is device='cuda'.
+            with cpu_compat.megatron_optimizer_on_cpu():
                 clip_grad_by_total_norm_fp32(
                     params, max_norm, grad_norm, use_decoupled_grad=decoupled
                 )
-        return
-    # The same formula on CPU tensors (megatron's asserts CUDA tensors).
-    coeff = max_norm / (grad_norm + 1.0e-6)
-    if coeff < 1.0:
-        for param in optimizer.get_parameters():
-            if param.grad is not None:
-                param.grad.mul_(coeff)
 
 
 def _set_lr(optimizer: Any, lr: float) -> None:
@@ -746,7 +748,7 @@ def _set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-def _optimizer_step(rt: _Runtime, on_cuda: bool) -> tuple[float, bool]:
+def _optimizer_step(rt: _Runtime) -> tuple[float, bool]:
     """Clip and step unless the global gradient norm is not finite; returns (grad norm, stepped).
 
     megatron-core's `optimizer.step()` checks for NaN/inf only with a loss scaler (fp16): in fp32 and
@@ -765,13 +767,11 @@ def _optimizer_step(rt: _Runtime, on_cuda: bool) -> tuple[float, bool]:
         return grad_norm, False
     clip = rt.cfg.optimizer.clip_grad
     if clip > 0 and grad_norm > clip:
-        _clip_grads(opt, clip, grad_norm, on_cuda)
+        _clip_grads(opt, clip, grad_norm)
     return grad_norm, bool(opt.step_with_ready_grads())
 
 
-def _train_step(
-    rt: _Runtime, step: int, fwd_bwd: Callable, on_cuda: bool
-) -> tuple[torch.Tensor, float | None]:
+def _train_step(rt: _Runtime, step: int, fwd_bwd: Callable) -> tuple[torch.Tensor, float | None]:
     """Forward, backward and (when loss and gradients are finite) the update of `step`.
 
     Returns the global [total, mdm, ar] and the gradient norm (None when the loss was not finite: the
@@ -815,7 +815,7 @@ def _train_step(
         return terms, None
     if step in faults.nan_grad_drill_steps():
         faults.poison_one_gradient(rt.model)
-    grad_norm, _ = _optimizer_step(rt, on_cuda)
+    grad_norm, _ = _optimizer_step(rt)
     return terms, grad_norm
 
 
@@ -905,8 +905,8 @@ def train(
         sequence_parallel=cfg.parallel.sequence_parallel,
     )
     num_params = _count_params(model)
-    model = _wrap_ddp(model, cfg, on_cuda)
-    optimizer = _build_optimizer(model, cfg, precision, on_cuda)
+    model = _wrap_ddp(model, cfg)
+    optimizer = _build_optimizer(model, cfg, precision)
     dataset = _build_dataset(cfg, tokenizer)
     rt = _Runtime(
         cfg,
@@ -1010,7 +1010,7 @@ def train(
         # `step` is k = 1..train.steps: B, λ, LR, noise seed, log line and checkpoint of step k.
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            terms, grad_norm = _train_step(rt, step, fwd_bwd, on_cuda)
+            terms, grad_norm = _train_step(rt, step, fwd_bwd)
             if on_cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
@@ -1161,6 +1161,7 @@ def _save(
     job: dict[str, Any],
 ) -> Path:
     t0 = time.perf_counter()
+    _finish_param_sync(rt.model)
     path = checkpointing.save_checkpoint(
         cfg.checkpoint.save,
         step,
