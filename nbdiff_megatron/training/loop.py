@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nbdiff_megatron.checkpoint.dist import AsyncWriter
 from nbdiff_megatron.errors import ConfigError, DataError
 from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
@@ -207,6 +208,8 @@ class _Runtime:
     """The SpikeGuard, whose moving averages are saved with every checkpoint."""
     objective: str = "nbdiff"
     """One of OBJECTIVES: "ar" trains the same model as a plain causal LM on x_0."""
+    writer: Any = None
+    """checkpoint.async_save: the background checkpoint writer (checkpoint.dist.AsyncWriter)."""
 
 
 def _resolve_precision(cfg: TrainConfig) -> str:
@@ -926,6 +929,7 @@ def train(
 
     start_step = 0
     ck = cfg.checkpoint
+    rt.writer = AsyncWriter() if ck.async_save and ck.save else None
     resumed_from = None
     plan = checkpointing.plan_start(ck.save, ck.load, ck.finetune)
     if plan.path is not None:
@@ -1046,6 +1050,8 @@ def train(
             result.final_step = step
             result.skipped_steps = guard.total_skipped
             faults.maybe_kill_after_step(step)
+            if rt.writer is not None:  # finalise a background save whose writes are done
+                rt.writer.finalize(wait=False)
 
             done = step == cfg.train.steps
             preempted = handler is not None and faults.any_rank_true(handler.poll() is not None)
@@ -1054,6 +1060,7 @@ def train(
                 result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
                 last_saved = step
             if preempted:
+                _finish_saves(rt)  # the checkpoint is complete before the process exits
                 result.stopped_by_signal = handler.poll() or "signal"
                 logger.info(
                     f"received {result.stopped_by_signal}: "
@@ -1071,6 +1078,7 @@ def train(
                 break
         if ck.save and last_saved != result.final_step and result.final_step > start_step:
             result.checkpoint = str(_save(rt, cfg, result.final_step, logger, healthy, job))
+        _finish_saves(rt)
         if ck.save and result.stopped_by_signal is None and result.final_step == cfg.train.steps:
             if rank == 0:
                 checkpointing.write_completion_marker(
@@ -1100,6 +1108,7 @@ def _halt(
     save = cfg.checkpoint.save
     if not save:
         return exc
+    _finish_saves(rt)
     suspect = healthy.suspect()
     if rt.rank == 0:
         checkpointing.set_aside(save, suspect, healthy.healthy)
@@ -1160,8 +1169,17 @@ def _save(
     healthy: faults.HealthyCheckpoints,
     job: dict[str, Any],
 ) -> Path:
+    """Save the checkpoint of `step`: at once, or with checkpoint.async_save handed to the background
+    writer (after the previous background save was finalised: one in flight at a time)."""
     t0 = time.perf_counter()
     _finish_param_sync(rt.model)
+    if rt.writer is not None:
+        rt.writer.finalize(wait=True)
+
+    def complete(path: Path) -> None:
+        how = "written in the background" if rt.writer is not None else "saved"
+        logger.info(f"checkpoint {path} {how} ({time.perf_counter() - t0:.1f} s)")
+
     path = checkpointing.save_checkpoint(
         cfg.checkpoint.save,
         step,
@@ -1178,11 +1196,26 @@ def _save(
             "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
-        protect=healthy.protected(),
+        # Asked when the checkpoint is finalised (later, with async_save).
+        protect=healthy.protected,
+        optimizer_sharding=cfg.checkpoint.optimizer_sharding,
+        writer=rt.writer,
+        on_complete=complete,
     )
     healthy.saved_at(step)
-    logger.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+    if rt.writer is not None:
+        logger.info(
+            f"checkpoint of step {step} handed to the background writer "
+            f"({time.perf_counter() - t0:.1f} s of training time)"
+        )
     return path
+
+
+def _finish_saves(rt: _Runtime) -> None:
+    """Wait for the background save in flight (checkpoint.async_save) and finalise it: before the
+    run ends, exits on a signal or sets checkpoints aside. All ranks call it."""
+    if rt.writer is not None:
+        rt.writer.finalize(wait=True)
 
 
 def _announce(
