@@ -13,9 +13,11 @@ last healthy one).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from nbdiff_megatron.checkpoint.dist import (
     FORMAT_VERSION,
     LATEST_FILE,
     TMP_PREFIX,
+    AsyncWriter,
     barrier,
     checkpoint_name,
     damaged_shard_files,
@@ -382,10 +385,59 @@ def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
     return _unwrap(model[0]).sharded_state_dict()
 
 
-# The distributed optimizer's checkpoint layout: megatron-core 0.16's default ('fully_sharded_model_
-# space') is deprecated and fails at save ("flattened_range is not supported"); 'dp_reshardable'
-# saves each DP rank's shard (reshardable over DP). Ignored by the other optimizers.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+"""How a distributed optimizer's state can be written (`checkpoint.optimizer_sharding`, megatron-core's
+`distrib_optim_sharding_type`; docs/checkpoints.md). megatron-core 0.16's own default
+('fully_sharded_model_space') is deprecated and fails at save ("flattened_range is not supported")."""
+
+
+def is_distributed_optimizer(optimizer: Any) -> bool:
+    """True for megatron-core's DistributedOptimizer (alone or chained)."""
+    return any(
+        hasattr(opt, "data_parallel_group_idx")
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+    )
+
+
+def _optimizer_metadata(sharding: str | None) -> dict[str, Any] | None:
+    return None if sharding is None else {"distrib_optim_sharding_type": sharding}
+
+
+def resume_sharding(
+    ckpt: Path, info: dict[str, Any], distributed: bool, here: dict[str, int]
+) -> str | None:
+    """The sharding type to load a checkpoint's optimizer state with, at this layout `here`.
+
+    Raises CheckpointError, before anything is loaded, when the state cannot be loaded here: a
+    dp_reshardable state at another TP / PP / CP size, or the state of the other kind of optimizer.
+    The message says which layouts it resumes at, and the ways out.
+    """
+    saved_dist = bool(info.get("distributed_optimizer", False))
+    if saved_dist != distributed:
+        kinds = {True: "the distributed optimizer", False: "the plain (replicated) optimizer"}
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds the state of {kinds[saved_dist]} and this run uses "
+            f"{kinds[distributed]}: resume with --parallel.distributed_optimizer="
+            f"{str(saved_dist).lower()}, or start from its weights alone with "
+            "--checkpoint.finetune=true"
+        )
+    if not distributed:
+        return None
+    sharding = info.get("optimizer_sharding", "dp_reshardable")
+    saved = info.get("layout") or {}
+    fixed = ("tp", "pp", "cp")
+    if sharding == "dp_reshardable" and any(saved.get(k) != here[k] for k in fixed):
+        at = " x ".join(f"{k} {saved.get(k)}" for k in fixed)
+        now = " x ".join(f"{k} {here[k]}" for k in fixed)
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds a dp_reshardable optimizer state written at {at}; it resumes "
+            f"at that TP/PP/CP with any data-parallel size, not at {now}. Resume it at {at} (any "
+            "number of nodes that gives it), or resume there once with "
+            "--checkpoint.optimizer_sharding=fully_reshardable and let it save (that checkpoint "
+            "resumes at any layout), or load its weights alone with --checkpoint.finetune=true "
+            "(new optimizer state)"
+        )
+    return sharding
 
 
 def _init_distributed_optimizer_state(optimizer: Any) -> None:
@@ -427,6 +479,39 @@ def _restore_adam_steps(optimizer: Any) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _adam_step_kept_by_reshardable_load(optimizer: Any) -> Iterator[None]:
+    """Let megatron-core 0.16 load a fully_reshardable state into torch's Adam.
+
+    Its `_set_main_param_and_optimizer_states` copies every key of a parameter's optimizer state from
+    the loaded tensors, but the loaded tensors leave out torch Adam's per-parameter `step` (kept in the
+    param groups): KeyError. In this scope the missing `step` is the parameter's own (set from the
+    groups by `load_state_dict`, then by `_restore_adam_steps`). No-op for apex / TE Adam (no `step`)
+    and for a megatron-core that passes it.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def with_step(model_param: Any, tensors: dict, _opt: Any = opt, _orig: Any = original):
+            group, order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group]["params"][order]
+            own = _opt.optimizer.state[main_param].get("step")
+            if own is not None and "step" not in tensors:
+                tensors = {**tensors, "step": own.clone()}
+            _orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
 def _sharded_state_dict(
     model: list[torch.nn.Module],
     optimizer: Any | None,
@@ -434,14 +519,17 @@ def _sharded_state_dict(
     rng: dict[str, Any] | None,
     include_rng: bool,
     is_loading: bool,
+    sharding: str | None = None,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
         if is_loading:
             _init_distributed_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata=_OPTIMIZER_METADATA
-        )
+        # device_mode: fully_reshardable gathers through `.cuda()` tensors.
+        with device_mode():
+            state["optimizer"] = optimizer.sharded_state_dict(
+                state["model"], is_loading=is_loading, metadata=_optimizer_metadata(sharding)
+            )
     if include_rng:
         state["rng_state"] = _rng_sharded_object(rng)
     return state
@@ -458,14 +546,20 @@ def save_checkpoint(
     train_state: dict[str, Any],
     *,
     keep_last: int = 3,
-    protect: set[int] | frozenset[int] = frozenset(),
+    protect: set[int] | frozenset[int] | Callable[[], set[int]] = frozenset(),
+    optimizer_sharding: str = "dp_reshardable",
+    writer: AsyncWriter | None = None,
+    on_complete: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` under `save_dir` (all ranks call this), atomically.
 
-    `train_state` holds the picklable non-tensor state (data position, config, ...); `step` is added.
-    The checkpoint is written to `.tmp_iter_XXXXXXX` and renamed when every rank has finished, then
-    `latest` is updated and checkpoints beyond the newest `keep_last` are deleted, except the steps in
-    `protect` (the last healthy checkpoint, faults.HealthyCheckpoints).
+    `train_state` holds the picklable non-tensor state (data position, config, ...); `step`, the
+    layout and how the optimizer state is sharded are added. The checkpoint is written to
+    `.tmp_iter_XXXXXXX`; once every rank's writes have finished it is renamed, `latest` is updated,
+    checkpoints beyond the newest `keep_last` are deleted except the steps in `protect` (the last
+    healthy checkpoint, faults.HealthyCheckpoints; a callable is asked then), and `on_complete` is
+    called with the final path. With `writer` (checkpoint.async_save) that finalisation runs when
+    `writer.finalize` finds the writes done; without, before this returns. Returns the final path.
     """
     from nbdiff_megatron.training import faults
 
@@ -478,32 +572,42 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # left over by a save that was killed
         tmp.mkdir()
     barrier()
+    distributed = optimizer is not None and is_distributed_optimizer(optimizer)
+    sharding = optimizer_sharding if distributed else None
     state = _sharded_state_dict(
-        model, optimizer, rng=_rng_state(), include_rng=True, is_loading=False
+        model, optimizer, rng=_rng_state(), include_rng=True, is_loading=False, sharding=sharding
     )
     state["train_state"] = {
         **train_state,
         "step": int(step),
         "layout": layout(),
+        "distributed_optimizer": distributed,
+        "optimizer_sharding": sharding,
         "format_version": FORMAT_VERSION,
     }
+
+    def finalize() -> None:
+        faults.maybe_kill_during_save(step)
+        barrier()
+        if process_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)  # re-saving a step after a resume
+            os.replace(tmp, final)
+            _write_latest(save_dir, step)
+            keep = protect() if callable(protect) else protect
+            for old_step, old in list_checkpoints(save_dir)[:-keep_last]:
+                if old_step not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        if on_complete is not None:
+            on_complete(final)
+
     faults.children_die_with_this_process()
     faults.arm_kill_in_write(step)
     try:
-        write_dist_checkpoint(state, tmp)
+        write_dist_checkpoint(state, tmp, finalize=finalize, writer=writer)
     except checkpoint_read_errors() as exc:
         raise _save_failed(save_dir, step, tmp, exc) from None
-    faults.maybe_kill_during_save(step)
-    barrier()
-    if process_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)  # re-saving a step after a resume
-        os.replace(tmp, final)
-        _write_latest(save_dir, step)
-        for old_step, old in list_checkpoints(save_dir)[:-keep_last]:
-            if old_step not in protect:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
     return final
 
 
@@ -651,14 +755,19 @@ def load_checkpoint(
         if not weights_only:
             raise
         info = {"step": 0}  # converted weights (nbdiff convert) carry no train_state
-    same_layout = info.get("layout") == layout()
+    here = layout()
+    same_layout = info.get("layout") == here
     include_rng = (not weights_only) and same_layout
+    sharding = None
+    if not weights_only and optimizer is not None:
+        sharding = resume_sharding(ckpt, info, is_distributed_optimizer(optimizer), here)
     state = _sharded_state_dict(
         model,
         None if weights_only else optimizer,
         rng=None,
         include_rng=include_rng,
         is_loading=True,
+        sharding=sharding,
     )
     try:
         with device_mode():
@@ -683,7 +792,7 @@ def load_checkpoint(
     if not weights_only and optimizer is not None:
         # The distributed optimizer copies into its main parameters in place (fp32: views of the
         # model's leaf parameters), which autograd refuses outside no_grad.
-        with torch.no_grad():
+        with torch.no_grad(), _adam_step_kept_by_reshardable_load(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
     if include_rng and loaded.get("rng_state") is not None:

@@ -206,6 +206,14 @@ class CheckpointConfig:
     """Checkpoint to start from: a save directory (its latest checkpoint) or one iter_XXXXXXX directory."""
     finetune: bool = False
     """Load only the weights from `load` (next phase): step, optimizer, data position start afresh."""
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is written (docs/checkpoints.md): `dp_reshardable` writes
+    each DP rank's shard as it is (no communication; resumes at any DP size, the same TP/PP/CP);
+    `fully_reshardable` gathers it over DP into per-parameter tensors (resumes at any DP/TP/PP/CP, at
+    the price of that gather at every save)."""
+    async_save: bool = False
+    """Write the checkpoint's shards in a background process while training goes on; it becomes
+    `latest` once every rank's writes have finished (docs/checkpoints.md)."""
 
 
 @dataclass

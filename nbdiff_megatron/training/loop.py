@@ -8,9 +8,10 @@ iter_k show; `method/curriculum.py` states this convention):
 2. Each data-parallel rank takes its micro-batches of the global batch from `data.loader`'s
    deterministic sampler, which starts at the consumed-samples count of the checkpoint (exact resume);
    the CP ranks of a DP rank get the same micro-batches.
-3. For every micro-batch, t and x_t are drawn on the CPU from a generator seeded by (seed, k, DP rank,
-   micro-batch) (`noise_micro_batch`): a resumed run replays the same noise, and all TP/PP/CP ranks of
-   a DP rank draw the same.
+3. For every sample, t and x_t are drawn on the CPU from generators seeded by (seed, k, the sample's
+   index in the global batch) (`noise_micro_batch`): a resumed run replays the same noise, all TP/PP/CP
+   ranks of a DP rank draw the same, and the same sample is noised alike at any DP size and micro-batch
+   size (the run's loss curve does not depend on the layout).
 4. The loss denominators (loss tokens, AR targets) are summed over micro-batches and DP ranks BEFORE the
    forward, so that each micro-batch's loss is its exact share of the global loss (method/losses.py).
 5. megatron-core's `get_forward_backward_func` runs the x_t ⊕ x_0 forward and backward of all micro-
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nbdiff_megatron.checkpoint.dist import AsyncWriter
 from nbdiff_megatron.errors import CheckpointError, ConfigError, DataError
 from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
@@ -151,10 +153,30 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
     return schedule.at(step)
 
 
-def noise_seed(seed: int, step: int, dp_rank: int, micro_batch: int) -> int:
-    """Seed of the noise generator of one micro-batch (stable across runs and platforms)."""
-    state = np.random.SeedSequence([seed, step, dp_rank, micro_batch]).generate_state(2, np.uint32)
+NOISE_STREAM_SAMPLE = 0
+"""`noise_seed` stream of a sample's own draws: its t (unless antithetic), token mask, annealed mask."""
+NOISE_STREAM_PAIR_T = 1
+"""`noise_seed` stream of the t of an antithetic pair (samples 2p and 2p + 1 of the global batch)."""
+
+
+def noise_seed(seed: int, step: int, sample: int, stream: int = NOISE_STREAM_SAMPLE) -> int:
+    """Seed of a noise generator: (train.seed, step k, the sample's index in the global batch, stream).
+
+    Never the DP rank or micro-batch holding the sample: the same sample gets the same noise at any
+    DP / TP / PP / CP size and micro-batch size (DESIGN: a requeue onto other nodes continues the same
+    run). Stable across runs and platforms (numpy's SeedSequence).
+    """
+    state = np.random.SeedSequence([seed, step, sample, stream]).generate_state(2, np.uint32)
     return int(state[0]) << 31 ^ int(state[1])
+
+
+def first_sample_of(micro_batch: int, dp_rank: int, dp: int, micro_batch_size: int) -> int:
+    """Index in the global batch of the first sample of a DP rank's micro-batch.
+
+    The sampler (data/loader.py `DeterministicSampler`) deals each group of dp x micro_batch_size
+    consecutive samples of the global order out in contiguous shares, rank r getting the r-th.
+    """
+    return (micro_batch * dp + dp_rank) * micro_batch_size
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -188,6 +210,8 @@ class _Runtime:
     """One of OBJECTIVES: "ar" trains the same model as a plain causal LM on x_0."""
     run_identity: dict[str, Any] = field(default_factory=dict)
     """What every checkpoint states about the run (training/run_identity.py)."""
+    writer: Any = None
+    """checkpoint.async_save: the background checkpoint writer (checkpoint.dist.AsyncWriter)."""
 
 
 def _resolve_precision(cfg: TrainConfig) -> str:
@@ -382,16 +406,18 @@ def noise_micro_batch(
     loss_mask: torch.Tensor,
     *,
     step: int,
-    dp_rank: int,
-    micro_batch: int,
+    first_sample: int,
     block_size: int,
     mask_id: int,
 ) -> Noise:
-    """t and x_t of one micro-batch (NBDIFF.md §4), drawn on the CPU from `noise_seed`.
+    """t and x_t of one micro-batch (NBDIFF.md §4), drawn on the CPU, sample by sample.
 
-    The generator is seeded by (train.seed, step, DP rank, micro-batch) and by nothing else -- not the
-    TP/PP/CP rank -- so every model-parallel rank of a data-parallel rank draws the same noise and a
-    resumed run replays it; CPU draws make a GPU run's noise reproducible on a CPU.
+    Row i is the sample of index `first_sample + i` in the global batch (`first_sample_of`); its noise
+    comes from generators seeded by (train.seed, step, that index) only (`noise_seed`), so a sample is
+    noised alike whatever DP rank and micro-batch hold it -- the same config gives the same run at any
+    layout and micro-batch size -- every TP/PP/CP rank draws the same, and a resumed run replays it;
+    CPU draws make a GPU run's noise reproducible on a CPU. A per-block t is drawn for L blocks (the
+    most a row can hold), so a row's draws do not depend on the other rows either.
 
     Tokens outside the loss (loss_mask False) are never masked: in SFT these are the prompt and user
     turns, which inference always sees clean, so each x_t block sees what the active block sees at
@@ -400,24 +426,29 @@ def noise_micro_batch(
     draws are made for every position first, so the noise of the loss tokens does not depend on it.
     """
     from nbdiff_megatron.method.masks import annealed_draw, training_position_ids
-    from nbdiff_megatron.method.noise import block_layout, mask_tokens, per_token_t, sample_t
+    from nbdiff_megatron.method.noise import block_layout, mask_tokens, mask_uniforms, per_token_t
 
     x0, doc_ids, loss_mask = x0.cpu(), doc_ids.cpu(), loss_mask.cpu()
     batch, length = x0.shape
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(noise_seed(cfg.train.seed, step, dp_rank, micro_batch))
     positions = training_position_ids(length, doc_ids)[:, :length]
-    n_blocks = None
-    if cfg.noise.per_block:
-        n_blocks = block_layout(batch, length, block_size=block_size, positions=positions).n_blocks
-    t = sample_t(
-        batch,
-        n_blocks=n_blocks,
-        lo=cfg.noise.t_min,
-        hi=cfg.noise.t_max,
-        antithetic=cfg.noise.antithetic,
-        generator=gen,
+    progress = anneal_progress_of(cfg, step)
+    # A per-block t has one column per block of the row itself (a function of the sample alone).
+    blocks = (
+        block_layout(batch, length, block_size=block_size, positions=positions).index[:, -1] + 1
     )
+    # Only the draws are made row by row (each sample's generator: t, then the token mask's uniforms,
+    # then the annealed mask); the rest is computed for the whole micro-batch at once.
+    t_rows, uniform_rows, draw_rows = [], [], []
+    for row in range(batch):
+        sample = first_sample + row
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(noise_seed(cfg.train.seed, step, sample))
+        n_blocks = int(blocks[row]) if cfg.noise.per_block else None
+        t_rows.append(_sample_t_of(cfg, step, sample, n_blocks, gen))
+        uniform_rows.append(mask_uniforms(1, length, generator=gen))
+        if progress is not None:
+            draw_rows.append(annealed_draw(1, length, block_size, progress, generator=gen))
+    t = _stack_t(t_rows, cfg.noise.t_max)
     _, masked, probability = mask_tokens(
         x0,
         t,
@@ -426,9 +457,9 @@ def noise_micro_batch(
         position_dependent=cfg.noise.position_dependent,
         skew=cfg.noise.skew,
         token_shift=cfg.loss.token_shift,
-        generator=gen,
         positions=positions,
         return_probability=True,
+        uniforms=torch.cat(uniform_rows),
     )
     masked = masked & loss_mask
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
@@ -436,12 +467,41 @@ def noise_micro_batch(
     # Weight each masked token by 1 / its own masking probability: E[masked / p] = 1 at every position,
     # so position-dependent masking keeps L_MDM an unbiased bound (1 / t would not).
     t_token = torch.where(probability > 0, probability.to(t_token.dtype), t_token)
-    draw = None
-    progress = anneal_progress_of(cfg, step)
-    if progress is not None:
-        # Drawn after the token masks, from the same generator: TP/PP/CP ranks agree, resumes replay.
-        draw = annealed_draw(batch, length, block_size, progress, generator=gen)
+    draw = torch.cat(draw_rows) if draw_rows else None
     return Noise(x_t, masked, t_token, positions, draw)
+
+
+def _sample_t_of(
+    cfg: TrainConfig, step: int, sample: int, n_blocks: int | None, gen: torch.Generator
+) -> torch.Tensor:
+    """t of one sample ([1], or [1, n_blocks] per block) from its generator `gen`.
+
+    With `noise.antithetic` the samples 2p and 2p + 1 of the global batch are a mirrored pair: both
+    take their t from the pair's own generator (`NOISE_STREAM_PAIR_T`), the odd one mirrored
+    (`sample_t`'s antithetic rows), whatever ranks and micro-batches hold them.
+    """
+    from nbdiff_megatron.method.noise import sample_t
+
+    noise = cfg.noise
+    if not noise.antithetic:
+        return sample_t(1, n_blocks=n_blocks, lo=noise.t_min, hi=noise.t_max, generator=gen)
+    pair = torch.Generator(device="cpu")
+    pair.manual_seed(noise_seed(cfg.train.seed, step, sample - sample % 2, NOISE_STREAM_PAIR_T))
+    both = sample_t(
+        2, n_blocks=n_blocks, lo=noise.t_min, hi=noise.t_max, antithetic=True, generator=pair
+    )
+    return both[sample % 2 : sample % 2 + 1]
+
+
+def _stack_t(rows: list[torch.Tensor], filler: float) -> torch.Tensor:
+    """The rows' t as one [b] or [b, n_blocks] tensor: a row with fewer blocks than the widest is
+    padded with `filler` (columns past its last block, which no token reads)."""
+    if rows[0].dim() == 1:
+        return torch.cat(rows)
+    width = max(row.shape[1] for row in rows)
+    return torch.cat(
+        [torch.nn.functional.pad(row, (0, width - row.shape[1]), value=filler) for row in rows]
+    )
 
 
 @dataclass
@@ -476,8 +536,7 @@ def _micro_batch(
         batch["doc_ids"],
         batch["loss_mask"],
         step=step,
-        dp_rank=rt.dp_rank,
-        micro_batch=mb,
+        first_sample=first_sample_of(mb, rt.dp_rank, rt.dp, cfg.train.micro_batch_size),
         block_size=block_size,
         mask_id=rt.mask_id,
     )
@@ -922,6 +981,7 @@ def _train(
 
     start_step = 0
     ck = cfg.checkpoint
+    rt.writer = AsyncWriter() if ck.async_save and ck.save else None
     resumed_from = None
     plan = _prepare_start(cfg, rank, notes)
     rt.run_identity = run_identity(cfg.to_dict(), tokenizer, int(mask_id))
@@ -1053,6 +1113,8 @@ def _train(
             result.final_step = step
             result.skipped_steps = guard.total_skipped
             faults.maybe_kill_after_step(step)
+            if rt.writer is not None:  # finalise a background save whose writes are done
+                rt.writer.finalize(wait=False)
 
             done = step == cfg.train.steps
             preempted, orphaned = faults.any_rank_true_each(
@@ -1065,6 +1127,7 @@ def _train(
                 result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
                 last_saved = step
             if preempted:
+                _finish_saves(rt)  # the checkpoint is complete before the process exits
                 result.stopped_by_signal = handler.poll() or "signal"
                 logger.info(
                     f"received {result.stopped_by_signal}: "
@@ -1082,6 +1145,7 @@ def _train(
                 break
         if ck.save and last_saved != result.final_step and result.final_step > start_step:
             result.checkpoint = str(_save(rt, cfg, result.final_step, logger, healthy, job))
+        _finish_saves(rt)
         if ck.save and result.stopped_by_signal is None and result.final_step == cfg.train.steps:
             if rank == 0:
                 checkpointing.write_completion_marker(
@@ -1112,6 +1176,7 @@ def _halt(
     save = cfg.checkpoint.save
     if not save:
         return exc
+    _finish_saves(rt)
     level = isinstance(exc, faults.LevelShift)
     good = healthy.last_good(level_shift=level)
     suspect = healthy.suspect(level_shift=level)
@@ -1197,8 +1262,17 @@ def _save(
     healthy: faults.HealthyCheckpoints,
     job: dict[str, Any],
 ) -> Path:
+    """Save the checkpoint of `step`: at once, or with checkpoint.async_save handed to the background
+    writer (after the previous background save was finalised: one in flight at a time)."""
     t0 = time.perf_counter()
     _finish_param_sync(rt.model)
+    if rt.writer is not None:
+        rt.writer.finalize(wait=True)
+
+    def complete(path: Path) -> None:
+        how = "written in the background" if rt.writer is not None else "saved"
+        logger.info(f"checkpoint {path} {how} ({time.perf_counter() - t0:.1f} s)")
+
     path = checkpointing.save_checkpoint(
         cfg.checkpoint.save,
         step,
@@ -1216,11 +1290,26 @@ def _save(
             "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
-        protect=healthy.protected(),
+        # Asked when the checkpoint is finalised (later, with async_save).
+        protect=healthy.protected,
+        optimizer_sharding=cfg.checkpoint.optimizer_sharding,
+        writer=rt.writer,
+        on_complete=complete,
     )
     healthy.saved_at(step)
-    logger.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+    if rt.writer is not None:
+        logger.info(
+            f"checkpoint of step {step} handed to the background writer "
+            f"({time.perf_counter() - t0:.1f} s of training time)"
+        )
     return path
+
+
+def _finish_saves(rt: _Runtime) -> None:
+    """Wait for the background save in flight (checkpoint.async_save) and finalise it: before the
+    run ends, exits on a signal or sets checkpoints aside. All ranks call it."""
+    if rt.writer is not None:
+        rt.writer.finalize(wait=True)
 
 
 def _announce(
