@@ -118,8 +118,25 @@ def load_conversations(
             if problem:
                 stats.skip("bad conversation", location, problem)
                 continue
+            if _has_lone_surrogate(messages):
+                stats.skip(UNTOKENIZABLE, location, "a lone UTF-16 surrogate (e.g. \\ud800)")
+                continue
             out.append((location, messages))
     return out
+
+
+UNTOKENIZABLE = "text that cannot be tokenized"
+
+
+def _has_lone_surrogate(messages: list) -> bool:
+    """True when a message's text holds a lone surrogate (valid JSON, `"\\ud800"`, but no UTF-8
+    text: every tokenizer fails on it)."""
+    try:
+        for message in messages:
+            str(message.get("content", "")).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _is_gzip(path: str) -> bool:

@@ -57,7 +57,16 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (GPU, with tp > 1): shard activations of norms and dropouts."""
     distributed_optimizer: bool = True
-    """Shard optimizer state over data-parallel ranks (GPU only; CPU runs use the plain optimizer)."""
+    """Shard optimizer state over data-parallel ranks (megatron-core's DistributedOptimizer; on CPU
+    too, over gloo)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (megatron-core DDP's
+    bucketed, per-parameter-hook reduce). Off by default, as in Megatron-LM (--overlap-grad-reduce);
+    NVIDIA's large-scale recipes turn it on together with the distributed optimizer."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass (needs
+    distributed_optimizer and overlap_grad_reduce, as in Megatron-LM's --overlap-param-gather, off
+    by default there too)."""
 
     def world_size(self) -> int | None:
         """Processes the layout needs, or None while dp is not fixed."""
@@ -209,7 +218,7 @@ class LoopConfig:
     seed: int = 1234
     """Seed of the weights, the data order and the noise (noise is re-seeded every step)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 on GPU, fp32 on CPU."""
+    """auto = bf16 on GPU, fp32 on CPU; bf16 also runs on CPU (slowly: for tests of the bf16 path)."""
     token_budget: str | None = None
     """The tokens this phase is meant to process (e.g. '700B'): checked against steps x global batch x
     seq_length (within 5%), so a changed batch size cannot silently change the budget."""
@@ -229,6 +238,14 @@ class CheckpointConfig:
     """Checkpoint to start from: a save directory (its latest checkpoint) or one iter_XXXXXXX directory."""
     finetune: bool = False
     """Load only the weights from `load` (next phase): step, optimizer, data position start afresh."""
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is written (docs/checkpoints.md): `dp_reshardable` writes
+    each DP rank's shard as it is (no communication; resumes at any DP size, the same TP/PP/CP);
+    `fully_reshardable` gathers it over DP into per-parameter tensors (resumes at any DP/TP/PP/CP, at
+    the price of that gather at every save)."""
+    async_save: bool = False
+    """Write the checkpoint's shards in a background process while training goes on; it becomes
+    `latest` once every rank's writes have finished (docs/checkpoints.md)."""
 
 
 @dataclass
@@ -267,6 +284,12 @@ class FaultConfig:
     """Healthy steps in the moving averages; spikes are looked for once the window is full."""
     max_consecutive_spikes: int = 5
     """Halt after this many spike steps in a row (the checkpoint before the first one is kept)."""
+    level_factor: float = 1.3
+    """Halt when the mean loss of the last `level_window` steps exceeds this many times its lowest
+    earlier such mean at the same block size (a lasting rise, e.g. a far too high LR); 0 = off."""
+    level_window: int = 50
+    """Steps in the level-shift mean; a checkpoint is trusted against level shifts this many steps
+    after it was written (rotation keeps the last trusted one)."""
 
 
 @dataclass
@@ -335,7 +358,7 @@ def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> TrainConf
 
 
 # Fields of a converter's model.yaml that describe the run, not the checkpoint: the config keeps its own.
-RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend")
+RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend", "transformer_impl")
 
 # The long-context fields a phase sets on purpose (phase 2 raises the RoPE base with its seq_length):
 # where the config sets them, a checkpoint's model.yaml never replaces them.
@@ -523,10 +546,6 @@ def check_launch(cfg: TrainConfig, world_size: int, on_cuda: bool) -> int:
         problems.add(exc)
     if not on_cuda:
         problems.need(
-            cfg.train.precision != "bf16",
-            "train.precision=bf16 needs a GPU; use --train.precision=fp32 (or auto) on CPU",
-        )
-        problems.need(
             cfg.model.attention_backend != "flex",
             "model.attention_backend='flex' has no backward on CPU: use --model.attention_backend="
             "sdpa (or auto) on CPU",
@@ -584,6 +603,12 @@ def validate_config(cfg: TrainConfig) -> None:
     need(
         not par.sequence_parallel or par.tp > 1,
         "parallel.sequence_parallel needs parallel.tp > 1; set it to false or raise tp",
+    )
+    need(
+        not par.overlap_param_gather or (par.distributed_optimizer and par.overlap_grad_reduce),
+        "parallel.overlap_param_gather needs parallel.distributed_optimizer=true and "
+        "parallel.overlap_grad_reduce=true (the gather of the sharded update is what it overlaps); "
+        "set them, or set overlap_param_gather to false",
     )
     seq = cfg.seq_length()
     need(seq >= 2, f"model.seq_length must be >= 2 (got {seq})")
@@ -680,6 +705,11 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     need(cfg.faults.spike_window >= 1, "faults.spike_window must be >= 1")
     need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
+    need(
+        cfg.faults.level_factor == 0 or cfg.faults.level_factor > 1,
+        "faults.level_factor must be > 1 (or 0 to turn level-shift detection off)",
+    )
+    need(cfg.faults.level_window >= 1, "faults.level_window must be >= 1")
     data_validate = getattr(cfg.data, "validate", None)
     if callable(data_validate):
         problems.check(data_validate)
