@@ -7,9 +7,9 @@ each naming its field. `parse_overrides` turns command-line overrides into a nes
 lays one mapping over another. Nothing here knows a particular config: training/config.py holds the
 schema of `nbdiff train` and its validation.
 
-Why not a library: dacite builds dataclasses from dicts but does not convert strings ("1e3", "true") and
-stops at the first error. OmegaConf's structured configs have no `Literal` fields. Either would change
-the messages users get today.
+Why not a library: dacite builds dataclasses from dicts, but it converts strings ("1e3", "true") only
+through hooks written per type, and it stops at the first error. OmegaConf's structured configs do not
+take `Literal` fields. Either one would change the messages users get today.
 """
 
 from __future__ import annotations
