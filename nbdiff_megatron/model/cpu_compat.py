@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nbdiff_megatron.megatron_compat import quiet_cpu_notices
+
 _APPLIED = False
 CPU = torch.device("cpu")
 
@@ -156,6 +158,7 @@ def apply() -> bool:
             if hasattr(mod, "_set_cuda_rng_state"):
                 _patch(mod, "_set_cuda_rng_state", _cpu_set_rng_state)
 
+    quiet_cpu_notices()  # megatron-core's CUDA_DEVICE_MAX_CONNECTIONS advice means nothing here
     _APPLIED = True
     return True
 
