@@ -5,7 +5,7 @@
 table (`families.py`) over a few named transforms (`transforms.py`).
 """
 
-from nbdiff_megatron.convert.hf_to_mcore import hf_to_mcore
+from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
 from nbdiff_megatron.convert.mcore_to_hf import mcore_to_hf
 
 __all__ = ["hf_to_mcore", "mcore_to_hf"]

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from nbdiff_megatron.checkpoint.dist import find_checkpoint, raise_if_truncated, read_common_state
+from nbdiff_megatron.data.tokenizer import stop_token_ids, tokenizer_in_run
 from nbdiff_megatron.errors import (
     CheckpointError,
     ConfigError,
@@ -27,9 +29,6 @@ from nbdiff_megatron.errors import (
     checkpoint_read_errors,
 )
 from nbdiff_megatron.model.config import ModelConfig
-
-# End-of-turn markers of chat templates that should stop generation as EOS does.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 
 
 @dataclass
@@ -66,22 +65,6 @@ def _is_megatron_checkpoint_dir(path: Path) -> bool:
         or (path / "latest").is_file()
         or any(path.glob("iter_*"))
     )
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    ids = (
-        [int(tokenizer.eod)]
-        if getattr(tokenizer, "eod", -1) is not None and tokenizer.eod >= 0
-        else []
-    )
-    for token in END_OF_TURN_TOKENS:
-        try:
-            found = tokenizer.token_to_id(token)
-        except Exception:  # a tokenizer without that lookup
-            found = None
-        if found is not None and int(found) not in ids and int(found) != tokenizer.mask_id:
-            ids.append(int(found))
-    return ids
 
 
 def _tokenizer(kind: str, model: str, override: str | None, override_type: str | None) -> Any:
@@ -137,7 +120,7 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
         with cpu_compat.cuda_to_cpu():
             loaded = dist_checkpointing.load({"model": sharded}, str(ckpt))
     except checkpoint_read_errors() as exc:
-        _raise_if_truncated(ckpt)
+        raise_if_truncated(ckpt)
         raise CheckpointError(
             f"cannot read the tensors of checkpoint {ckpt} ({type(exc).__name__}: "
             f"{str(exc)[:300]}): it may be corrupt; load an earlier checkpoint"
@@ -150,15 +133,6 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
             f"checkpoint {ckpt} does not match the model built from its stored config "
             f"({type(exc).__name__}: {str(exc)[:300]})"
         ) from exc
-
-
-def _raise_if_truncated(ckpt: Path) -> None:
-    """One message naming the damaged shard file, when that is why a read failed."""
-    from nbdiff_megatron.convert.mcore_io import damaged_shard_files, truncated_message
-
-    damaged = damaged_shard_files(ckpt)
-    if damaged:
-        raise CheckpointError(truncated_message(damaged)) from None
 
 
 def _stored_mask_kind(config: dict, converted: dict, ckpt: Path) -> str:
@@ -220,20 +194,8 @@ def load_megatron(
     params_dtype: str | None = None,
 ) -> LoadedModel:
     """A model from a megatron-core dist checkpoint (training or converted)."""
-    from megatron.core import dist_checkpointing
-
-    from nbdiff_megatron.training import checkpointing
-
-    ckpt = checkpointing.find_checkpoint(path)
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    # megatron-core >= 0.19 keeps the common state in the shards: a truncated shard fails here
-    except checkpoint_read_errors() as exc:
-        _raise_if_truncated(ckpt)
-        raise CheckpointError(
-            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {str(exc)[:300]})"
-        ) from None
-    common = common if isinstance(common, dict) else {}
+    ckpt = find_checkpoint(path)
+    common = read_common_state(ckpt)
     train_state = common.get("train_state") or {}
     converted = common.get("nbdiff_metadata") or {}
     config = train_state.get("config") or converted.get("config") or {}
@@ -248,7 +210,13 @@ def load_megatron(
     data = config.get("data") or {}
     tok = _tokenizer(
         tok_info.get("type") or tok_info.get("tokenizer_type") or data.get("tokenizer_type", ""),
-        tok_info.get("model") or tok_info.get("tokenizer_model") or data.get("tokenizer_model", ""),
+        # the run's own tokenizer copy first: the run works from any directory and after a move
+        tokenizer_in_run(
+            ckpt.parent,
+            tok_info.get("model")
+            or tok_info.get("tokenizer_model")
+            or data.get("tokenizer_model", ""),
+        ),
         tokenizer,
         tokenizer_type,
     )
@@ -282,7 +250,7 @@ def load_megatron(
         tokenizer=tok,
         model_config=cfg,
         mask_id=mask_id,
-        eos_ids=_eos_ids(tok),
+        eos_ids=stop_token_ids(tok),
         token_shift=token_shift,
         block_size=block,
         mask_kind=mask_kind,
@@ -299,13 +267,13 @@ def load_hf(
     tokenizer_type: str | None = None,
     params_dtype: str | None = None,
 ) -> LoadedModel:
-    """A model from an HF folder: converted by `nbdiff_megatron.convert.hf_to_mcore` into a temporary
+    """A model from an HF folder: converted by `nbdiff_megatron.checkpoint.hf_to_mcore` into a temporary
     megatron-core checkpoint (the converter's own tables, so HF -> model mapping lives in one place),
     then loaded like one. Costs a copy of the weights on disk while loading."""
     import tempfile
 
     try:
-        from nbdiff_megatron.convert.hf_to_mcore import hf_to_mcore
+        from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
     except ImportError as exc:
         raise InferenceError(
             f"{path} is an HF folder but nbdiff_megatron.convert is unavailable ({exc}); convert it "

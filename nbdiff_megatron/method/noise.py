@@ -16,8 +16,8 @@ Conventions shared by every function here:
   ``positions`` this is ``j // B``, so ``n_blocks`` must be exactly ``ceil(L / B)``; with
   ``positions`` ``n_blocks`` must be at least the largest number of blocks of a row
   (``block_layout(...).n_blocks``); extra columns are unused.
-- Random numbers come only from an explicit, seeded ``torch.Generator`` (DESIGN.md: seeded from
-  (seed, step, data-parallel rank, micro-batch)); ``generator=None`` raises ``ValueError`` instead
+- Random numbers come only from an explicit, seeded ``torch.Generator`` (the training loop seeds one
+  per sample from (seed, step, the sample's index in the global batch)); ``generator=None`` raises ``ValueError`` instead
   of silently falling back to the global RNG or a fixed seed (which would repeat the same noise each
   step). Draws are made on the generator's device and then moved, so a CPU generator gives the same
   noise for CPU and GPU tensors.
@@ -35,6 +35,7 @@ __all__ = [
     "block_layout",
     "mask_probability",
     "mask_tokens",
+    "mask_uniforms",
     "per_token_t",
     "sample_t",
 ]
@@ -43,8 +44,8 @@ __all__ = [
 def _require_generator(generator: torch.Generator | None, fn: str) -> torch.Generator:
     if generator is None:
         raise ValueError(
-            f"{fn}: generator is required (a torch.Generator seeded from seed, step, "
-            "data-parallel rank and micro-batch); the global RNG is never used, so that resumed "
+            f"{fn}: generator is required (a torch.Generator seeded from seed, step and the "
+            "sample's index in the global batch); the global RNG is never used, so that resumed "
             "runs replay the same noise"
         )
     if not isinstance(generator, torch.Generator):
@@ -290,6 +291,13 @@ def mask_probability(
     return p
 
 
+def mask_uniforms(batch: int, seq_len: int, *, generator: torch.Generator) -> torch.Tensor:
+    """The uniform draws ``u [batch, L]`` in [0, 1) that ``mask_tokens`` compares with the masking
+    probabilities (a token is masked where ``u < p``), on the generator's device."""
+    gen = _require_generator(generator, "mask_uniforms")
+    return torch.rand((batch, seq_len), generator=gen, device=gen.device, dtype=torch.float32)
+
+
 def mask_tokens(
     x0: torch.Tensor,
     t: torch.Tensor,
@@ -303,6 +311,7 @@ def mask_tokens(
     skew: float = 0.5,
     validate: bool = True,
     return_probability: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build the noised view ``x_t`` of ``x0`` (NBDIFF.md §4, "Noising"; §3 for ``positions``).
 
@@ -313,14 +322,17 @@ def mask_tokens(
 
     Returns ``(x_t, masked)``: ``x_t = where(masked, mask_id, x0)`` and the BoolTensor ``masked``.
     ``x0`` must not contain ``mask_id`` (then ``masked == (x_t == mask_id)`` exactly).
-    ``generator`` is required (module docstring). ``validate=False`` skips the value checks that
+    ``generator`` is required (module docstring) unless ``uniforms`` (``[b, L]``, the
+    ``mask_uniforms`` of each row drawn beforehand, e.g. from one generator per sample) are given.
+    ``validate=False`` skips the value checks that
     need a device synchronisation (t in [0, 1], mask_id absent from x0).
 
     ``return_probability=True`` returns ``(x_t, masked, p)`` with ``p [b, L]`` the probability each
     token was masked with (``mask_probability``): the L_MDM weight of a masked token is ``1 / p``,
     which is ``1 / t`` only for uniform masking (NBDIFF.md §4, eq. 5).
     """
-    gen = _require_generator(generator, "mask_tokens")
+    if uniforms is None:
+        _require_generator(generator, "mask_tokens")
     _check_block_size(block_size)
     if x0.dim() != 2:
         raise ValueError(f"x0 must have shape [b, L], got {list(x0.shape)}")
@@ -358,7 +370,13 @@ def mask_tokens(
         token_shift=token_shift,
         skew=skew,
     )
-    u = torch.rand((batch, seq_len), generator=gen, device=gen.device, dtype=torch.float32)
+    if uniforms is None:
+        uniforms = mask_uniforms(batch, seq_len, generator=generator)
+    elif tuple(uniforms.shape) != (batch, seq_len):
+        raise ValueError(
+            f"uniforms must have shape [b, L] = [{batch}, {seq_len}], got {list(uniforms.shape)}"
+        )
+    u = uniforms
     # u lies in [0, 1): p = 0 never masks, p = 1 always masks.
     masked = u.to(x0.device) < p
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)

@@ -1,12 +1,5 @@
-"""Checkpoints with megatron-core `dist_checkpointing` (torch_dist format): save, keep-last-K, resume.
-
-Layout of a save directory:
-
-    <save>/iter_0000100/      one checkpoint (dist_checkpointing directory: metadata.json, shards, common)
-    <save>/latest             the step of the newest complete checkpoint (text)
-    <save>/.tmp_iter_0000200/ a save in progress: renamed to iter_0000200 only once complete
-    <save>/COMPLETE           written when the run reached train.steps (JSON: step, time, job)
-    <save>/anomalous/         checkpoints set aside by a health halt (written after the last healthy one)
+"""Training's checkpoint policy on top of checkpoint/dist.py: what a checkpoint of a run holds, save with
+keep-last-K, the resume rule, health set-asides and the completion marker.
 
 A checkpoint holds the model, the optimizer, the step, the data position and the RNG states (per rank),
 plus the config and parallel layout it was written with. The model and optimizer are stored as sharded
@@ -14,150 +7,56 @@ tensors, so a checkpoint saved with one TP/PP layout loads under another; the pe
 restored when the layout is unchanged (they have no meaning otherwise).
 
 Because every save goes to a temporary name first, a job killed while writing leaves the previous checkpoint
-(and `latest`) intact.
+(and `latest`) intact. `<save>/anomalous/` holds checkpoints set aside by a health halt (written after the
+last healthy one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from nbdiff_megatron.checkpoint import mcore_io
+from nbdiff_megatron.checkpoint.dist import (
+    CHECKPOINT_PREFIX,
+    COMPLETE_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    TMP_PREFIX,
+    AsyncWriter,
+    barrier,
+    checkpoint_name,
+    damaged_shard_files,
+    device_mode,
+    find_checkpoint,
+    list_checkpoints,
+    model_description,
+    process_rank,
+    read_checkpoint_info,
+    read_common_state,
+    short_error,
+    truncated_message,
+    write_dist_checkpoint,
+)
 from nbdiff_megatron.errors import CheckpointError, checkpoint_read_errors
 
-CHECKPOINT_PREFIX = "iter_"
-TMP_PREFIX = ".tmp_"
-LATEST_FILE = "latest"
-COMPLETE_FILE = "COMPLETE"
 ANOMALOUS_DIR = "anomalous"
-FORMAT_VERSION = 1
-
-
-def checkpoint_name(step: int) -> str:
-    """Directory name of the checkpoint written after `step` optimizer steps."""
-    return f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """True if `path` is a finished dist_checkpointing directory (its metadata.json is readable)."""
-    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
-
-    path = Path(path)
-    return path.is_dir() and check_is_distributed_checkpoint(str(path))
-
-
-def list_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in a save directory, oldest first, as (step, path)."""
-    save_dir = Path(save_dir)
-    found = []
-    if not save_dir.is_dir():
-        return found
-    for child in save_dir.iterdir():
-        if not child.name.startswith(CHECKPOINT_PREFIX):
-            continue
-        try:
-            step = int(child.name[len(CHECKPOINT_PREFIX) :])
-        except ValueError:
-            continue
-        if is_complete_checkpoint(child):
-            found.append((step, child))
-    return sorted(found)
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """Resolve `--load PATH` to one checkpoint directory, or raise CheckpointError saying why.
-
-    PATH is either a checkpoint directory itself or a save directory (its `latest` checkpoint, or the
-    newest complete one when `latest` is missing).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; pass a save directory or one of its "
-            f"{CHECKPOINT_PREFIX}XXXXXXX sub-directories to --checkpoint.load"
-        )
-    if is_complete_checkpoint(path):
-        return path
-    if path.name.startswith(CHECKPOINT_PREFIX) or path.name.startswith(TMP_PREFIX):
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete or corrupt (no readable metadata.json: the save that "
-            "wrote it was probably interrupted); load the save directory to use its newest "
-            "complete checkpoint"
-        )
-    latest = path / LATEST_FILE
-    if latest.is_file():
-        text = latest.read_text().strip()
-        try:
-            candidate = path / checkpoint_name(int(text))
-        except ValueError:
-            raise CheckpointError(
-                f"{latest} holds {text!r}, not a step number; delete it to use the newest complete "
-                "checkpoint"
-            ) from None
-        if is_complete_checkpoint(candidate):
-            return candidate
-        raise CheckpointError(
-            f"{latest} points to {candidate.name}, which is missing or incomplete; delete {latest} to "
-            "fall back to the newest complete checkpoint"
-        )
-    found = list_checkpoints(path)
-    if not found:
-        raise CheckpointError(
-            f"no checkpoint in {path}: expected {CHECKPOINT_PREFIX}XXXXXXX sub-directories written by "
-            "`nbdiff train --checkpoint.save=DIR`"
-        )
-    return found[-1][1]
-
-
-def model_description(ckpt: str | Path) -> str:
-    """Where the model shape of a checkpoint is written, for error messages: the converter's
-    `model.yaml` or the training run's `config.yaml` (model section), beside the checkpoint."""
-    ckpt = Path(ckpt)
-    for folder in (ckpt, ckpt.parent):
-        for name in ("model.yaml", "config.yaml"):
-            if (folder / name).is_file():
-                section = "" if name == "model.yaml" else " (its model section)"
-                return f"{folder / name}{section}"
-    return "the model shape it was written with"
-
-
-def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """The non-tensor state of a checkpoint: step, data position, config, layout."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except checkpoint_read_errors() as exc:
-        raise CheckpointError(
-            f"cannot read the common state of checkpoint {path} ({_short(exc)}); "
-            "the checkpoint is corrupt, load an earlier one"
-        ) from exc
-    info = common.get("train_state") if isinstance(common, dict) else None
-    if not isinstance(info, dict) or "step" not in info:
-        raise CheckpointError(
-            f"checkpoint {path} was not written by `nbdiff train` (no train_state); "
-            "to start from converted weights use --checkpoint.finetune=true"
-            if isinstance(common, dict)
-            else f"checkpoint {path} has an unreadable common state"
-        )
-    return info
+CORRUPT_DIR = "corrupt"
+"""Where a start moves damaged checkpoints of its own run (never deleted), before loading an older one."""
+SUPERSEDED_DIR = "superseded"
+"""Where `--checkpoint.load=<save>/iter_N` moves the run's newer checkpoints (kept, not deleted)."""
+REWOUND_FILE = "rewound.json"
+"""Records the last explicit `--checkpoint.load=<save>/iter_N` of a run: a requeue of that command
+continues from the newer checkpoints it wrote since, instead of going back again."""
 
 
 # ----------------------------------------------------------------------------------- start plan
@@ -207,6 +106,12 @@ def plan_start(save: str | None, load: str | None, finetune: bool) -> StartPlan:
     own = list_checkpoints(save) if save else []
     if own:
         step, path = own[-1]
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise CheckpointError(
+                f"{damage}. It is the newest checkpoint of checkpoint.save={save}; move it aside "
+                "to resume from the one before it"
+            )
         try:
             read_checkpoint_info(path)
         except CheckpointError:
@@ -253,6 +158,152 @@ def plan_start(save: str | None, load: str | None, finetune: bool) -> StartPlan:
         path,
         f"resuming the run of {path}{where} (full state: weights, optimizer, data position, RNG; "
         "checkpoint.finetune=false)",
+    )
+
+
+# ------------------------------------------------------------------- the save dir before a start
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why the checkpoint `path` cannot be resumed from (a shard shorter than its index, an unreadable
+    common state), or None. The same check as `nbdiff generate` and `nbdiff convert` make on read."""
+    damaged = damaged_shard_files(Path(path))
+    if damaged:
+        return truncated_message(damaged)
+    try:
+        read_common_state(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _move_aside(path: Path, folder: str) -> Path:
+    target = path.parent / folder / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.parent / folder / f"{path.name}.{n}"
+    os.replace(path, target)
+    return target
+
+
+def _point_latest_at_newest(save: Path) -> None:
+    own = list_checkpoints(save)
+    if own:
+        _write_latest(save, own[-1][0])
+    else:
+        (save / LATEST_FILE).unlink(missing_ok=True)
+
+
+def remove_stale_saves(save: Path) -> list[str]:
+    """Delete `.tmp_iter_*` folders left by saves that were killed (rank 0, under the run lock)."""
+    notes = []
+    for child in sorted(save.glob(f"{TMP_PREFIX}{CHECKPOINT_PREFIX}*")):
+        shutil.rmtree(child, ignore_errors=True)
+        notes.append(f"removed {child} (an unfinished save of an earlier start)")
+    return notes
+
+
+def _own_checkpoint_step(save: Path, load: str | None) -> int | None:
+    """N when `load` names `<save>/iter_N`, one checkpoint of this run's own save directory."""
+    if not load or not Path(load).name.startswith(CHECKPOINT_PREFIX):
+        return None
+    if not _same_dir(Path(load).parent, save):
+        return None
+    try:
+        return int(Path(load).name[len(CHECKPOINT_PREFIX) :])
+    except ValueError:
+        return None
+
+
+def go_back_to(save: Path, load: str | None) -> list[str]:
+    """`--checkpoint.load=<save>/iter_N`: move this run's checkpoints newer than N to superseded/.
+
+    Once only: rewound.json remembers N, so a requeue of the same command continues from what the
+    run wrote after going back (docs/resume.md)."""
+    import json
+
+    step = _own_checkpoint_step(save, load)
+    if step is None:
+        return []
+    find_checkpoint(load)  # missing or incomplete: the error says so
+    newer = [(s, p) for s, p in list_checkpoints(save) if s > step]
+    marker = save / REWOUND_FILE
+    try:
+        done = json.loads(marker.read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError):
+        done = False
+    if not newer:
+        return []
+    if done:
+        return [
+            f"checkpoint.load={load} was selected by an earlier start ({marker}); continuing from "
+            f"the checkpoints written since (remove {marker} to go back to step {step} again)"
+        ]
+    moved = [_move_aside(p, SUPERSEDED_DIR) for _, p in newer]
+    _point_latest_at_newest(save)
+    marker.write_text(json.dumps({"step": step, "set_aside": [str(p) for p in moved]}) + "\n")
+    return [
+        f"going back to {load} as checkpoint.load asks: the {len(moved)} newer checkpoint(s) "
+        f"were moved to {save / SUPERSEDED_DIR} (kept, not deleted): "
+        + ", ".join(p.name for p in moved)
+    ]
+
+
+def fall_back_from_damage(save: Path) -> list[str]:
+    """Move damaged newest checkpoints of the run to corrupt/ while an older intact one exists.
+
+    Raises CheckpointError when no intact checkpoint is left to fall back to (nothing is moved)."""
+    own = list_checkpoints(save)
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(own):
+        reason = checkpoint_damage(path)
+        if reason is None:
+            break
+        damaged.append((path, reason))
+    if not damaged:
+        return []
+    if len(damaged) == len(own):
+        raise CheckpointError(
+            f"every checkpoint of {save} is damaged ({damaged[0][1]}); copy them again, or start "
+            "the run afresh in a new save directory (--checkpoint.save=<new dir>)"
+        )
+    notes = []
+    for path, reason in damaged:
+        target = _move_aside(path, CORRUPT_DIR)
+        notes.append(f"WARNING: {reason}. Moved it to {target} (not deleted); falling back")
+    _point_latest_at_newest(save)
+    notes.append(f"resuming from the newest intact checkpoint, {list_checkpoints(save)[-1][1]}")
+    return notes
+
+
+def prepare_save_dir(save: str | Path | None, load: str | None) -> list[str]:
+    """What a start does to its own save directory before planning (rank 0, holding the run lock):
+    stale `.tmp_iter_*` removed, an explicit older checkpoint selected, damaged newest checkpoints
+    set aside. Returns one line per thing done, for the log."""
+    if not save or not Path(save).is_dir():
+        return []
+    save = Path(save)
+    return remove_stale_saves(save) + go_back_to(save, load) + fall_back_from_damage(save)
+
+
+def check_start(plan: StartPlan, identity: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Compare the checkpoint a start loads with its config (run_identity.check_resume): raise
+    CheckpointError for a change of the model or the data position's meaning, else return the
+    allowed changes. Converted weights (no train_state) are checked by the converter instead."""
+    from nbdiff_megatron.training.run_identity import check_resume
+
+    if plan.path is None:
+        return []
+    try:
+        info = read_checkpoint_info(find_checkpoint(plan.path))
+    except CheckpointError:
+        if plan.weights_only:
+            return []
+        raise
+    return check_resume(
+        info, identity, config, checkpoint=str(plan.path), weights_only=plan.weights_only
     )
 
 
@@ -334,6 +385,133 @@ def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
     return _unwrap(model[0]).sharded_state_dict()
 
 
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+"""How a distributed optimizer's state can be written (`checkpoint.optimizer_sharding`, megatron-core's
+`distrib_optim_sharding_type`; docs/checkpoints.md). megatron-core 0.16's own default
+('fully_sharded_model_space') is deprecated and fails at save ("flattened_range is not supported")."""
+
+
+def is_distributed_optimizer(optimizer: Any) -> bool:
+    """True for megatron-core's DistributedOptimizer (alone or chained)."""
+    return any(
+        hasattr(opt, "data_parallel_group_idx")
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+    )
+
+
+def _optimizer_metadata(sharding: str | None) -> dict[str, Any] | None:
+    return None if sharding is None else {"distrib_optim_sharding_type": sharding}
+
+
+def resume_sharding(
+    ckpt: Path, info: dict[str, Any], distributed: bool, here: dict[str, int]
+) -> str | None:
+    """The sharding type to load a checkpoint's optimizer state with, at this layout `here`.
+
+    Raises CheckpointError, before anything is loaded, when the state cannot be loaded here: a
+    dp_reshardable state at another TP / PP / CP size, or the state of the other kind of optimizer.
+    The message says which layouts it resumes at, and the ways out.
+    """
+    saved_dist = bool(info.get("distributed_optimizer", False))
+    if saved_dist != distributed:
+        kinds = {True: "the distributed optimizer", False: "the plain (replicated) optimizer"}
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds the state of {kinds[saved_dist]} and this run uses "
+            f"{kinds[distributed]}: resume with --parallel.distributed_optimizer="
+            f"{str(saved_dist).lower()}, or start from its weights alone with "
+            "--checkpoint.finetune=true"
+        )
+    if not distributed:
+        return None
+    sharding = info.get("optimizer_sharding", "dp_reshardable")
+    saved = info.get("layout") or {}
+    fixed = ("tp", "pp", "cp")
+    if sharding == "dp_reshardable" and any(saved.get(k) != here[k] for k in fixed):
+        at = " x ".join(f"{k} {saved.get(k)}" for k in fixed)
+        now = " x ".join(f"{k} {here[k]}" for k in fixed)
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds a dp_reshardable optimizer state written at {at}; it resumes "
+            f"at that TP/PP/CP with any data-parallel size, not at {now}. Resume it at {at} (any "
+            "number of nodes that gives it), or resume there once with "
+            "--checkpoint.optimizer_sharding=fully_reshardable and let it save (that checkpoint "
+            "resumes at any layout), or load its weights alone with --checkpoint.finetune=true "
+            "(new optimizer state)"
+        )
+    return sharding
+
+
+def _init_distributed_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer its (zero) Adam state before a load.
+
+    Its sharded state dict for loading starts from `state_dict()`, which reads every parameter's
+    Adam `step`: torch's Adam creates that state lazily at the first step (megatron-core's apex / TE
+    Adam have no per-parameter step), so a not-yet-stepped optimizer has none to read.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "data_parallel_group_idx") or opt.init_state_fn is None:
+            continue  # not a DistributedOptimizer
+        inner = opt.optimizer
+        if all(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """torch Adam's per-parameter `step` of a loaded distributed optimizer.
+
+    megatron-core 0.16 saves torch Adam's step in the param groups and its dp_reshardable load
+    leaves the per-parameter step at the value `_init_distributed_optimizer_state` gave (0), which
+    would restart Adam's bias correction: set it from the loaded group step.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "data_parallel_group_idx"):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _adam_step_kept_by_reshardable_load(optimizer: Any) -> Iterator[None]:
+    """Let megatron-core 0.16 load a fully_reshardable state into torch's Adam.
+
+    Its `_set_main_param_and_optimizer_states` copies every key of a parameter's optimizer state from
+    the loaded tensors, but the loaded tensors leave out torch Adam's per-parameter `step` (kept in the
+    param groups): KeyError. In this scope the missing `step` is the parameter's own (set from the
+    groups by `load_state_dict`, then by `_restore_adam_steps`). No-op for apex / TE Adam (no `step`)
+    and for a megatron-core that passes it.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def with_step(model_param: Any, tensors: dict, _opt: Any = opt, _orig: Any = original):
+            group, order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group]["params"][order]
+            own = _opt.optimizer.state[main_param].get("step")
+            if own is not None and "step" not in tensors:
+                tensors = {**tensors, "step": own.clone()}
+            _orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
 def _sharded_state_dict(
     model: list[torch.nn.Module],
     optimizer: Any | None,
@@ -341,59 +519,23 @@ def _sharded_state_dict(
     rng: dict[str, Any] | None,
     include_rng: bool,
     is_loading: bool,
+    sharding: str | None = None,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        if is_loading:
+            _init_distributed_optimizer_state(optimizer)
+        # device_mode: fully_reshardable gathers through `.cuda()` tensors.
+        with device_mode():
+            state["optimizer"] = optimizer.sharded_state_dict(
+                state["model"], is_loading=is_loading, metadata=_optimizer_metadata(sharding)
+            )
     if include_rng:
         state["rng_state"] = _rng_sharded_object(rng)
     return state
 
 
-def _device_mode():
-    from nbdiff_megatron.model import cpu_compat
-
-    return cpu_compat.cuda_to_cpu()
-
-
 # ------------------------------------------------------------------------------------------ save
-
-
-def _save_kwargs(save_fn: Any) -> dict[str, Any]:
-    """Version differences of `dist_checkpointing.save`: 0.19.x defaults `async_strategy` to 'nvrx'
-    (nvidia-resiliency-ext, rarely installed); 'mcore' is megatron-core's own. 0.16.1 has no such
-    argument."""
-    import inspect
-
-    params = inspect.signature(save_fn).parameters
-    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
-
-
-def _in_process_results_queue() -> None:
-    """Let synchronous saves return their write results through a plain in-process queue.
-
-    megatron-core creates that queue on a spawn `Manager`: an extra process, started on the first save,
-    that outlives a trainer killed with SIGKILL (holding its stdout open) and costs ~1.4 s to start.
-    Our saves are synchronous (the writes run in this process and its forked workers), where a
-    `queue.Queue` does the same job.
-    """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:  # another megatron-core layout: keep its own queue
-        return
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
-def write_dist_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
-    """`dist_checkpointing.save(state, directory)` as every save of this project runs it: synchronous,
-    its write results through an in-process queue, CUDA device arguments mapped to the CPU on a CPU."""
-    from megatron.core import dist_checkpointing
-
-    _in_process_results_queue()
-    with _device_mode():
-        # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
-        dist_checkpointing.save(state, str(directory), **_save_kwargs(dist_checkpointing.save))
 
 
 def save_checkpoint(
@@ -404,50 +546,120 @@ def save_checkpoint(
     train_state: dict[str, Any],
     *,
     keep_last: int = 3,
-    protect: set[int] | frozenset[int] = frozenset(),
+    protect: set[int] | frozenset[int] | Callable[[], set[int]] = frozenset(),
+    optimizer_sharding: str = "dp_reshardable",
+    writer: AsyncWriter | None = None,
+    on_complete: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` under `save_dir` (all ranks call this), atomically.
 
-    `train_state` holds the picklable non-tensor state (data position, config, ...); `step` is added.
-    The checkpoint is written to `.tmp_iter_XXXXXXX` and renamed when every rank has finished, then
-    `latest` is updated and checkpoints beyond the newest `keep_last` are deleted, except the steps in
-    `protect` (the last healthy checkpoint, faults.HealthyCheckpoints).
+    `train_state` holds the picklable non-tensor state (data position, config, ...); `step`, the
+    layout and how the optimizer state is sharded are added. The checkpoint is written to
+    `.tmp_iter_XXXXXXX`; once every rank's writes have finished it is renamed, `latest` is updated,
+    checkpoints beyond the newest `keep_last` are deleted except the steps in `protect` (the last
+    healthy checkpoint, faults.HealthyCheckpoints; a callable is asked then), and `on_complete` is
+    called with the final path. With `writer` (checkpoint.async_save) that finalisation runs when
+    `writer.finalize` finds the writes done; without, before this returns. Returns the final path.
     """
     from nbdiff_megatron.training import faults
 
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(step)
     tmp = save_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
-    if _rank() == 0:
+    if process_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # left over by a save that was killed
         tmp.mkdir()
-    _barrier()
+    barrier()
+    distributed = optimizer is not None and is_distributed_optimizer(optimizer)
+    sharding = optimizer_sharding if distributed else None
     state = _sharded_state_dict(
-        model, optimizer, rng=_rng_state(), include_rng=True, is_loading=False
+        model, optimizer, rng=_rng_state(), include_rng=True, is_loading=False, sharding=sharding
     )
     state["train_state"] = {
         **train_state,
         "step": int(step),
         "layout": layout(),
+        "distributed_optimizer": distributed,
+        "optimizer_sharding": sharding,
         "format_version": FORMAT_VERSION,
     }
+
+    def finalize() -> None:
+        faults.maybe_kill_during_save(step)
+        barrier()
+        if process_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)  # re-saving a step after a resume
+            os.replace(tmp, final)
+            _write_latest(save_dir, step)
+            keep = protect() if callable(protect) else protect
+            for old_step, old in list_checkpoints(save_dir)[:-keep_last]:
+                if old_step not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        if on_complete is not None:
+            on_complete(final)
+
     faults.children_die_with_this_process()
     faults.arm_kill_in_write(step)
-    write_dist_checkpoint(state, tmp)
-    faults.maybe_kill_during_save(step)
-    _barrier()
-    if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)  # re-saving a step after a resume
-        os.replace(tmp, final)
-        _write_latest(save_dir, step)
-        for old_step, old in list_checkpoints(save_dir)[:-keep_last]:
-            if old_step not in protect:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    try:
+        write_dist_checkpoint(state, tmp, finalize=finalize, writer=writer)
+    except checkpoint_read_errors() as exc:
+        raise _save_failed(save_dir, step, tmp, exc) from None
     return final
+
+
+def _save_failed(save_dir: Path, step: int, tmp: Path, exc: BaseException) -> CheckpointError:
+    """The error of a save that failed mid-run (disk full, file system gone read-only): the
+    unfinished folder is removed, the previous checkpoint and `latest` are as they were."""
+    if process_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    own = list_checkpoints(save_dir)
+    kept = (
+        f"the previous checkpoint {own[-1][1]} is kept and `latest` still points at it"
+        if own
+        else "no earlier checkpoint of this run exists"
+    )
+    return CheckpointError(
+        f"saving the checkpoint of step {step} in {save_dir} failed ({short_error(exc)}); {kept}. "
+        "Free space or fix the location, then re-run the same command to continue"
+    )
+
+
+def check_save_location(save: str | Path) -> None:
+    """One clear CheckpointError, before training, when `save` cannot hold checkpoints: a file, a
+    path under a file, a read-only or unwritable directory. Creates the directory."""
+    path = Path(save)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint.save={save} is a file, not a directory; pass a directory path"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f"{TMP_PREFIX}probe-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint.save={save} cannot be written ({exc.strerror or exc}: {exc.filename or save}); "
+            "choose a writable directory (not a read-only mount, not under a file)"
+        ) from None
+
+
+def check_free_space(save: str | Path, num_params: int, precision: str) -> None:
+    """CheckpointError when `save`'s file system has less room than one checkpoint needs: the
+    weights, Adam's two moments and, in bf16, the fp32 master copy (bytes per parameter)."""
+    per_param = 14 if precision == "bf16" else 12
+    need = num_params * per_param
+    free = shutil.disk_usage(save).free
+    if free < need:
+        raise CheckpointError(
+            f"checkpoint.save={save} has {free / 2**30:.2f} GiB free; one checkpoint of this model "
+            f"({num_params:,} parameters, {per_param} bytes each with the optimizer state) needs "
+            f"about {need / 2**30:.2f} GiB. Free space or choose another --checkpoint.save"
+        )
 
 
 def _write_latest(save_dir: Path, step: int) -> None:
@@ -518,12 +730,6 @@ def clear_completion_marker(save_dir: str | Path) -> None:
 # ------------------------------------------------------------------------------------------ load
 
 
-def _short(exc: BaseException) -> str:
-    """The gist of an error whose text may be a whole remote traceback: its last line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
-
-
 def load_checkpoint(
     path: str | Path,
     model: list[torch.nn.Module],
@@ -540,6 +746,7 @@ def load_checkpoint(
     not match the model.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt = find_checkpoint(path)
     try:
@@ -548,32 +755,46 @@ def load_checkpoint(
         if not weights_only:
             raise
         info = {"step": 0}  # converted weights (nbdiff convert) carry no train_state
-    same_layout = info.get("layout") == layout()
+    here = layout()
+    same_layout = info.get("layout") == here
     include_rng = (not weights_only) and same_layout
+    sharding = None
+    if not weights_only and optimizer is not None:
+        sharding = resume_sharding(ckpt, info, is_distributed_optimizer(optimizer), here)
     state = _sharded_state_dict(
         model,
         None if weights_only else optimizer,
         rng=None,
         include_rng=include_rng,
         is_loading=True,
+        sharding=sharding,
     )
     try:
-        with _device_mode():
-            loaded = dist_checkpointing.load(state, str(ckpt))
+        with device_mode():
+            # Entries the checkpoint lacks come back as "unexpected": only `_extra_state` may be
+            # (a checkpoint of the local spec loaded under Transformer Engine; mcore_io's rule).
+            loaded, _, absent = dist_checkpointing.load(
+                state, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED
+            )
     except checkpoint_read_errors() as exc:
         raise CheckpointError(
-            f"cannot load checkpoint {ckpt}: {_short(exc)}. The checkpoint is corrupt or was "
+            f"cannot load checkpoint {ckpt}: {short_error(exc)}. The checkpoint is corrupt or was "
             f"written for a different model shape (compare {model_description(ckpt)} with your "
             "model section); load an earlier checkpoint or fix the model section"
         ) from exc
+    mcore_io.check_absent_keys(absent, ckpt)
     try:
-        _unwrap(model[0]).load_state_dict(loaded["model"], strict=True)
+        mcore_io.load_model_state_dict(_unwrap(model[0]), loaded["model"])
     except RuntimeError as exc:
         raise CheckpointError(
             f"checkpoint {ckpt} does not match the model: {str(exc)[:400]}; check the model section"
         ) from exc
     if not weights_only and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # The distributed optimizer copies into its main parameters in place (fp32: views of the
+        # model's leaf parameters), which autograd refuses outside no_grad.
+        with torch.no_grad(), _adam_step_kept_by_reshardable_load(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     if include_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     if weights_only:

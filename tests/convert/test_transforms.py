@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nbdiff_megatron.convert import transforms as T
+from nbdiff_megatron.checkpoint import transforms as T
 from nbdiff_megatron.errors import ConversionError
 
 

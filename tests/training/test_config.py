@@ -252,9 +252,11 @@ def test_launch_problems_are_reported_together() -> None:
     with pytest.raises(ConfigError) as launch:
         check_launch(cluster, 8, on_cuda=False)
     message = str(launch.value)
-    assert "3 problems" in message
+    assert "2 problems" in message
     assert "parallel.dp=64 but 8 processes" in message and "--parallel.dp=4" in message
-    assert "train.precision=bf16 needs a GPU" in message and "attention_backend='flex'" in message
+    assert "attention_backend='flex'" in message
+    # bf16 runs on a CPU too (the same precision code as on a GPU, slowly): not a launch problem.
+    assert "train.precision" not in message
     assert check_launch(cluster, 128, on_cuda=True) == 64
 
 

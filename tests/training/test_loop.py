@@ -121,7 +121,9 @@ def test_a_nan_gradient_under_a_finite_loss_is_never_applied(
     after1 = _checkpoint_tensors(save / "iter_0000001", tmp_path / "1.pt")
     after2 = _checkpoint_tensors(save / "iter_0000002", tmp_path / "2.pt")
     after3 = _checkpoint_tensors(save / "iter_0000003", tmp_path / "3.pt")
-    assert any(k.startswith("optimizer.state.exp_avg.") for k in after2)
+    # Adam moments are in the checkpoint (per parameter, or per gradient bucket for the distributed
+    # optimizer's shards).
+    assert any(k.startswith("optimizer.") and "exp_avg" in k for k in after2)
     # Weights and Adam moments untouched by step 2; step 3 trains again (and they all stay finite).
     assert after1.keys() == after2.keys()
     for key, value in after1.items():

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from nbdiff_megatron.convert.families import detect_family, model_config_from_hf
-from nbdiff_megatron.convert.hf_io import HFCheckpoint
-from nbdiff_megatron.convert.tables import VocabSizes, table_for, to_mcore
+from nbdiff_megatron.checkpoint.families import detect_family, model_config_from_hf
+from nbdiff_megatron.checkpoint.hf_io import HFCheckpoint
+from nbdiff_megatron.checkpoint.tables import VocabSizes, table_for, to_mcore
 from nbdiff_megatron.errors import ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 

@@ -23,11 +23,59 @@ from typing import Any
 
 import torch
 
-from nbdiff_megatron.errors import ConversionError, checkpoint_read_errors
+from nbdiff_megatron.checkpoint.dist import (
+    damaged_shard_files,
+    truncated_message,
+    write_dist_checkpoint,
+)
+from nbdiff_megatron.errors import CheckpointError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
 METADATA_KEY = "nbdiff_metadata"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+# ------------------------------------------------------------------ loading rule (local <-> TE spec)
+# A checkpoint written from one layer implementation (model.transformer_impl) loads under the other:
+# the tensors and their keys are the same (megatron-core maps the local spec's separate norms onto
+# TE's fused-norm keys in its sharded state dict); what may differ is the `_extra_state` of a module
+# (Transformer Engine keeps FP8 metadata there; a converted checkpoint is written from the local
+# spec). Those, and only those, may be absent; the module then keeps its fresh extra state.
+EXTRA_STATE = "_extra_state"
+
+
+def is_extra_state_key(key: str) -> bool:
+    """A state-dict or checkpoint key of a module's `get_extra_state()` (e.g. `..._extra_state` or
+    `..._extra_state/shard_0_2`)."""
+    return key.rsplit(".", 1)[-1].split("/", 1)[0] == EXTRA_STATE
+
+
+def check_absent_keys(absent: Any, ckpt: Any) -> None:
+    """Raise CheckpointError when the checkpoint lacks anything but `_extra_state` entries that the
+    model (or optimizer) asked for (`absent`: dist_checkpointing's "unexpected" keys)."""
+    missing = sorted(k for k in absent or () if not is_extra_state_key(k))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {ckpt} lacks {len(missing)} tensor(s) the model needs ({missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}): it was written for another model shape; "
+            "compare its model section with yours"
+        )
+
+
+def load_model_state_dict(module: torch.nn.Module, state_dict: dict[str, Any]) -> None:
+    """`module.load_state_dict(state_dict)`, strict except for `_extra_state` entries: absent ones
+    are fine (the rule above), any other missing or unexpected key raises RuntimeError (as a strict
+    load does), naming model.transformer_impl when the layer implementations differ."""
+    result = module.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not is_extra_state_key(k)]
+    unexpected = [k for k in result.unexpected_keys if not is_extra_state_key(k)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]} (a checkpoint of another layer implementation "
+            "loads when only `_extra_state` entries differ; check model.transformer_impl and the "
+            "model section)"
+        )
 
 
 def _ensure_single_rank_parallel() -> None:
@@ -120,28 +168,8 @@ class Stager:
 
 def save_checkpoint_dir(sharded: dict[str, Any], metadata: dict[str, Any], directory: Path) -> None:
     """dist_checkpointing.save of {'model': sharded, METADATA_KEY: metadata} (training's layout)."""
-    from nbdiff_megatron.training.checkpointing import write_dist_checkpoint
-
     directory.mkdir(parents=True, exist_ok=True)
     write_dist_checkpoint({"model": sharded, METADATA_KEY: metadata}, directory)
-
-
-def read_common_state(ckpt: Path) -> dict[str, Any]:
-    """The common (non-tensor) state of a dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    # megatron-core >= 0.19 keeps the common state in the shards: a truncated shard fails here
-    except checkpoint_read_errors() as exc:
-        damaged = damaged_shard_files(ckpt)
-        if damaged:
-            raise ConversionError(truncated_message(damaged)) from None
-        raise ConversionError(
-            f"cannot read the common state of {ckpt} ({type(exc).__name__}: {str(exc)[:300]}); "
-            "is it a megatron-core dist_checkpointing directory?"
-        ) from None
-    return common if isinstance(common, dict) else {}
 
 
 class CheckpointReader:
@@ -217,37 +245,6 @@ class CheckpointReader:
             )
         self._reader.read_data(LoadPlan(items), _RegionPlanner(dest)).wait()
         return dest
-
-
-def damaged_shard_files(ckpt: Path, metadata: Any = None) -> list[Path]:
-    """Shard files of a torch_dist checkpoint that are missing or shorter than its index says
-    (a save that did not finish, an incomplete copy); [] when the index itself is unreadable."""
-    try:
-        if metadata is None:
-            from torch.distributed.checkpoint import FileSystemReader
-
-            metadata = FileSystemReader(str(ckpt)).read_metadata()
-        storage = metadata.storage_data
-    except Exception:
-        return []
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        end = int(info.offset) + int(info.length)
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    return [
-        Path(ckpt) / name
-        for name, end in sorted(needed.items())
-        if not (Path(ckpt) / name).is_file() or (Path(ckpt) / name).stat().st_size < end
-    ]
-
-
-def truncated_message(damaged: list[Path]) -> str:
-    """One message naming the first damaged file and the fix."""
-    more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-    return (
-        f"checkpoint file {damaged[0]} is truncated or missing{more}: the save did not finish "
-        "or the copy is incomplete; copy the checkpoint again or use an earlier one"
-    )
 
 
 class _RegionPlanner:

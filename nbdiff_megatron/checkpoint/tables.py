@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nbdiff_megatron.convert import transforms as T
-from nbdiff_megatron.convert.families import Family, rule_applies
+from nbdiff_megatron.checkpoint import transforms as T
+from nbdiff_megatron.checkpoint.families import Family, rule_applies
 from nbdiff_megatron.errors import ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 

@@ -20,19 +20,20 @@ the shape divides, `--pp` only validates and is recorded.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nbdiff_megatron.convert import common, mcore_io
-from nbdiff_megatron.convert.families import (
+from nbdiff_megatron.checkpoint import common, mcore_io
+from nbdiff_megatron.checkpoint.families import (
     IGNORED_HF_SUFFIXES,
     detect_family,
     model_config_from_hf,
 )
-from nbdiff_megatron.convert.hf_io import HFCheckpoint, copy_files
-from nbdiff_megatron.convert.tables import VocabSizes, expected_hf_shape, table_for, to_mcore
+from nbdiff_megatron.checkpoint.hf_io import HFCheckpoint, copy_files
+from nbdiff_megatron.checkpoint.tables import VocabSizes, expected_hf_shape, table_for, to_mcore
 from nbdiff_megatron.errors import ConfigError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
@@ -62,7 +63,7 @@ def _tokenizer_files(hf: HFCheckpoint, tokenizer: str | None) -> list[Path]:
         return hf.tokenizer_files()
     path = Path(tokenizer)
     if path.is_dir():
-        from nbdiff_megatron.convert.hf_io import TOKENIZER_FILES
+        from nbdiff_megatron.checkpoint.hf_io import TOKENIZER_FILES
 
         return [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
     return [path]
@@ -180,8 +181,11 @@ def hf_to_mcore(
     try:
         cfg.validate(tp=tp, pp=pp, block_size=block_size)
     except ConfigError as exc:
+        # The config's advice (change the heads, the layers) is not the converter's to follow.
+        reason = re.split(r": (?:change|use|pick) ", str(exc))[0]
         raise ConversionError(
-            f"the model cannot be laid out with --tp {tp} --pp {pp}: {exc}"
+            f"the model cannot be laid out with --tp {tp} --pp {pp} ({reason}); the converter keeps "
+            f"the checkpoint's shape: {_layouts_that_fit(cfg, block_size)}"
         ) from exc
 
     units = table_for(family, cfg, dropped_o_bias=dropped_o_bias)
@@ -262,7 +266,7 @@ def hf_to_mcore(
             copy_files(_tokenizer_files(hf, tokenizer), tmp / common.TOKENIZER_DIR)
         (tmp / common.METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         (tmp / common.MODEL_YAML).write_text(_model_yaml(cfg))
-        from nbdiff_megatron.convert.hf_io import staged_rename
+        from nbdiff_megatron.checkpoint.hf_io import staged_rename
 
         staged_rename(tmp, out.resolve(), overwrite)
     summary.seconds = timer.elapsed()
@@ -286,6 +290,24 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _fits(cfg: ModelConfig, tp: int, pp: int, block_size: int | None) -> bool:
+    try:
+        cfg.validate(tp=tp, pp=pp, block_size=block_size)
+    except ConfigError:
+        return False
+    return True
+
+
+def _layouts_that_fit(cfg: ModelConfig, block_size: int | None) -> str:
+    """The --tp and --pp values this model's shape allows (a converter cannot change the shape)."""
+    tps = [t for t in range(1, cfg.num_attention_heads + 1) if _fits(cfg, t, 1, block_size)]
+    pps = [p for p in range(1, cfg.num_layers + 1) if _fits(cfg, 1, p, block_size)]
+    return (
+        f"use --tp {' / '.join(map(str, tps))} and --pp {' / '.join(map(str, pps))} (training "
+        "may use another layout: megatron-core reshards the checkpoint on load)"
+    )
 
 
 def _model_yaml(cfg: ModelConfig) -> str:
