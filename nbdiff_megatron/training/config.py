@@ -148,6 +148,10 @@ class LossConfig:
     """Fused output projection + masked loss (kernels.nbdiff_linear_loss): only loss rows are
     projected, never [2L, V] logits, vocab-parallel under TP. false = the reference path (full
     logits, gathered over TP, then method.losses.nbdiff_loss), kept as the oracle."""
+    fused_padded_projection: bool = False
+    """With the fused loss: project each TP rank's whole (padded) vocabulary shard with the padding
+    columns masked, instead of its real columns only (the same results; an aligned GEMM width on
+    the last rank). Off until benchmarks/gpu_suite.py has timed both on a GPU."""
     validate: bool = False
     """Run the loss's spec checks every step (token ids in range, t in (0, 1], no masked token at a
     block start under token shift); they synchronise the device, so they are for tests and debugging."""

@@ -651,6 +651,7 @@ def _fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
         # d W goes straight into megatron DDP's fp32 main_grad, as megatron's gradient-accumulation
         # fusion does (and, like it, flags the weight so DDP's overlapped reduce sees it ready).
         accumulate_into_main_grad=True,
+        project_padded=cfg.loss.fused_padded_projection,
     )
 
 
