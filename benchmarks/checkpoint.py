@@ -151,6 +151,8 @@ def main() -> None:
             f"--train.global_batch_size={4 * world}",
             "--train.micro_batch_size=4",
             "--train.precision=fp32",
+            "--schedule.warmup_steps=0",
+            "--schedule.decay_steps=0",
             f"--parallel.dp={world}",
             "--logging.progress_bar=false",
             "--logging.log_interval=100",

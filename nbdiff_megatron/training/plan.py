@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from nbdiff_megatron.training.checkpoint_cost import checkpoint_lines
 from nbdiff_megatron.training.config import TrainConfig
 
 ACCEPTS_OVERRIDES = True
@@ -326,6 +327,7 @@ def plan_report(
         f"({steps_per_s * 86400:,.0f} steps/day), i.e. {tflops_per_gpu:,.0f} TFLOP/s per GPU = "
         f"{100 * tflops_per_gpu / peak_tflops:.0f}% MFU at {peak_tflops:g} TFLOP/s peak",
     ]
+    lines += checkpoint_lines(cfg)
     if fits:
         lines.append(f"verdict: FITS ({mem.total / GIB:.1f} GiB per GPU).")
     else:
