@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -135,15 +136,16 @@ def main() -> None:
 
     initialize_parallel(1, 1, 1)
     world = dist.get_world_size()
-    with tempfile.TemporaryDirectory(prefix="nbdiff-ckpt-bench-") as tmp:
-        root = Path(tmp)
-        prefix = root / "corpus"
-        if dist.get_rank() == 0:
-            prepare_bundled_corpus(str(prefix), max_documents=40)
-        dist.barrier()
-        data = sorted(prefix.glob("*_text_document.bin"))[0].with_suffix("")
+    # One directory for all ranks: rank 0's, broadcast.
+    shared = [tempfile.mkdtemp(prefix="nbdiff-ckpt-bench-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    root = Path(shared[0])
+    try:
+        corpus = str(root / "corpus")
+        data = [prepare_bundled_corpus(corpus, max_documents=40) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(data, src=0)
         base = [
-            f"--data.data_path=[{data}]",
+            f"--data.data_path=[{data[0]}]",
             f"--model.hidden_size={args.hidden}",
             f"--model.ffn_hidden_size={4 * args.hidden}",
             f"--model.num_layers={args.layers}",
@@ -159,6 +161,10 @@ def main() -> None:
             "--checkpoint.save_interval=1",
         ]
         results = [run_mode(name, args, root, base) for name in args.modes.split(",")]
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(root, ignore_errors=True)
     if dist.get_rank() == 0:
         print(
             f"\ncheckpoint save/load, {world} CPU ranks (gloo), hidden {args.hidden}, "
