@@ -67,8 +67,10 @@ install-py312: $(STAMP312)
 demo: $(STAMP)
 	$(VENV)/bin/nbdiff demo
 
+# lint-imports: the layer contract of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter]).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # megatron-core's deprecation notices are shown and listed here (NBDIFF_SHOW_DEPRECATIONS=1): 0.19.x
@@ -76,6 +78,7 @@ test: $(STAMP)
 test-py312: install-py312
 	$(PY312) -c "import sys, torch, megatron.core as m; print('python', sys.version.split()[0], \
 		'torch', torch.__version__, 'megatron-core', m.__version__)"
+	$(VENV312)/bin/lint-imports --no-cache
 	NBDIFF_SHOW_DEPRECATIONS=1 $(PY312) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

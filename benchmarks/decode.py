@@ -1,9 +1,11 @@
 """Benchmark decoding: block diffusion (KV cache, parallel unmasking) vs the AR decoder of the same model.
 
-For each threshold of the confidence rule, and then one row per other unmasking rule (static and
-dynamic schedules, entropy-bounded, margin, entropy, top-k), it reports, per batch size, the forward
-passes (NFE), the tokens per forward (TPF, hardware independent) and tokens/s, with the speed-up over AR
-decoding (the same weights, KV cache, one token per forward). The sub-block cache (approximate) gets a
+For each threshold of the confidence rule, and then per other unmasking rule (static and dynamic
+schedules, entropy-bounded, margin, entropy, top-k), it reports, per batch size, the forward passes
+(NFE), the tokens per forward (TPF, hardware independent) and tokens/s, with the speed-up over AR
+decoding (the same weights, KV cache, one token per forward), for two block decoders: "rel", the NBDiff
+release's schedule (a commit forward per block, `--no-fused-commit`), and "fused", the default (the
+commit fused with the next block's first step; "agree" is the share of tokens equal to "rel": 1.000). The sub-block cache (approximate) gets a
 row beside the exact decoder with the same sub-blocks, with the share of tokens that agree with it.
 Greedy decoding, EOS ignored, so every run generates exactly `--max-new-tokens` tokens per prompt.
 
@@ -83,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (tokens)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best is kept)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument(
+        "--skip-documents",
+        type=int,
+        default=0,
+        help="take prompts after the first N bundled documents (held-out text: the demo trains on "
+        "the first 2)",
+    )
     return p.parse_args(argv)
 
 
@@ -114,13 +123,18 @@ def load_model(args: argparse.Namespace):
     return model, cfg.vocab_size - 1, 32, True, None
 
 
-def make_prompts(tok, batch: int, length: int, vocab: int, mask_id: int) -> list[list[int]]:
-    """`batch` prompts of `length` tokens: bundled-corpus text with a tokenizer, else random ids."""
+def make_prompts(
+    tok, batch: int, length: int, vocab: int, mask_id: int, skip: int = 0
+) -> list[list[int]]:
+    """`batch` prompts of `length` tokens: bundled-corpus text with a tokenizer (after the first
+    `skip` documents), else random ids."""
     if tok is not None:
         from nbdiff_megatron.data.bundled import iter_bundled_documents
 
         ids: list[int] = []
-        for doc in iter_bundled_documents():
+        for index, doc in enumerate(iter_bundled_documents()):
+            if index < skip:
+                continue
             ids.extend(tok.encode(doc["text"]))
             if len(ids) >= batch * length * 4:
                 break
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"block{block}" + (f"/{args.sub_block_size}" if args.sub_block_size else "")
     rows = []
     for batch in args.batch_sizes:
-        prompts = make_prompts(tok, batch, prompt_len, cfg.vocab_size, mask_id)
+        prompts = make_prompts(tok, batch, prompt_len, cfg.vocab_size, mask_id, args.skip_documents)
         blockdec.generate(prompts, max_new_tokens=min(args.max_new_tokens, 2 * block))  # warm-up
         ar.generate(prompts, max_new_tokens=4)
         base = timed(ar, prompts, args.repeats)
@@ -217,13 +231,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
 
-        for threshold in args.thresholds:
-            unmasking = UnmaskingConfig("confidence", threshold)
-            row(
-                f"conf {threshold:.2f}", timed(blockdec, prompts, args.repeats, unmasking=unmasking)
+        def release_and_fused(label, unmasking, prompts=prompts):
+            # the release's schedule (a commit forward per block) and the fused commit: the same
+            # tokens (agreement 1.000), fewer forwards
+            release = timed(
+                blockdec, prompts, args.repeats, unmasking=unmasking, fused_commit=False
             )
+            fused = timed(blockdec, prompts, args.repeats, unmasking=unmasking)
+            same = sum(a == b for x, y in zip(release.tokens, fused.tokens) for a, b in zip(x, y))
+            total = sum(len(x) for x in release.tokens)
+            row(label, release, decoder=f"{name} rel")
+            row(label, fused, decoder=f"{name} fused", agree=same / max(total, 1))
+
+        for threshold in args.thresholds:
+            release_and_fused(f"conf {threshold:.2f}", UnmaskingConfig("confidence", threshold))
         for label, unmasking in rules:
-            row(label, timed(blockdec, prompts, args.repeats, unmasking=unmasking))
+            release_and_fused(label, unmasking)
         if not args.no_rules and sub < block:
             # sub-block cache: approximate; agreement = share of tokens equal to the exact decoder's
             options = dict(sub_block_size=sub, unmasking=UnmaskingConfig("confidence", 0.9))

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from nbdiff_megatron import install_compat
 from nbdiff_megatron.errors import NBDiffError
 
 # name -> (module, one-line help)
@@ -28,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nbdiff_megatron.inference.cli", "decode text with block diffusion (or AR)"),
     "eval": ("nbdiff_megatron.inference.lm_eval_adapter", "evaluate with lm-evaluation-harness"),
     "plan": ("nbdiff_megatron.training.plan", "per-GPU memory, FLOPs and a verdict for a config"),
+    "build-index": (
+        "nbdiff_megatron.training.index_cache",
+        "build a config's dataset index cache ahead of a job (one process, no GPU)",
+    ),
     "show-mask": ("nbdiff_megatron.plots", "draw the 2L x 2L training mask as a PNG"),
     "show-curriculum": ("nbdiff_megatron.plots", "plot B(s), lambda(s) and the LR of a config"),
     "ablate": ("nbdiff_megatron.ablation", "the paper's Table 2 ablation: 5 variants, one command"),
@@ -63,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"nbdiff: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from nbdiff_megatron.megatron_compat import quiet_megatron
-
-    quiet_megatron()  # before any sub-command imports megatron-core
+    # Before any sub-command imports megatron-core; the CPU patches are applied by the model builder
+    # when a command builds a model (docs/ARCHITECTURE.md).
+    install_compat(cpu_patches=False)
     parser = build_parser(command)
     args, extra = parser.parse_known_args(rest)
     args.argv = rest  # the sub-command's own arguments, as typed (a run prints how to resume it)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+from nbdiff_megatron.data.bundled import example_config
+
+EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 DEFAULT_PROMPT = "1 In the beginning God created"
 # Thresholds decoded besides --threshold (the speed / agreement trade-off).
 SWEEP_THRESHOLDS = (0.9, 0.7, 0.5)
@@ -72,6 +75,15 @@ def nbdiff_phase_overrides(steps: int) -> list[str]:
         f"--schedule.warmup_steps={min(20, steps // 4)}",
         f"--schedule.decay_steps={max(0, min(steps * 2 // 5, steps - 20))}",
     ]
+
+
+def train_more_command(save: Path, steps: int) -> str:
+    """The command that continues the demo's NBDiff run to `steps`, from any directory: the run's
+    own config.yaml (the demo's data, block-growth schedule and save directory, absolute paths), so
+    it resumes from the newest checkpoint in `save` at the block size the demo reached."""
+    return shlex.join(
+        ["nbdiff", "train", "--config", str(save / "config.yaml"), f"--train.steps={steps}"]
+    )
 
 
 def _section(index: int, total: int, title: str) -> None:
@@ -419,8 +431,10 @@ def run(args: argparse.Namespace) -> int:
         "other tokens start as [MASK] and are refined in forwards that read the cached prefix and "
         "attend both ways inside the block; every forward unmasks the tokens whose probability "
         "passes the threshold (at least one), and one last forward writes the finished block into "
-        f"the KV cache. So a block costs at least 2 forwards: {size / 2:g} tokens/forward is the "
-        f"ceiling for blocks of {size}, 1 is next-token speed. Lower thresholds commit more "
+        "the KV cache; that forward also runs the next block's first step when the next block's "
+        "first token was guessed right (the fused commit), so a block costs 1 forward at best "
+        f"({size:g} tokens/forward for blocks of {size}), at least 2 when the guess fails; 1 is next-token "
+        "speed. Lower thresholds commit more "
         "tokens per forward at the risk of committing wrong ones (the table)."
     )
     _note(
@@ -465,11 +479,7 @@ def run(args: argparse.Namespace) -> int:
         ("metrics", f"{out / 'nbdiff' / 'metrics.jsonl'} (one JSON line per step)"),
         ("TensorBoard", f"tensorboard --logdir {out}"),
         ("decode more", f'nbdiff generate --load {nb_save} --prompt "..."'),
-        (
-            "train more",
-            "nbdiff train --config examples/tiny_cpu.yaml "
-            f"--data.data_path=[{prefix}] --load {nb_save} --train.steps=600",
-        ),
+        ("train more", train_more_command(nb_save, args.nbdiff_steps + 100)),
     ]
     for name, value in rows:
         print(f"  {name:<13} {value}")

@@ -13,9 +13,10 @@ Start-up cost: megatron-core wraps ~40 of its functions in `torch.compile` as it
 (`megatron.core.jit.jit_fuser`, and in 0.19.x `@torch.compile` on a MoE router method). Each wrapper is
 built at import, and the first one imports TorchDynamo and Inductor: ~3 s of every process's start-up on
 a CPU, for functions that compile on their first call anyway and that a CPU run never calls (our configs
-turn megatron's fusions off). `defer_megatron_compile()` (run when this package is imported) makes
-torch.compile build each wrapper on that first call instead while a megatron module executes, in CPU-only
-processes; a GPU process keeps megatron-core's own behaviour.
+turn megatron's fusions off). `defer_megatron_compile()` (installed by
+`nbdiff_megatron.install_compat()`) makes torch.compile build each wrapper on that first call instead
+while a megatron module executes, in CPU-only processes; a GPU process keeps megatron-core's own
+behaviour.
 
 Version differences: a config field that the installed megatron-core does not know is never dropped
 silently; `known_fields` raises CompatibilityError naming the fields and the installed version.

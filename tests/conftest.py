@@ -7,6 +7,8 @@ import tempfile
 
 import pytest
 
+import nbdiff_megatron
+
 # Set before transformers / datasets / lm-eval are imported by any test module.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -16,6 +18,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _cache = tempfile.mkdtemp(prefix="nbdiff-test-cache-")
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_cache, "datasets"))
 os.environ.setdefault("HF_HOME", os.path.join(_cache, "hf"))
+# The process-wide compatibility patches, as the `nbdiff` command installs them (importing the package
+# installs nothing: docs/ARCHITECTURE.md); before any test module imports megatron-core.
+nbdiff_megatron.install_compat()
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,8 @@ def test_megatron_core_imports_quietly() -> None:
 
 def test_megatron_compile_is_deferred_on_a_cpu_and_skips_inductor_at_import() -> None:
     code = (
-        "import sys, nbdiff_megatron, torch, megatron.core, megatron.core.models.gpt, "
+        "import sys, nbdiff_megatron; nbdiff_megatron.install_compat(); "
+        "import torch, megatron.core, megatron.core.models.gpt, "
         "megatron.core.pipeline_parallel; "
         "from megatron.core import jit; "
         "from nbdiff_megatron.megatron_compat import compile_on_first_call as deferred; "

@@ -14,6 +14,7 @@ traceback.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.launch import REPO, clean_env
 
@@ -117,9 +119,8 @@ def _commands(script: str) -> list[list[str]]:
 
 def _check_block(script: str, root: Path) -> None:
     """Validate cluster launches: config + overrides + world size, loads of files that exist."""
-    from nbdiff_megatron.training import cli as train_cli
     from nbdiff_megatron.training.checkpointing import find_checkpoint
-    from nbdiff_megatron.training.config import check_world_size, load_config
+    from nbdiff_megatron.training.config import check_world_size
 
     checked = 0
     for words in _commands(script):
@@ -136,28 +137,62 @@ def _check_block(script: str, root: Path) -> None:
             words = words[words.index("nbdiff_megatron.cli") - 1 :]
             words[0:2] = ["nbdiff"]
         assert words[:2] == ["nbdiff", "train"], words
-        import argparse
-
-        parser = argparse.ArgumentParser()
-        train_cli.add_arguments(parser, "train")
-        args, extra = parser.parse_known_args(words[2:])
-        args.overrides = extra
-        cwd = os.getcwd()
-        os.chdir(root)
-        try:
-            cfg = load_config(
-                args.config, train_cli.overrides_from_args(args), model_file=args.model_config
-            )
-            check_world_size(cfg, world)
-            if cfg.checkpoint.load:
-                find_checkpoint(cfg.checkpoint.load)  # written by an earlier block
-            assert Path(cfg.data.tokenizer_model).exists(), cfg.data.tokenizer_model
-            for prefix in cfg.data.data_path:
-                assert Path(prefix + ".idx").is_file(), prefix
-        finally:
-            os.chdir(cwd)
+        cfg = _resolved_train_config(words[2:], root)
+        check_world_size(cfg, world)
+        if cfg.checkpoint.load:
+            find_checkpoint(cfg.checkpoint.load)  # written by an earlier block
         checked += 1
     assert checked, f"no nbdiff train command in the check block:\n{script}"
+
+
+def _resolved_train_config(train_args: list[str], root: Path):
+    """`nbdiff train ARGS` resolved in `root` as the CLI does; its data and tokenizer exist."""
+    from nbdiff_megatron.data.config import parse_blend
+    from nbdiff_megatron.training import cli as train_cli
+    from nbdiff_megatron.training.config import load_config
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser, "train")
+    args, extra = parser.parse_known_args(train_args)
+    args.overrides = extra
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = load_config(
+            args.config, train_cli.overrides_from_args(args), model_file=args.model_config
+        )
+        assert Path(cfg.data.tokenizer_model).exists(), cfg.data.tokenizer_model
+        if cfg.data.mode == "pretrain":
+            for prefix in parse_blend(cfg.data.data_path)[0]:
+                assert Path(prefix + ".idx").is_file(), prefix
+        for path in cfg.data.sft_data_path:
+            assert Path(path).is_file(), path
+    finally:
+        os.chdir(cwd)
+    return cfg
+
+
+def _check_pipeline(output: str, root: Path) -> None:
+    """The phase jobs slurm/pipeline.sh --dry-run printed resolve and validate as written, with the
+    README's own conversion of the same model (ckpt/qwen3-4b) standing in for the one its convert job
+    will write (runs/pipeline/base-mcore)."""
+    real = root.resolve()
+    planned = f"{real}/runs/pipeline/base-mcore"
+    phases = []
+    for line in output.splitlines():
+        words = shlex.split(line)
+        launcher = next((w for w in words if w.endswith(".sbatch")), None)
+        if not words or words[0] != "sbatch" or launcher is None:
+            continue
+        assert Path(launcher).is_file(), launcher
+        config = root / "examples" / f"{Path(launcher).stem}.yaml"
+        args = [
+            w.replace(planned, f"{real}/ckpt/qwen3-4b") for w in words[words.index(launcher) + 1 :]
+        ]
+        cfg = _resolved_train_config(["--config", str(config), *args], root)
+        assert cfg.checkpoint.save.startswith(f"{real}/runs/pipeline/")
+        phases.append(Path(launcher).stem)
+    assert phases == ["phase1_8k", "phase2_32k", "phase3_sft"], output
 
 
 @pytest.mark.slow
@@ -171,6 +206,8 @@ def test_readme_user_jobs_run_as_written(tmp_path: Path) -> None:
     for kind, script in readme_blocks(README.read_text()):
         if kind == "run":
             outputs.append(_run_block(script, root, env))
+            if script.startswith("slurm/pipeline.sh"):
+                _check_pipeline(outputs[-1], root)
         else:
             _check_block(script, root)
     # What the jobs promise: a converted checkpoint, data, trained runs, an HF export, completions,
@@ -179,6 +216,12 @@ def test_readme_user_jobs_run_as_written(tmp_path: Path) -> None:
     assert (root / "data" / "corpus_text_document.idx").is_file()
     for phase in ("tiny_cpu", "ablation_8k", "phase1_8k", "phase2_32k", "phase3_sft"):
         assert (root / "runs" / phase / "iter_0000002").is_dir(), phase
+        # self-contained: the run's tokenizer and model section travel with it
+        assert (root / "runs" / phase / "tokenizer" / "tokenizer.json").is_file(), phase
+        assert (root / "runs" / phase / "model.yaml").is_file(), phase
+    # The loop's --model-config keeps phase 2's raised RoPE base (the checkpoint's is 1e6).
+    phase2 = yaml.safe_load((root / "runs" / "phase2_32k" / "config.yaml").read_text())
+    assert phase2["model"]["rotary_base"] == 8_000_000
     assert (root / "hf" / "nbdiff-7b" / "config.json").is_file()
     completions = (root / "out.jsonl").read_text().splitlines()
     assert len(completions) == 2

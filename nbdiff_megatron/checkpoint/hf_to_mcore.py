@@ -20,6 +20,7 @@ the shape divides, `--pp` only validates and is recorded.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +181,11 @@ def hf_to_mcore(
     try:
         cfg.validate(tp=tp, pp=pp, block_size=block_size)
     except ConfigError as exc:
+        # The config's advice (change the heads, the layers) is not the converter's to follow.
+        reason = re.split(r": (?:change|use|pick) ", str(exc))[0]
         raise ConversionError(
-            f"the model cannot be laid out with --tp {tp} --pp {pp}: {exc}"
+            f"the model cannot be laid out with --tp {tp} --pp {pp} ({reason}); the converter keeps "
+            f"the checkpoint's shape: {_layouts_that_fit(cfg, block_size)}"
         ) from exc
 
     units = table_for(family, cfg, dropped_o_bias=dropped_o_bias)
@@ -286,6 +290,24 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _fits(cfg: ModelConfig, tp: int, pp: int, block_size: int | None) -> bool:
+    try:
+        cfg.validate(tp=tp, pp=pp, block_size=block_size)
+    except ConfigError:
+        return False
+    return True
+
+
+def _layouts_that_fit(cfg: ModelConfig, block_size: int | None) -> str:
+    """The --tp and --pp values this model's shape allows (a converter cannot change the shape)."""
+    tps = [t for t in range(1, cfg.num_attention_heads + 1) if _fits(cfg, t, 1, block_size)]
+    pps = [p for p in range(1, cfg.num_layers + 1) if _fits(cfg, 1, p, block_size)]
+    return (
+        f"use --tp {' / '.join(map(str, tps))} and --pp {' / '.join(map(str, pps))} (training "
+        "may use another layout: megatron-core reshards the checkpoint on load)"
+    )
 
 
 def _model_yaml(cfg: ModelConfig) -> str:

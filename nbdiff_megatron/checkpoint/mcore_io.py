@@ -28,11 +28,54 @@ from nbdiff_megatron.checkpoint.dist import (
     truncated_message,
     write_dist_checkpoint,
 )
-from nbdiff_megatron.errors import ConversionError
+from nbdiff_megatron.errors import CheckpointError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
 METADATA_KEY = "nbdiff_metadata"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+# ------------------------------------------------------------------ loading rule (local <-> TE spec)
+# A checkpoint written from one layer implementation (model.transformer_impl) loads under the other:
+# the tensors and their keys are the same (megatron-core maps the local spec's separate norms onto
+# TE's fused-norm keys in its sharded state dict); what may differ is the `_extra_state` of a module
+# (Transformer Engine keeps FP8 metadata there; a converted checkpoint is written from the local
+# spec). Those, and only those, may be absent; the module then keeps its fresh extra state.
+EXTRA_STATE = "_extra_state"
+
+
+def is_extra_state_key(key: str) -> bool:
+    """A state-dict or checkpoint key of a module's `get_extra_state()` (e.g. `..._extra_state` or
+    `..._extra_state/shard_0_2`)."""
+    return key.rsplit(".", 1)[-1].split("/", 1)[0] == EXTRA_STATE
+
+
+def check_absent_keys(absent: Any, ckpt: Any) -> None:
+    """Raise CheckpointError when the checkpoint lacks anything but `_extra_state` entries that the
+    model (or optimizer) asked for (`absent`: dist_checkpointing's "unexpected" keys)."""
+    missing = sorted(k for k in absent or () if not is_extra_state_key(k))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {ckpt} lacks {len(missing)} tensor(s) the model needs ({missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}): it was written for another model shape; "
+            "compare its model section with yours"
+        )
+
+
+def load_model_state_dict(module: torch.nn.Module, state_dict: dict[str, Any]) -> None:
+    """`module.load_state_dict(state_dict)`, strict except for `_extra_state` entries: absent ones
+    are fine (the rule above), any other missing or unexpected key raises RuntimeError (as a strict
+    load does), naming model.transformer_impl when the layer implementations differ."""
+    result = module.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not is_extra_state_key(k)]
+    unexpected = [k for k in result.unexpected_keys if not is_extra_state_key(k)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]} (a checkpoint of another layer implementation "
+            "loads when only `_extra_state` entries differ; check model.transformer_impl and the "
+            "model section)"
+        )
 
 
 def _ensure_single_rank_parallel() -> None:

@@ -94,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="tokenizer folder or file to copy (default: the checkpoint's)",
     )
     to_hf.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="export without tokenizer files (by default a missing tokenizer is an error)",
+    )
+    to_hf.add_argument(
         "--model-config",
         default=None,
         help="YAML with a model: section, for checkpoints that record none",
@@ -141,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             show_progress=not args.no_progress,
+            include_tokenizer=not args.no_tokenizer,
         )
     print(summary.format(), file=sys.stdout)
     return 0

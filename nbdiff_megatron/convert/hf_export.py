@@ -5,9 +5,10 @@ the block-diffusion `custom_generate/generate.py` and a model card.
   id `nbdiff generate` stops at), bos and pad ids -- not LlamaConfig's defaults (2 / 1, which are
   [MASK] and pad in our tokenizer) -- and [MASK] is a suppressed token, so a plain greedy
   `model.generate` stops at EOS and equals `nbdiff generate --ar`.
-- custom_generate/generate.py is `inference/hf_generate.py` with the unmasking rules of
-  `inference/unmasking.py` inlined (one source for each rule); transformers runs it in place of
-  `generate` when the folder is loaded with `trust_remote_code=True`.
+- custom_generate/generate.py is `inference/hf_generate.py` with `inference/unmasking.py` (the
+  unmasking rules) and `inference/refinement.py` (the block-refinement loop) inlined: the loop and the
+  input checks `nbdiff generate` runs, in one file; transformers runs it in place of `generate` when
+  the folder is loaded with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PACKAGE_IMPORTS_START = (
-    "# --- package imports: replaced by the source of unmasking.py when exported ---"
-)
+# The files' own markers around their package imports, replaced by inlined sources on export.
+PACKAGE_IMPORTS_START = "# --- package imports: replaced by"
 PACKAGE_IMPORTS_END = "# --- end of package imports ---"
+# What stands for nbdiff_megatron.errors in the exported file (the only other package import).
+EXPORTED_ERRORS = '''
+class InferenceError(ValueError):
+    """A decoding request is invalid (nbdiff_megatron.errors.InferenceError in the package)."""
+'''
 
 
 def special_token_ids(folder: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     """eos ids (a list), bos, pad of the tokenizer copied into `folder`; None if it cannot load."""
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    from nbdiff_megatron.data.tokenizer import load_tokenizer, stop_token_ids
     from nbdiff_megatron.errors import NBDiffError
-    from nbdiff_megatron.inference.loading import _eos_ids
 
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         return None
@@ -35,7 +39,7 @@ def special_token_ids(folder: Path, info: dict[str, Any]) -> dict[str, Any] | No
         tok = load_tokenizer(kind or "HuggingFaceTokenizer", str(path))
     except (NBDiffError, OSError, ValueError):
         return None
-    eos = _eos_ids(tok)
+    eos = stop_token_ids(tok)
     pad = tok.pad if tok.pad is not None and tok.pad >= 0 else (eos[0] if eos else None)
     return {"eos": eos, "bos": tok.bos, "pad": pad}
 
@@ -63,20 +67,33 @@ def write_generation_config(folder: Path, special: dict[str, Any], mask_id: int 
     gen.save_pretrained(str(folder))
 
 
-def block_generate_source() -> str:
-    """inference/hf_generate.py with the package import replaced by unmasking.py's source."""
-    from nbdiff_megatron.inference import hf_generate, unmasking
+def _replace_package_imports(source: str, replacement: str) -> str:
+    start = source.index(PACKAGE_IMPORTS_START)
+    end = source.index(PACKAGE_IMPORTS_END) + len(PACKAGE_IMPORTS_END)
+    return source[:start] + replacement + source[end:]
 
-    main = Path(hf_generate.__file__).read_text(encoding="utf-8")
-    rules = Path(unmasking.__file__).read_text(encoding="utf-8")
-    rules = rules.replace("from __future__ import annotations\n", "")
-    start, end = main.index(PACKAGE_IMPORTS_START), main.index(PACKAGE_IMPORTS_END)
-    inlined = (
-        "# --- the unmasking rules, inlined from nbdiff_megatron/inference/unmasking.py ---\n"
-        + rules
-        + "\n# --- end of the unmasking rules ---\n"
+
+def _inlined(module: Any, body: str) -> str:
+    name = Path(module.__file__).name
+    return (
+        f"# --- inlined from nbdiff_megatron/inference/{name} ---\n"
+        + body.replace("from __future__ import annotations\n", "")
+        + f"\n# --- end of {name} ---\n"
     )
-    return main[:start] + inlined + main[end + len(PACKAGE_IMPORTS_END) :]
+
+
+def block_generate_source() -> str:
+    """inference/hf_generate.py with its package imports replaced by the sources of unmasking.py
+    (the unmasking rules) and refinement.py (the refinement loop `nbdiff generate` runs): one file
+    that needs torch and transformers only."""
+    from nbdiff_megatron.inference import hf_generate, refinement, unmasking
+
+    def source(module: Any) -> str:
+        return Path(module.__file__).read_text(encoding="utf-8")
+
+    loop = _replace_package_imports(source(refinement), EXPORTED_ERRORS)
+    inlined = _inlined(unmasking, source(unmasking)) + _inlined(refinement, loop)
+    return _replace_package_imports(source(hf_generate), inlined)
 
 
 def write_block_generate(folder: Path) -> None:
@@ -114,8 +131,11 @@ print(tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_token
 gives the tokens `nbdiff generate --load {path}` gives. Its options are `nbdiff generate`'s:
 `block_size`, `sub_block_size`, `token_shift`, `block_align` ("document" / "prompt"), `unmasking`
 ("confidence", "margin", "entropy", "topk", "static", "dynamic", "entropy_bounded"), `threshold`,
-`steps_per_block`, `temperature`, `top_p`, `top_k`, `seed`. It recomputes the prefix at every
-forward (exact, no KV cache): use `nbdiff generate` for speed.
+`steps_per_block`, `temperature`, `top_p`, `top_k`, `seed`, `fused_commit` (False: one commit
+forward per block, the NBDiff release's schedule; same tokens). `return_dict_in_generate=True`
+returns each row's stop reason ("eos", "length" = max_new_tokens, "context" = the context is full)
+and the forward count too. It recomputes the prefix at every forward (exact, no KV cache): use
+`nbdiff generate` for speed.
 
 ## Autoregressive decoding
 

@@ -29,6 +29,7 @@ from nbdiff_megatron.checkpoint.families import (
 )
 from nbdiff_megatron.checkpoint.hf_io import TOKENIZER_FILES, ShardWriter, copy_files, plan_shards
 from nbdiff_megatron.checkpoint.tables import expected_hf_shape, table_for, to_hf
+from nbdiff_megatron.data.tokenizer import tokenizer_in_run
 from nbdiff_megatron.errors import ConfigError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
@@ -114,9 +115,13 @@ def describe_checkpoint(ckpt: Path, model_config: str | None) -> dict[str, Any]:
             "tokenizer_type": tok.get("type")
             or tok.get("tokenizer_type")
             or _find(train_state, ("config", "data", "tokenizer_type")),
-            "tokenizer_model": tok.get("model")
-            or tok.get("tokenizer_model")
-            or _find(train_state, ("config", "data", "tokenizer_model")),
+            # the run's own tokenizer copy first (a run exported from another directory)
+            "tokenizer_model": tokenizer_in_run(
+                ckpt.parent,
+                tok.get("model")
+                or tok.get("tokenizer_model")
+                or _find(train_state, ("config", "data", "tokenizer_model")),
+            ),
         }
         if info["mask_id"] is None and info["tokenizer_model"]:
             info["mask_id"] = _tokenizer_mask_id(info["tokenizer_type"], info["tokenizer_model"])
@@ -172,6 +177,7 @@ def mcore_to_hf(
     max_shard_size: str | int = "2GB",
     overwrite: bool = False,
     show_progress: bool = True,
+    include_tokenizer: bool = True,
 ) -> common.ConversionSummary:
     """Export a megatron-core NBDiff checkpoint as an HF (transformers) folder.
 
@@ -183,6 +189,8 @@ def mcore_to_hf(
         model_config: YAML with a `model:` section, for checkpoints that record none.
         max_shard_size: largest safetensors shard (e.g. "2GB").
         show_progress: tqdm bar over layers on stderr.
+        include_tokenizer: False exports without tokenizer files (and without
+            generation_config.json); True (default) fails when none is found.
     """
     timer = common.Timer()
     common.check_dtype_arg(dtype)
@@ -197,6 +205,14 @@ def mcore_to_hf(
         ) from exc
     family_name = export_family(cfg)
     family = FAMILIES[family_name]
+    tokenizer_files = _tokenizer_sources(ckpt, info, tokenizer) if include_tokenizer else []
+    if include_tokenizer and not tokenizer_files:
+        raise ConversionError(
+            f"checkpoint {ckpt}: no tokenizer files found (recorded: "
+            f"{info.get('tokenizer_model') or 'none'}; no {common.TOKENIZER_DIR}/ beside it); pass "
+            "--tokenizer FOLDER_OR_FILE, or --no-tokenizer to export without it (an HF folder "
+            "without tokenizer and generation_config.json)"
+        )
     template = mcore_io.template_sharded_state_dict(cfg, 1)
     reader = mcore_io.CheckpointReader(ckpt)
     mcore_io.check_stored_keys(template, reader, cfg.num_layers)
@@ -251,11 +267,10 @@ def mcore_to_hf(
                     summary.parameters += tensor.numel()
             del loaded
         writer.finish()
-        files = _tokenizer_sources(ckpt, info, tokenizer)
-        if files:
-            copy_files(files, tmp)
+        if tokenizer_files:
+            copy_files(tokenizer_files, tmp)
         else:
-            summary.notes.append("no tokenizer files found; pass --tokenizer to include them")
+            summary.notes.append("--no-tokenizer: the export holds no tokenizer files")
         from nbdiff_megatron.convert import hf_export
 
         special = hf_export.special_token_ids(tmp, info)

@@ -11,8 +11,22 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from nbdiff_megatron.errors import ConfigError
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_TOKENIZER_TYPE = "HuggingFaceTokenizer"
+
+
+def example_config(name: str) -> Path:
+    """An example config (e.g. "tiny_cpu.yaml"): the copy a built package holds in
+    assets/examples/ (setup.py puts it there), else the source checkout's examples/ folder."""
+    for candidate in (ASSETS / "examples" / name, ASSETS.parents[1] / "examples" / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"example config {name} is neither in {ASSETS / 'examples'} (an installed package) nor in "
+        f"{ASSETS.parents[1] / 'examples'} (a source checkout); reinstall the package"
+    )
 
 
 def bundled_corpus_path() -> str:

@@ -105,6 +105,8 @@ class PreprocessSummary:
     problems: list[Problem] = field(default_factory=list)
     output_prefixes: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    special_ids: str = ""
+    """The end-of-document and [MASK] ids written to the sidecar, as the console shows them."""
 
     def format(self, max_problems: int = 10) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -121,6 +123,8 @@ class PreprocessSummary:
         lines += [
             f"output [{key}]: {prefix}.bin/.idx" for key, prefix in self.output_prefixes.items()
         ]
+        if self.special_ids:
+            lines.append(f"token ids:         {self.special_ids}")
         return "\n".join(lines)
 
 
@@ -381,8 +385,7 @@ def preprocess(
         raise DataError(f"--max-line-bytes must be >= 1, got {max_line_bytes}.")
     if text_split not in TEXT_SPLITS:
         raise DataError(f"--text-split {text_split!r} must be one of {', '.join(TEXT_SPLITS)}.")
-    if keep_newlines and not split_sentences:
-        raise DataError("--keep-newlines only applies with --split-sentences; add it or drop it.")
+    # --keep-newlines without --split-sentences does nothing, as in Megatron-LM (which accepts it)
     if len(set(json_keys)) != len(json_keys) or not json_keys:
         raise DataError(f"--json-keys {json_keys} must be distinct and non-empty.")
     tokenizer_type = canonical_tokenizer_type(tokenizer_type)
@@ -404,7 +407,9 @@ def preprocess(
         )
     if not files:
         raise DataError(
-            "no input file found: " + "; ".join(str(m) for m in missing) + ". Check --input."
+            "no input file found: "
+            + "; ".join(f"{m.location} ({m.detail})" for m in missing)
+            + ". Check --input."
         )
 
     summary = PreprocessSummary()
@@ -456,6 +461,11 @@ def preprocess(
             builders[key].finalize(prefix + tmp_tag + ".idx")
         summary.seconds = time.perf_counter() - t0
         meta = tokenizer_metadata(tokenizer)
+        summary.special_ids = (
+            f"end-of-document {meta['eod']}, [MASK] {meta['mask_id']}"
+            + (" (added after the vocabulary)" if meta["mask_added"] else "")
+            + f", vocabulary {meta['vocab_size']} ([MASK] included)"
+        )
         for key, prefix in prefixes.items():
             sidecar = dict(
                 meta,
@@ -676,16 +686,23 @@ def _tokenize_chunk(chunk: list[RawRecord | Problem]) -> list[Tokenized | Proble
             out.append(p)
             continue
         doc: Tokenized = {}
+        # Take every key's ids of this document from the batch before any key can reject it: the
+        # next document's ids start right after them.
+        batch_ids = (
+            None
+            if encoded is None
+            else {k: [next(encoded) for _ in pieces[id(p)][k]] for k in keys}
+        )
         for key in keys:
             sentences = pieces[id(p)][key]
-            if encoded is None:
+            if batch_ids is None:
                 try:
                     ids_list = [tokenizer.encode(t) for t in sentences]
                 except ValueError as exc:
                     doc = Problem("cannot tokenize", rec.location, str(exc))
                     break
             else:
-                ids_list = [next(encoded) for _ in sentences]
+                ids_list = batch_ids[key]
             ids = [i for sentence in ids_list for i in sentence]
             lengths = [len(sentence) for sentence in ids_list if sentence]
             if not ids:

@@ -86,7 +86,7 @@ def expand_inputs(
             what = (
                 "no file matches" if glob.has_magic(spec) or os.path.isdir(spec) else "no such file"
             )
-            missing.append(Problem("missing input file", f"{spec}:0", what))
+            missing.append(Problem("missing input file", spec, what))  # a file, no line
         for path in found:
             if path not in files:
                 files.append(path)

@@ -42,6 +42,8 @@ from nbdiff_megatron.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 EOD_PLACEHOLDER = "<eod>"
+MAX_LISTED_PROBLEMS = 10
+"""Dropped conversations listed by file:line and reason in SFTStats.format (the rest are counted)."""
 
 
 @dataclass
@@ -75,6 +77,10 @@ class SFTStats:
             f"loss tokens: {self.loss_tokens}",
         ]
         lines += [f"  dropped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
+        # which lines and why, as preprocess lists them
+        lines += [f"    {problem}" for problem in self.problems[:MAX_LISTED_PROBLEMS]]
+        if len(self.problems) > MAX_LISTED_PROBLEMS:
+            lines.append(f"    ... and {len(self.problems) - MAX_LISTED_PROBLEMS} more")
         return "\n".join(lines)
 
 
@@ -112,8 +118,25 @@ def load_conversations(
             if problem:
                 stats.skip("bad conversation", location, problem)
                 continue
+            if _has_lone_surrogate(messages):
+                stats.skip(UNTOKENIZABLE, location, "a lone UTF-16 surrogate (e.g. \\ud800)")
+                continue
             out.append((location, messages))
     return out
+
+
+UNTOKENIZABLE = "text that cannot be tokenized"
+
+
+def _has_lone_surrogate(messages: list) -> bool:
+    """True when a message's text holds a lone surrogate (valid JSON, `"\\ud800"`, but no UTF-8
+    text: every tokenizer fails on it)."""
+    try:
+        for message in messages:
+            str(message.get("content", "")).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _is_gzip(path: str) -> bool:

@@ -58,6 +58,8 @@ MASK_TOKEN = "[MASK]"
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
 MASK_CANDIDATES = ("[MASK]", "<|mask|>", "<mask>", "<MASK>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+# End-of-turn markers of chat templates that should stop generation as EOS does.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 # cl100k's pre-tokenization pattern; TikTokenizer(pattern=...) overrides it.
 TIKTOKEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -124,6 +126,24 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
     if getattr(tokenizer, "merge_file", None):
         meta["merge_file"] = os.path.abspath(tokenizer.merge_file)
     return meta
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end generation: the tokenizer's eod, then the END_OF_TURN_TOKENS it knows
+    (never [MASK]). `nbdiff generate` and the exported HF decoder stop on the same ids."""
+    ids = (
+        [int(tokenizer.eod)]
+        if getattr(tokenizer, "eod", -1) is not None and tokenizer.eod >= 0
+        else []
+    )
+    for token in END_OF_TURN_TOKENS:
+        try:
+            found = tokenizer.token_to_id(token)
+        except Exception:  # a tokenizer without that lookup
+            found = None
+        if found is not None and int(found) not in ids and int(found) != tokenizer.mask_id:
+            ids.append(int(found))
+    return ids
 
 
 def check_tokenizer_metadata(expected: dict[str, Any], tokenizer: Tokenizer, where: str) -> None:
@@ -671,3 +691,62 @@ class MegatronTokenizerAdapter:
             "vocab_size": meta["vocab_size"],
             "eod": meta["eod"],
         }
+
+
+# ------------------------------------------------------------------------ a run's own tokenizer copy
+
+RUN_TOKENIZER_DIR = "tokenizer"
+"""The folder of a save directory (or a converted checkpoint) that holds its tokenizer's files."""
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+"""The files of an HF tokenizer folder (what is copied from a folder)."""
+
+
+def copy_tokenizer(tokenizer_model: str, run_dir: str | os.PathLike) -> str | None:
+    """Copy a local tokenizer (an HF folder's tokenizer files, or one tokenizer file) into
+    `run_dir`/tokenizer/, so the run keeps working when its source moves; returns the copy's folder,
+    or None when there is nothing local to copy (NullTokenizer, a missing path)."""
+    import shutil
+
+    source = os.path.abspath(tokenizer_model) if tokenizer_model else ""
+    if not source or not os.path.exists(source):
+        return None
+    # tokenizer.json's folder may hold its tokenizer_config.json (chat template, special tokens)
+    folder = os.path.dirname(source) if os.path.basename(source) == "tokenizer.json" else source
+    files = (
+        [os.path.join(folder, n) for n in TOKENIZER_FILE_NAMES]
+        if os.path.isdir(folder)
+        else [source]
+    )
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        return None
+    target = os.path.join(os.fspath(run_dir), RUN_TOKENIZER_DIR)
+    if os.path.abspath(target) == folder:
+        return target  # the run's own copy already
+    os.makedirs(target, exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, os.path.join(target, os.path.basename(file)))
+    return target
+
+
+def tokenizer_in_run(run_dir: str | os.PathLike, recorded: str) -> str:
+    """Where a consumer of a run (generate, eval, export) loads the tokenizer `recorded` for it: the
+    run's own copy in `run_dir`/tokenizer/ when there is one (the same file name for a single-file
+    tokenizer), else `recorded` as it was written (absolute in runs of this version)."""
+    copy = os.path.join(os.fspath(run_dir), RUN_TOKENIZER_DIR)
+    if not os.path.isdir(copy):
+        return recorded
+    if recorded and not os.path.isdir(recorded):
+        same_file = os.path.join(copy, os.path.basename(recorded))
+        if os.path.isfile(same_file):
+            return same_file
+    return copy

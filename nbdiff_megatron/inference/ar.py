@@ -1,29 +1,23 @@
 """Autoregressive baseline decoding of the same weights: one token per forward, KV cache.
 
-The side-by-side reference for block decoding (NBDIFF.md §7: the point is the speed-up over AR decoding of
-the same model). Prompts are left-padded to a common length; padding is masked out of attention and
-positions start at 0 at each row's first real token.
+The side-by-side reference for block decoding (the point of NBDiff is the speed-up over AR decoding of
+the same model). AR decoding is the refinement loop (refinement.py) with blocks of one token and token
+shift: each block's only token is the prediction of the last committed position, and committing it
+is the next forward. So the AR baseline shares the block decoder's layout, input checks, stop reasons
+and seeded per-row sampling (and `BlockDecoder(block_size=1)` gives the same tokens and forwards).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from nbdiff_megatron.errors import InferenceError
-from nbdiff_megatron.inference.decoder import (
-    DecodeConfig,
-    DecodeOutput,
-    DecodeStats,
-    attention_allowed,
-    prompt_lists,
-    setup_decoder,
-)
-from nbdiff_megatron.inference.unmasking import propose_tokens, row_generators
+from nbdiff_megatron.inference.decoder import setup_decoder
+from nbdiff_megatron.inference.refinement import DecodeConfig, DecodeOutput, decode_batch
+from nbdiff_megatron.inference.unmasking import UnmaskingConfig
 
 
 class ARDecoder:
@@ -60,93 +54,28 @@ class ARDecoder:
         `row_ids` name the prompts for the sampling seed, as in `BlockDecoder.generate`.
         """
         config = replace(self.config, **overrides) if overrides else self.config
-        began = time.perf_counter()
-        prompts = prompt_lists(prompts)
-        for i, p in enumerate(prompts):
-            if len(p) >= self.max_context:
-                raise InferenceError(
-                    f"prompt {i} has {len(p)} tokens, the model's context is {self.max_context}: "
-                    "shorten the prompt (at least one position must be left to generate)"
-                )
-        runner = self.runner
-        device = runner.device
-        batch = len(prompts)
-        width = max(len(p) for p in prompts)
-        budgets = [min(config.max_new_tokens, self.max_context - len(p)) for p in prompts]
-        columns = width + max(budgets)
-        pads = torch.tensor([width - len(p) for p in prompts], device=device)
-        cols = torch.arange(columns, device=device)
-        valid = cols[None, :] >= pads[:, None]
-        positions = (cols[None, :] - pads[:, None]).clamp_min(0)
-        tokens = torch.full((batch, columns), self.pad_id, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            tokens[i, width - len(p) : width] = torch.tensor(p)
-        cache = runner.new_cache(columns) if config.use_cache else None
-        row_ids = list(range(batch)) if row_ids is None else list(row_ids)
-        if len(row_ids) != batch:
-            raise InferenceError(f"row_ids has {len(row_ids)} entries for {batch} prompts")
-        generator = row_generators(config.seed, row_ids)
-        stats = DecodeStats(prefill_tokens=sum(len(p) for p in prompts))
-        nfe_start = runner.forward_passes
-
-        def forward(start: int, stop: int) -> torch.Tensor:
-            visible = torch.arange(start if cache is not None else 0, stop, device=device)
-            if cache is not None:
-                allowed = attention_allowed(valid[:, :stop], start, stop - start, visible)
-                return runner.forward(
-                    tokens[:, start:stop],
-                    positions[:, start:stop],
-                    allowed,
-                    cache=cache,
-                    commit=True,
-                )[:, -1]
-            allowed = attention_allowed(valid[:, :stop], 0, stop, visible)
-            return runner.forward(tokens[:, :stop], positions[:, :stop], allowed)[:, -1]
-
-        active = torch.ones(batch, dtype=torch.bool, device=device)
-        outputs: list[list[int]] = [[] for _ in range(batch)]
-        stop_reason = ["length"] * batch
-        last = forward(0, width)
-        stats.row_forward_passes += batch
-        for step in range(max(budgets)):
-            column = width + step
-            if self.mask_id is not None:
-                # [MASK] is an input symbol of the diffusion half, never an answer.
-                last = last.index_fill(
-                    -1, torch.tensor([self.mask_id], device=device), float("-inf")
-                )
-            next_tokens, _ = propose_tokens(last, config.sampling, generator, active)
-            tokens[:, column] = torch.where(active, next_tokens, self.pad_id)
-            new_tokens: list[list[int]] = [[] for _ in range(batch)]
-            for i in range(batch):
-                if not bool(active[i]):
-                    continue
-                token = int(next_tokens[i])
-                new_tokens[i].append(token)
-                stats.generated_tokens += 1
-                if config.stop_at_eos and token in self.eos_ids:
-                    stop_reason[i] = "eos"
-                    active[i] = False
-                    continue
-                outputs[i].append(token)
-                if stop is not None and stop(i, outputs[i]):
-                    stop_reason[i] = "stop"
-                    active[i] = False
-                elif len(outputs[i]) >= budgets[i]:
-                    active[i] = False
-                    stop_reason[i] = (
-                        "context" if len(prompts[i]) + budgets[i] >= self.max_context else "length"
-                    )
-            # Finished rows keep riding along as padding that nobody attends to.
-            valid[:, column] &= active | torch.tensor(
-                [bool(new_tokens[i]) for i in range(batch)], device=device
-            )
-            if callback is not None:
-                callback(step, new_tokens)
-            if not bool(active.any()):
-                break
-            last = forward(column, column + 1)
-            stats.row_forward_passes += int(active.sum())
-        stats.forward_passes = runner.forward_passes - nfe_start
-        stats.seconds = time.perf_counter() - began
-        return DecodeOutput(tokens=outputs, stop_reasons=stop_reason, stats=stats)
+        one_token_blocks = replace(
+            config,
+            block_size=1,
+            sub_block_size=None,
+            token_shift=True,
+            mask_kind="context_causal",
+            block_align="document",
+            sub_block_cache=False,
+            unmasking=UnmaskingConfig(),
+        )
+        return decode_batch(
+            self.runner,
+            prompts,
+            one_token_blocks,
+            # [MASK] is an input symbol of the diffusion half, never an answer; without one the
+            # pad id only marks the columns not decoded yet
+            mask_id=self.pad_id if self.mask_id is None else self.mask_id,
+            suppress_mask=self.mask_id is not None,
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids,
+            max_context=self.max_context,
+            row_ids=row_ids,
+            callback=callback,
+            stop=stop,
+        )

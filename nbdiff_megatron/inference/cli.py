@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from nbdiff_megatron.errors import InferenceError
-from nbdiff_megatron.inference.decoder import BLOCK_ALIGNS
+from nbdiff_megatron.inference.refinement import (
+    BLOCK_ALIGNS,
+    capped_budgets,
+    unmasking_config,
+)
 from nbdiff_megatron.inference.unmasking import UNMASKING_RULES
 
 
@@ -95,6 +99,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute the prefix every forward instead of using the KV cache",
     )
+    g.add_argument(
+        "--no-fused-commit",
+        dest="fused_commit",
+        action="store_false",
+        help="commit each finished block in a forward of its own (the NBDiff release's schedule; "
+        "same tokens, more forwards) instead of fusing it with the next block's first step",
+    )
     g.add_argument("--ar", action="store_true", help="decode autoregressively (the AR baseline)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     m = parser.add_argument_group("model")
@@ -163,17 +174,12 @@ def read_prompts(path: str) -> list[str]:
 
 def unmasking_from_args(args: argparse.Namespace) -> Any:
     """UnmaskingConfig of --unmasking / --threshold / --tokens-per-step / --steps-per-block."""
-    from nbdiff_megatron.inference.unmasking import UnmaskingConfig
-
-    steps = getattr(args, "steps_per_block", None)
-    rule = args.unmasking or ("static" if steps is not None else "confidence")
-    if steps is not None and rule not in ("static", "dynamic"):
-        raise InferenceError(
-            f"--steps-per-block applies to --unmasking static or dynamic, not {rule!r}"
-        )
-    default_threshold = {"entropy": 1.0, "entropy_bounded": 1.0}.get(rule, 0.9)
-    threshold = default_threshold if args.threshold is None else args.threshold
-    return UnmaskingConfig(rule, threshold, args.tokens_per_step, steps)
+    return unmasking_config(
+        args.unmasking,
+        args.threshold,
+        args.tokens_per_step,
+        getattr(args, "steps_per_block", None),
+    )
 
 
 def resolve_block_size(args: argparse.Namespace, loaded: Any) -> int:
@@ -214,6 +220,7 @@ def build_decoder(args: argparse.Namespace, loaded: Any, max_new_tokens: int) ->
             mask_kind=getattr(loaded, "mask_kind", "context_causal"),
             block_align=args.block_align or getattr(loaded, "block_align", "document"),
             sub_block_cache=bool(getattr(args, "sub_block_cache", False)) and not args.ar,
+            fused_commit=getattr(args, "fused_commit", True),
         )
     except ValueError as exc:
         raise InferenceError(str(exc)) from exc
@@ -241,13 +248,48 @@ class _Streamer:
             self.printed = text
 
 
+# How each stop reason of refinement.STOP_REASONS reads on the console.
+STOP_WORDS = {
+    "eos": "at EOS",
+    "length": "at --max-new-tokens",
+    "context": "at the model's context",
+    "stop": "at a stop string",
+}
+
+
+def stop_summary(stop_reasons: list[str], first: int) -> str:
+    """'prompts 0, 2 stopped at EOS; prompt 1 stopped at --max-new-tokens' (prompts numbered from
+    `first`)."""
+    parts = []
+    for reason, words in STOP_WORDS.items():
+        rows = [str(first + i) for i, r in enumerate(stop_reasons) if r == reason]
+        if rows:
+            noun = "prompt" if len(rows) == 1 else "prompts"
+            parts.append(f"{noun} {', '.join(rows)} stopped {words}")
+    return "; ".join(parts)
+
+
 def _stats_line(stats: Any, label: str, stop_reasons: list[str], first: int) -> str:
-    stops = ", ".join(f"{first + i}: {r}" for i, r in enumerate(stop_reasons))
+    fused = f", {stats.fused_commits} fused commits" if stats.fused_commits else ""
     return (
-        f"[{label}] {stats.generated_tokens} tokens, {stats.forward_passes} forwards, "
+        f"[{label}] {stats.generated_tokens} tokens, {stats.forward_passes} forwards{fused}, "
         f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.tokens_per_second:.1f} tokens/s; "
-        f"stopped (prompt: reason) {stops}"
+        f"{stop_summary(stop_reasons, first)}"
     )
+
+
+def warn_capped(
+    prompts: list[list[int]], max_new_tokens: int, max_context: int, first: int
+) -> None:
+    """Say which prompts cannot get --max-new-tokens because the context is full before."""
+    capped = capped_budgets(prompts, max_new_tokens, max_context)
+    for i, room in capped.items():
+        print(
+            f"note: prompt {first + i} has {len(prompts[i])} tokens; the model's context is "
+            f"{max_context}, so it gets at most {room} new tokens, not --max-new-tokens "
+            f"{max_new_tokens}",
+            file=sys.stderr,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start : start + args.batch_size]
             ids = [tok.encode(p) for p in chunk]
+            warn_capped(ids, args.max_new_tokens, decoder.max_context, start)
             stream = len(prompts) == 1 and out_file is None
             streamer = _Streamer(tok, loaded.eos_ids, sys.stdout) if stream else None
             if stream:

@@ -168,6 +168,7 @@ class ModelRunner:
         *,
         cache: KVCache | None = None,
         commit: bool = False,
+        commit_columns: int = 0,
     ) -> torch.Tensor:
         """Logits `[b, n, V]` of the new tokens.
 
@@ -177,6 +178,9 @@ class ModelRunner:
                 (the whole sequence when `cache` is None).
             cache: read the committed prefix from it, and put the new k/v after it.
             commit: advance the cache over the new tokens (they become part of the prefix).
+            commit_columns: advance it over the first `commit_columns` new tokens only (a partial
+                commit: the later ones were run for their logits, their k/v are overwritten by the
+                next write).
         """
         mask = self._mask_type.dense(allowed)
         self.forward_passes += 1
@@ -184,6 +188,5 @@ class ModelRunner:
             return self.model(tokens, positions, mask)
         with cache_hooks(self.attention_modules, cache):
             logits = self.model(tokens, positions, mask)
-        if commit:
-            cache.length += tokens.shape[1]
+        cache.length += tokens.shape[1] if commit else min(commit_columns, tokens.shape[1])
         return logits

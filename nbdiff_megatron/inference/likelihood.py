@@ -86,7 +86,7 @@ def diffusion_loglikelihood(
             break
         if shift and bool(target[:, 0].any()):
             # the block's first token: the AR prediction of the last committed position
-            logp = torch.log_softmax(decoder._no_mask(session.last_logits).float(), dim=-1)  # type: ignore[attr-defined]
+            logp = torch.log_softmax(decoder.mask_suppressed(session.last_logits).float(), dim=-1)  # type: ignore[attr-defined]
             first = logp.gather(-1, clean[:, :1]).squeeze(-1)
             total += torch.where(target[:, 0], first, 0.0).double().cpu()
             greedy &= (~target[:, 0] | (logp.argmax(-1) == clean[:, 0])).cpu()
@@ -119,7 +119,7 @@ def _block_logp(decoder: object, session: object, block: torch.Tensor, shift: bo
     logits = session.block_logits(block)  # type: ignore[attr-defined]
     if shift:
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    return torch.log_softmax(decoder._no_mask(logits).float(), dim=-1)  # type: ignore[attr-defined]
+    return torch.log_softmax(decoder.mask_suppressed(logits).float(), dim=-1)  # type: ignore[attr-defined]
 
 
 def _draw_masks(target: torch.Tensor, n: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:

@@ -28,12 +28,26 @@ import json
 import math
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
 from nbdiff_megatron.errors import InferenceError
+from nbdiff_megatron.inference.cli import build_decoder
+from nbdiff_megatron.inference.eval_report import (
+    add_stats,
+    is_main_rank,
+    plot_accuracy_vs_tpf,
+    run_sharded,
+    stats_record,
+    table_rows,
+)
+from nbdiff_megatron.inference.likelihood import default_loglikelihood
+from nbdiff_megatron.inference.refinement import DecodeStats
+from nbdiff_megatron.inference.unmasking import SamplingConfig
 
 LOGLIKELIHOODS = ("causal", "diffusion")
 
@@ -95,28 +109,78 @@ metadata:
 """
 
 
+def gsm8k_line_problem(line: str) -> str | None:
+    """Why a line of a GSM8K-style JSONL cannot be scored (None when it can)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg})"
+    if not isinstance(record, dict) or not {"question", "answer"} <= set(record):
+        return "no 'question' and 'answer' fields"
+    if not isinstance(record["answer"], str) or "####" not in record["answer"]:
+        return "the answer has no '#### <number>' final answer"
+    return None
+
+
 def write_gsm8k_style_task(
     jsonl: str | Path, directory: str | Path, *, name: str = "gsm8k_local", max_gen_toks: int = 256
 ) -> str:
-    """Write an lm-eval task YAML for a local GSM8K-style JSONL into `directory`; returns the task name."""
+    """Write an lm-eval task YAML for a local GSM8K-style JSONL into `directory`; returns the task name.
+
+    Lines that cannot be scored (not JSON, missing fields, an answer without `#### N`) are left out,
+    counted and listed on stderr (file:line and why); none left is an error."""
     jsonl = Path(jsonl).resolve()
     if not jsonl.is_file():
         raise InferenceError(f"--task-jsonl {jsonl} does not exist")
-    first = jsonl.read_text(encoding="utf-8").splitlines()[:1]
-    try:
-        record = json.loads(first[0]) if first else None
-    except json.JSONDecodeError as exc:
-        raise InferenceError(f"{jsonl}:1 is not valid JSON ({exc})") from exc
-    if not isinstance(record, dict) or not {"question", "answer"} <= set(record):
+    kept, problems = [], []
+    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        problem = gsm8k_line_problem(line)
+        if problem is None:
+            kept.append(line)
+        else:
+            problems.append(f"{jsonl}:{number}: {problem}")
+    if problems and is_main_rank():
+        print(f"skipped {len(problems)} malformed line(s) of {jsonl}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    if not kept:
         raise InferenceError(
             f"{jsonl} must hold one JSON object per line with 'question' and 'answer' fields "
-            "(the answer ending in '#### <number>')"
+            "(the answer ending in '#### <number>'); no line does"
         )
-    text = GSM8K_STYLE_TASK.format(
-        name=name, path=json.dumps(str(jsonl)), max_gen_toks=max_gen_toks
-    )
+    data = Path(directory, f"{name}.jsonl")
+    data.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    text = GSM8K_STYLE_TASK.format(name=name, path=json.dumps(str(data)), max_gen_toks=max_gen_toks)
     Path(directory, f"{name}.yaml").write_text(text, encoding="utf-8")
     return name
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """`messages` rendered with the tokenizer's jinja chat template (sandboxed, as transformers
+    renders it)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # a transformers dependency
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(tokenizer.chat_template)
+    bos = tokenizer.decode([tokenizer.bos]) if tokenizer.bos is not None else ""
+    return template.render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        eos_token=tokenizer.decode([tokenizer.eod]),
+        bos_token=bos,
+    )
+
+
+def padded_width(width: int, max_context: int) -> int:
+    """The input width the causal scorer pads a batch of `width` tokens to: the next power of two
+    (at least 16; multiples of 1024 past 1024), at most `max_context`. A few widths instead of one
+    per request length: compiled FlexAttention and the BlockMask cache see few shapes."""
+    bucket = max(16, 1 << (max(width, 1) - 1).bit_length())
+    if bucket > 1024:
+        bucket = -(-width // 1024) * 1024
+    return max(width, 1, min(bucket, max_context))
 
 
 def make_lm_class() -> type:
@@ -157,6 +221,9 @@ def make_lm_class() -> type:
             self.max_gen_toks = max_gen_toks
             self.max_context = decoder.max_context
             self.last_stats: list[Any] = []
+            self.task_stats: dict[str, DecodeStats] = {}  # decoding cost per task
+            self.chat_applied = False
+            self.mode_announced = False
 
         # -------------------------------------------------------------- likelihood
         def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -215,8 +282,7 @@ def make_lm_class() -> type:
                     ids = (ctx + cont)[-(self.max_context + 1) :]
                     rows.append((ids, len(cont)))
                 # Right padding: causal attention keeps padding out of every real position.
-                width = max(len(ids) for ids, _ in rows) - 1
-                width = max(width, 1)
+                width = padded_width(max(len(ids) for ids, _ in rows) - 1, self.max_context)
                 inputs = torch.full((len(rows), width), self.tokenizer.eod, dtype=torch.long)
                 for i, (ids, _) in enumerate(rows):
                     inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
@@ -233,11 +299,19 @@ def make_lm_class() -> type:
                     results.append((total, greedy))
             return results
 
+        def _announce_mode(self) -> None:
+            # said once, and only when a task scores continuations (generation tasks never do)
+            if not self.mode_announced and is_main_rank():
+                print(f"loglikelihood: {self.loglikelihood_mode}", file=sys.stderr)
+            self.mode_announced = True
+
         def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+            self._announce_mode()
             pairs = [self._encode_pair(*req.args[:2]) for req in requests]
             return self._score(pairs)
 
         def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
+            self._announce_mode()
             out = []
             for req in requests:
                 ids = self.tokenizer.encode(req.args[0])
@@ -254,63 +328,103 @@ def make_lm_class() -> type:
             return out
 
         # -------------------------------------------------------------- generation
-        def generate_until(self, requests: list[Any]) -> list[str]:
-            from dataclasses import replace
+        def _generation_config(self, kwargs: dict[str, Any]) -> Any:
+            """The decoder's config with the request's sampling options honoured."""
+            config = self.decoder.config
+            if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0:
+                sampling = SamplingConfig(
+                    float(kwargs.get("temperature", 1.0)), float(kwargs.get("top_p", 1.0))
+                )
+                return replace(config, sampling=sampling)
+            if "do_sample" in kwargs or "temperature" in kwargs:
+                return replace(config, sampling=SamplingConfig())
+            return config
 
-            from nbdiff_megatron.inference.unmasking import SamplingConfig
-
-            results: list[str | None] = [None] * len(requests)
-            # Requests sharing generation options are decoded together, in batches.
-            groups: dict[str, list[int]] = {}
+        def _generation_batches(self, requests: list[Any]) -> list[tuple[str, str, list[int]]]:
+            """(task, options, request indices) per batch: requests of one task sharing generation
+            options are decoded together (so each task's decoding cost is its own)."""
+            groups: dict[tuple[str, str], list[int]] = {}
             for index, req in enumerate(requests):
                 kwargs = dict(req.args[1]) if len(req.args) > 1 and req.args[1] else {}
-                groups.setdefault(json.dumps(kwargs, sort_keys=True, default=str), []).append(index)
-            for key, indices in groups.items():
-                kwargs = json.loads(key)
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-                config = self.decoder.config
-                if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0:
-                    config = replace(
-                        config,
-                        sampling=SamplingConfig(
-                            float(kwargs.get("temperature", 1.0)), float(kwargs.get("top_p", 1.0))
-                        ),
-                    )
-                elif "do_sample" in kwargs or "temperature" in kwargs:
-                    config = replace(config, sampling=SamplingConfig())
-                for start in range(0, len(indices), self.batch_size):
-                    chunk = indices[start : start + self.batch_size]
-                    prompts = []
-                    budgets = []
-                    for index in chunk:
-                        ids = self.tokenizer.encode(requests[index].args[0]) or [self.tokenizer.eod]
-                        room = max(1, min(max_new, self.max_context - 1))
-                        ids = ids[-(self.max_context - room) :]
-                        prompts.append(ids)
-                        budgets.append(min(max_new, self.max_context - len(ids)))
+                options = json.dumps(kwargs, sort_keys=True, default=str)
+                task = getattr(req, "task_name", None) or "generate"
+                groups.setdefault((task, options), []).append(index)
+            return [
+                (task, options, indices[start : start + self.batch_size])
+                for (task, options), indices in groups.items()
+                for start in range(0, len(indices), self.batch_size)
+            ]
 
-                    def stopped(row: int, ids: list[int], until: list[str] = until) -> bool:
-                        text = self.tokenizer.decode(ids, skip_special=True)
-                        return any(s and s in text for s in until)
+        def _decode_batch(self, requests: list[Any], batch: tuple[str, str, list[int]]) -> Any:
+            """Texts of one batch of requests, cut at their stop strings, and the decoding stats."""
+            _, options, chunk = batch
+            kwargs = json.loads(options)
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            prompts, budgets = [], []
+            for index in chunk:
+                # a chat-templated prompt holds the template's special tokens as text
+                ids = self.tokenizer.encode(
+                    requests[index].args[0], allow_special=self.chat_applied
+                ) or [self.tokenizer.eod]
+                room = max(1, min(max_new, self.max_context - 1))
+                ids = ids[-(self.max_context - room) :]
+                prompts.append(ids)
+                budgets.append(min(max_new, self.max_context - len(ids)))
 
-                    output = self.decoder.generate(
-                        prompts,
-                        stop=stopped if until else None,
-                        max_new_tokens=max(budgets),
-                        sampling=config.sampling,
-                    )
-                    self.last_stats.append(output.stats)
-                    for row, index in enumerate(chunk):
-                        text = self.tokenizer.decode(
-                            output.tokens[row][: budgets[row]], skip_special=True
-                        )
-                        for s in until:
-                            if s:
-                                text = text.split(s)[0]
-                        results[index] = text
-            return [r if r is not None else "" for r in results]
+            def stopped(row: int, ids: list[int]) -> bool:
+                text = self.tokenizer.decode(ids, skip_special=True)
+                return any(s and s in text for s in until)
+
+            output = self.decoder.generate(
+                prompts,
+                stop=stopped if until else None,
+                max_new_tokens=max(budgets),
+                sampling=self._generation_config(kwargs).sampling,
+                row_ids=chunk,  # a request samples the same tokens in any batch and on any rank
+            )
+            texts = []
+            for row in range(len(chunk)):
+                text = self.tokenizer.decode(output.tokens[row][: budgets[row]], skip_special=True)
+                for s in until:
+                    if s:
+                        text = text.split(s)[0]
+                texts.append(text)
+            return texts, output.stats
+
+        def generate_until(self, requests: list[Any]) -> list[str]:
+            results = [""] * len(requests)
+            batches = self._generation_batches(requests)
+            # under torchrun the batches are dealt over the data-parallel ranks and gathered back
+            decoded = run_sharded(batches, lambda batch: self._decode_batch(requests, batch))
+            for (task, _, chunk), (texts, stats) in zip(batches, decoded):
+                self.last_stats.append(stats)
+                add_stats(self.task_stats.setdefault(task, DecodeStats()), stats)
+                for index, text in zip(chunk, texts):
+                    results[index] = text
+            return results
+
+        # -------------------------------------------------------------- chat template
+        @property
+        def tokenizer_name(self) -> str:
+            return str(getattr(self.tokenizer, "tokenizer_model", "nbdiff")).replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return self.tokenizer.chat_template if chat_template else None
+
+        def apply_chat_template(
+            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+        ) -> str:
+            """The conversation rendered with the tokenizer's chat template (lm-eval's
+            --apply_chat_template; few-shot examples become turns with --fewshot_as_multiturn)."""
+            if not self.tokenizer.chat_template:
+                raise InferenceError(
+                    f"--apply-chat-template: the tokenizer {self.tokenizer_name!r} has no chat "
+                    "template; drop the flag or pass --tokenizer with one"
+                )
+            self.chat_applied = True
+            return render_chat(self.tokenizer, chat_history, add_generation_prompt)
 
     return NBDiffLM
 
@@ -321,7 +435,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from nbdiff_megatron.inference.cli import add_decoding_arguments
 
     parser.add_argument(
-        "--tasks", default=None, help="comma-separated task names found under --include-path"
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval task names: local ones under --include-path, or lm-eval's own "
+        "(gsm8k, ...) when their data is in the HF datasets cache or can be downloaded",
     )
     parser.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
     parser.add_argument(
@@ -339,6 +456,25 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument(
+        "--thresholds",
+        default=None,
+        help="comma-separated unmasking thresholds evaluated in one run (e.g. 0.9,0.8,0.7); each "
+        "gets its accuracy, TPF, NFE and tokens/s",
+    )
+    parser.add_argument("--plot", default=None, help="write a PNG of accuracy vs TPF here")
+    parser.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="render prompts with the tokenizer's chat template (lm-eval's --apply_chat_template)",
+    )
+    parser.add_argument(
+        "--fewshot-as-multiturn",
+        action="store_true",
+        help="few-shot examples as conversation turns (needs --apply-chat-template; lm-eval's "
+        "--fewshot_as_multiturn)",
+    )
+    parser.add_argument("--system-instruction", default=None, help="system message of every prompt")
+    parser.add_argument(
         "--loglikelihood",
         default=None,
         choices=LOGLIKELIHOODS,
@@ -354,42 +490,81 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_decoding_arguments(parser)
 
 
+@dataclass
+class EvalOptions:
+    """What `evaluate` passes on to lm_eval.simple_evaluate."""
+
+    limit: float | None = None
+    """Examples per task (or a fraction)."""
+    num_fewshot: int | None = None
+    """Few-shot examples (None: the task's default)."""
+    apply_chat_template: bool = False
+    """Render prompts with the tokenizer's chat template."""
+    fewshot_as_multiturn: bool = False
+    """Few-shot examples as conversation turns (with the chat template)."""
+    system_instruction: str | None = None
+    """System message of every prompt."""
+
+
+def task_manager(tasks: list[str], include_path: str | list[str] | None) -> Any:
+    """lm-eval's TaskManager over the local task folders, and over lm-eval's own tasks when a task is
+    not found locally; InferenceError naming the unknown tasks."""
+    from lm_eval.tasks import TaskManager
+
+    paths = include_path or None
+    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=paths, include_defaults=True)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise InferenceError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}: neither under --include-path "
+            f"{include_path or '(none)'} nor among lm-eval's own tasks (`lm-eval ls tasks` lists them)"
+        )
+    return manager
+
+
 def evaluate(
     lm: Any,
     tasks: list[str],
     *,
-    include_path: str | list[str],
+    include_path: str | list[str] | None,
     limit: float | None = None,
     num_fewshot: int | None = None,
+    options: EvalOptions | None = None,
 ) -> dict[str, Any]:
-    """lm_eval.simple_evaluate on local tasks only (no hub access); returns its results dict."""
+    """lm_eval.simple_evaluate on local tasks, or lm-eval's own ones whose data is available;
+    returns its results dict."""
     _require_lm_eval()
     import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=include_path, include_defaults=False)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise InferenceError(
-            f"unknown lm-eval task(s) {', '.join(unknown)} under {include_path}: known local tasks are "
-            f"{', '.join(manager.all_tasks) or 'none'}"
-        )
-    from unittest import mock
-
-    # lm-eval asks `git describe` for the commit of the working directory and lets git print
-    # "fatal: not a git repository" outside one; ask the same question quietly.
     import lm_eval.evaluator  # lm_eval loads it lazily
 
+    options = options or EvalOptions(limit=limit, num_fewshot=num_fewshot)
+    manager = task_manager(tasks, include_path)
+    # lm-eval asks `git describe` for the commit of the working directory and lets git print
+    # "fatal: not a git repository" outside one; ask the same question quietly.
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _quiet_git_hash):
-        return lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            task_manager=manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            log_samples=False,
-            bootstrap_iters=0,
-        )
+        try:
+            return lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                limit=options.limit,
+                num_fewshot=options.num_fewshot,
+                log_samples=False,
+                bootstrap_iters=0,
+                apply_chat_template=options.apply_chat_template,
+                fewshot_as_multiturn=options.fewshot_as_multiturn,
+                system_instruction=options.system_instruction,
+            )
+        except (ConnectionError, OSError) as exc:
+            # datasets raises these (or subclasses) when a hub data set is neither cached nor
+            # downloadable
+            raise InferenceError(
+                f"the data of lm-eval task(s) {', '.join(tasks)} is not available here ({exc}); "
+                "run once where the HF hub is reachable (it is then cached under "
+                "~/.cache/huggingface/datasets), or evaluate a local file with --task-jsonl"
+            ) from exc
 
 
 def _quiet_git_hash() -> str | None:
@@ -425,18 +600,89 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run(args: argparse.Namespace) -> int:
-    """`nbdiff eval`."""
-    from nbdiff_megatron.inference.cli import build_decoder
-    from nbdiff_megatron.inference.loading import load_for_inference
+def parse_thresholds(text: str | None) -> list[float | None]:
+    """--thresholds 0.9,0.8,0.7 -> [0.9, 0.8, 0.7]; none given -> [None] (the decoder's own)."""
+    if not text:
+        return [None]
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise InferenceError(
+            f"--thresholds takes numbers separated by commas, got {text!r}"
+        ) from exc
+    if not values:
+        raise InferenceError("--thresholds is empty: give e.g. 0.9,0.8,0.7")
+    return values
 
-    lm_class = make_lm_class()
+
+def _scorer(args: argparse.Namespace, loaded: Any, decoder: Any, mode: str) -> Any:
+    if mode != "diffusion":
+        return None
+    if not args.ar:
+        return decoder
+    block_args = argparse.Namespace(**{**vars(args), "ar": False})
+    return build_decoder(block_args, loaded, args.max_gen_toks)
+
+
+def _evaluate_threshold(
+    args: argparse.Namespace,
+    loaded: Any,
+    threshold: float | None,
+    tasks: list[str],
+    paths: list[str],
+) -> dict[str, Any]:
+    """One evaluation at one unmasking threshold: lm-eval's results and per-task decoding cost."""
+    run_args = (
+        args if threshold is None else argparse.Namespace(**{**vars(args), "threshold": threshold})
+    )
+    decoder = build_decoder(run_args, loaded, args.max_gen_toks)
+    mode = args.loglikelihood or default_loglikelihood(loaded.mask_kind, loaded.ar_weight)
+    lm = make_lm_class()(
+        loaded,
+        decoder,
+        batch_size=args.batch_size,
+        max_gen_toks=args.max_gen_toks,
+        loglikelihood=mode,
+        scorer=_scorer(run_args, loaded, decoder, mode),
+        ll_samples=args.ll_samples,
+        seed=args.seed if args.seed is not None else 0,
+    )
+    options = EvalOptions(
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=args.fewshot_as_multiturn,
+        system_instruction=args.system_instruction,
+    )
+    # lm-eval returns the results on LOCAL_RANK 0 only (the other ranks helped decode)
+    results = evaluate(lm, tasks, include_path=paths, options=options) or {}
+    return {
+        "threshold": threshold,
+        "results": results.get("results", {}),
+        "decoding": {task: stats_record(s) for task, s in lm.task_stats.items()},
+        "configs": results.get("configs", {}),
+    }
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
     if not args.tasks and not args.task_jsonl:
         raise InferenceError(
-            "nothing to evaluate: pass --task-jsonl FILE or --tasks NAMES --include-path DIR"
+            "nothing to evaluate: pass --task-jsonl FILE, --tasks NAMES (lm-eval's own tasks) or "
+            "--tasks NAMES --include-path DIR"
         )
-    if args.tasks and not args.include_path:
-        raise InferenceError("--tasks needs --include-path (hub tasks cannot be downloaded here)")
+    if args.fewshot_as_multiturn and not args.apply_chat_template:
+        raise InferenceError("--fewshot-as-multiturn needs --apply-chat-template")
+    if args.ll_samples < 1:
+        raise InferenceError(f"--ll-samples must be >= 1, got {args.ll_samples}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`nbdiff eval`."""
+    from nbdiff_megatron.inference.loading import load_for_inference
+
+    make_lm_class()  # lm-eval installed?
+    _check_eval_args(args)
+    thresholds = parse_thresholds(args.thresholds)
     with tempfile.TemporaryDirectory(prefix="nbdiff_eval_") as tmp:
         paths: list[str] = [args.include_path] if args.include_path else []
         tasks = [t for t in (args.tasks or "").split(",") if t]
@@ -451,53 +697,17 @@ def run(args: argparse.Namespace) -> int:
             tokenizer_type=args.tokenizer_type,
             params_dtype=args.dtype,
         )
-        decoder = build_decoder(args, loaded, args.max_gen_toks)
-        from nbdiff_megatron.inference.likelihood import default_loglikelihood
-
-        mode = args.loglikelihood or default_loglikelihood(loaded.mask_kind, loaded.ar_weight)
-        if args.ll_samples < 1:
-            raise InferenceError(f"--ll-samples must be >= 1, got {args.ll_samples}")
-        scorer = None
-        if mode == "diffusion":
-            scorer = (
-                decoder
-                if not args.ar
-                else build_decoder(
-                    argparse.Namespace(**{**vars(args), "ar": False}), loaded, args.max_gen_toks
-                )
-            )
-        print(f"loglikelihood: {mode}", file=sys.stderr)
-        lm = lm_class(
-            loaded,
-            decoder,
-            batch_size=args.batch_size,
-            max_gen_toks=args.max_gen_toks,
-            loglikelihood=mode,
-            scorer=scorer,
-            ll_samples=args.ll_samples,
-            seed=args.seed if args.seed is not None else 0,
-        )
-        results = evaluate(
-            lm, tasks, include_path=paths, limit=args.limit, num_fewshot=args.num_fewshot
-        )
-    table = results.get("results", {})
-    for task, metrics in table.items():
-        shown = {
-            k: v
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
-        }
-        print(f"{task}: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(shown.items())))
-    if lm.last_stats:
-        tokens = sum(s.generated_tokens for s in lm.last_stats)
-        row_nfe = sum(s.row_forward_passes for s in lm.last_stats)
-        seconds = sum(s.seconds for s in lm.last_stats)
-        print(
-            f"decoding: {tokens} tokens, {tokens / max(row_nfe, 1):.2f} tokens/forward, "
-            f"{tokens / max(seconds, 1e-9):.1f} tokens/s",
-            file=sys.stderr,
-        )
+        runs = [_evaluate_threshold(args, loaded, t, tasks, paths) for t in thresholds]
+    if not is_main_rank():
+        return 0
+    for line in table_rows(runs):
+        print(line)
+    if args.plot:
+        plot_accuracy_vs_tpf(runs, args.plot)
     if args.output:
-        record = {"results": table, "configs": results.get("configs", {})}
+        record: dict[str, Any] = {"results": runs[0]["results"], "decoding": runs[0]["decoding"]}
+        if args.thresholds:
+            record["runs"] = [{k: v for k, v in r.items() if k != "configs"} for r in runs]
+        record["configs"] = runs[0]["configs"]
         Path(args.output).write_text(json.dumps(jsonable(record), indent=2, allow_nan=False))
     return 0

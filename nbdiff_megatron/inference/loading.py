@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nbdiff_megatron.checkpoint.dist import find_checkpoint, raise_if_truncated, read_common_state
+from nbdiff_megatron.data.tokenizer import stop_token_ids, tokenizer_in_run
 from nbdiff_megatron.errors import (
     CheckpointError,
     ConfigError,
@@ -28,9 +29,6 @@ from nbdiff_megatron.errors import (
     checkpoint_read_errors,
 )
 from nbdiff_megatron.model.config import ModelConfig
-
-# End-of-turn markers of chat templates that should stop generation as EOS does.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 
 
 @dataclass
@@ -67,22 +65,6 @@ def _is_megatron_checkpoint_dir(path: Path) -> bool:
         or (path / "latest").is_file()
         or any(path.glob("iter_*"))
     )
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    ids = (
-        [int(tokenizer.eod)]
-        if getattr(tokenizer, "eod", -1) is not None and tokenizer.eod >= 0
-        else []
-    )
-    for token in END_OF_TURN_TOKENS:
-        try:
-            found = tokenizer.token_to_id(token)
-        except Exception:  # a tokenizer without that lookup
-            found = None
-        if found is not None and int(found) not in ids and int(found) != tokenizer.mask_id:
-            ids.append(int(found))
-    return ids
 
 
 def _tokenizer(kind: str, model: str, override: str | None, override_type: str | None) -> Any:
@@ -228,7 +210,13 @@ def load_megatron(
     data = config.get("data") or {}
     tok = _tokenizer(
         tok_info.get("type") or tok_info.get("tokenizer_type") or data.get("tokenizer_type", ""),
-        tok_info.get("model") or tok_info.get("tokenizer_model") or data.get("tokenizer_model", ""),
+        # the run's own tokenizer copy first: the run works from any directory and after a move
+        tokenizer_in_run(
+            ckpt.parent,
+            tok_info.get("model")
+            or tok_info.get("tokenizer_model")
+            or data.get("tokenizer_model", ""),
+        ),
         tokenizer,
         tokenizer_type,
     )
@@ -262,7 +250,7 @@ def load_megatron(
         tokenizer=tok,
         model_config=cfg,
         mask_id=mask_id,
-        eos_ids=_eos_ids(tok),
+        eos_ids=stop_token_ids(tok),
         token_shift=token_shift,
         block_size=block,
         mask_kind=mask_kind,

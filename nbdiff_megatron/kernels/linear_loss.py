@@ -78,6 +78,24 @@ def _accumulate_weight_grad(dst: torch.Tensor, d_logits: torch.Tensor, h: torch.
         dst[s : s + step] += (d_logits[:, s : s + step].t() @ h).to(dst.dtype)
 
 
+def _main_grad_written(weight: torch.Tensor) -> torch.Tensor | None:
+    """The autograd gradient of a weight whose gradient already went into ``weight.main_grad``.
+
+    megatron-core's contract for gradient-accumulation fusion (tensor_parallel/layers.py): under its
+    DDP (which gives parameters ``grad_added_to_main_grad``) the layer flags the weight and hands
+    autograd a placeholder, so the weight's gradient-accumulator hook still runs -- the hook that
+    marks the weight ready for the overlapped bucket reduce -- and skips adding it again. A weight
+    shared with the embedding on the same stage (``zero_out_wgrad``) gets zeros instead: autograd
+    sums them with the embedding's gradient, which the hook then adds. Outside DDP: no gradient.
+    """
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros_like(weight)
+    return torch.empty_like(weight)
+
+
 class _VocabParallelLinearCE(torch.autograd.Function):
     """Per-row CE of ``hidden [N, h] @ weight[:n_valid].T``, vocab-parallel over ``group``."""
 
@@ -150,7 +168,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             # hidden is replicated over the TP group; its gradient is the sum of the shards'.
             dist.all_reduce(grad_hidden, group=group)
         if ctx.into_main_grad:
-            return grad_hidden, None, None, None, None, None, None, None
+            return grad_hidden, _main_grad_written(weight), None, None, None, None, None, None
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
@@ -215,9 +233,10 @@ def nbdiff_linear_loss(
             None means ``V_local * tp``.
         chunk_rows: rows projected at a time (default: ~128 MiB of fp32 logits per chunk).
         accumulate_into_main_grad: add d weight straight into ``weight.main_grad`` (megatron DDP's
-            gradient buffer, as megatron's gradient-accumulation fusion does) and give autograd no
-            weight gradient, which saves a ``[V_local, h]`` temporary per micro-batch. Only for DDP
-            without ``overlap_grad_reduce`` (its per-parameter hooks would never see the weight).
+            gradient buffer, as megatron's gradient-accumulation fusion does) and give autograd a
+            placeholder weight gradient (megatron's gradient-accumulation-fusion contract,
+            `_main_grad_written`), so that megatron DDP's per-parameter hook -- which marks the
+            weight's bucket ready under ``overlap_grad_reduce`` -- runs and does not add it twice.
     """
     if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
         raise ValueError(

@@ -107,7 +107,7 @@ def apply() -> bool:
     spec's torch norms are used on a GPU without Transformer Engine too).
     """
     global _APPLIED
-    _allow_sequence_parallel_torch_norm()
+    patch_local_torch_norm()
     if _APPLIED:
         return True
     if not needed():
@@ -160,14 +160,19 @@ def apply() -> bool:
     return True
 
 
-def _allow_sequence_parallel_torch_norm() -> None:
-    """Sequence parallelism with the local spec's torch norms (transformer/torch_norm.py), on any device.
+def patch_local_torch_norm() -> None:
+    """The local spec's torch norms (transformer/torch_norm.py) as TE's and apex's norms behave, on
+    any device: sequence parallelism and the training dtype.
 
-    `WrappedTorchNorm.__new__` asserts `not config.sequence_parallel` (only apex / TE norms carry the
-    flag). Under SP a norm sees this rank's sequence shard, so its weight gradient is partial: the norm
-    is built as usual and its parameters are tagged `sequence_parallel = True`, the attribute megatron's
-    `finalize_model_grads` looks for to all-reduce those gradients over the TP group (what apex's
-    FusedLayerNorm and TE's norms do on GPU).
+    - `WrappedTorchNorm.__new__` asserts `not config.sequence_parallel` (only apex / TE norms carry
+      the flag). Under SP a norm sees this rank's sequence shard, so its weight gradient is partial:
+      the norm is built as usual and its parameters are tagged `sequence_parallel = True`, the
+      attribute megatron's `finalize_model_grads` looks for to all-reduce those gradients over the
+      TP group (what apex's FusedLayerNorm and TE's norms do).
+    - It builds the torch norm in torch's default dtype (fp32) whatever `config.params_dtype` says;
+      under bf16 the norm would then run unfused on bf16 inputs with fp32 weights. Its parameters
+      are cast to `params_dtype`, as TE's norms are created (the optimizer keeps fp32 main copies
+      of every bf16 parameter).
     """
     norm_mod = _module("megatron.core.transformer.torch_norm")
     wrapped = getattr(norm_mod, "WrappedTorchNorm", None)
@@ -176,13 +181,17 @@ def _allow_sequence_parallel_torch_norm() -> None:
     original = wrapped.__new__
 
     def __new__(cls: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(config, "sequence_parallel", False):
-            return original(cls, config, *args, **kwargs)
-        plain = copy.copy(config)
-        plain.sequence_parallel = False
-        norm = original(cls, plain, *args, **kwargs)
-        for param in norm.parameters():
-            param.sequence_parallel = True
+        sequence_parallel = getattr(config, "sequence_parallel", False)
+        if sequence_parallel:
+            config = copy.copy(config)
+            config.sequence_parallel = False
+        norm = original(cls, config, *args, **kwargs)
+        dtype = getattr(config, "params_dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            norm = norm.to(dtype=dtype)
+        if sequence_parallel:
+            for param in norm.parameters():
+                param.sequence_parallel = True
         return norm
 
     _patch(wrapped, "__new__", __new__)

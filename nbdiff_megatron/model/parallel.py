@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,15 +22,24 @@ _LAYER_KEY = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 
 
 def initialize_parallel(
-    tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234, backend: str | None = None
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    *,
+    seed: int = 1234,
+    backend: str | None = None,
+    timeout_minutes: int | None = None,
 ) -> None:
     """Start torch.distributed (from torchrun's env, or a 1-process group) and megatron parallel_state.
 
-    Seeds megatron's RNG tracker so that dropout and weight initialisation are reproducible.
+    `timeout_minutes` bounds every collective of the default group and of megatron's groups (None:
+    torch's default, 10 minutes for NCCL). Seeds megatron's RNG tracker so that dropout and weight
+    initialisation are reproducible.
     """
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.apply()
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if "RANK" not in os.environ:
@@ -39,13 +49,14 @@ def initialize_parallel(
             os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        **({} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from nbdiff_megatron.checkpoint import mcore_io
 from nbdiff_megatron.checkpoint.dist import (
+    CHECKPOINT_PREFIX,
     COMPLETE_FILE,
     FORMAT_VERSION,
     LATEST_FILE,
@@ -33,6 +35,7 @@ from nbdiff_megatron.checkpoint.dist import (
     AsyncWriter,
     barrier,
     checkpoint_name,
+    damaged_shard_files,
     device_mode,
     find_checkpoint,
     list_checkpoints,
@@ -40,12 +43,21 @@ from nbdiff_megatron.checkpoint.dist import (
     model_description,
     process_rank,
     read_checkpoint_info,
+    read_common_state,
     short_error,
+    truncated_message,
     write_dist_checkpoint,
 )
 from nbdiff_megatron.errors import CheckpointError, checkpoint_read_errors
 
 ANOMALOUS_DIR = "anomalous"
+CORRUPT_DIR = "corrupt"
+"""Where a start moves damaged checkpoints of its own run (never deleted), before loading an older one."""
+SUPERSEDED_DIR = "superseded"
+"""Where `--checkpoint.load=<save>/iter_N` moves the run's newer checkpoints (kept, not deleted)."""
+REWOUND_FILE = "rewound.json"
+"""Records the last explicit `--checkpoint.load=<save>/iter_N` of a run: a requeue of that command
+continues from the newer checkpoints it wrote since, instead of going back again."""
 
 
 # ----------------------------------------------------------------------------------- start plan
@@ -95,6 +107,12 @@ def plan_start(save: str | None, load: str | None, finetune: bool) -> StartPlan:
     own = list_checkpoints(save) if save else []
     if own:
         step, path = own[-1]
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise CheckpointError(
+                f"{damage}. It is the newest checkpoint of checkpoint.save={save}; move it aside "
+                "to resume from the one before it"
+            )
         try:
             read_checkpoint_info(path)
         except CheckpointError:
@@ -141,6 +159,152 @@ def plan_start(save: str | None, load: str | None, finetune: bool) -> StartPlan:
         path,
         f"resuming the run of {path}{where} (full state: weights, optimizer, data position, RNG; "
         "checkpoint.finetune=false)",
+    )
+
+
+# ------------------------------------------------------------------- the save dir before a start
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why the checkpoint `path` cannot be resumed from (a shard shorter than its index, an unreadable
+    common state), or None. The same check as `nbdiff generate` and `nbdiff convert` make on read."""
+    damaged = damaged_shard_files(Path(path))
+    if damaged:
+        return truncated_message(damaged)
+    try:
+        read_common_state(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _move_aside(path: Path, folder: str) -> Path:
+    target = path.parent / folder / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.parent / folder / f"{path.name}.{n}"
+    os.replace(path, target)
+    return target
+
+
+def _point_latest_at_newest(save: Path) -> None:
+    own = list_checkpoints(save)
+    if own:
+        _write_latest(save, own[-1][0])
+    else:
+        (save / LATEST_FILE).unlink(missing_ok=True)
+
+
+def remove_stale_saves(save: Path) -> list[str]:
+    """Delete `.tmp_iter_*` folders left by saves that were killed (rank 0, under the run lock)."""
+    notes = []
+    for child in sorted(save.glob(f"{TMP_PREFIX}{CHECKPOINT_PREFIX}*")):
+        shutil.rmtree(child, ignore_errors=True)
+        notes.append(f"removed {child} (an unfinished save of an earlier start)")
+    return notes
+
+
+def _own_checkpoint_step(save: Path, load: str | None) -> int | None:
+    """N when `load` names `<save>/iter_N`, one checkpoint of this run's own save directory."""
+    if not load or not Path(load).name.startswith(CHECKPOINT_PREFIX):
+        return None
+    if not _same_dir(Path(load).parent, save):
+        return None
+    try:
+        return int(Path(load).name[len(CHECKPOINT_PREFIX) :])
+    except ValueError:
+        return None
+
+
+def go_back_to(save: Path, load: str | None) -> list[str]:
+    """`--checkpoint.load=<save>/iter_N`: move this run's checkpoints newer than N to superseded/.
+
+    Once only: rewound.json remembers N, so a requeue of the same command continues from what the
+    run wrote after going back (docs/resume.md)."""
+    import json
+
+    step = _own_checkpoint_step(save, load)
+    if step is None:
+        return []
+    find_checkpoint(load)  # missing or incomplete: the error says so
+    newer = [(s, p) for s, p in list_checkpoints(save) if s > step]
+    marker = save / REWOUND_FILE
+    try:
+        done = json.loads(marker.read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError):
+        done = False
+    if not newer:
+        return []
+    if done:
+        return [
+            f"checkpoint.load={load} was selected by an earlier start ({marker}); continuing from "
+            f"the checkpoints written since (remove {marker} to go back to step {step} again)"
+        ]
+    moved = [_move_aside(p, SUPERSEDED_DIR) for _, p in newer]
+    _point_latest_at_newest(save)
+    marker.write_text(json.dumps({"step": step, "set_aside": [str(p) for p in moved]}) + "\n")
+    return [
+        f"going back to {load} as checkpoint.load asks: the {len(moved)} newer checkpoint(s) "
+        f"were moved to {save / SUPERSEDED_DIR} (kept, not deleted): "
+        + ", ".join(p.name for p in moved)
+    ]
+
+
+def fall_back_from_damage(save: Path) -> list[str]:
+    """Move damaged newest checkpoints of the run to corrupt/ while an older intact one exists.
+
+    Raises CheckpointError when no intact checkpoint is left to fall back to (nothing is moved)."""
+    own = list_checkpoints(save)
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(own):
+        reason = checkpoint_damage(path)
+        if reason is None:
+            break
+        damaged.append((path, reason))
+    if not damaged:
+        return []
+    if len(damaged) == len(own):
+        raise CheckpointError(
+            f"every checkpoint of {save} is damaged ({damaged[0][1]}); copy them again, or start "
+            "the run afresh in a new save directory (--checkpoint.save=<new dir>)"
+        )
+    notes = []
+    for path, reason in damaged:
+        target = _move_aside(path, CORRUPT_DIR)
+        notes.append(f"WARNING: {reason}. Moved it to {target} (not deleted); falling back")
+    _point_latest_at_newest(save)
+    notes.append(f"resuming from the newest intact checkpoint, {list_checkpoints(save)[-1][1]}")
+    return notes
+
+
+def prepare_save_dir(save: str | Path | None, load: str | None) -> list[str]:
+    """What a start does to its own save directory before planning (rank 0, holding the run lock):
+    stale `.tmp_iter_*` removed, an explicit older checkpoint selected, damaged newest checkpoints
+    set aside. Returns one line per thing done, for the log."""
+    if not save or not Path(save).is_dir():
+        return []
+    save = Path(save)
+    return remove_stale_saves(save) + go_back_to(save, load) + fall_back_from_damage(save)
+
+
+def check_start(plan: StartPlan, identity: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Compare the checkpoint a start loads with its config (run_identity.check_resume): raise
+    CheckpointError for a change of the model or the data position's meaning, else return the
+    allowed changes. Converted weights (no train_state) are checked by the converter instead."""
+    from nbdiff_megatron.training.run_identity import check_resume
+
+    if plan.path is None:
+        return []
+    try:
+        info = read_checkpoint_info(find_checkpoint(plan.path))
+    except CheckpointError:
+        if plan.weights_only:
+            return []
+        raise
+    return check_resume(
+        info, identity, config, checkpoint=str(plan.path), weights_only=plan.weights_only
     )
 
 
@@ -443,10 +607,64 @@ def save_checkpoint(
 
     faults.children_die_with_this_process()
     faults.arm_kill_in_write(step)
-    write_dist_checkpoint(
-        state, tmp, finalize=finalize, writer=writer, parallel_group=_dp_group(fully_parallel)
-    )
+    try:
+        write_dist_checkpoint(
+            state, tmp, finalize=finalize, writer=writer, parallel_group=_dp_group(fully_parallel)
+        )
+    except checkpoint_read_errors() as exc:
+        raise _save_failed(save_dir, step, tmp, exc) from None
     return final
+
+
+def _save_failed(save_dir: Path, step: int, tmp: Path, exc: BaseException) -> CheckpointError:
+    """The error of a save that failed mid-run (disk full, file system gone read-only): the
+    unfinished folder is removed, the previous checkpoint and `latest` are as they were."""
+    if process_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    own = list_checkpoints(save_dir)
+    kept = (
+        f"the previous checkpoint {own[-1][1]} is kept and `latest` still points at it"
+        if own
+        else "no earlier checkpoint of this run exists"
+    )
+    return CheckpointError(
+        f"saving the checkpoint of step {step} in {save_dir} failed ({short_error(exc)}); {kept}. "
+        "Free space or fix the location, then re-run the same command to continue"
+    )
+
+
+def check_save_location(save: str | Path) -> None:
+    """One clear CheckpointError, before training, when `save` cannot hold checkpoints: a file, a
+    path under a file, a read-only or unwritable directory. Creates the directory."""
+    path = Path(save)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint.save={save} is a file, not a directory; pass a directory path"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f"{TMP_PREFIX}probe-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint.save={save} cannot be written ({exc.strerror or exc}: {exc.filename or save}); "
+            "choose a writable directory (not a read-only mount, not under a file)"
+        ) from None
+
+
+def check_free_space(save: str | Path, num_params: int, precision: str) -> None:
+    """CheckpointError when `save`'s file system has less room than one checkpoint needs: the
+    weights, Adam's two moments and, in bf16, the fp32 master copy (bytes per parameter)."""
+    per_param = 14 if precision == "bf16" else 12
+    need = num_params * per_param
+    free = shutil.disk_usage(save).free
+    if free < need:
+        raise CheckpointError(
+            f"checkpoint.save={save} has {free / 2**30:.2f} GiB free; one checkpoint of this model "
+            f"({num_params:,} parameters, {per_param} bytes each with the optimizer state) needs "
+            f"about {need / 2**30:.2f} GiB. Free space or choose another --checkpoint.save"
+        )
 
 
 def _dp_group(fully_parallel: bool) -> Any:
@@ -545,6 +763,7 @@ def load_checkpoint(
     not match the model.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt = find_checkpoint(path)
     try:
@@ -569,8 +788,13 @@ def load_checkpoint(
     )
     try:
         with device_mode():
-            loaded = dist_checkpointing.load(
-                state, str(ckpt), sharded_strategy=load_strategy(ckpt, _dp_group(fully_parallel))
+            # Entries the checkpoint lacks come back as "unexpected": only `_extra_state` may be
+            # (a checkpoint of the local spec loaded under Transformer Engine; mcore_io's rule).
+            loaded, _, absent = dist_checkpointing.load(
+                state,
+                str(ckpt),
+                sharded_strategy=load_strategy(ckpt, _dp_group(fully_parallel)),
+                strict=StrictHandling.RETURN_UNEXPECTED,
             )
     except checkpoint_read_errors() as exc:
         raise CheckpointError(
@@ -578,8 +802,9 @@ def load_checkpoint(
             f"written for a different model shape (compare {model_description(ckpt)} with your "
             "model section); load an earlier checkpoint or fix the model section"
         ) from exc
+    mcore_io.check_absent_keys(absent, ckpt)
     try:
-        _unwrap(model[0]).load_state_dict(loaded["model"], strict=True)
+        mcore_io.load_model_state_dict(_unwrap(model[0]), loaded["model"])
     except RuntimeError as exc:
         raise CheckpointError(
             f"checkpoint {ckpt} does not match the model: {str(exc)[:400]}; check the model section"

@@ -8,6 +8,8 @@ nbdiff train --config ... --save runs/tiny            # run again: continues fro
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 # Unknown `--a.b=value` arguments are handed to `run` as config overrides (see nbdiff_megatron/cli.py).
 ACCEPTS_OVERRIDES = True
@@ -34,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "--model-config",
         default=None,
         help="model.yaml written by `nbdiff convert hf-to-mcore`: its model shape replaces the "
-        "config's (the config keeps model.seq_length, params_dtype, attention_backend); --model.* "
-        "overrides still apply after it",
+        "config's (the config keeps model.seq_length, params_dtype, attention_backend, and "
+        "rotary_base / rope_scaling where it sets them; one line at start lists what differs); "
+        "--model.* overrides still apply after it",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the validated config as YAML and exit"
@@ -66,8 +69,6 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 def _check_launch_early(cfg) -> None:
     """A layout that does not match the launched processes fails here, before megatron-core is
     imported (seconds per process); then with every launch problem, as `train` reports them."""
-    import os
-
     from nbdiff_megatron.errors import ConfigError
     from nbdiff_megatron.training.config import check_launch, check_world_size
 
@@ -81,10 +82,27 @@ def _check_launch_early(cfg) -> None:
         raise
 
 
+NO_SAVE_NOTE = (
+    "note: checkpoint.save is unset: this run saves no checkpoint (pass --save DIR or "
+    "--checkpoint.save=DIR to keep what it trains)"
+)
+
+
+def _say(text: str, *, stderr: bool = False) -> None:
+    """Print once per launch (rank 0), as the run's own report does."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(text, file=sys.stderr if stderr else sys.stdout, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from nbdiff_megatron.training.config import dump_config, load_config
 
-    cfg = load_config(args.config, overrides_from_args(args), model_file=args.model_config)
+    notes: list[str] = []
+    cfg = load_config(
+        args.config, overrides_from_args(args), model_file=args.model_config, notes=notes
+    )
+    for note in notes:  # on stderr: --print-config's YAML stays clean on stdout
+        _say(note, stderr=True)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -95,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
     from nbdiff_megatron.model.parallel import destroy_parallel
     from nbdiff_megatron.training.loop import train
 
+    if not cfg.checkpoint.save:
+        _say(NO_SAVE_NOTE)
     try:
         train(cfg, resume_command=launch_command(getattr(args, "argv", None)))
     finally:
         destroy_parallel()
+    if not cfg.checkpoint.save:
+        _say(NO_SAVE_NOTE.replace("this run saves", "this run saved"))
     return 0
 
 
@@ -108,7 +130,6 @@ def launch_command(argv: list[str] | None) -> str | None:
     Under torchrun the launcher's own flags are rebuilt from its environment (processes per node,
     nodes); the rendezvous flags of a multi-node launch are the user's own and shown as `...`.
     """
-    import os
     import shlex
 
     if argv is None:

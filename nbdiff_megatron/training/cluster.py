@@ -20,6 +20,9 @@ The supervisor therefore
   (faults.PreemptionHandler), so an early warning is never lost;
 - exits with torchrun's exit code (0 after a clean signal stop: the batch script then requeues the job
   because no completion marker was written).
+
+Its signal handler only queues the signal; the main loop does the rest (`SignalRelay`), so a signal
+that interrupts an import, a file write or the handling of the previous signal cannot crash it.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ import sys
 import tempfile
 from typing import Any
 
+import psutil
+
 from nbdiff_megatron.training.faults import SIGNAL_FILE_ENV
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# How often the supervisor's main loop passes queued signals on (and checks whether torchrun ended).
+RELAY_INTERVAL_S = 0.1
 
 
 def job_metadata() -> dict[str, Any]:
@@ -62,12 +69,50 @@ def _ignore_signals() -> None:  # runs in the child between fork and exec
 
 
 def _descendants(pid: int) -> list[int]:
-    import psutil
-
     try:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+class SignalRelay:
+    """Records the signals the supervisor receives and passes them on to the training processes.
+
+    The signal handler (`handle`) only appends to a list: Python runs a handler between any two
+    bytecodes of the main thread, so one that did more could run in the middle of an import (seeing
+    the module half initialised), of a write to the same file, or of another invocation of itself
+    (a second signal soon after the first: USR1 sent twice, a time-limit warning then a requeue).
+    Everything else, the signal file, the log line and the `os.kill`s, happens in `relay`, which the
+    supervisor's main loop calls; a signal that arrives meanwhile is queued for the next call.
+    """
+
+    def __init__(self, signal_file: str) -> None:
+        self.signal_file = signal_file
+        self.pending: list[int] = []
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def relay(self, child_pid: int | None) -> None:
+        """Record and forward every queued signal (to the descendants of `child_pid`, torchrun's
+        training processes; the signal file covers those that do not listen yet)."""
+        while self.pending:
+            signum = self.pending.pop(0)
+            name = signal.Signals(signum).name
+            if not os.path.exists(self.signal_file):  # the first signal names the stop
+                tmp = f"{self.signal_file}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(name)
+                os.replace(tmp, self.signal_file)
+            print(
+                f"nbdiff supervisor: {name} received, passed on to the training processes",
+                flush=True,
+            )
+            for pid in _descendants(child_pid) if child_pid is not None else []:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
 
 
 def supervise(command: list[str]) -> int:
@@ -85,30 +130,18 @@ def supervise(command: list[str]) -> int:
     # TORCHELASTIC_SIGNALS_TO_HANDLE: without SIGTERM/SIGINT torchrun keeps the ignored disposition.
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGHUP,SIGQUIT")
     env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", env["PET_SIGNALS_TO_HANDLE"])
-    child: subprocess.Popen | None = None
-
-    def forward(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if not os.path.exists(signal_file):
-            tmp = f"{signal_file}.tmp"
-            with open(tmp, "w") as f:
-                f.write(name)
-            os.replace(tmp, signal_file)
-        print(
-            f"nbdiff supervisor: {name} received, passed on to the training processes", flush=True
-        )
-        if child is not None:
-            for pid in _descendants(child.pid):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
-
+    relay = SignalRelay(signal_file)
     for signum in FORWARDED:
-        signal.signal(signum, forward)
+        signal.signal(signum, relay.handle)
     try:
         child = subprocess.Popen(command, env=env, preexec_fn=_ignore_signals)
-        code = child.wait()
+        code = None
+        while code is None:
+            relay.relay(child.pid)
+            try:
+                code = child.wait(timeout=RELAY_INTERVAL_S)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         if os.path.exists(signal_file):
             os.unlink(signal_file)

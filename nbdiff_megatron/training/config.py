@@ -38,6 +38,12 @@ class ParallelConfig:
     """Pipeline-parallel size: the layers are split into this many consecutive stages."""
     cp: int = 1
     """Context-parallel size: the 2L-token sequence (x_t and x_0 alike) is split over this many ranks."""
+    nccl_timeout_minutes: int = 60
+    """How long a collective may wait before torch.distributed fails it (the default process group and
+    megatron's groups). torch's default of 10 minutes is shorter than what rank 0 can spend building
+    the dataset index cache behind a barrier on a first start (tens of millions of samples on shared
+    storage) or loading a large checkpoint; 60 still ends a real hang within the hour. Build the
+    index ahead of the job with `nbdiff build-index` to keep that wait short."""
     dp: int | None = None
     """Data-parallel size; None = world size / (tp * pp * cp). Set it in cluster configs so that they
     can be validated without launching that many processes."""
@@ -252,6 +258,12 @@ class FaultConfig:
     """Healthy steps in the moving averages; spikes are looked for once the window is full."""
     max_consecutive_spikes: int = 5
     """Halt after this many spike steps in a row (the checkpoint before the first one is kept)."""
+    level_factor: float = 1.3
+    """Halt when the mean loss of the last `level_window` steps exceeds this many times its lowest
+    earlier such mean at the same block size (a lasting rise, e.g. a far too high LR); 0 = off."""
+    level_window: int = 50
+    """Steps in the level-shift mean; a checkpoint is trusted against level shifts this many steps
+    after it was written (rotation keeps the last trusted one)."""
 
 
 @dataclass
@@ -496,7 +508,11 @@ def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> TrainConf
 
 
 # Fields of a converter's model.yaml that describe the run, not the checkpoint: the config keeps its own.
-RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend")
+RUN_MODEL_FIELDS = ("seq_length", "params_dtype", "attention_backend", "transformer_impl")
+
+# The long-context fields a phase sets on purpose (phase 2 raises the RoPE base with its seq_length):
+# where the config sets them, a checkpoint's model.yaml never replaces them.
+CONFIG_KEEPS_MODEL_FIELDS = ("rotary_base", "rope_scaling")
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
@@ -518,16 +534,56 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k not in RUN_MODEL_FIELDS}
 
 
+def merge_model_file(
+    config_model: dict[str, Any], file_model: dict[str, Any], model_file: str | Path
+) -> tuple[dict[str, Any], str | None]:
+    """The model fields `model_file` contributes, and a line naming every config value that differs.
+
+    The checkpoint's shape wins (hidden size, heads, vocabulary, ...): the weights have that shape.
+    The config's long-context fields (CONFIG_KEEPS_MODEL_FIELDS) win where the config sets them.
+    """
+    shape = {
+        k: v
+        for k, v in file_model.items()
+        if not (k in CONFIG_KEEPS_MODEL_FIELDS and k in config_model)
+    }
+    replaced = [
+        f"{k}={_show(v)} (config: {_show(config_model[k])})"
+        for k, v in shape.items()
+        if k in config_model and config_model[k] != v
+    ]
+    kept = [
+        f"{k}={_show(config_model[k])} (model.yaml: {_show(v)})"
+        for k, v in file_model.items()
+        if k not in shape and config_model[k] != v
+    ]
+    if not replaced and not kept:
+        return shape, None
+    parts = []
+    if replaced:
+        parts.append(f"took the checkpoint's {', '.join(replaced)}")
+    if kept:
+        parts.append(f"kept the config's long-context {', '.join(kept)}")
+    return shape, f"--model-config {model_file}: " + "; ".join(parts)
+
+
+def _show(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+
 def load_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
     *,
     validate: bool = True,
     model_file: str | Path | None = None,
+    notes: list[str] | None = None,
 ) -> TrainConfig:
     """Read a YAML config, apply `model_file`'s model shape, then `--a.b=value` overrides, convert
     types and validate.
 
+    `notes` (when given) receives the one line that says which config values `model_file` replaced
+    and which the config kept (merge_model_file), for the caller to print at start.
     Raises ConfigError naming the file or field at fault.
     """
     raw: dict[str, Any] = {}
@@ -554,7 +610,11 @@ def load_config(
         # The file's stated budget describes the file's run; overriding its size makes another run.
         raw = _merge(raw, {"train": {"token_budget": None}})
     if model_file is not None:
-        raw = _merge(raw, {"model": read_model_file(model_file)})
+        config_model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        shape, note = merge_model_file(config_model, read_model_file(model_file), model_file)
+        raw = _merge(raw, {"model": shape})
+        if note and notes is not None:
+            notes.append(note)
     raw = _merge(raw, extra)
     try:
         return config_from_dict(raw, validate=validate)
@@ -709,6 +769,11 @@ def validate_config(cfg: TrainConfig) -> None:
         need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
     need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
     need(
+        par.nccl_timeout_minutes >= 1,
+        f"parallel.nccl_timeout_minutes must be >= 1 (got {par.nccl_timeout_minutes}); it bounds "
+        "how long a collective waits, e.g. for rank 0 building the dataset index",
+    )
+    need(
         par.cp < 1 or cfg.seq_length() % (2 * par.cp) == 0,
         f"model.seq_length={cfg.seq_length()} does not fit parallel.cp={par.cp}: context parallelism "
         f"cuts each half of x_t ⊕ x_0 into 2*cp = {2 * par.cp} chunks; use a seq_length divisible "
@@ -825,6 +890,11 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     _need(cfg.faults.spike_window >= 1, "faults.spike_window must be >= 1")
     _need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
+    _need(
+        cfg.faults.level_factor == 0 or cfg.faults.level_factor > 1,
+        "faults.level_factor must be > 1 (or 0 to turn level-shift detection off)",
+    )
+    _need(cfg.faults.level_window >= 1, "faults.level_window must be >= 1")
     data_validate = getattr(cfg.data, "validate", None)
     if callable(data_validate):
         problems.check(data_validate)

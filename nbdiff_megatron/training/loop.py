@@ -48,10 +48,10 @@ import torch
 import torch.distributed as dist
 
 from nbdiff_megatron.checkpoint.dist import AsyncWriter
-from nbdiff_megatron.errors import ConfigError, DataError
+from nbdiff_megatron.errors import CheckpointError, ConfigError, DataError
 from nbdiff_megatron.method.curriculum import Curriculum
 from nbdiff_megatron.method.schedules import LRSchedule
-from nbdiff_megatron.training import checkpointing, cluster, faults
+from nbdiff_megatron.training import checkpointing, cluster, faults, run_dir, run_lock
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import RunLogger, StepRecord, guess_peak_tflops
 
@@ -208,6 +208,8 @@ class _Runtime:
     """The SpikeGuard, whose moving averages are saved with every checkpoint."""
     objective: str = "nbdiff"
     """One of OBJECTIVES: "ar" trains the same model as a plain causal LM on x_0."""
+    run_identity: dict[str, Any] = field(default_factory=dict)
+    """What every checkpoint states about the run (training/run_identity.py)."""
     writer: Any = None
     """checkpoint.async_save: the background checkpoint writer (checkpoint.dist.AsyncWriter)."""
 
@@ -227,7 +229,9 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_launch(cfg, world, torch.cuda.is_available())
     par = cfg.parallel
-    initialize_parallel(par.tp, par.pp, par.cp, seed=cfg.train.seed)
+    initialize_parallel(
+        par.tp, par.pp, par.cp, seed=cfg.train.seed, timeout_minutes=par.nccl_timeout_minutes
+    )
     return world, dp
 
 
@@ -338,12 +342,6 @@ def _data_iterator(rt: _Runtime) -> Iterator[dict[str, torch.Tensor]]:
     from nbdiff_megatron.data.loader import build_dataloader
 
     loop = rt.cfg.train
-    if rt.consumed_at_start % (loop.micro_batch_size * rt.dp):
-        raise ConfigError(
-            f"the checkpoint's data position ({rt.consumed_at_start} samples) is not a multiple of "
-            f"train.micro_batch_size x data-parallel size = {loop.micro_batch_size * rt.dp}; resume "
-            "with a micro-batch size and DP size that divide it (or with --checkpoint.finetune=true)"
-        )
     loader = build_dataloader(
         rt.dataset,
         loop.micro_batch_size,
@@ -863,16 +861,68 @@ def train(
     that holds this run's checkpoints is continued, whatever checkpoint.load / finetune say.
     `resume_command` is the command line that started the run (printed when a signal stops it: the
     same command continues the run). `objective="ar"` trains the same model as a plain causal LM on
-    x_0 (module docstring; `check_objective` says what it runs with).
+    x_0 (module docstring; `check_objective` says what it runs with). Rank 0 holds the save
+    directory's run lock (training/run_lock.py) from before anything is written until the end.
     """
+    check_objective(cfg, objective)
+    lock, lock_note = _lock_save_dir(cfg.checkpoint.save)
+    try:
+        return _train(
+            cfg,
+            label=label,
+            resume_command=resume_command,
+            objective=objective,
+            notes=[lock_note] if lock_note else [],
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_dir(save: str | None) -> tuple[run_lock.RunLock | None, str | None]:
+    """Rank 0: check that `save` can hold checkpoints and take its run lock (one writer per save
+    directory). A refusal on rank 0 ends the other ranks too (torchrun stops the group)."""
+    if not save or os.environ.get("RANK", "0") != "0":
+        return None, None
+    checkpointing.check_save_location(save)
+    return run_lock.acquire(save)
+
+
+def _prepare_start(cfg: TrainConfig, rank: int, notes: list[str]) -> checkpointing.StartPlan:
+    """Rank 0 tidies the save directory (stale saves, an explicit older checkpoint, damaged newest
+    ones: `checkpointing.prepare_save_dir`), then every rank plans the start (the resume rule)."""
+    ck = cfg.checkpoint
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            notes.extend(checkpointing.prepare_save_dir(ck.save, ck.load))
+        except CheckpointError as exc:
+            failure = exc
+    if faults.any_rank_true(failure is not None):
+        raise failure or CheckpointError(
+            f"rank 0 could not prepare checkpoint.save={ck.save} (its log says why)"
+        )
+    return checkpointing.plan_start(ck.save, ck.load, ck.finetune)
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    label: str,
+    resume_command: str | None,
+    objective: str,
+    notes: list[str],
+) -> TrainResult:
+    """`train` with the run lock held."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nbdiff_megatron.model.builder import build_model
     from nbdiff_megatron.model.context_parallel import ContextParallelLayout
     from nbdiff_megatron.training.plan import step_flops
+    from nbdiff_megatron.training.run_identity import run_identity
 
-    check_objective(cfg, objective)
+    cfg = run_dir.with_absolute_paths(cfg)  # the run's records work from any directory
     done_marker = checkpointing.read_completion_marker(cfg.checkpoint.save)
     if done_marker is not None and done_marker["step"] >= cfg.train.steps:
         # Resume rule 4: a requeued job or a re-run pipeline step of a finished run does nothing.
@@ -908,6 +958,8 @@ def train(
         sequence_parallel=cfg.parallel.sequence_parallel,
     )
     num_params = _count_params(model)
+    if rank == 0 and cfg.checkpoint.save:
+        checkpointing.check_free_space(cfg.checkpoint.save, num_params, precision)
     model = _wrap_ddp(model, cfg)
     optimizer = _build_optimizer(model, cfg, precision)
     dataset = _build_dataset(cfg, tokenizer)
@@ -931,7 +983,9 @@ def train(
     ck = cfg.checkpoint
     rt.writer = AsyncWriter() if ck.async_save and ck.save else None
     resumed_from = None
-    plan = checkpointing.plan_start(ck.save, ck.load, ck.finetune)
+    plan = _prepare_start(cfg, rank, notes)
+    rt.run_identity = run_identity(cfg.to_dict(), tokenizer, int(mask_id))
+    changes = checkpointing.check_start(plan, rt.run_identity, cfg.to_dict())
     if plan.path is not None:
         info = checkpointing.load_checkpoint(
             plan.path,
@@ -979,10 +1033,15 @@ def train(
     if rank == 0 and ck.save:
         Path(ck.save).mkdir(parents=True, exist_ok=True)
         (Path(ck.save) / "config.yaml").write_text(dump_config(cfg))
+        run_dir.record_run_files(ck.save, cfg)
         if done_marker is not None:  # train.steps was raised: the run goes on, no longer complete
             checkpointing.clear_completion_marker(ck.save)
         _record_start(Path(ck.save), job, start_step, resumed_from, resume_command)
     _announce(logger, cfg, rt, precision, start_step, plan.note, job)
+    for note in notes:
+        logger.info(f"  {note}")
+    if changes:
+        logger.info(f"  changed since {resumed_from}: " + "; ".join(changes))
     if kept_aside:
         logger.info(f"  kept the metrics of an earlier start as {kept_aside}")
     _report_sft(logger, cfg, dataset)
@@ -995,19 +1054,23 @@ def train(
     fwd_bwd = get_forward_backward_func()
     guard = faults.NonFiniteGuard(cfg.faults.max_consecutive_nonfinite)
     fc = cfg.faults
-    spikes = faults.SpikeGuard(
-        loss_factor=fc.spike_factor,
-        grad_factor=fc.grad_spike_factor,
-        window=fc.spike_window,
-        max_consecutive=fc.max_consecutive_spikes,
+    health = faults.Health(
+        faults.SpikeGuard(
+            loss_factor=fc.spike_factor,
+            grad_factor=fc.grad_spike_factor,
+            window=fc.spike_window,
+            max_consecutive=fc.max_consecutive_spikes,
+        ),
+        faults.LevelShiftGuard(factor=fc.level_factor, window=fc.level_window),
     )
-    rt.health = spikes
-    healthy = faults.HealthyCheckpoints()
+    rt.health = health
+    healthy = faults.HealthyCheckpoints(confirm_after=fc.level_window if fc.level_factor else 0)
     handler = faults.PreemptionHandler().install() if fc.save_on_signal else None
+    launcher = faults.LauncherWatch()
     result = TrainResult(final_step=start_step, num_params=num_params)
     last_saved = start_step if plan.mode in ("continue", "resume") else None
     if last_saved is not None:
-        spikes.load_state(rt.loaded_state.get("health"))
+        health.load_state(rt.loaded_state.get("health"))
     if (
         last_saved is not None
         and ck.save
@@ -1027,7 +1090,7 @@ def train(
             block = 1 if objective == "ar" else block_size_of(cfg, step)
             try:
                 ok = guard.check(step, loss, grad_norm)
-                spike = ok and not spikes.check(step, loss, grad_norm, regime=block)
+                spike = ok and not health.check(step, loss, grad_norm, regime=block)
             except faults.TrainingHalted as exc:
                 raise _halt(rt, cfg, exc, healthy, step, resume_command) from None
             healthy.step_done(step, ok and not spike)
@@ -1058,7 +1121,11 @@ def train(
                 rt.writer.finalize(wait=False)
 
             done = step == cfg.train.steps
-            preempted = handler is not None and faults.any_rank_true(handler.poll() is not None)
+            preempted, orphaned = faults.any_rank_true_each(
+                handler is not None and handler.poll() is not None, launcher.gone()
+            )
+            if orphaned:
+                raise _orphaned(cfg, step)
             due = ck.save and (step % ck.save_interval == 0 or done or preempted)
             if due:
                 result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
@@ -1108,35 +1175,61 @@ def _halt(
     command: str | None,
 ) -> faults.TrainingHalted:
     """The TrainingHalted to raise: with the suspect checkpoints set aside and `latest` pointing at
-    the last healthy one, whose path and resume command the message names."""
+    the last good one (never the checkpoint this start resumed from: it is kept), whose path and the
+    command to continue from it the message names. Nothing is ever advised to be deleted."""
     save = cfg.checkpoint.save
     if not save:
         return exc
     _finish_saves(rt)
-    suspect = healthy.suspect()
+    level = isinstance(exc, faults.LevelShift)
+    good = healthy.last_good(level_shift=level)
+    suspect = healthy.suspect(level_shift=level)
     if rt.rank == 0:
-        checkpointing.set_aside(save, suspect, healthy.healthy)
+        checkpointing.set_aside(save, suspect, good)
     if dist.is_initialized():
         dist.barrier()
-    if healthy.healthy is None:
+    aside = (
+        f"; the {len(suspect)} checkpoint(s) written after it were moved to "
+        f"{Path(save) / checkpointing.ANOMALOUS_DIR} (kept for a look)"
+        if suspect
+        else ""
+    )
+    rerun = (
+        f"{command or 'the same nbdiff train command'} with a lower --optimizer.lr (or after "
+        f"checking the data around step {step})"
+    )
+    if good is None:
         where = (
-            "No healthy checkpoint of this run exists (the anomaly began before one was "
-            f"verified); start again (delete {save}) with a lower --optimizer.lr"
+            "No checkpoint of this start was verified healthy (the anomaly began before one was)"
+            f"{aside}. Re-run {rerun}: it starts again at step 0 and keeps this run's files"
+        )
+    elif good == healthy.resumed and good != healthy.healthy:
+        path = Path(save) / checkpointing.checkpoint_name(good)
+        where = (
+            f"This start resumed from {path} (step {good}, written by an earlier start), which is "
+            f"kept and `latest` points at it{aside}. Continue from it with: {rerun}"
         )
     else:
-        path = Path(save) / checkpointing.checkpoint_name(healthy.healthy)
+        path = Path(save) / checkpointing.checkpoint_name(good)
         where = (
-            f"The last healthy checkpoint is {path} (step {healthy.healthy}); `latest` points at it"
-            + (
-                f" and the {len(suspect)} newer one(s) were moved to "
-                f"{Path(save) / checkpointing.ANOMALOUS_DIR}"
-                if suspect
-                else ""
-            )
-            + ". Resume from it, e.g. with a lower --optimizer.lr or after checking the data "
-            f"around step {step}, with: {command or 'the same nbdiff train command'}"
+            f"The last healthy checkpoint is {path} (step {good}); `latest` points at it{aside}. "
+            f"Resume from it with: {rerun}"
         )
-    return faults.TrainingHalted(f"{exc} {where}")
+    return type(exc)(f"{exc} {where}")
+
+
+def _orphaned(cfg: TrainConfig, step: int) -> faults.LauncherGone:
+    """The error of a worker whose torchrun launcher died: it stops rather than train on alone."""
+    kept = (
+        f"the newest checkpoint in {cfg.checkpoint.save} is kept; re-running the command continues "
+        "from it"
+        if cfg.checkpoint.save
+        else "nothing was saved"
+    )
+    return faults.LauncherGone(
+        f"the launcher that started this worker (torchrun) is gone: stopping after step {step} "
+        f"instead of training on without it ({kept})"
+    )
 
 
 def _wandb_id(save: str | None) -> str | None:
@@ -1196,6 +1289,7 @@ def _save(
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
             "job": job,
             "health": rt.health.state() if rt.health is not None else None,
+            "run": rt.run_identity,
             # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
             "block_align": "document",
         },

@@ -1,6 +1,6 @@
 """`nbdiff plan`: will a config fit, how much compute is a step, how fast must it run.
 
-nbdiff plan --config examples/phase1_8k.yaml [--gpu-memory-gb 80] [--days 30] [--key=value ...]
+nbdiff plan --config examples/phase1_8k.yaml [--gpu-memory-gb 80] [--mfu 40] [--days N] [--key=value ...]
 
 Per-rank memory of the config's layout (the worst pipeline stage), from the model's shapes:
 
@@ -18,8 +18,9 @@ Per-rank memory of the config's layout (the worst pipeline stage), from the mode
   loss rows' hidden states and one chunk of fp32 logits (kernels/linear_loss.py);
 - one layer's activation gradients in flight during backward.
 
-FLOPs of one step (NBDiff on 2L tokens vs an AR step of the same model on L), the tokens/s the
-phase's token budget needs in `--days`, the MFU that implies, and a verdict with what to change.
+FLOPs of one step (NBDiff on 2L tokens vs an AR step of the same model on L), the run's duration at
+`--mfu` (and the MFU a `--days` deadline needs), and a verdict with the first set of changes that fits
+on the same GPUs. Overriding tp / pp / cp keeps the config's GPU count (dp is recomputed).
 The activation + loss model is checked on CPU against measured peaks (tests/training/test_plan.py).
 """
 
@@ -27,10 +28,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from nbdiff_megatron.errors import ConfigError
 from nbdiff_megatron.training.checkpoint_cost import checkpoint_lines
-from nbdiff_megatron.training.config import TrainConfig
+from nbdiff_megatron.training.config import (
+    TrainConfig,
+    load_config,
+    parse_overrides,
+    validate_config,
+)
 
 ACCEPTS_OVERRIDES = True
 
@@ -255,55 +263,142 @@ def _fmt_gib(value: float) -> str:
     return f"{value / GIB:8.2f} GiB"
 
 
-def _alternatives(cfg: TrainConfig, lay: Layout) -> list[tuple[str, Layout]]:
-    """Changes to try, cheapest first (each builds on the previous)."""
-    steps: list[tuple[str, Layout]] = []
-    current = lay
-    if not current.distributed_optimizer and current.dp * current.cp > 1:
-        current = dataclasses.replace(current, distributed_optimizer=True)
-        steps.append(("parallel.distributed_optimizer=true", current))
-    if not current.fused_loss:
-        current = dataclasses.replace(current, fused_loss=True)
-        steps.append(("loss.fused=true", current))
-    if current.tp > 1 and not current.sequence_parallel:
-        current = dataclasses.replace(current, sequence_parallel=True)
-        steps.append(("parallel.sequence_parallel=true", current))
-    if current.recompute is None:
-        current = dataclasses.replace(current, recompute="selective")
-        steps.append(("model.recompute_granularity=selective", current))
-    if current.recompute != "full":
-        current = dataclasses.replace(current, recompute="full")
-        steps.append(
-            (
-                "model.recompute_granularity=full --model.recompute_method=uniform "
-                "--model.recompute_num_layers=1",
-                current,
-            )
+# Changes the plan tries when a config does not fit, cheapest first; each is applied on top of the
+# previous ones that were valid (TrainConfig -> TrainConfig; the same number of GPUs throughout).
+def _switch(section: str, **changes):
+    def apply(cfg: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(
+            cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)}
         )
-    if cfg.model.seq_length % (4 * current.cp) == 0:
-        doubled = dataclasses.replace(current, cp=current.cp * 2, dp=max(1, current.dp // 2))
-        steps.append((f"parallel.cp={current.cp * 2} (dp halves)", doubled))
-    return steps
+
+    return apply
 
 
-def plan_report(
-    cfg: TrainConfig, *, gpu_memory_gb: float = 80.0, days: float = 30.0, peak_tflops: float = 989.0
-) -> tuple[str, bool]:
-    """The plan as text, and whether the config fits."""
-    lay = layout_of(cfg)
-    mem = memory(cfg, lay)
-    usable = (gpu_memory_gb - _RESERVED_GIB) * GIB
-    fits = mem.total <= usable
+def _doubled(field: str):
+    """Double parallel.<field>, halving dp: the same GPUs, split another way."""
+
+    def apply(cfg: TrainConfig) -> TrainConfig:
+        par = cfg.parallel
+        dp = par.dp or 1
+        if dp % 2:
+            raise ConfigError(f"dp={dp} cannot halve")
+        extra = {"sequence_parallel": True} if field == "tp" else {}
+        return dataclasses.replace(
+            cfg,
+            parallel=dataclasses.replace(
+                par, **{field: getattr(par, field) * 2}, dp=dp // 2, **extra
+            ),
+        )
+
+    return apply
+
+
+def _halved_micro_batch(cfg: TrainConfig) -> TrainConfig:
+    mbs = cfg.train.micro_batch_size
+    if mbs == 1:
+        raise ConfigError("train.micro_batch_size is 1 already")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=mbs // 2))
+
+
+def _candidate_changes(cfg: TrainConfig) -> list[Callable[[TrainConfig], TrainConfig]]:
+    """The changes in the order the plan tries them."""
+    return [
+        _switch("parallel", distributed_optimizer=True),
+        _switch("loss", fused=True),
+        _switch("parallel", sequence_parallel=True),
+        _switch("model", recompute_granularity="selective"),
+        _switch(
+            "model",
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=1,
+        ),
+        _doubled("cp"),
+        _doubled("tp"),
+        _doubled("pp"),
+        _halved_micro_batch,
+    ]
+
+
+# The fields the plan's changes touch, as the overrides that set them.
+_CHANGED_FIELDS = (
+    ("parallel", ("tp", "pp", "cp", "dp", "sequence_parallel", "distributed_optimizer")),
+    ("loss", ("fused",)),
+    ("model", ("recompute_granularity", "recompute_method", "recompute_num_layers")),
+    ("train", ("micro_batch_size",)),
+)
+
+
+def overrides_between(before: TrainConfig, after: TrainConfig) -> list[str]:
+    """The --section.field=value overrides that turn `before` into `after` (the plan's fields)."""
+    out = []
+    for section, fields in _CHANGED_FIELDS:
+        for name in fields:
+            value = getattr(getattr(after, section), name)
+            if getattr(getattr(before, section), name) != value:
+                text = str(value).lower() if isinstance(value, bool) else value
+                out.append(f"--{section}.{name}={text}")
+    return out
+
+
+def planned_total(cfg: TrainConfig) -> float:
+    """Per-GPU bytes of `cfg` as planned (worst pipeline stage)."""
+    return memory(cfg, layout_of(cfg)).total
+
+
+def first_change_that_fits(cfg: TrainConfig, usable: float) -> tuple[TrainConfig | None, float]:
+    """The config reached by the shortest run of the plan's changes (cheapest first, each a valid
+    config on the same GPUs that lowers the planned memory) that fits in `usable` bytes, and its
+    bytes; (None, the least bytes reached) when none fits."""
+    current, best = cfg, planned_total(cfg)
+    for change in _candidate_changes(cfg):
+        try:
+            candidate = change(current)
+            validate_config(candidate)
+        except ConfigError:
+            continue  # not possible here (dp odd, heads not divisible, ...)
+        total = planned_total(candidate)
+        if total >= best:
+            continue  # the plan's model says it does not help
+        current, best = candidate, total
+        if total <= usable:
+            return current, total
+    return None, best
+
+
+def gpus_of(cfg: TrainConfig) -> int:
+    par = cfg.parallel
+    return par.tp * par.pp * par.cp * (par.dp or 1)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the plan is asked about: the GPU and the pace."""
+
+    gpu_memory_gb: float = 80.0
+    peak_tflops: float = 989.0
+    """Peak bf16 TFLOP/s of one GPU (H100 SXM: 989)."""
+    mfu: float = 0.4
+    """Model FLOPs utilisation the run's duration is stated at."""
+    days: float | None = None
+    """A deadline: the MFU it would take to spend the token budget in this many days."""
+
+
+def _model_lines(cfg: TrainConfig, lay: Layout) -> list[str]:
     m = cfg.model
-    gpus = lay.tp * lay.pp * lay.cp * lay.dp
-    lines = [
+    return [
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, vocab {_vocab(cfg):,}, "
         f"L = {m.seq_length} (2L = {2 * m.seq_length} tokens per sequence)",
-        f"layout: tp {lay.tp} x pp {lay.pp} x cp {lay.cp} x dp {lay.dp} = {gpus} GPUs; "
+        f"layout: tp {lay.tp} x pp {lay.pp} x cp {lay.cp} x dp {lay.dp} = {gpus_of(cfg)} GPUs; "
         f"sp {'on' if lay.sequence_parallel else 'off'}, distributed optimizer "
         f"{'on' if lay.distributed_optimizer else 'off'}, recompute {lay.recompute or 'off'}, "
         f"loss {'fused' if lay.fused_loss else 'reference'}; {lay.micro_batches} micro-batch(es) "
         f"of {cfg.train.micro_batch_size} per step",
+    ]
+
+
+def _memory_lines(mem: Memory, opts: PlanOptions) -> list[str]:
+    return [
         "memory per GPU (worst pipeline stage):",
         f"  weights      {_fmt_gib(mem.weights)}",
         f"  gradients    {_fmt_gib(mem.gradients)}",
@@ -311,47 +406,115 @@ def plan_report(
         f"  activations  {_fmt_gib(mem.activations)}",
         f"  loss path    {_fmt_gib(mem.loss)}",
         f"  backward     {_fmt_gib(mem.backward)}",
-        f"  total        {_fmt_gib(mem.total)} of {gpu_memory_gb:.0f} GiB "
-        f"({gpu_memory_gb - _RESERVED_GIB:.0f} usable)",
+        f"  total        {_fmt_gib(mem.total)} of {opts.gpu_memory_gb:.0f} GiB "
+        f"({opts.gpu_memory_gb - _RESERVED_GIB:.0f} usable)",
     ]
+
+
+def _compute_lines(cfg: TrainConfig, opts: PlanOptions) -> list[str]:
+    """FLOPs of a step, the run's duration at opts.mfu, and (with a deadline) the MFU it needs."""
     nbdiff, ar = step_flops(cfg)
-    tokens = cfg.token_budget()
-    step_tokens = cfg.tokens_per_step()
-    needed = tokens / (days * 86400.0)
-    steps_per_s = needed / step_tokens
-    tflops_per_gpu = nbdiff * steps_per_s / gpus / 1e12
-    lines += [
+    gpus = gpus_of(cfg)
+    step_s = nbdiff / (gpus * opts.peak_tflops * 1e12 * opts.mfu)
+    steps = cfg.train.steps
+    tokens = steps * cfg.tokens_per_step()
+    lines = [
         f"compute: {nbdiff / 1e15:,.1f} PFLOP per step (an AR step of this model: "
         f"{ar / 1e15:,.1f}, ratio {nbdiff / ar:.2f}x)",
-        f"budget: {tokens / 1e9:,.1f}B tokens in {days:g} days needs {needed / 1e6:,.2f}M tokens/s "
-        f"({steps_per_s * 86400:,.0f} steps/day), i.e. {tflops_per_gpu:,.0f} TFLOP/s per GPU = "
-        f"{100 * tflops_per_gpu / peak_tflops:.0f}% MFU at {peak_tflops:g} TFLOP/s peak",
+        f"duration: at {100 * opts.mfu:g}% MFU (--mfu) on {gpus} GPUs of {opts.peak_tflops:g} "
+        f"TFLOP/s, {step_s:,.2f} s per step: {steps:,} steps ({tokens / 1e9:,.1f}B tokens) take "
+        f"{steps * step_s / 86400:,.1f} days",
     ]
-    lines += checkpoint_lines(cfg)
-    if fits:
-        lines.append(f"verdict: FITS ({mem.total / GIB:.1f} GiB per GPU).")
+    if opts.days is not None:
+        needed_mfu = steps * nbdiff / (opts.days * 86400 * gpus * opts.peak_tflops * 1e12)
+        lines.append(
+            f"deadline: {steps:,} steps in {opts.days:g} days need {100 * needed_mfu:.0f}% MFU"
+            + (" (more than 60%: add GPUs (dp) or days)" if needed_mfu > 0.6 else "")
+        )
+    return lines
+
+
+def _verdict_lines(cfg: TrainConfig, mem: Memory, opts: PlanOptions) -> list[str]:
+    usable = (opts.gpu_memory_gb - _RESERVED_GIB) * GIB
+    if mem.total <= usable:
+        return [f"verdict: FITS ({mem.total / GIB:.1f} GiB per GPU)."]
+    lines = [f"verdict: DOES NOT FIT ({mem.total / GIB:.1f} GiB > {usable / GIB:.0f} GiB usable)."]
+    changed, total = first_change_that_fits(cfg, usable)
+    if changed is not None:
+        lines.append(
+            f"  -> change: {' '.join(overrides_between(cfg, changed))}: {total / GIB:.1f} GiB per "
+            "GPU (the same GPUs)"
+        )
     else:
         lines.append(
-            f"verdict: DOES NOT FIT ({mem.total / GIB:.1f} GiB > {usable / GIB:.0f} GiB usable)."
+            f"  -> no change the plan knows fits in {usable / GIB:.0f} GiB on these "
+            f"{gpus_of(cfg)} GPUs (the least it reaches: {total / GIB:.1f} GiB): use GPUs with "
+            "more memory, or more GPUs for a larger tp / pp / cp"
         )
-        for change, alt in _alternatives(cfg, lay):
-            alt_total = memory(cfg, alt).total
-            lines.append(f"  with --{change}: {alt_total / GIB:.1f} GiB")
-            if alt_total <= usable:
-                lines.append(f"  -> change: --{change} (and the steps above it)")
-                break
-        else:
-            lines.append("  -> raise parallel.tp / parallel.pp, or lower train.micro_batch_size")
-    if fits and 100 * tflops_per_gpu / peak_tflops > 60:
-        lines.append(
-            "  the token budget in this many days needs more than 60% MFU: add GPUs (dp) or days"
-        )
+    return lines
+
+
+def plan_report(
+    cfg: TrainConfig,
+    *,
+    gpu_memory_gb: float = 80.0,
+    days: float | None = None,
+    peak_tflops: float = 989.0,
+    mfu: float = 0.4,
+) -> tuple[str, bool]:
+    """The plan as text, and whether the config fits. Each section is one function of the config
+    and the options; a new section is one more function in the list."""
+    opts = PlanOptions(gpu_memory_gb=gpu_memory_gb, peak_tflops=peak_tflops, mfu=mfu, days=days)
+    lay = layout_of(cfg)
+    mem = memory(cfg, lay)
+    lines = [
+        *_model_lines(cfg, lay),
+        *_memory_lines(mem, opts),
+        *_compute_lines(cfg, opts),
+        *checkpoint_lines(cfg),
+        *_verdict_lines(cfg, mem, opts),
+    ]
+    fits = mem.total <= (gpu_memory_gb - _RESERVED_GIB) * GIB
     return "\n".join(lines), fits
 
 
-def header_lines(cfg: TrainConfig, *, gpu_memory_gb: float = 80.0, days: float = 30.0) -> list[str]:
+def keep_gpu_count(file_cfg: TrainConfig, overrides: list[str]) -> tuple[list[str], str | None]:
+    """Overrides that change tp / pp / cp but not dp keep the config's GPU count: dp is recomputed
+    (added as --parallel.dp). Returns the overrides and the line that says what happened to the
+    GPU count (None when it is the config's)."""
+    par = file_cfg.parallel
+    asked = parse_overrides(overrides).get("parallel", {})
+    if par.dp is None or not {"tp", "pp", "cp", "dp"} & set(asked):
+        return overrides, None
+    gpus = gpus_of(file_cfg)
+    model_parallel = 1
+    for name in ("tp", "pp", "cp"):
+        model_parallel *= int(asked.get(name, getattr(par, name)))
+    if "dp" in asked:
+        now = model_parallel * int(asked["dp"])
+        if now == gpus:
+            return overrides, None
+        return (
+            overrides,
+            f"NOTE: this plan is for {now} GPUs, not the config's {gpus} (--parallel.dp)",
+        )
+    if gpus % model_parallel:
+        return overrides, (
+            f"WARNING: the GPU count changes: tp x pp x cp = {model_parallel} does not divide the "
+            f"config's {gpus} GPUs, so dp stays {par.dp}: {model_parallel * par.dp} GPUs; pass "
+            "--parallel.dp to choose"
+        )
+    dp = gpus // model_parallel
+    note = (
+        f"layout changed: dp {par.dp} -> {dp} keeps the config's {gpus} GPUs "
+        "(--parallel.dp=N plans another count)"
+    )
+    return [*overrides, f"--parallel.dp={dp}"], note
+
+
+def header_lines(cfg: TrainConfig, *, gpu_memory_gb: float = 80.0) -> list[str]:
     """The plan in two comment lines, as the example configs quote it."""
-    text, fits = plan_report(cfg, gpu_memory_gb=gpu_memory_gb, days=days)
+    text, fits = plan_report(cfg, gpu_memory_gb=gpu_memory_gb)
     mem = memory(cfg, layout_of(cfg))
     nbdiff, ar = step_flops(cfg)
     verdict = "FITS" if fits else "DOES NOT FIT"
@@ -370,22 +533,44 @@ def header_lines(cfg: TrainConfig, *, gpu_memory_gb: float = 80.0, days: float =
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--config", required=True, help="YAML config, e.g. examples/phase1_8k.yaml")
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        help="model.yaml of a converted checkpoint, as `nbdiff train --model-config` takes it",
+    )
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU")
-    parser.add_argument("--days", type=float, default=30.0, help="days to spend the token budget")
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=40.0,
+        help="model FLOPs utilisation (percent) the run's duration is stated at (40)",
+    )
+    parser.add_argument(
+        "--days", type=float, default=None, help="a deadline: the MFU it takes to finish in N days"
+    )
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="peak bf16 TFLOP/s of one GPU (H100: 989)"
     )
     parser.epilog = (
-        "Config fields can be overridden as --section.field=value, e.g. --parallel.tp=8."
+        "Config fields can be overridden as --section.field=value, e.g. --parallel.tp=8 (dp is "
+        "recomputed to keep the config's GPU count unless --parallel.dp is given)."
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from nbdiff_megatron.training.config import load_config
-
-    cfg = load_config(args.config, list(getattr(args, "overrides", None) or []))
+    if not 0 < args.mfu <= 100:
+        raise ConfigError(f"--mfu {args.mfu:g} must be a percentage in (0, 100], e.g. --mfu 40")
+    notes: list[str] = []
+    overrides = list(getattr(args, "overrides", None) or [])
+    file_cfg = load_config(args.config, validate=False, model_file=args.model_config, notes=notes)
+    overrides, layout_note = keep_gpu_count(file_cfg, overrides)
+    cfg = load_config(args.config, overrides, model_file=args.model_config)
     text, _ = plan_report(
-        cfg, gpu_memory_gb=args.gpu_memory_gb, days=args.days, peak_tflops=args.peak_tflops
+        cfg,
+        gpu_memory_gb=args.gpu_memory_gb,
+        days=args.days,
+        peak_tflops=args.peak_tflops,
+        mfu=args.mfu / 100,
     )
-    print(text)
+    print("\n".join([*notes, *([layout_note] if layout_note else []), text]))
     return 0

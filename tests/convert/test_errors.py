@@ -96,8 +96,11 @@ def test_existing_out_needs_overwrite(llama_dir, tmp_path, one_rank):
 
 
 def test_bad_layout_and_missing_checkpoint(llama_dir, tmp_path, one_rank):
-    with pytest.raises(ConversionError, match="--tp 3"):
+    with pytest.raises(ConversionError, match="--tp 3") as err:
         hf_to_mcore(llama_dir, tmp_path / "mcore", tp=3, show_progress=False)
+    # The advice is what a converter can do (4 heads, 2 query groups, 2 layers), not a new shape.
+    assert "use --tp 1 / 2 and --pp 1 / 2" in str(err.value)
+    assert "change model.num_attention_heads" not in str(err.value)
     with pytest.raises(CheckpointError):
         mcore_to_hf(tmp_path / "nowhere", tmp_path / "hf_out", show_progress=False)
 

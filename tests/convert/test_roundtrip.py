@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from nbdiff_megatron.convert import hf_to_mcore, mcore_to_hf
+from nbdiff_megatron.errors import ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
 from .conftest import MODELS, build_hf_model, hf_logits, read_metadata
@@ -143,7 +144,13 @@ def test_added_mask_row_without_tokenizer(tmp_path, one_rank):
     got = _ar_logits(_load_megatron(tmp_path / "mcore"), ids)
     assert got.shape[-1] == 4098
     torch.testing.assert_close(got[..., :4097], hf_logits(model, ids), rtol=0, atol=1e-4)
-    mcore_to_hf(tmp_path / "mcore", tmp_path / "export", show_progress=False)
+    # An export without its tokenizer is incomplete: refused unless asked for (--no-tokenizer).
+    with pytest.raises(ConversionError, match="no tokenizer files found.*--no-tokenizer"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "export", show_progress=False)
+    assert not (tmp_path / "export").exists()
+    mcore_to_hf(
+        tmp_path / "mcore", tmp_path / "export", show_progress=False, include_tokenizer=False
+    )
     exported = _hf_tensors(tmp_path / "export")
     embed = model.get_input_embeddings().weight.detach()
     assert exported["model.embed_tokens.weight"].shape == (4098, 64)

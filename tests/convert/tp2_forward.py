@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 
+import nbdiff_megatron
+
 
 def main() -> None:
+    nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
+
     from nbdiff_megatron.model.builder import ar_forward, build_model
     from nbdiff_megatron.model.config import ModelConfig
     from nbdiff_megatron.model.parallel import destroy_parallel, initialize_parallel

@@ -9,6 +9,7 @@ import os
 
 import torch.distributed as dist
 
+import nbdiff_megatron
 from nbdiff_megatron.data.bundled import bundled_tokenizer_path
 from nbdiff_megatron.data.config import DataConfig
 from nbdiff_megatron.data.datasets import build_datasets
@@ -17,6 +18,7 @@ from nbdiff_megatron.data.tokenizer import load_tokenizer
 
 
 def main() -> None:
+    nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
     parser = argparse.ArgumentParser()
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--cache", required=True)

@@ -137,7 +137,7 @@ def test_bad_input_is_skipped_counted_and_reported(tmp_path, tokenizer):
     lines = sorted(int(str(p).split(":")[1]) for p in summary.problems if str(path) in str(p))
     assert lines == [2, 3, 4, 5, 6, 7, 8]
     report = (tmp_path / "o_skipped.txt").read_text()
-    assert f"{path}:5: invalid UTF-8" in report and f"{missing}:0: missing input file" in report
+    assert f"{path}:5: invalid UTF-8" in report and f"{missing}: missing input file" in report
     assert "records skipped:   8" in summary.format()
     ds = _indexed(summary.output_prefixes["text"])
     assert [ds[0].tolist(), ds[1].tolist()] == [

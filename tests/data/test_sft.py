@@ -84,6 +84,16 @@ def test_bad_conversations_are_counted_with_locations(tmp_path):
     assert stats.conversations == 7
     assert dict(stats.skipped) == {"malformed JSON": 1, "bad conversation": 4, "empty line": 1}
     assert [p.location for p in stats.problems] == [f"{path}:{i}" for i in range(2, 8)]
+    # The report (printed by the run) names each dropped line and why, as preprocess does.
+    report = stats.format()
+    assert "  dropped (bad conversation): 4" in report
+    assert (
+        f"    {path}:3: bad conversation (" in report and f"    {path}:2: malformed JSON" in report
+    )
+    many = SFTStats()
+    for i in range(12):
+        many.skip("empty line", f"{path}:{i}")
+    assert many.format().count(": empty line") == 10 and "... and 2 more" in many.format()
 
 
 def test_truncation_rules(chat_tokenizer):

@@ -11,34 +11,6 @@ from nbdiff_megatron.cli import main
 from nbdiff_megatron.errors import InferenceError
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory):
-    """A tiny random model saved with training's checkpointing and a train_state like train's."""
-    from nbdiff_megatron.data.bundled import bundled_tokenizer_path
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
-    from nbdiff_megatron.model.builder import build_model
-    from nbdiff_megatron.model.config import ModelConfig
-    from nbdiff_megatron.training import checkpointing
-
-    tok_path = bundled_tokenizer_path()
-    tok = load_tokenizer("HuggingFaceTokenizer", tok_path)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, seq_length=64, init_method_std=0.3)
-    model = build_model(cfg, seed=3)
-    save = tmp_path_factory.mktemp("ckpt")
-    train_state = {
-        "config": {
-            "model": cfg.to_dict(),
-            "loss": {"token_shift": True},
-            "curriculum": {"target_block_size": 8},
-            "noise": {"mask_token_id": None},
-            "data": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tok_path},
-        },
-        "tokenizer": {"type": "HuggingFaceTokenizer", "model": tok_path},
-    }
-    checkpointing.save_checkpoint(save, 5, [model], None, train_state)
-    return save, model, tok
-
-
 def test_load_megatron_checkpoint_gives_same_model(trained_checkpoint):
     import torch
 
@@ -320,11 +292,27 @@ def test_generate_prints_stop_reasons_and_new_flags(trained_checkpoint, capsys):
     base = ["generate", "--load", str(save), "--prompt", "The king said", "--max-new-tokens", "9"]
     assert main(base + ["--block-align", "prompt", "--steps-per-block", "4"]) == 0
     err = capsys.readouterr().err
-    assert "prompt-aligned" in err and "stopped (prompt: reason) 0: " in err
+    assert "prompt-aligned" in err and "prompt 0 stopped at " in err
     assert main(base + ["--unmasking", "entropy_bounded", "--threshold", "2"]) == 0
     assert main(base + ["--temperature", "1", "--top-k", "5", "--seed", "3"]) == 0
     assert main(base + ["--steps-per-block", "4", "--unmasking", "margin"]) == 2
     assert "--steps-per-block applies" in capsys.readouterr().err
+
+
+def test_generate_says_when_the_context_caps_max_new_tokens(trained_checkpoint, capsys):
+    """Issue 25 (7): --max-new-tokens beyond the context is announced, the stop reason reads as a
+    sentence; --no-fused-commit decodes the same text with more forwards."""
+    save, _, _ = trained_checkpoint
+    base = ["generate", "--load", str(save), "--prompt", "The king said", "--max-new-tokens", "99"]
+    assert main(base) == 0
+    fused = capsys.readouterr()
+    assert "so it gets at most" in fused.err and "not --max-new-tokens 99" in fused.err
+    assert "prompt 0 stopped at" in fused.err
+    assert main(base + ["--no-fused-commit"]) == 0
+    unfused = capsys.readouterr()
+    assert unfused.out == fused.out
+    forwards = [int(e.split(" forwards")[0].rsplit(" ", 1)[1]) for e in (fused.err, unfused.err)]
+    assert forwards[0] <= forwards[1]
 
 
 def test_block_size_errors_and_warning(trained_checkpoint, capsys):

@@ -150,7 +150,9 @@ def test_batched_equals_one_by_one(tiny_model, options):
 
 def test_parallel_unmasking_saves_forwards(tiny_model):
     prompts = [[3, 4, 5, 6, 7, 8, 9, 10]]
-    decoder = BlockDecoder(tiny_model, mask_id=MASK_ID, block_size=8, max_new_tokens=32)
+    decoder = BlockDecoder(
+        tiny_model, mask_id=MASK_ID, block_size=8, max_new_tokens=32, fused_commit=False
+    )
     loose = decoder.generate(prompts, unmasking=UnmaskingConfig("confidence", 0.3))
     strict = decoder.generate(prompts, unmasking=UnmaskingConfig("confidence", 1.0))
     # threshold 1.0 unmasks one token per step: 7 refinement steps + 1 commit per block of 8 (the

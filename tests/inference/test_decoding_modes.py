@@ -197,6 +197,7 @@ def test_static_schedule_takes_exactly_the_planned_steps(tiny_model, steps):
         block_size=B,
         max_new_tokens=4 * B,
         unmasking=UnmaskingConfig("static", steps=steps),
+        fused_commit=False,  # the release's schedule: one commit forward per block
     )
     out = decoder.generate([[3, 4, 5, 6, 7, 8, 9, 10]])
     # prefill + 4 blocks x (S steps + commit), no commit after the last block
@@ -215,10 +216,15 @@ def test_static_schedule_with_sub_blocks_and_no_shift(tiny_model):
         token_shift=False,
         max_new_tokens=2 * B,
         unmasking=UnmaskingConfig("static", steps=4),
+        fused_commit=False,
     )
     out = decoder.generate([[3, 4, 5, 6, 7, 8, 9, 10]])
     # 2 sub-blocks of 4 masked tokens, 2 steps each: 4 steps per block
     assert out.stats.forward_passes == 1 + 2 * (4 + 1) - 1
+    # fused (no token shift: never a miss): the commit runs the second block's first step
+    fused = decoder.generate([[3, 4, 5, 6, 7, 8, 9, 10]], fused_commit=True)
+    assert fused.tokens == out.tokens and fused.stats.fused_misses == 0
+    assert fused.stats.forward_passes == 1 + 2 * 4
     with pytest.raises(InferenceError, match="multiple"):
         DecodeConfig(block_size=B, sub_block_size=4, unmasking=UnmaskingConfig("static", steps=3))
 
@@ -238,7 +244,9 @@ def test_dynamic_is_bounded_by_the_schedule_and_beats_it_with_confident_models(t
 
 def test_entropy_bounded_budget(tiny_model):
     prompt = [[3, 4, 5, 6, 7, 8, 9, 10]]
-    decoder = BlockDecoder(tiny_model, mask_id=MASK_ID, block_size=B, max_new_tokens=2 * B)
+    decoder = BlockDecoder(
+        tiny_model, mask_id=MASK_ID, block_size=B, max_new_tokens=2 * B, fused_commit=False
+    )
     tight = decoder.generate(prompt, unmasking=UnmaskingConfig("entropy_bounded", 0.0))
     wide = decoder.generate(prompt, unmasking=UnmaskingConfig("entropy_bounded", 1e6))
     # budget 0: one token per step; an unbounded budget: the whole block at once

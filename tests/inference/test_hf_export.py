@@ -30,7 +30,7 @@ MAX_NEW = 14
 
 HF_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, warnings
     sys.modules["nbdiff_megatron"] = None  # this process must not (and cannot) use the package
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -69,6 +69,23 @@ HF_SCRIPT = textwrap.dedent(
                              **settings[0])
         single += new_tokens(out, one.shape[1], eos)
     result["block_single"] = single
+    # the loop's own input checks: steps that do not divide over the sub-blocks are refused
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                       sub_block_size=4, steps_per_block=3)
+        result["refused"] = None
+    except ValueError as exc:
+        result["refused"] = str(exc)
+    # stop reasons are returned (not hung on the function); a budget past the context is announced
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=500,
+                              return_dict_in_generate=True, **settings[0])
+    result["long_reasons"] = full.stop_reasons
+    result["long_nfe"] = full.stats.forward_passes
+    result["long"] = full.sequences[:, ids.shape[1]:].tolist()
+    result["pad"] = gen_cfg.pad_token_id
+    result["warnings"] = [str(w.message) for w in caught]
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     out = plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False)
     result["ar"] = new_tokens(out, ids.shape[1], eos)
@@ -111,11 +128,11 @@ def exported(tmp_path_factory):
 
 def test_export_config_is_complete(exported):
     _, hf, tok = exported
-    from nbdiff_megatron.inference.loading import _eos_ids
+    from nbdiff_megatron.data.tokenizer import stop_token_ids
 
     config = json.loads((hf / "config.json").read_text())
     gen = json.loads((hf / "generation_config.json").read_text())
-    eos = _eos_ids(tok)
+    eos = stop_token_ids(tok)
     assert config["max_position_embeddings"] == 64  # the trained context, not 2048
     assert config["eos_token_id"] in (eos, eos[0]) and tok.eod in eos
     assert config["eos_token_id"] != tok.mask_id and config["bos_token_id"] == tok.bos
@@ -155,6 +172,14 @@ def test_trust_remote_code_generate_equals_nbdiff_generate(exported):
         expected.append(decoder.generate(prompts).tokens)
     ar = ARDecoder(loaded.model, eos_ids=loaded.eos_ids, mask_id=loaded.mask_id)
     expected_ar = ar.generate(prompts, max_new_tokens=MAX_NEW).tokens
+    long = BlockDecoder(
+        loaded.model,
+        mask_id=loaded.mask_id,
+        eos_ids=loaded.eos_ids,
+        block_size=loaded.block_size,
+        max_new_tokens=500,
+        **{k: v for k, v in SETTINGS[0].items()},
+    ).generate(prompts)
 
     spec = {"prompts": prompts, "settings": SETTINGS, "max_new": MAX_NEW}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -175,3 +200,14 @@ def test_trust_remote_code_generate_equals_nbdiff_generate(exported):
         assert got == want, options
     assert result["block_single"] == expected[0]  # batch 1 == batch 4
     assert result["ar"] == expected_ar
+    assert "multiple of the 2 sub-blocks" in result["refused"]
+    width = max(len(t) + (e is not None) for t, e in zip(long.tokens, long.eos_tokens))
+    for got, want, eos in zip(result["long"], long.tokens, long.eos_tokens):
+        want = want + ([eos] if eos is not None else [])
+        assert got == want + [result["pad"]] * (width - len(want))
+    assert result["long_reasons"] == long.stop_reasons and "context" in long.stop_reasons
+    assert result["long_nfe"] == long.stats.forward_passes
+    assert any(
+        "max_new_tokens=500 does not fit in the context (64 tokens)" in w
+        for w in result["warnings"]
+    )

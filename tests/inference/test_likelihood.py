@@ -15,34 +15,6 @@ MASK_ID = VOCAB - 1
 L = 32
 
 
-@pytest.fixture(scope="module")
-def memorised():
-    """A tiny model trained with λ = 0 (pure L_MDM, no token shift) on one sequence until it knows it."""
-    from nbdiff_megatron.method.losses import nbdiff_loss
-    from nbdiff_megatron.method.noise import mask_tokens
-    from nbdiff_megatron.model.builder import nbdiff_forward
-
-    from .conftest import build_tiny
-
-    torch.manual_seed(0)
-    model = build_tiny(seq_length=64, std=0.02)
-    model.train()
-    text = torch.randint(1, MASK_ID, (1, L), generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(80):
-        x0 = text.expand(8, L)
-        t = torch.rand(8, generator=gen) * 0.9 + 0.1
-        x_t, masked = mask_tokens(x0, t, block_size=B, mask_id=MASK_ID, generator=gen)
-        logits = nbdiff_forward(model, x_t, x0, block_size=B, backend="sdpa")
-        loss = nbdiff_loss(logits, x0, masked, t[:, None].expand(8, L), ar_weight=0.0).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model, text[0].tolist()
-
-
 def scorer(model, **options):
     return BlockDecoder(model, mask_id=MASK_ID, block_size=B, token_shift=False, **options)
 

@@ -18,8 +18,8 @@ lm_eval = pytest.importorskip(
 @pytest.fixture(scope="module")
 def loaded():
     from nbdiff_megatron.data.bundled import bundled_tokenizer_path
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
-    from nbdiff_megatron.inference.loading import LoadedModel, _eos_ids
+    from nbdiff_megatron.data.tokenizer import load_tokenizer, stop_token_ids
+    from nbdiff_megatron.inference.loading import LoadedModel
     from nbdiff_megatron.model.builder import build_model
     from nbdiff_megatron.model.config import ModelConfig
 
@@ -32,7 +32,7 @@ def loaded():
         tokenizer=tok,
         model_config=cfg,
         mask_id=tok.mask_id,
-        eos_ids=_eos_ids(tok),
+        eos_ids=stop_token_ids(tok),
         block_size=8,
     )
 

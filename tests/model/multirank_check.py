@@ -22,6 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import nbdiff_megatron  # noqa: E402
+
+nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
+
 from nbdiff_megatron.errors import ConfigError  # noqa: E402
 from nbdiff_megatron.model import cpu_compat  # noqa: E402
 from nbdiff_megatron.model.builder import build_model, nbdiff_model_inputs  # noqa: E402

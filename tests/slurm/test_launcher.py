@@ -1,11 +1,13 @@
-"""slurm/nbdiff.sbatch on a real scheduler: completion, USR1 -> requeue -> exact resume, 2 nodes,
-`scontrol requeue` (SIGTERM). Jobs are submitted from a folder outside the repository."""
+"""slurm/nbdiff.sbatch on a real scheduler: completion, USR1 (twice, the batch shell included) ->
+requeue -> exact resume, 2 nodes, `scontrol requeue` (SIGTERM). Jobs are submitted from a folder
+outside the repository."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ SBATCH = str(REPO / "slurm" / "nbdiff.sbatch")
 TINY = str(REPO / "examples" / "tiny_cpu.yaml")
 KEYS = ("step", "loss", "mdm", "ar", "grad_norm", "block_size", "lr")
 STEPS = 20
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
 def _args(corpus: str, save: Path, *extra: str) -> list[str]:
@@ -37,8 +40,12 @@ def _args(corpus: str, save: Path, *extra: str) -> list[str]:
     ]
 
 
-def _env(nproc: int) -> dict[str, str]:
-    return clean_env({"NPROC_PER_NODE": str(nproc), "NBDIFF_ENV": sys.prefix})
+def _env(nproc: int, **extra: str) -> dict[str, str]:
+    env = clean_env({"NPROC_PER_NODE": str(nproc), "NBDIFF_ENV": sys.prefix, **extra})
+    for name in ALLOC_CONF_VARS:  # the launcher's default applies unless a test sets one
+        if name not in extra:
+            env.pop(name, None)
+    return env
 
 
 def _log(submit_dir: Path, job: int) -> str:
@@ -85,6 +92,7 @@ def reference(cluster: Cluster, corpus: str, tmp_path_factory: pytest.TempPathFa
     _finish(cluster, job, submit_dir)
     log = _log(submit_dir, job)
     assert "1 node(s) x 2 process(es)" in log, log
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTORCH_ALLOC_CONF=\n" in log, log
     marker = json.loads((save / "COMPLETE").read_text())
     assert marker["step"] == STEPS and marker["job"]["job_id"] == str(job), marker
     assert [r["step"] for r in read_metrics(save / "metrics.jsonl")] == list(range(1, STEPS + 1))
@@ -99,6 +107,9 @@ def test_a_tiny_run_completes_with_a_marker(reference: Path) -> None:
 def test_b_usr1_requeues_and_resumes_bitwise(
     cluster: Cluster, corpus: str, reference: Path, submit_dir: Path
 ) -> None:
+    """USR1 to the steps, then 0.1 s later USR1 to the whole job, batch shell included (`--full`):
+    the shell survives (it traps USR1), the supervisor takes two signals in quick succession, the job
+    requeues itself and the resumed run is bitwise the uninterrupted one."""
     save = submit_dir / "run"
     job = cluster.sbatch(
         "--gpus-per-node=0",
@@ -111,10 +122,14 @@ def test_b_usr1_requeues_and_resumes_bitwise(
         submit_dir, job
     )
     cluster.run("scancel", "--signal=USR1", str(job))
+    time.sleep(0.1)
+    cluster.run("scancel", "--full", "--signal=USR1", str(job))
     _release_when_requeued(cluster, job)
     info = _finish(cluster, job, submit_dir)
     log = _log(submit_dir, job)
     assert "received SIGUSR1" in log and "requeueing job" in log, log
+    assert "nbdiff.sbatch: SIGUSR1 received" in log, log  # the batch shell got it, and lived
+    assert "Traceback" not in log, log
     assert int(info["Restarts"]) == 1 and info["ExitCode"] == "0:0", info
     starts = [json.loads(line) for line in (save / "runs.jsonl").read_text().splitlines()]
     assert len(starts) == 2 and 2 <= starts[1]["start_step"] < STEPS, starts
@@ -131,11 +146,13 @@ def test_c_two_nodes_one_process_each(cluster: Cluster, corpus: str, submit_dir:
         "--cpus-per-task=1",
         *_args(corpus, save, "--train.steps=3"),
         cwd=submit_dir,
-        env=_env(1),
+        env=_env(1, PYTORCH_ALLOC_CONF="expandable_segments:False"),
     )
     _finish(cluster, job, submit_dir)
     log = _log(submit_dir, job)
     assert "2 node(s) x 1 process(es)" in log and "dp 2 = 2 processes" in log, log
+    # The user's allocator settings are kept, and the launcher adds none of its own.
+    assert "PYTORCH_CUDA_ALLOC_CONF= PYTORCH_ALLOC_CONF=expandable_segments:False\n" in log, log
     assert json.loads((save / "COMPLETE").read_text())["step"] == 3
     start = json.loads((save / "runs.jsonl").read_text().splitlines()[0])
     assert start["num_nodes"] == "2" and re.search(r"nbdiff\[?a", start["nodes"]), start

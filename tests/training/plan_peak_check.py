@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+import nbdiff_megatron
+
 PEAK_MODEL = dict(
     num_layers=2,
     hidden_size=256,
@@ -49,6 +51,8 @@ def _peak_rss(reset: bool) -> int:
 
 
 def main() -> None:
+    nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
+
     from nbdiff_megatron.kernels import nbdiff_linear_loss
     from nbdiff_megatron.method.losses import nbdiff_loss
     from nbdiff_megatron.model.builder import build_model, nbdiff_forward

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shlex
 from pathlib import Path
 
 from nbdiff_megatron import demo
+from nbdiff_megatron.cli import main
 from nbdiff_megatron.data.bundled import bundled_tokenizer_path
 from nbdiff_megatron.data.tokenizer import load_tokenizer
+from tests.launch import REPO
+
+README = REPO / "README.md"
 
 
 def test_same_tokens_counts_equal_positions() -> None:
@@ -33,7 +39,7 @@ def test_source_continuation_is_the_training_text() -> None:
     assert demo.source_continuation("not a phrase of Genesis 1 at all", 1, tok, 6) == []
 
 
-def test_demo_runs_and_says_where_everything_is(tmp_path: Path, capsys) -> None:
+def test_demo_runs_and_says_where_everything_is(tmp_path: Path, capsys, monkeypatch) -> None:
     args = argparse.Namespace(
         out=str(tmp_path / "demo"),
         ar_steps=6,
@@ -93,3 +99,27 @@ def test_demo_runs_and_says_where_everything_is(tmp_path: Path, capsys) -> None:
     assert (root / "ar" / "iter_0000006").is_dir() and (root / "nbdiff" / "iter_0000008").is_dir()
     for name in ("AR model", "NBDiff model", "decoding", "decode more", "train more"):
         assert re.search(rf"^  {name}\s", out, re.MULTILINE), name
+
+    # The README quotes these closing lines (its paths and step counts are the default run's).
+    quoted = re.search(r"<!-- demo-output -->\n```text\n(.*?)\n```", README.read_text(), re.S)
+    for line in quoted.group(1).splitlines():
+        pattern = re.escape(line).replace(re.escape("/…/runs/demo"), re.escape(str(root)))
+        pattern = re.sub(r"\d+", r"\\d+", pattern)
+        assert re.search(f"^{pattern}$", out, re.MULTILINE), line
+
+    # "train more" runs as printed, from another directory, and continues the demo's run: same save
+    # directory, the block size the demo reached (not tiny_cpu.yaml's growth schedule).
+    command = re.search(r"^  train more\s+(.*)$", out, re.MULTILINE).group(1)
+    words = shlex.split(command)
+    assert words[:2] == ["nbdiff", "train"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(words[1:]) == 0
+    more = capsys.readouterr().out
+    assert "continu" in more and "checkpoint.save is unset" not in more
+    assert (root / "nbdiff" / "iter_0000108").is_dir()
+    steps = [
+        json.loads(line) for line in (root / "nbdiff" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps[-1]["step"] == 108 and {r["block_size"] for r in steps if r["step"] > 8} == {8}

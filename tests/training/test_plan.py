@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from nbdiff_megatron.cli import main
 from nbdiff_megatron.training import plan
 from nbdiff_megatron.training.config import load_config
 from tests.launch import REPO, clean_env
@@ -122,3 +124,55 @@ def test_cli_prints_the_plan() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tp 8 x" in proc.stdout and "verdict:" in proc.stdout
+
+
+def _plan_output(capsys, *args: str) -> str:
+    assert main(["plan", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_layout_override_keeps_the_configs_gpu_count(capsys) -> None:
+    ablation = str(REPO / "examples" / "ablation_8k.yaml")  # tp 2 x dp 64 = 128 GPUs
+    out = _plan_output(capsys, "--config", ablation, "--parallel.tp=4")
+    assert "dp 64 -> 32 keeps the config's 128 GPUs" in out
+    assert "tp 4 x pp 1 x cp 1 x dp 32 = 128 GPUs" in out
+    # An explicit dp plans another count, and says so.
+    out = _plan_output(capsys, "--config", ablation, "--parallel.tp=4", "--parallel.dp=64")
+    assert "this plan is for 256 GPUs, not the config's 128" in out and "= 256 GPUs" in out
+    # A model-parallel size that does not divide the GPUs: dp stays, loudly.
+    _, note = plan.keep_gpu_count(load_config(ablation), ["--parallel.tp=3"])
+    assert note.startswith("WARNING: the GPU count changes") and "192 GPUs" in note
+
+
+def test_the_suggested_change_fits_by_the_plans_own_model(capsys) -> None:
+    ablation = REPO / "examples" / "ablation_8k.yaml"
+    out = _plan_output(capsys, "--config", str(ablation), "--gpu-memory-gb", "24")
+    assert "DOES NOT FIT" in out
+    change = re.search(r"-> change: (.*): [\d.]+ GiB per GPU", out).group(1).split()
+    changed = load_config(ablation, change)
+    assert plan.planned_total(changed) <= (24 - plan._RESERVED_GIB) * plan.GIB
+    assert plan.gpus_of(changed) == plan.gpus_of(load_config(ablation)) == 128
+    # Nothing fits: no suggestion (micro_batch_size is 1 already, so none of lowering it either).
+    out = _plan_output(capsys, "--config", str(ablation), "--gpu-memory-gb", "8")
+    assert "-> no change the plan knows fits" in out
+    assert "-> change" not in out and "micro_batch_size" not in out
+
+
+def test_duration_at_an_mfu_and_the_model_config(capsys, tmp_path: Path) -> None:
+    phase1 = REPO / "examples" / "phase1_8k.yaml"
+    cfg = load_config(phase1)
+    nbdiff, _ = plan.step_flops(cfg)
+    days = cfg.train.steps * nbdiff / (plan.gpus_of(cfg) * 989e12 * 0.4) / 86400
+    out = _plan_output(capsys, "--config", str(phase1))
+    stated = re.search(r"duration: at 40% MFU .* take ([\d.]+) days", out)
+    assert stated is not None and float(stated.group(1)) == pytest.approx(days, abs=0.05)
+    out = _plan_output(capsys, "--config", str(phase1), "--mfu", "20", "--days", "7")
+    assert float(re.search(r"at 20% MFU .* take ([\d.]+) days", out).group(1)) == pytest.approx(
+        2 * days, abs=0.05
+    )
+    assert re.search(r"deadline: [\d,]+ steps in 7 days need \d+% MFU", out)
+    model_yaml = tmp_path / "model.yaml"
+    shape = {"num_layers": 2, "hidden_size": 256, "ffn_hidden_size": 512, "num_attention_heads": 8}
+    model_yaml.write_text(yaml.safe_dump({"model": {**shape, "num_query_groups": 4}}))
+    out = _plan_output(capsys, "--config", str(phase1), "--model-config", str(model_yaml))
+    assert "model: 2 layers, hidden 256" in out and "--model-config" in out
