@@ -250,6 +250,12 @@ class CheckpointConfig:
     async_save: bool = False
     """Write the checkpoint's shards in a background process while training goes on; it becomes
     `latest` once every rank's writes have finished (docs/checkpoints.md)."""
+    fully_parallel_save: bool = True
+    """Spread the writes of the tensors every DP rank holds (the weights) over the DP ranks, instead of
+    the first DP rank writing them all (megatron-core's fully parallel strategy, docs/checkpoints.md)."""
+    fully_parallel_load: bool = False
+    """Read each shard once over the DP ranks and exchange it, instead of every rank reading what it
+    needs (fewer file-system reads, more communication)."""
 
 
 @dataclass

@@ -935,7 +935,11 @@ def _train(
     changes = checkpointing.check_start(plan, rt.run_identity, cfg.to_dict())
     if plan.path is not None:
         info = checkpointing.load_checkpoint(
-            plan.path, [model], optimizer, weights_only=plan.weights_only
+            plan.path,
+            [model],
+            optimizer,
+            weights_only=plan.weights_only,
+            fully_parallel=ck.fully_parallel_load,
         )
         start_step = int(info["step"])
         resumed_from = info["loaded_from"]
@@ -1241,6 +1245,7 @@ def _save(
         optimizer_sharding=cfg.checkpoint.optimizer_sharding,
         writer=rt.writer,
         on_complete=complete,
+        fully_parallel=cfg.checkpoint.fully_parallel_save,
     )
     healthy.saved_at(step)
     if rt.writer is not None:
