@@ -11,7 +11,7 @@
   - "causal": the model's **causal (AR) log-likelihood**: one causal forward over context +
     continuation, summing log p(token_i | tokens_<i) over the continuation (`is_greedy` = every
     continuation token is the argmax). Exact for the model's clean (x_0) half, which NBDiff trains
-    with the AR loss L_AR (NBDIFF.md §4); cheap (one forward per request) and deterministic.
+    with the AR loss L_AR (docs/METHOD.md §4); cheap (one forward per request) and deterministic.
   - "diffusion": the seeded Monte Carlo estimate of the block-diffusion bound (likelihood.py), blocks
     laid out as in decoding; `--ll-samples` draws per block. The default follows the checkpoint:
     diffusion when it was trained with λ = 0 or the block-causal mask (no meaningful AR head).
