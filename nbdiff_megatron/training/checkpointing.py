@@ -13,9 +13,11 @@ last healthy one).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,8 +223,9 @@ def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
 
 # The distributed optimizer's checkpoint layout: megatron-core 0.16's default ('fully_sharded_model_
 # space') is deprecated and fails at save ("flattened_range is not supported"); 'dp_reshardable'
-# saves each DP rank's shard (reshardable over DP). Ignored by the other optimizers.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# is reshardable over DP only; 'fully_reshardable' (gathered per DP group) reshards across TP / PP
+# too, which resuming under another layout needs. Ignored by the other optimizers.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _init_distributed_optimizer_state(optimizer: Any) -> None:
@@ -242,6 +245,39 @@ def _init_distributed_optimizer_state(optimizer: Any) -> None:
         for group in inner.param_groups:
             for param in group["params"]:
                 inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+@contextlib.contextmanager
+def _keep_adam_steps_in_state_copies(optimizer: Any) -> Iterator[None]:
+    """Let megatron-core 0.16's fully reshardable load run with torch's Adam.
+
+    `DistributedOptimizer._set_main_param_and_optimizer_states` copies every key of a parameter's
+    optimizer state from the loaded tensors, which never carry torch Adam's per-parameter `step`
+    (kept in the param groups; TE / apex Adam have none): a KeyError. Within this scope the copy
+    gets the parameter's current step (a no-op copy); `_restore_adam_steps` then sets the loaded one.
+    """
+    opts = [
+        opt
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        if hasattr(opt, "_set_main_param_and_optimizer_states")
+    ]
+    for opt in opts:
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param: Any, tensors: dict, _opt: Any = opt, _orig: Any = original):
+            group, order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group]["params"][order]
+            step = _opt.optimizer.state[main_param].get("step")
+            if step is not None and "step" not in tensors:
+                tensors = {**tensors, "step": step}
+            return _orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for opt in opts:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
 
 
 def _restore_adam_steps(optimizer: Any) -> None:
@@ -276,9 +312,10 @@ def _sharded_state_dict(
     if optimizer is not None:
         if is_loading:
             _init_distributed_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata=_OPTIMIZER_METADATA
-        )
+        with device_mode():  # the fully reshardable layout gathers through device='cuda' buffers
+            state["optimizer"] = optimizer.sharded_state_dict(
+                state["model"], is_loading=is_loading, metadata=_OPTIMIZER_METADATA
+            )
     if include_rng:
         state["rng_state"] = _rng_sharded_object(rng)
     return state
@@ -466,7 +503,7 @@ def load_checkpoint(
     if not weights_only and optimizer is not None:
         # The distributed optimizer copies into its main parameters in place (fp32: views of the
         # model's leaf parameters), which autograd refuses outside no_grad.
-        with torch.no_grad():
+        with torch.no_grad(), _keep_adam_steps_in_state_copies(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
     if include_rng and loaded.get("rng_state") is not None:
