@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbdiff_megatron.data.bundled import example_config
 from nbdiff_megatron.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 VARIANTS = ("annealed", "plain", "ar", "nbdiff", "block_causal")
 ACCEPTS_OVERRIDES = True  # `--a.b=value` config overrides, applied to every training run
 

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+from nbdiff_megatron.data.bundled import example_config
+
+EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 DEFAULT_PROMPT = "1 In the beginning God created"
 # Thresholds decoded besides --threshold (the speed / agreement trade-off).
 SWEEP_THRESHOLDS = (0.9, 0.7, 0.5)
@@ -429,8 +431,10 @@ def run(args: argparse.Namespace) -> int:
         "other tokens start as [MASK] and are refined in forwards that read the cached prefix and "
         "attend both ways inside the block; every forward unmasks the tokens whose probability "
         "passes the threshold (at least one), and one last forward writes the finished block into "
-        f"the KV cache. So a block costs at least 2 forwards: {size / 2:g} tokens/forward is the "
-        f"ceiling for blocks of {size}, 1 is next-token speed. Lower thresholds commit more "
+        "the KV cache; that forward also runs the next block's first step when the next block's "
+        "first token was guessed right (the fused commit), so a block costs 1 forward at best "
+        f"({size:g} tokens/forward for blocks of {size}), at least 2 when the guess fails; 1 is next-token "
+        "speed. Lower thresholds commit more "
         "tokens per forward at the risk of committing wrong ones (the table)."
     )
     _note(
@@ -438,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
         "training text, so it is confident about masked tokens several positions ahead. Prompts it "
         "has not seen get poor, less confident continuations (try `nbdiff generate`); a large "
         "model trained long reaches this confidence on predictable spans (code, formulas, fixed "
-        "phrases), which is where NBDiff's speed-up over AR decoding comes from (NBDIFF.md §7)."
+        "phrases), which is where NBDiff's speed-up over AR decoding comes from (docs/METHOD.md §7)."
     )
 
     _section(5, steps, "Pictures")

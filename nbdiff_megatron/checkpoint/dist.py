@@ -16,7 +16,9 @@ Layout of a save directory:
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import queue
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,31 +164,115 @@ def _save_kwargs(save_fn: Any) -> dict[str, Any]:
     return {"async_strategy": "mcore"} if "async_strategy" in params else {}
 
 
-def _in_process_results_queue() -> None:
-    """Let synchronous saves return their write results through a plain in-process queue.
+def _write_results_queue(asynchronous: bool) -> None:
+    """The queue through which the writer's processes return their write results to the trainer.
 
-    megatron-core creates that queue on a spawn `Manager`: an extra process, started on the first save,
-    that outlives a trainer killed with SIGKILL (holding its stdout open) and costs ~1.4 s to start.
-    Our saves are synchronous (the writes run in this process and its forked workers), where a
-    `queue.Queue` does the same job.
+    megatron-core creates it on a spawn `Manager`: an extra process, started on the first save, that
+    outlives a trainer killed with SIGKILL (holding its stdout open) and costs ~1.4 s to start. A
+    synchronous save writes from this process and its forked workers: a plain `queue.Queue` does. An
+    asynchronous one writes from a forked child: a fork-context queue, created here before the fork.
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:  # another megatron-core layout: keep its own queue
         return
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
+    global _FORK_QUEUE
+    if asynchronous:
+        if _FORK_QUEUE is None:
+            _FORK_QUEUE = multiprocessing.get_context("fork").Queue()
+        filesystem_async._results_queue = _FORK_QUEUE
+    elif not isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
         filesystem_async._results_queue = queue.Queue()
 
 
-def write_dist_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
-    """`dist_checkpointing.save(state, directory)` as every save of this project runs it: synchronous,
-    its write results through an in-process queue, CUDA device arguments mapped to the CPU on a CPU."""
-    from megatron.core import dist_checkpointing
+_FORK_QUEUE: Any = None
 
-    _in_process_results_queue()
+
+class AsyncWriter:
+    """The checkpoint writes in flight of an `async_save` run: megatron-core's `AsyncCallsQueue` with
+    its non-persistent caller (one forked writer process per save; the persistent caller spawns a
+    worker that needs CUDA). All ranks call every method, at the same points of the run."""
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._calls = AsyncCallsQueue(persistent=False)
+
+    @property
+    def in_flight(self) -> int:
+        """Saves scheduled and not yet finalised."""
+        return self._calls.get_num_unfinalized_calls()
+
+    def schedule(self, request: Any) -> None:
+        with device_mode():
+            self._calls.schedule_async_request(request)
+
+    def finalize(self, *, wait: bool) -> None:
+        """Run the finalisation of every save whose writes have finished on all ranks (with `wait`:
+        wait for all of them first)."""
+        if self.in_flight:
+            with device_mode():
+                self._calls.maybe_finalize_async_calls(blocking=wait)
+
+
+def write_dist_checkpoint(
+    state: dict[str, Any],
+    directory: str | Path,
+    *,
+    finalize: Callable[[], None] | None = None,
+    writer: AsyncWriter | None = None,
+    parallel_group: Any = None,
+) -> None:
+    """Write `state` as a dist checkpoint into `directory` (every save of this project runs this).
+
+    The write is megatron-core's async request, run at once in this process (`writer` None) or handed
+    to `writer` (the shards are written by a forked process while training goes on). Either way
+    `finalize` runs on every rank once every rank's writes have finished and metadata.json is written:
+    the same code for both. With `parallel_group` (the data-parallel group) megatron-core's fully
+    parallel strategy spreads the writes of replicated tensors over its ranks (otherwise the first
+    replica writes them all). CUDA device arguments are mapped to the CPU on a CPU.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    strategy = get_default_save_sharded_strategy()
+    if parallel_group is not None:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_group)
+    _write_results_queue(asynchronous=writer is not None)
     with device_mode():
-        # Synchronous save: the persistent async writer spawns a child that needs CUDA (PLATFORM.md).
-        dist_checkpointing.save(state, str(directory), **_save_kwargs(dist_checkpointing.save))
+        request = dist_checkpointing.save(
+            state,
+            str(directory),
+            sharded_strategy=strategy,
+            async_sharded_save=True,
+            **_save_kwargs(dist_checkpointing.save),
+        )
+    if finalize is not None:
+        request.add_finalize_fn(finalize)
+    if writer is None:
+        with device_mode():
+            request.execute_sync()
+    else:
+        writer.schedule(request)
+
+
+def load_strategy(ckpt: str | Path, parallel_group: Any = None) -> Any:
+    """The sharded load strategy for `ckpt`: megatron-core's default, wrapped in its fully parallel
+    strategy over `parallel_group` when given (each shard is read by one rank of the group and
+    exchanged); None (= megatron-core's default) without a group."""
+    if parallel_group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(ckpt)), parallel_group
+    )
 
 
 def short_error(exc: BaseException) -> str:

@@ -11,8 +11,23 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from nbdiff_megatron.data.preprocess import output_prefix_for, preprocess, read_sidecar
+from nbdiff_megatron.errors import ConfigError
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_TOKENIZER_TYPE = "HuggingFaceTokenizer"
+
+
+def example_config(name: str) -> Path:
+    """An example config (e.g. "tiny_cpu.yaml"): the copy a built package holds in
+    assets/examples/ (setup.py puts it there), else the source checkout's examples/ folder."""
+    for candidate in (ASSETS / "examples" / name, ASSETS.parents[1] / "examples" / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"example config {name} is neither in {ASSETS / 'examples'} (an installed package) nor in "
+        f"{ASSETS.parents[1] / 'examples'} (a source checkout); reinstall the package"
+    )
 
 
 def bundled_corpus_path() -> str:
@@ -53,8 +68,6 @@ def prepare_bundled_corpus(
     Reuses an earlier result in `out_dir` when it was made the same way. `max_documents` keeps
     only the first N documents (for fast tests).
     """
-    from nbdiff_megatron.data.preprocess import output_prefix_for, preprocess, read_sidecar
-
     os.makedirs(out_dir, exist_ok=True)
     name = "bundled" if max_documents is None else f"bundled{max_documents}"
     output_prefix = os.path.join(out_dir, name)

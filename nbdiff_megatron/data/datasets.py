@@ -6,7 +6,7 @@ Every sample is a dict of three tensors of length L (the model's sequence length
   shifts inside the x_0 half.
 - `doc_ids`  LongTensor[L]: 0-based within the sample, non-decreasing; a token that follows an EOD
   starts a new document and the EOD belongs to the document it ends. The model uses them so that
-  attention never crosses documents and position ids restart per document (NBDIFF.md §3).
+  attention never crosses documents and position ids restart per document (docs/METHOD.md §3).
 - `loss_mask` BoolTensor[L]: False on padding (and, for SFT, on everything but the responses).
 - SFT samples only: `turn_ids` LongTensor[L], +1 right after each response inside a conversation;
   the training mask lets no token see a later turn (data/sft.py, method/masks.py).
@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from nbdiff_megatron.data.config import DataConfig, parse_blend
@@ -122,6 +123,57 @@ def index_cache_dir(config: DataConfig) -> str | None:
     )
 
 
+FULL_SCAN_TOKENS = 32 * 2**20
+"""Token-id check: a .bin of up to this many tokens is scanned whole; a larger one in SCAN_WINDOWS
+evenly spread windows of SCAN_WINDOW tokens (a bounded read at any size)."""
+SCAN_WINDOWS = 256
+SCAN_WINDOW = 2**16
+
+
+def _largest_token_id(tokens: np.ndarray) -> int:
+    if tokens.size <= FULL_SCAN_TOKENS:
+        return int(tokens.max()) if tokens.size else -1
+    starts = np.linspace(0, tokens.size - SCAN_WINDOW, SCAN_WINDOWS).astype(np.int64)
+    return max(int(tokens[s : s + SCAN_WINDOW].max()) for s in starts)
+
+
+def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
+    """Raise DataError naming the file when `prefix.bin` does not hold what `prefix.idx` describes
+    (a truncated copy, an index of other data) or holds token ids outside the vocabulary (data
+    made with another tokenizer, e.g. by Megatron-LM without our sidecar). Checked before training:
+    otherwise a negative offset or an embedding IndexError would stop the run much later."""
+    from nbdiff_megatron.data import megatron_io
+
+    bin_path, idx_path = prefix + ".bin", prefix + ".idx"
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    try:
+        index = megatron_io.IndexedDataset(prefix, mmap=True).index
+        lengths, pointers = index.sequence_lengths, index.sequence_pointers
+        itemsize = np.dtype(index.dtype).itemsize
+    except Exception as exc:
+        raise DataError(
+            f"{idx_path} cannot be read ({type(exc).__name__}: {exc}); the index is damaged or "
+            "not a megatron indexed dataset: copy it again or run `nbdiff preprocess` again"
+        ) from None
+    expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
+    actual = os.path.getsize(bin_path)
+    if actual != expected:
+        what = "is truncated" if actual < expected else "holds more than its index describes"
+        raise DataError(
+            f"{bin_path} {what}: {actual:,} bytes, but {idx_path} describes {expected:,} "
+            f"({len(lengths):,} sequences); the copy is incomplete or the two files come from "
+            "different runs: copy both again or run `nbdiff preprocess` again"
+        )
+    tokens = np.memmap(bin_path, dtype=index.dtype, mode="r", shape=(expected // itemsize,))
+    largest = _largest_token_id(tokens)
+    if largest >= vocab_size:
+        raise DataError(
+            f"{bin_path} holds token id {largest}, outside the tokenizer's {vocab_size} ids: the "
+            "data was made with another tokenizer; set data.tokenizer_model to that one or run "
+            "`nbdiff preprocess` again with this one"
+        )
+
+
 def _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed):
     from nbdiff_megatron.data import megatron_io
     from nbdiff_megatron.data.preprocess import read_sidecar
@@ -138,6 +190,7 @@ def _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed):
         sidecar = read_sidecar(prefix)
         if sidecar is not None:
             check_tokenizer_metadata(sidecar, tokenizer, f"dataset {prefix}")
+        check_indexed_dataset(prefix, int(tokenizer.vocab_size))
     cache = index_cache_dir(config)
     sizes = list(num_samples)
     if weights is not None:

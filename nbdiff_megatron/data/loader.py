@@ -26,10 +26,10 @@ Sample = dict[str, torch.Tensor]
 class DeterministicSampler(torch.utils.data.Sampler):
     """Batches of sample indices for one data-parallel rank, starting at `consumed_samples`.
 
-    `consumed_samples` counts samples of the global order consumed by all ranks together (a
-    multiple of micro_batch_size * data_parallel_size). With `cyclic`, indices wrap around the
-    dataset forever (for evaluation loops); otherwise the incomplete last global micro-batch is
-    dropped.
+    `consumed_samples` counts samples of the global order consumed by all ranks together (any count:
+    a run resumed with another micro-batch or DP size starts where the last one stopped). With
+    `cyclic`, indices wrap around the dataset forever (for evaluation loops); otherwise the
+    incomplete last global micro-batch is dropped.
     """
 
     def __init__(
@@ -49,12 +49,10 @@ class DeterministicSampler(torch.utils.data.Sampler):
             raise ConfigError(
                 f"data_parallel_rank {data_parallel_rank} is not in [0, {data_parallel_size})."
             )
-        step = micro_batch_size * data_parallel_size
-        if consumed_samples < 0 or consumed_samples % step:
-            raise ConfigError(
-                f"consumed_samples {consumed_samples} must be a non-negative multiple of "
-                f"micro_batch_size * data_parallel_size = {step}."
-            )
+        # Any position works: every step takes the next global batch of the global order from it,
+        # whatever the micro-batch size (a resumed run may change it, docs/resume.md).
+        if consumed_samples < 0:
+            raise ConfigError(f"consumed_samples must be >= 0, got {consumed_samples}.")
         if not cyclic and consumed_samples > total_samples:
             raise ConfigError(
                 f"consumed_samples {consumed_samples} exceeds the dataset's {total_samples} samples."

@@ -1,5 +1,5 @@
-"""`BlockDecoder`: block-diffusion decoding of an NBDiff megatron-core model with a KV cache (NBDIFF
-decoding in METHOD.md, Fast-dLLM v2 style).
+"""`BlockDecoder`: block-diffusion decoding of an NBDiff megatron-core model with a KV cache
+(docs/DECODING.md; Fast-dLLM v2 style).
 
 The refinement loop, its batch layout, input checks and stop reasons live in refinement.py, shared with
 the exported HF decoder (hf_generate.py); this module binds them to a megatron-core model through

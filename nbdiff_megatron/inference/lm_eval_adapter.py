@@ -11,7 +11,7 @@
   - "causal": the model's **causal (AR) log-likelihood**: one causal forward over context +
     continuation, summing log p(token_i | tokens_<i) over the continuation (`is_greedy` = every
     continuation token is the argmax). Exact for the model's clean (x_0) half, which NBDiff trains
-    with the AR loss L_AR (NBDIFF.md §4); cheap (one forward per request) and deterministic.
+    with the AR loss L_AR (docs/METHOD.md §4); cheap (one forward per request) and deterministic.
   - "diffusion": the seeded Monte Carlo estimate of the block-diffusion bound (likelihood.py), blocks
     laid out as in decoding; `--ll-samples` draws per block. The default follows the checkpoint:
     diffusion when it was trained with λ = 0 or the block-causal mask (no meaningful AR head).
@@ -173,6 +173,16 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
     )
 
 
+def padded_width(width: int, max_context: int) -> int:
+    """The input width the causal scorer pads a batch of `width` tokens to: the next power of two
+    (at least 16; multiples of 1024 past 1024), at most `max_context`. A few widths instead of one
+    per request length: compiled FlexAttention and the BlockMask cache see few shapes."""
+    bucket = max(16, 1 << (max(width, 1) - 1).bit_length())
+    if bucket > 1024:
+        bucket = -(-width // 1024) * 1024
+    return max(width, 1, min(bucket, max_context))
+
+
 def make_lm_class() -> type:
     """The NBDiffLM class (built lazily: lm_eval is an optional dependency)."""
     LM = _require_lm_eval()
@@ -272,8 +282,7 @@ def make_lm_class() -> type:
                     ids = (ctx + cont)[-(self.max_context + 1) :]
                     rows.append((ids, len(cont)))
                 # Right padding: causal attention keeps padding out of every real position.
-                width = max(len(ids) for ids, _ in rows) - 1
-                width = max(width, 1)
+                width = padded_width(max(len(ids) for ids, _ in rows) - 1, self.max_context)
                 inputs = torch.full((len(rows), width), self.tokenizer.eod, dtype=torch.long)
                 for i, (ids, _) in enumerate(rows):
                     inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
@@ -645,7 +654,8 @@ def _evaluate_threshold(
         fewshot_as_multiturn=args.fewshot_as_multiturn,
         system_instruction=args.system_instruction,
     )
-    results = evaluate(lm, tasks, include_path=paths, options=options)
+    # lm-eval returns the results on LOCAL_RANK 0 only (the other ranks helped decode)
+    results = evaluate(lm, tasks, include_path=paths, options=options) or {}
     return {
         "threshold": threshold,
         "results": results.get("results", {}),

@@ -5,7 +5,7 @@ Needs torch and unmasking.py only, so that the export can carry it; a model ente
 (`forward(tokens, positions, allowed, *, cache, commit_columns)`, `new_cache(n)`, `device`,
 `forward_passes`): kv_cache.ModelRunner for megatron-core, hf_generate.HFRunner for transformers.
 
-Layout of a batch (one tensor of columns shared by every prompt; METHOD.md, "Decoding"):
+Layout of a batch (one tensor of columns shared by every prompt; docs/DECODING.md):
 
     row i:  [pad ... pad | prompt, full blocks | prompt tail, [MASK] ... | [MASK] x B | ...]
              0                                 R (first active block)     R + B
@@ -69,7 +69,7 @@ from nbdiff_megatron.inference.unmasking import (
 
 # --- end of package imports ---
 
-# Training mask kinds whose x_0 half the decoder can reproduce (METHOD.md, "Masks").
+# Training mask kinds whose x_0 half the decoder can reproduce (docs/DECODING.md, "Layout").
 MASK_KINDS = ("context_causal", "block_causal")
 # Where blocks start: at multiples of B from the document start, or at the prompt's end.
 BLOCK_ALIGNS = ("document", "prompt")

@@ -1,10 +1,10 @@
-"""Noising of the x_t half: diffusion-time sampling and token masking (NBDIFF.md §4, "Noising").
+"""Noising of the x_t half: diffusion-time sampling and token masking (docs/METHOD.md §4, "Noising").
 
 Conventions shared by every function here:
 
 - Blocks. Without ``positions`` a row of length L is cut into ``ceil(L / B)`` blocks of ``B`` tokens
   (the last one may be short): token ``j`` is in block ``j // B`` at offset ``j % B``. With
-  ``positions`` (packed documents, NBDIFF.md §3 "Packed documents"), ``positions[r, j]`` is the
+  ``positions`` (packed documents, docs/METHOD.md §3 "Packed documents"), ``positions[r, j]`` is the
   position of token ``j`` inside its document (its position id, restarting at 0 for each document)
   and blocks are counted from each document's start: a token starts a new block when it is the row's
   first token, when ``positions % B == 0``, or when the positions do not continue by +1 (a new
@@ -16,8 +16,8 @@ Conventions shared by every function here:
   ``positions`` this is ``j // B``, so ``n_blocks`` must be exactly ``ceil(L / B)``; with
   ``positions`` ``n_blocks`` must be at least the largest number of blocks of a row
   (``block_layout(...).n_blocks``); extra columns are unused.
-- Random numbers come only from an explicit, seeded ``torch.Generator`` (DESIGN.md: seeded from
-  (seed, step, data-parallel rank, micro-batch)); ``generator=None`` raises ``ValueError`` instead
+- Random numbers come only from an explicit, seeded ``torch.Generator`` (the training loop seeds one
+  per sample from (seed, step, the sample's index in the global batch)); ``generator=None`` raises ``ValueError`` instead
   of silently falling back to the global RNG or a fixed seed (which would repeat the same noise each
   step). Draws are made on the generator's device and then moved, so a CPU generator gives the same
   noise for CPU and GPU tensors.
@@ -35,6 +35,7 @@ __all__ = [
     "block_layout",
     "mask_probability",
     "mask_tokens",
+    "mask_uniforms",
     "per_token_t",
     "sample_t",
 ]
@@ -43,8 +44,8 @@ __all__ = [
 def _require_generator(generator: torch.Generator | None, fn: str) -> torch.Generator:
     if generator is None:
         raise ValueError(
-            f"{fn}: generator is required (a torch.Generator seeded from seed, step, "
-            "data-parallel rank and micro-batch); the global RNG is never used, so that resumed "
+            f"{fn}: generator is required (a torch.Generator seeded from seed, step and the "
+            "sample's index in the global batch); the global RNG is never used, so that resumed "
             "runs replay the same noise"
         )
     if not isinstance(generator, torch.Generator):
@@ -71,7 +72,7 @@ def sample_t(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Draw diffusion times ``t ~ U(lo, hi)``, per sequence or per block (NBDIFF.md §4, "Noising").
+    """Draw diffusion times ``t ~ U(lo, hi)``, per sequence or per block (docs/METHOD.md §4, "Noising").
 
     The default range is ``[eps, 1]`` (``lo = eps``, ``hi = 1``); ``lo``/``hi`` clip it (``lo``
     replaces ``eps`` when given). ``0 < lo <= hi <= 1`` is required: ``t = 0`` would give the L_MDM
@@ -137,7 +138,7 @@ def block_layout(
     positions: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> BlockLayout:
-    """Block index, offset and start of each token (NBDIFF.md §2 ``blk(i) = i // B``; §3 packing).
+    """Block index, offset and start of each token (docs/METHOD.md §2 ``blk(i) = i // B``; §3 packing).
 
     ``positions`` (LongTensor ``[b, L]`` or ``[L]``) are per-document position ids; blocks then
     restart at each document (``blk = pos // B``) and are numbered globally along the row.
@@ -191,7 +192,7 @@ def per_token_t(
 ) -> torch.Tensor:
     """Expand a per-sequence ``t [b]`` or per-block ``t [b, n_blocks]`` to per-token ``[b, L]``.
 
-    This is the ``t`` that ``nbdiff_loss`` weights L_MDM with (NBDIFF.md §4, eq. 5, weight ``1/t``):
+    This is the ``t`` that ``nbdiff_loss`` weights L_MDM with (docs/METHOD.md §4, eq. 5, weight ``1/t``):
     each token carries the ``t`` of its sequence or of its block (global block index, module
     docstring).
     """
@@ -250,14 +251,14 @@ def mask_probability(
     token_shift: bool = False,
     skew: float = 0.5,
 ) -> torch.Tensor:
-    """Probability that each token is masked, ``[b, L]`` (NBDIFF.md §4, "Noising", "Token shift").
+    """Probability that each token is masked, ``[b, L]`` (docs/METHOD.md §4, "Noising", "Token shift").
 
     Uniform: ``p = t`` for every maskable token. With ``token_shift`` the first token of each block
     is not maskable (``p = 0``; it is decoded autoregressively).
 
     Position-dependent (Efficient-DLM), this project's formula, built per block from the block's
     *actual* length ``n`` (``B``, or fewer for the short last block of a row or of a document,
-    NBDIFF.md §3): the block has ``m = n - 1`` maskable slots with ``token_shift``, else
+    docs/METHOD.md §3): the block has ``m = n - 1`` maskable slots with ``token_shift``, else
     ``m = n``; a token of rank ``r`` in its block (``r = offset``, counted from the first token the
     row holds) sits in slot ``q = r - (1 if token_shift else 0)``, ``q = 0..m-1``::
 
@@ -290,6 +291,13 @@ def mask_probability(
     return p
 
 
+def mask_uniforms(batch: int, seq_len: int, *, generator: torch.Generator) -> torch.Tensor:
+    """The uniform draws ``u [batch, L]`` in [0, 1) that ``mask_tokens`` compares with the masking
+    probabilities (a token is masked where ``u < p``), on the generator's device."""
+    gen = _require_generator(generator, "mask_uniforms")
+    return torch.rand((batch, seq_len), generator=gen, device=gen.device, dtype=torch.float32)
+
+
 def mask_tokens(
     x0: torch.Tensor,
     t: torch.Tensor,
@@ -303,8 +311,9 @@ def mask_tokens(
     skew: float = 0.5,
     validate: bool = True,
     return_probability: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Build the noised view ``x_t`` of ``x0`` (NBDIFF.md §4, "Noising"; §3 for ``positions``).
+    """Build the noised view ``x_t`` of ``x0`` (docs/METHOD.md §4, "Noising"; §3 for ``positions``).
 
     Each token is masked independently with probability ``t`` of its sequence (``t [b]``) or block
     (``t [b, n_blocks]``, global block index, see the module docstring), shaped by
@@ -313,14 +322,17 @@ def mask_tokens(
 
     Returns ``(x_t, masked)``: ``x_t = where(masked, mask_id, x0)`` and the BoolTensor ``masked``.
     ``x0`` must not contain ``mask_id`` (then ``masked == (x_t == mask_id)`` exactly).
-    ``generator`` is required (module docstring). ``validate=False`` skips the value checks that
+    ``generator`` is required (module docstring) unless ``uniforms`` (``[b, L]``, the
+    ``mask_uniforms`` of each row drawn beforehand, e.g. from one generator per sample) are given.
+    ``validate=False`` skips the value checks that
     need a device synchronisation (t in [0, 1], mask_id absent from x0).
 
     ``return_probability=True`` returns ``(x_t, masked, p)`` with ``p [b, L]`` the probability each
     token was masked with (``mask_probability``): the L_MDM weight of a masked token is ``1 / p``,
-    which is ``1 / t`` only for uniform masking (NBDIFF.md §4, eq. 5).
+    which is ``1 / t`` only for uniform masking (docs/METHOD.md §4, eq. 5).
     """
-    gen = _require_generator(generator, "mask_tokens")
+    if uniforms is None:
+        _require_generator(generator, "mask_tokens")
     _check_block_size(block_size)
     if x0.dim() != 2:
         raise ValueError(f"x0 must have shape [b, L], got {list(x0.shape)}")
@@ -358,7 +370,13 @@ def mask_tokens(
         token_shift=token_shift,
         skew=skew,
     )
-    u = torch.rand((batch, seq_len), generator=gen, device=gen.device, dtype=torch.float32)
+    if uniforms is None:
+        uniforms = mask_uniforms(batch, seq_len, generator=generator)
+    elif tuple(uniforms.shape) != (batch, seq_len):
+        raise ValueError(
+            f"uniforms must have shape [b, L] = [{batch}, {seq_len}], got {list(uniforms.shape)}"
+        )
+    u = uniforms
     # u lies in [0, 1): p = 0 never masks, p = 1 always masks.
     masked = u.to(x0.device) < p
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)

@@ -23,7 +23,10 @@ their gradients -- reorders them into the global order and attends its local que
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+
+from nbdiff_megatron.errors import ConfigError, NBDiffError
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -142,17 +147,133 @@ class AttentionMask:
 
 
 # ------------------------------------------------------------------------------- flex kernels
-_COMPILED_FLEX: Callable | None = None
+FLEX_COMPILE_BACKEND_ENV = "NBDIFF_FLEX_COMPILE_BACKEND"
+"""torch.compile backend of FlexAttention. Unset: inductor on CUDA, uncompiled elsewhere (production).
+Set (e.g. "eager"): compiled with that backend on every device -- how the tests count compiles on CPU."""
+FLEX_RECOMPILE_LIMIT_ENV = "NBDIFF_FLEX_RECOMPILE_LIMIT"
+"""Versions each compiled flex function may hold in one process (default `DEFAULT_FLEX_RECOMPILE_LIMIT`)."""
+DEFAULT_FLEX_RECOMPILE_LIMIT = 32
+"""Room for every shipped command with margin: `nbdiff ablate` compiles 10 attention versions and
+`nbdiff eval`'s causal scorer 4 (docs/flex-attention.md has the counts); torch's own default, 8,
+was reached by ablate's evaluation."""
+
+
+class FlexRecompileLimitError(NBDiffError, RuntimeError):
+    """A compiled FlexAttention function needed more versions than its recompile limit allows."""
+
+
+def _recompile_limit_errors() -> tuple[type[BaseException], ...]:
+    """What torch raises past a fullgraph function's recompile limit (named differently before 2.6)."""
+    from torch._dynamo import exc  # lazily: a seconds-long import, needed on the flex path only
+
+    found = (
+        getattr(exc, "FailOnRecompileLimitHit", None),
+        getattr(exc, "FailOnCacheLimitHit", None),
+    )
+    return tuple(error for error in found if error is not None)
+
+
+def _compile_takes_recompile_limit() -> bool:
+    return "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+class CompiledFlex:
+    """`flex_attention` and `create_block_mask` compiled once per process, each with its own limit.
+
+    Past torch's recompile limit a compiled function silently runs uncompiled, and uncompiled flex
+    materialises the full score matrix (~[b, heads, 2L, 2L] fp32: an OOM at 8K). Here each function
+    is compiled with `fullgraph=True` and a `recompile_limit` of its own (scoped to this callable,
+    torch's global config is untouched; `isolate_recompiles`: other compiles of flex elsewhere do not
+    count against it), so the limit raises `FlexRecompileLimitError` instead. `dynamic=None` (torch's
+    automatic dynamic shapes): the first version is specialised, a dimension that changes (batch,
+    sequence length) is compiled dynamic once instead of once per value.
+    """
+
+    def __init__(self, backend: str, recompile_limit: int) -> None:
+        self.backend = backend
+        self.recompile_limit = recompile_limit
+        self._limit_errors = _recompile_limit_errors()
+        # torch < 2.13 lacks torch.compile(recompile_limit=...): the limit is patched around the call.
+        self._per_call_limit = not _compile_takes_recompile_limit()
+        self.attention = self._compiled(flex_attention, "flex_attention")
+        self.block_mask = self._compiled(create_block_mask, "create_block_mask")
+
+    def _compiled(self, fn: Callable, name: str) -> Callable:
+        options: dict[str, Any] = dict(backend=self.backend, dynamic=None, fullgraph=True)
+        if not self._per_call_limit:
+            options.update(recompile_limit=self.recompile_limit, isolate_recompiles=True)
+        compiled = torch.compile(fn, **options)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                with self._limit_scope():
+                    return compiled(*args, **kwargs)
+            except self._limit_errors as exc:
+                raise FlexRecompileLimitError(
+                    f"{name} needed more than {self.recompile_limit} compiled versions in this "
+                    "process; past the limit torch would run it uncompiled, materialising the full "
+                    f"[batch, heads, queries, keys] score or mask tensor. Raise "
+                    f"{FLEX_RECOMPILE_LIMIT_ENV} (each version costs one compile) or run the work "
+                    "that needs other shapes in another process; TORCH_LOGS=recompiles prints what "
+                    "changed between versions (docs/flex-attention.md)"
+                ) from exc
+
+        return call
+
+    def _limit_scope(self) -> Any:
+        if not self._per_call_limit:
+            return contextlib.nullcontext()
+        from torch._dynamo import config
+
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        return config.patch(**{name: self.recompile_limit})
+
+
+_COMPILED_FLEX: dict[tuple[str, int], CompiledFlex] = {}
+_COMPILED_FLEX_LOCK = threading.Lock()
+
+
+def flex_recompile_limit() -> int:
+    """The recompile limit of the compiled flex functions (`NBDIFF_FLEX_RECOMPILE_LIMIT`)."""
+    text = os.environ.get(FLEX_RECOMPILE_LIMIT_ENV, "").strip()
+    if not text:
+        return DEFAULT_FLEX_RECOMPILE_LIMIT
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"{FLEX_RECOMPILE_LIMIT_ENV}={text!r} must be a positive integer")
+    return limit
+
+
+def compiled_flex(device: torch.device) -> CompiledFlex | None:
+    """The process's compiled flex functions for `device`; None: run flex uncompiled (CPU default).
+
+    Compiled on CUDA (eager flex is an unfused reference, far too slow for GPUs) with inductor, and
+    on every device with the backend `NBDIFF_FLEX_COMPILE_BACKEND` names when it is set.
+    """
+    backend = os.environ.get(FLEX_COMPILE_BACKEND_ENV, "").strip()
+    if not backend:
+        if device.type != "cuda":
+            return None
+        backend = "inductor"
+    key = (backend, flex_recompile_limit())
+    with _COMPILED_FLEX_LOCK:
+        if key not in _COMPILED_FLEX:
+            _COMPILED_FLEX[key] = CompiledFlex(*key)
+        return _COMPILED_FLEX[key]
+
+
+def reset_compiled_flex() -> None:
+    """Forget the compiled flex functions (tests; the next flex call compiles afresh)."""
+    with _COMPILED_FLEX_LOCK:
+        _COMPILED_FLEX.clear()
 
 
 def _flex_kernel(device: torch.device) -> Callable:
-    """flex_attention, compiled on CUDA (eager flex is an unfused reference, far too slow for GPUs)."""
-    global _COMPILED_FLEX
-    if device.type != "cuda":
-        return flex_attention
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+    compiled = compiled_flex(device)
+    return flex_attention if compiled is None else compiled.attention
 
 
 class BlockMaskCache:
@@ -214,15 +335,9 @@ def build_block_mask(
     if not HAVE_FLEX:
         raise RuntimeError("FlexAttention needs torch >= 2.5; use attention_backend='sdpa'")
     device = torch.device(device)
-    return create_block_mask(
-        mask_mod,
-        B=batch,
-        H=None,
-        Q_LEN=q_len,
-        KV_LEN=kv_len,
-        device=device,
-        _compile=device.type == "cuda",
-    )
+    compiled = compiled_flex(device)
+    build = create_block_mask if compiled is None else compiled.block_mask
+    return build(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
 
 
 # ------------------------------------------------------------------------------- context parallel

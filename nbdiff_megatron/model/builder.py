@@ -1,6 +1,6 @@
 """Build the NBDiff GPT model on megatron-core and run it on x_t ⊕ x_0.
 
-Layout and conventions (DESIGN.md, NBDIFF.md §3):
+Layout and conventions (docs/METHOD.md §3):
 
 - Training input is `input_ids = [x_t ; x_0]`, `[b, 2L]`; both halves carry position ids 0..L-1
   (restarting per packed document). RoPE is applied from these position ids (megatron-core's GPTModel
@@ -55,7 +55,11 @@ from nbdiff_megatron.model.context_parallel import (
     local_flex_mask,
     shard_model_inputs,
 )
-from nbdiff_megatron.model.spec import nbdiff_layer_spec
+from nbdiff_megatron.model.spec import (
+    nbdiff_block_spec,
+    nbdiff_layer_spec,
+    uses_transformer_engine,
+)
 
 
 # ------------------------------------------------------------------------------- RoPE from position ids
@@ -193,10 +197,39 @@ def model_process_groups() -> Any:
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+# GPTModel arguments passed with their "off" values (megatron-core's own defaults): an installed
+# megatron-core without them loses nothing when they are left out.
+_OFF_VALUES: dict[str, Any] = {
+    "rope_scaling": False,
+    "rope_scaling_factor": 8.0,
+    "seq_len_interpolation_factor": None,
+    "vp_stage": None,
+}
+
+
+def _droppable(name: str, value: Any) -> bool:
+    if name == "pg_collection":  # parallel_state's groups: what GPTModel builds when not given them
+        return True
+    return name in _OFF_VALUES and value == _OFF_VALUES[name]
+
+
 def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` without the arguments `fn` (GPTModel.__init__) does not accept, when leaving them
+    out changes nothing; an unknown argument that carries a setting (e.g. rope_scaling=True) raises
+    ConfigError instead of being dropped silently."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return kwargs
+    lost = sorted(k for k, v in kwargs.items() if k not in params and not _droppable(k, v))
+    if lost:
+        import megatron.core
+
+        raise ConfigError(
+            f"the installed megatron-core ({getattr(megatron.core, '__version__', '?')}) GPTModel "
+            f"does not accept {', '.join(lost)}, which this model config sets "
+            f"({', '.join(f'{k}={kwargs[k]!r}' for k in lost)}); install a megatron-core that "
+            "supports it, or change the model section (e.g. model.rope_scaling)"
+        )
     return {k: v for k, v in kwargs.items() if k in params}
 
 
@@ -216,7 +249,8 @@ def build_model(
 
     Uses megatron-core's parallel_state (initialised by the caller, e.g.
     `model.parallel.initialize_parallel`); without torch.distributed a 1-rank gloo group is started.
-    `block_size` (the target B) is validated against `seq_length`. `seed` re-seeds the CPU and model-
+    `block_size` (the target B) is validated against `seq_length`. `use_transformer_engine` overrides
+    `cfg.transformer_impl` (model/spec.py). `seed` re-seeds the CPU and model-
     parallel RNGs first, so equal seeds give equal weights on CPU. `parallel_output=True` keeps the
     logits vocab-parallel under TP (for a vocab-parallel fused loss). `sequence_parallel` turns on
     megatron's sequence parallelism (with TP > 1): activations outside the TP regions, and the hidden
@@ -250,8 +284,13 @@ def build_model(
         from nbdiff_megatron.model.recompute import allow_object_arguments
 
         allow_object_arguments()
-    spec = nbdiff_layer_spec(
+    if use_transformer_engine is None:
+        use_transformer_engine = uses_transformer_engine(cfg.transformer_impl)
+    layer_spec = nbdiff_layer_spec(
         qk_layernorm=cfg.qk_layernorm, use_transformer_engine=use_transformer_engine
+    )
+    spec = nbdiff_block_spec(
+        config, layer_spec, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage
     )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(
@@ -326,7 +365,7 @@ def nbdiff_model_inputs(
     turn_ids: torch.Tensor | None = None,
     annealed_draw: torch.Tensor | None = None,
 ) -> ModelInputs:
-    """Model inputs of the x_t ⊕ x_0 training forward (NBDIFF.md §3).
+    """Model inputs of the x_t ⊕ x_0 training forward (docs/METHOD.md §3).
 
     Args:
         x_t, x0: LongTensor [b, L], the noised and the clean sequence.

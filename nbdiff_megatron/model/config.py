@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 # params_dtype -> the torch dtype's name (torch is imported when a dtype is needed: reading and checking a
 # config, e.g. `nbdiff train --print-config` or a job script's `--print-save-dir`, does not need it).
 PARAMS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -63,8 +64,12 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
     attention_backend: str = "auto"
     """Core attention: "sdpa" (dense mask), "flex" (FlexAttention BlockMask) or "auto" (flex on CUDA)."""
+    transformer_impl: str = "auto"
+    """Linear and norm layers: "transformer_engine" (TE's fused layers; needs TE installed), "local"
+    (megatron-core's own, the CPU path) or "auto" (TE when it imports). A checkpoint of either loads
+    under the other (`training.checkpointing`: TE's `_extra_state` entries may be absent)."""
     params_dtype: str = "fp32"
-    """Parameter and activation dtype: "fp32" or "bf16" (bf16 needs CUDA)."""
+    """Parameter and activation dtype: "fp32" or "bf16" (set from train.precision by the loop)."""
     hidden_dropout: float = 0.0
     """Dropout after the attention and MLP blocks."""
     attention_dropout: float = 0.0
@@ -188,6 +193,11 @@ class ModelConfig:
                 f"model.attention_backend={self.attention_backend!r} is unknown: use one of "
                 f"{', '.join(ATTENTION_BACKENDS)}"
             )
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(
+                f"model.transformer_impl={self.transformer_impl!r} is unknown: use one of "
+                f"{', '.join(TRANSFORMER_IMPLS)}"
+            )
         if self.params_dtype not in PARAMS_DTYPES:
             raise ConfigError(
                 f"model.params_dtype={self.params_dtype!r} is unknown: use one of "
@@ -268,10 +278,6 @@ class ModelConfig:
 
         self.validate(tp=tp, pp=pp, cp=cp)
         on_cuda = torch.cuda.is_available()
-        if not on_cuda and self.params_dtype != "fp32":
-            raise ConfigError(
-                f"model.params_dtype={self.params_dtype!r} needs CUDA; use fp32 on CPU"
-            )
         dtype = self.torch_dtype
         kwargs: dict[str, Any] = dict(
             num_layers=self.num_layers,

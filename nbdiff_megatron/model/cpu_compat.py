@@ -4,10 +4,15 @@ megatron-core assumes CUDA in a handful of places. `apply()` patches exactly tho
 absent, and is idempotent. Every patch names the call site it serves. The patches are written defensively
 (getattr / hasattr) so that a megatron-core version that lacks one of the patched names (0.16.1 here, 0.19.x
 on the clusters) still imports and runs. `cuda_to_cpu()` is a TorchFunctionMode that maps literal
-`device="cuda"` arguments to the CPU, for the pipeline schedules and the optimizer construction.
+`device="cuda"` arguments to the CPU, for the pipeline schedules and the optimizer construction;
+`cuda_type_names()` makes CPU tensors report CUDA type names to megatron-core's optimizer type checks.
+With them the CPU runs megatron-core's own optimizer path: the distributed optimizer on gloo, its
+gradient clipping, bf16 (docs/GPU.md lists what stays GPU-only). `patch_local_torch_norm()` is not a
+CUDA stand-in: the local spec's torch norms get sequence parallelism and the training dtype on every
+device.
 
-What is not made to work (GPU-only paths, tested on a GPU machine): the distributed optimizer and gradient
-clipping (both assert CUDA tensors), Transformer Engine, fused kernels, CUDA graphs.
+What is not made to work (GPU-only paths, tested on a GPU machine): Transformer Engine, apex, fused
+kernels, CUDA graphs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from nbdiff_megatron.megatron_compat import quiet_cpu_notices
 
 _APPLIED = False
 CPU = torch.device("cpu")
@@ -99,9 +106,12 @@ def _module(name: str) -> Any:
 def apply() -> bool:
     """Patch megatron-core's CUDA assumptions when CUDA is absent; returns True if patches are active.
 
-    Safe to call many times and from every entry point (model builder, tests, training loop).
+    Safe to call many times and from every entry point (model builder, tests, training loop). The
+    sequence-parallel norm patch is not a CUDA stand-in: it is applied on every device (the local
+    spec's torch norms are used on a GPU without Transformer Engine too).
     """
     global _APPLIED
+    patch_local_torch_norm()
     if _APPLIED:
         return True
     if not needed():
@@ -150,19 +160,24 @@ def apply() -> bool:
             if hasattr(mod, "_set_cuda_rng_state"):
                 _patch(mod, "_set_cuda_rng_state", _cpu_set_rng_state)
 
-    _allow_sequence_parallel_torch_norm()
+    quiet_cpu_notices()  # megatron-core's CUDA_DEVICE_MAX_CONNECTIONS advice means nothing here
     _APPLIED = True
     return True
 
 
-def _allow_sequence_parallel_torch_norm() -> None:
-    """Sequence parallelism with the local spec's torch norms (transformer/torch_norm.py).
+def patch_local_torch_norm() -> None:
+    """The local spec's torch norms (transformer/torch_norm.py) as TE's and apex's norms behave, on
+    any device: sequence parallelism and the training dtype.
 
-    `WrappedTorchNorm.__new__` asserts `not config.sequence_parallel` (only apex / TE norms carry the
-    flag). Under SP a norm sees this rank's sequence shard, so its weight gradient is partial: the norm
-    is built as usual and its parameters are tagged `sequence_parallel = True`, the attribute megatron's
-    `finalize_model_grads` looks for to all-reduce those gradients over the TP group (what apex's
-    FusedLayerNorm and TE's norms do on GPU).
+    - `WrappedTorchNorm.__new__` asserts `not config.sequence_parallel` (only apex / TE norms carry
+      the flag). Under SP a norm sees this rank's sequence shard, so its weight gradient is partial:
+      the norm is built as usual and its parameters are tagged `sequence_parallel = True`, the
+      attribute megatron's `finalize_model_grads` looks for to all-reduce those gradients over the
+      TP group (what apex's FusedLayerNorm and TE's norms do).
+    - It builds the torch norm in torch's default dtype (fp32) whatever `config.params_dtype` says;
+      under bf16 the norm would then run unfused on bf16 inputs with fp32 weights. Its parameters
+      are cast to `params_dtype`, as TE's norms are created (the optimizer keeps fp32 main copies
+      of every bf16 parameter).
     """
     norm_mod = _module("megatron.core.transformer.torch_norm")
     wrapped = getattr(norm_mod, "WrappedTorchNorm", None)
@@ -171,13 +186,17 @@ def _allow_sequence_parallel_torch_norm() -> None:
     original = wrapped.__new__
 
     def __new__(cls: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(config, "sequence_parallel", False):
-            return original(cls, config, *args, **kwargs)
-        plain = copy.copy(config)
-        plain.sequence_parallel = False
-        norm = original(cls, plain, *args, **kwargs)
-        for param in norm.parameters():
-            param.sequence_parallel = True
+        sequence_parallel = getattr(config, "sequence_parallel", False)
+        if sequence_parallel:
+            config = copy.copy(config)
+            config.sequence_parallel = False
+        norm = original(cls, config, *args, **kwargs)
+        dtype = getattr(config, "params_dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            norm = norm.to(dtype=dtype)
+        if sequence_parallel:
+            for param in norm.parameters():
+                param.sequence_parallel = True
         return norm
 
     _patch(wrapped, "__new__", __new__)
@@ -224,4 +243,47 @@ def cuda_to_cpu() -> Iterator[None]:
         yield
         return
     with CudaToCpuMode():
+        yield
+
+
+def _cuda_type_name(name: Any) -> Any:
+    """'torch.FloatTensor' -> 'torch.cuda.FloatTensor' (other values unchanged)."""
+    if isinstance(name, str) and name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch.") :]
+    return name
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Iterator[None]:
+    """In this scope `tensor.type()` (no argument) names CPU tensors as CUDA ones when CUDA is absent.
+
+    megatron-core's optimizers sort parameters by type-name strings: the distributed optimizer's
+    `_build_model_and_main_param_groups` and `__init__`, Float16OptimizerWithFloat16Params.__init__
+    (bf16 parameters get fp32 main copies) and `clip_grad_by_total_norm_fp32` compare `param.type()`
+    with 'torch.cuda.FloatTensor' / 'HalfTensor' / 'BFloat16Tensor' and raise for anything else. The
+    dtype is what those checks are about; the device is the CPU's. Only the no-argument form is
+    changed (`t.type(torch.float16)` converts as usual), and only inside the scope.
+    """
+    if not needed():
+        yield
+        return
+    original = torch.Tensor.type
+
+    def type_(self: torch.Tensor, dtype: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if dtype is None and not args and not kwargs:
+            return _cuda_type_name(original(self))
+        return original(self, dtype, *args, **kwargs)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def megatron_optimizer_on_cpu() -> Iterator[None]:
+    """Both stand-ins megatron-core's optimizer code needs on a CPU: literal CUDA devices mapped to
+    the CPU (`cuda_to_cpu`) and CUDA type names (`cuda_type_names`); no-op with CUDA."""
+    with cuda_to_cpu(), cuda_type_names():
         yield

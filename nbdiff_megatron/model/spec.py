@@ -1,10 +1,15 @@
 """nbdiff_layer_spec(): megatron-core's GPT layer spec with NBDiffAttention as the core attention.
 
 Everything but the core attention stays megatron-core's (RMSNorm, fused QKV with GQA, optional QK-norm,
-SwiGLU MLP): only `submodules.self_attention.submodules.core_attention` is swapped. With Transformer Engine
-importable the TE linear/norm layers are used, else megatron-core's local ones (the CPU path); in the
-local spec the row-parallel linears (attention output, MLP fc2) are `RowParallelLinearWithGroup`, which
-hands its own TP group to the matmul that megatron-core's `RowParallelLinear` calls without one.
+SwiGLU MLP): only `submodules.self_attention.submodules.core_attention` is swapped. `model.transformer_impl`
+picks the linear/norm layers (`use_transformer_engine`): Transformer Engine's, or megatron-core's local
+ones (the CPU path, and a GPU without TE); `auto` = TE when it imports. In the local spec the
+row-parallel linears (attention output, MLP fc2) are `RowParallelLinearWithGroup`, which hands its own
+TP group to the matmul that megatron-core's `RowParallelLinear` calls without one.
+
+`nbdiff_block_spec` gives the decoder block with its final norm chosen by the same implementation:
+megatron-core picks the block's final norm by what is importable (TE's, else apex's FusedLayerNorm,
+which has no RMSNorm, else torch's), whatever the layers' spec says.
 """
 
 from __future__ import annotations
@@ -17,8 +22,16 @@ from typing import Any
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
+from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.model import cpu_compat
 from nbdiff_megatron.model.attention import NBDiffAttention
+from nbdiff_megatron.model.config import TRANSFORMER_IMPLS
 
 try:  # the one guarded Transformer Engine import of the model package
     import transformer_engine  # noqa: F401
@@ -68,6 +81,22 @@ def _replace_module(node: Any, old: type, new: type) -> Any:
     return node
 
 
+def uses_transformer_engine(transformer_impl: str) -> bool:
+    """Whether `model.transformer_impl` builds Transformer Engine layers on this machine."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ConfigError(
+            f"model.transformer_impl={transformer_impl!r} is unknown: use one of "
+            f"{', '.join(TRANSFORMER_IMPLS)}"
+        )
+    if transformer_impl == "transformer_engine" and not HAVE_TE:
+        raise ConfigError(
+            "model.transformer_impl=transformer_engine but transformer_engine does not import "
+            "here: install it (NGC PyTorch containers ship it) or set --model.transformer_impl="
+            "local (or auto)"
+        )
+    return transformer_impl == "transformer_engine" or (transformer_impl == "auto" and HAVE_TE)
+
+
 def nbdiff_layer_spec(
     *,
     qk_layernorm: bool = False,
@@ -86,12 +115,12 @@ def nbdiff_layer_spec(
     if use_transformer_engine is None:
         use_transformer_engine = HAVE_TE
     if use_transformer_engine:
-        if not HAVE_TE:
-            raise ImportError(
-                "use_transformer_engine=True but transformer_engine is not importable"
-            )
+        uses_transformer_engine("transformer_engine")  # raises without TE
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
+        # The local norms are torch's on every device: they need the patch that lets them carry
+        # sequence parallelism and the training dtype (a GPU without TE included).
+        cpu_compat.patch_local_torch_norm()
         spec = gpt_layer_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization
         )
@@ -103,3 +132,30 @@ def nbdiff_layer_spec(
     # The local linears only (TE's row-parallel linear is another class and gets its group from
     # megatron-core's layer construction).
     return _replace_module(spec, RowParallelLinear, RowParallelLinearWithGroup)
+
+
+def final_norm_impl(use_transformer_engine: bool) -> type:
+    """The decoder's final norm: TE's norm with TE layers, torch's (sequence-parallel capable
+    through the patch above) with the local ones -- never apex's FusedLayerNorm, which has no
+    RMSNorm and which megatron-core would pick whenever apex imports."""
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    cpu_compat.patch_local_torch_norm()
+    return WrappedTorchNorm
+
+
+def nbdiff_block_spec(
+    config: Any,
+    layer_spec: ModuleSpec,
+    *,
+    use_transformer_engine: bool,
+    vp_stage: int | None = None,
+) -> TransformerBlockSubmodules:
+    """This pipeline stage's decoder block: its layers' spec and the final norm of the same
+    implementation (`final_norm_impl`)."""
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * count, layer_norm=final_norm_impl(use_transformer_engine)
+    )

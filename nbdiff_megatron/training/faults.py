@@ -5,8 +5,11 @@
 - `SpikeGuard`: a step whose loss (or gradient norm) exceeds k times its moving average over the last
   healthy steps is a spike; after `max_consecutive` spikes in a row the run halts. A destroyed model
   (e.g. a far too high learning rate) often keeps a finite loss, stuck near ln V: only a spike shows it.
+- `LevelShiftGuard`: the mean loss of the last `window` steps above `factor` times its lowest earlier
+  mean (a lasting rise, which the spike averages absorb) halts the run; `Health` runs both watches.
 - `HealthyCheckpoints`: which checkpoint is the last one known to be healthy (its weights gave a healthy
   next step), so that rotation never deletes it and a halt can name it and set `latest` back to it.
+- `LauncherWatch`: a torchrun worker whose launcher died stops instead of training on.
 - `PreemptionHandler`: SIGTERM / SIGUSR1 (what SLURM sends before preempting or at the time limit with
   `--signal`) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint at the end of the step and exits
   0. A signal that arrived before the handler was installed is not lost when a launcher recorded it in the
@@ -136,38 +139,155 @@ class SpikeGuard:
         return False
 
 
+class LevelShiftGuard:
+    """A lasting rise of the loss that no single step shows as a spike (e.g. a far too high learning
+    rate puts a trained model back near ln V for good, and the spike averages absorb it).
+
+    The mean of the last `window` non-spike losses is compared with the lowest such mean seen in the
+    same regime (the pre-shift level); above `factor` times it, the run halts. 0 = off."""
+
+    def __init__(self, *, factor: float, window: int) -> None:
+        self.factor = factor
+        self.window = window
+        self.losses: deque[float] = deque(maxlen=max(window, 1))
+        self.best: float | None = None
+        self.regime: Any = None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "losses": list(self.losses),
+            "best": self.best,
+            "regime": self.regime,
+            "factor": self.factor,
+            "window": self.window,
+        }
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        """The saved level; the thresholds are this start's config (faults.level_*)."""
+        if not state:
+            return
+        self.losses.extend(state.get("losses", []))
+        self.best = state.get("best")
+        self.regime = state.get("regime")
+
+    def check(self, step: int, loss: float, regime: Any = None) -> None:
+        """Add a healthy (finite, non-spike) step's loss; raise TrainingHalted on a level shift."""
+        if regime != self.regime:
+            self.regime = regime
+            self.losses.clear()
+            self.best = None
+        self.losses.append(loss)
+        if not self.factor or not self.window or len(self.losses) < self.window:
+            return
+        mean = sum(self.losses) / len(self.losses)
+        if self.best is not None and mean > self.factor * self.best:
+            raise LevelShift(
+                f"the loss rose and stayed up: its mean over the last {self.window} steps "
+                f"({mean:.4g}) is {mean / self.best:.2f} x its earlier level ({self.best:.4g}), up "
+                f"to step {step}; training halted (faults.level_factor={self.factor:g} and "
+                f"faults.level_window={self.window} set the limits)."
+            )
+        self.best = mean if self.best is None else min(self.best, mean)
+
+
+class LevelShift(TrainingHalted):
+    """The loss rose to a new level and stayed there (LevelShiftGuard)."""
+
+
+class Health:
+    """The run's loss watches: spikes (SpikeGuard) and level shifts (LevelShiftGuard); their state
+    is saved with every checkpoint so that a resumed run watches against the level before it."""
+
+    def __init__(self, spikes: SpikeGuard, level: LevelShiftGuard) -> None:
+        self.spikes = spikes
+        self.level = level
+
+    def check(self, step: int, loss: float, grad_norm: float | None, regime: Any) -> bool:
+        """True if the (finite) step is healthy; raises TrainingHalted on a halt."""
+        healthy = self.spikes.check(step, loss, grad_norm, regime=regime)
+        if healthy:
+            self.level.check(step, loss, regime=regime)
+        return healthy
+
+    def state(self) -> dict[str, Any]:
+        return {**self.spikes.state(), "level": self.level.state()}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        self.spikes.load_state(state)
+        self.level.load_state((state or {}).get("level"))
+
+
 class HealthyCheckpoints:
     """Tracks the newest checkpoint whose weights are known to be healthy.
 
     The loss of step s is measured on the weights after step s - 1, so the checkpoint of step k is
     healthy once step k + 1 was healthy; the checkpoint just before the first anomalous step s (k = s - 1)
-    already holds the weights that produced the anomaly and is not trusted.
+    already holds the weights that produced the anomaly and is not trusted. A level shift shows only
+    after `confirm_after` steps (the level window), so a checkpoint counts as healthy against level
+    shifts (`confirmed`) once that many steps after it passed the level check. The checkpoint this
+    start resumed from (`resumed`, written by an earlier start) is kept until a newer one is confirmed
+    and is never set aside.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, confirm_after: int = 0) -> None:
         self.saved: list[int] = []
         self.healthy: int | None = None
+        self.verified: list[int] = []
+        self.confirmed: int | None = None
+        self.resumed: int | None = None
+        self.confirm_after = confirm_after
 
     def started_from(self, step: int) -> None:
         """The run resumed from the checkpoint of `step` (verified by the next step like any other)."""
         self.saved.append(step)
+        self.resumed = step
 
     def saved_at(self, step: int) -> None:
         self.saved.append(step)
 
     def step_done(self, step: int, healthy: bool) -> None:
-        """Step `step` (1-based) finished: healthy or not."""
+        """Step `step` (1-based) finished: healthy or not (a halting step never gets here)."""
         if healthy and (step - 1) in self.saved:
             self.healthy = step - 1
+            self.verified.append(step - 1)
+        ready = [s for s in self.verified if s + self.confirm_after <= step]
+        if ready:
+            self.confirmed = max(ready)
+
+    def last_good(self, level_shift: bool = False) -> int | None:
+        """The checkpoint a halt goes back to: the newest healthy one (confirmed against level shifts
+        for a level-shift halt), else the one this start resumed from."""
+        good = self.confirmed if level_shift else self.healthy
+        return good if good is not None else self.resumed
 
     def protected(self) -> set[int]:
         """Checkpoint steps that rotation must keep."""
-        return set() if self.healthy is None else {self.healthy}
+        keep = {self.healthy, self.confirmed}
+        if self.confirmed is None:
+            keep.add(self.resumed)
+        return {s for s in keep if s is not None}
 
-    def suspect(self) -> list[int]:
-        """Checkpoints written after the last healthy one (their weights may be damaged)."""
-        floor = -1 if self.healthy is None else self.healthy
+    def suspect(self, level_shift: bool = False) -> list[int]:
+        """Checkpoints written after the last good one (their weights may be damaged)."""
+        good = self.last_good(level_shift)
+        floor = -1 if good is None else good
         return sorted(s for s in set(self.saved) if s > floor)
+
+
+class LauncherWatch:
+    """Notices that the torchrun agent which started this worker is gone (killed with SIGKILL, or by a
+    signal it does not forward): its workers are re-parented and must stop rather than train on beside
+    a re-run. Only under torchrun (TORCHELASTIC_RUN_ID): a plain `nbdiff train` may outlive its shell."""
+
+    def __init__(self) -> None:
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def gone(self) -> bool:
+        return self.parent is not None and os.getppid() != self.parent
+
+
+class LauncherGone(TrainingHalted):
+    """The launcher of this worker died; the worker stops."""
 
 
 SIGNAL_FILE_ENV = "NBDIFF_SIGNAL_FILE"
@@ -226,18 +346,23 @@ class PreemptionHandler:
 
 def any_rank_true(flag: bool) -> bool:
     """True on every rank if `flag` is True on any rank (so all ranks save and stop together)."""
+    return any_rank_true_each(flag)[0]
+
+
+def any_rank_true_each(*flags: bool) -> tuple[bool, ...]:
+    """`any_rank_true` of several flags in one all-reduce."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
+        return tuple(bool(f) for f in flags)
     from nbdiff_megatron.model import cpu_compat
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     with cpu_compat.cuda_to_cpu():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return tuple(bool(v > 0) for v in value.tolist())
 
 
 # ---------------------------------------------------------------------------------- fault drills

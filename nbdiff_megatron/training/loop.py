@@ -3,14 +3,16 @@
 One optimizer step k (k = 1..train.steps, the number the logs, the metrics file and the checkpoint
 iter_k show; `method/curriculum.py` states this convention):
 
-1. The curriculum gives the block size B(k) and the AR weight λ(k), and `lr_at(k)` the learning rate:
-   all functions of k only, so every rank agrees without communication.
+1. The config's step schedule (`cfg.step_schedule()`, training/schedule.py) gives the block size B(k),
+   the AR weight λ(k) and the learning rate: all functions of k only, so every rank agrees without
+   communication.
 2. Each data-parallel rank takes its micro-batches of the global batch from `data.loader`'s
    deterministic sampler, which starts at the consumed-samples count of the checkpoint (exact resume);
    the CP ranks of a DP rank get the same micro-batches.
-3. For every micro-batch, t and x_t are drawn on the CPU from a generator seeded by (seed, k, DP rank,
-   micro-batch) (`noise_micro_batch`): a resumed run replays the same noise, and all TP/PP/CP ranks of
-   a DP rank draw the same.
+3. For every sample, t and x_t are drawn on the CPU from generators seeded by (seed, k, the sample's
+   index in the global batch) (`noise_micro_batch`): a resumed run replays the same noise, all TP/PP/CP
+   ranks of a DP rank draw the same, and the same sample is noised alike at any DP size and micro-batch
+   size (the run's loss curve does not depend on the layout).
 4. The loss denominators (loss tokens, AR targets) are summed over micro-batches and DP ranks BEFORE the
    forward, so that each micro-batch's loss is its exact share of the global loss (method/losses.py).
 5. megatron-core's `get_forward_backward_func` runs the x_t ⊕ x_0 forward and backward of all micro-
@@ -20,8 +22,9 @@ iter_k show; `method/curriculum.py` states this convention):
    targets from the full micro-batch; the CP ranks' losses sum to the micro-batch's.
    A step whose loss or global gradient norm is not finite is skipped (faults.py).
 
-On GPU the model runs in bf16 with the distributed optimizer and megatron's gradient clipping; on CPU in
-fp32 with the plain optimizer, and the clipping is done here (megatron's asserts CUDA tensors).
+CPU and GPU run the same DDP, optimizer, clipping and precision code: megatron-core's distributed
+optimizer (on gloo on CPU), its gradient clipping, bf16 or fp32 (`auto` is bf16 on GPU, fp32 on CPU;
+bf16 on CPU is slow but valid). docs/GPU.md lists the branches that remain device-specific.
 
 `train(cfg, objective="ar")` runs the same steps as a plain causal LM instead (the baseline of
 benchmarks/train_step.py): the same model, optimizer, precision, DDP and batches, but the forward is
@@ -45,10 +48,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nbdiff_megatron.errors import ConfigError, DataError
-from nbdiff_megatron.method.curriculum import Curriculum
-from nbdiff_megatron.method.schedules import LRSchedule
-from nbdiff_megatron.training import checkpointing, cluster, faults, run_dir
+from nbdiff_megatron.checkpoint.dist import AsyncWriter
+from nbdiff_megatron.errors import CheckpointError, ConfigError, DataError
+from nbdiff_megatron.training import checkpointing, cluster, faults, run_dir, run_lock
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import RunLogger, StepRecord, guess_peak_tflops
 
@@ -96,64 +98,30 @@ def check_objective(cfg: TrainConfig, objective: str) -> None:
         )
 
 
-# ----------------------------------------------------------------------------------- curriculum
+NOISE_STREAM_SAMPLE = 0
+"""`noise_seed` stream of a sample's own draws: its t (unless antithetic), token mask, annealed mask."""
+NOISE_STREAM_PAIR_T = 1
+"""`noise_seed` stream of the t of an antithetic pair (samples 2p and 2p + 1 of the global batch)."""
 
 
-def curriculum_of(cfg: TrainConfig) -> Curriculum:
-    """The block growth (eq. 3) and λ co-schedule of a config (NBDIFF.md §5)."""
-    cur = cfg.curriculum
-    return Curriculum(
-        target=cur.target_block_size,
-        start=cur.start_block_size,
-        base=cur.growth_base,
-        interval=cur.growth_interval,
-        warmup=cur.growth_warmup,
-        ar_weight_start=cur.ar_weight,
-        ar_weight_end=cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final,
-        ar_weight_style=cur.ar_weight_anneal,
-    )
+def noise_seed(seed: int, step: int, sample: int, stream: int = NOISE_STREAM_SAMPLE) -> int:
+    """Seed of a noise generator: (train.seed, step k, the sample's index in the global batch, stream).
 
-
-def block_size_of(cfg: TrainConfig, step: int) -> int:
-    """B(k) of step k (1-based, as logged), eq. 3: B_target first trains at the step the config's
-    growth says (`Curriculum.growth_end_step`). The annealed-mask baseline trains at B_target from
-    step 1 (it anneals the mask instead, `anneal_progress_of`)."""
-    if cfg.curriculum.mask_kind == "annealed":
-        return cfg.curriculum.target_block_size
-    return curriculum_of(cfg).block_size(step)
-
-
-def anneal_progress_of(cfg: TrainConfig, step: int) -> float | None:
-    """Progress of the annealed mask at step k (`Curriculum.anneal_progress`); None for other kinds."""
-    if cfg.curriculum.mask_kind != "annealed":
-        return None
-    return curriculum_of(cfg).anneal_progress(step)
-
-
-def ar_weight_of(cfg: TrainConfig, step: int) -> float:
-    """λ(k) of step k: annealed with the block size (NBDIFF.md §5 co-schedules)."""
-    return curriculum_of(cfg).ar_weight(step)
-
-
-def lr_of(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of step k (1-based, as logged): `lr_at(k)` (ScheduleConfig explains why)."""
-    sch = cfg.schedule
-    schedule = LRSchedule(
-        peak=cfg.optimizer.lr,
-        min_lr=cfg.optimizer.min_lr,
-        warmup=sch.warmup_steps,
-        total=cfg.train.steps,
-        decay=sch.decay_steps,
-        style=sch.style,
-        decay_shape=sch.decay_shape,
-    )
-    return schedule.at(step)
-
-
-def noise_seed(seed: int, step: int, dp_rank: int, micro_batch: int) -> int:
-    """Seed of the noise generator of one micro-batch (stable across runs and platforms)."""
-    state = np.random.SeedSequence([seed, step, dp_rank, micro_batch]).generate_state(2, np.uint32)
+    Never the DP rank or micro-batch holding the sample: the same sample gets the same noise at any
+    DP / TP / PP / CP size and micro-batch size (a requeue onto other nodes continues the same
+    run). Stable across runs and platforms (numpy's SeedSequence).
+    """
+    state = np.random.SeedSequence([seed, step, sample, stream]).generate_state(2, np.uint32)
     return int(state[0]) << 31 ^ int(state[1])
+
+
+def first_sample_of(micro_batch: int, dp_rank: int, dp: int, micro_batch_size: int) -> int:
+    """Index in the global batch of the first sample of a DP rank's micro-batch.
+
+    The sampler (data/loader.py `DeterministicSampler`) deals each group of dp x micro_batch_size
+    consecutive samples of the global order out in contiguous shares, rank r getting the r-th.
+    """
+    return (micro_batch * dp + dp_rank) * micro_batch_size
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -185,17 +153,17 @@ class _Runtime:
     """The SpikeGuard, whose moving averages are saved with every checkpoint."""
     objective: str = "nbdiff"
     """One of OBJECTIVES: "ar" trains the same model as a plain causal LM on x_0."""
+    run_identity: dict[str, Any] = field(default_factory=dict)
+    """What every checkpoint states about the run (training/run_identity.py)."""
+    writer: Any = None
+    """checkpoint.async_save: the background checkpoint writer (checkpoint.dist.AsyncWriter)."""
 
 
 def _resolve_precision(cfg: TrainConfig) -> str:
-    on_cuda = torch.cuda.is_available()
+    """train.precision, with `auto` = bf16 on a GPU and fp32 on a CPU (bf16 runs on both)."""
     precision = cfg.train.precision
     if precision == "auto":
-        return "bf16" if on_cuda else "fp32"
-    if precision == "bf16" and not on_cuda:
-        raise ConfigError(
-            "train.precision=bf16 needs a GPU; use --train.precision=fp32 (or auto) on CPU"
-        )
+        return "bf16" if torch.cuda.is_available() else "fp32"
     return precision
 
 
@@ -231,7 +199,7 @@ def _model_config(cfg: TrainConfig, tokenizer: Any, precision: str) -> Any:
     return dataclasses.replace(model_cfg, params_dtype=precision)
 
 
-def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> Any:
+def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> Any:
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -240,10 +208,12 @@ def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> Any:
 
     from nbdiff_megatron.model import cpu_compat
 
+    par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=on_cuda and cfg.parallel.distributed_optimizer,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     with cpu_compat.cuda_to_cpu():
@@ -253,7 +223,7 @@ def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> Any:
     return wrapped
 
 
-def _build_optimizer(model: Any, cfg: TrainConfig, precision: str, on_cuda: bool) -> Any:
+def _build_optimizer(model: Any, cfg: TrainConfig, precision: str) -> Any:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from nbdiff_megatron.model import cpu_compat
@@ -267,17 +237,26 @@ def _build_optimizer(model: Any, cfg: TrainConfig, precision: str, on_cuda: bool
         adam_beta1=opt.adam_beta1,
         adam_beta2=opt.adam_beta2,
         adam_eps=opt.adam_eps,
-        # The loop clips (_optimizer_step): megatron's CPU path asserts CUDA tensors.
-        clip_grad=opt.clip_grad if on_cuda else 0.0,
+        clip_grad=opt.clip_grad,
         bf16=precision == "bf16",
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-        use_distributed_optimizer=on_cuda and cfg.parallel.distributed_optimizer,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    with cpu_compat.cuda_to_cpu():  # FP32Optimizer.__init__ makes a device='cuda' tensor
+    # On a CPU: FP32Optimizer.__init__ makes a device='cuda' tensor, and the distributed and bf16
+    # optimizers sort parameters by CUDA type names.
+    with cpu_compat.megatron_optimizer_on_cpu():
         optimizer = get_megatron_optimizer(ocfg, [model])
-    if on_cuda:
-        model.config.grad_scale_func = optimizer.scale_loss
+    model.config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def _finish_param_sync(model: Any) -> None:
+    """With overlap_param_gather, the parameters a DP rank does not own are all-gathered lazily, in
+    the next forward's pre-hooks: complete that gather now (before a checkpoint reads the weights),
+    as Megatron-LM does before it saves. No-op without it."""
+    if getattr(model, "use_forward_hook", False):
+        model.start_param_sync(force_sync=True)
 
 
 def _build_dataset(cfg: TrainConfig, tokenizer: Any) -> Any:
@@ -308,12 +287,6 @@ def _data_iterator(rt: _Runtime) -> Iterator[dict[str, torch.Tensor]]:
     from nbdiff_megatron.data.loader import build_dataloader
 
     loop = rt.cfg.train
-    if rt.consumed_at_start % (loop.micro_batch_size * rt.dp):
-        raise ConfigError(
-            f"the checkpoint's data position ({rt.consumed_at_start} samples) is not a multiple of "
-            f"train.micro_batch_size x data-parallel size = {loop.micro_batch_size * rt.dp}; resume "
-            "with a micro-batch size and DP size that divide it (or with --checkpoint.finetune=true)"
-        )
     loader = build_dataloader(
         rt.dataset,
         loop.micro_batch_size,
@@ -378,42 +351,49 @@ def noise_micro_batch(
     loss_mask: torch.Tensor,
     *,
     step: int,
-    dp_rank: int,
-    micro_batch: int,
+    first_sample: int,
     block_size: int,
     mask_id: int,
 ) -> Noise:
-    """t and x_t of one micro-batch (NBDIFF.md §4), drawn on the CPU from `noise_seed`.
+    """t and x_t of one micro-batch (docs/METHOD.md §4), drawn on the CPU, sample by sample.
 
-    The generator is seeded by (train.seed, step, DP rank, micro-batch) and by nothing else -- not the
-    TP/PP/CP rank -- so every model-parallel rank of a data-parallel rank draws the same noise and a
-    resumed run replays it; CPU draws make a GPU run's noise reproducible on a CPU.
+    Row i is the sample of index `first_sample + i` in the global batch (`first_sample_of`); its noise
+    comes from generators seeded by (train.seed, step, that index) only (`noise_seed`), so a sample is
+    noised alike whatever DP rank and micro-batch hold it -- the same config gives the same run at any
+    layout and micro-batch size -- every TP/PP/CP rank draws the same, and a resumed run replays it;
+    CPU draws make a GPU run's noise reproducible on a CPU. A per-block t is drawn for L blocks (the
+    most a row can hold), so a row's draws do not depend on the other rows either.
 
     Tokens outside the loss (loss_mask False) are never masked: in SFT these are the prompt and user
     turns, which inference always sees clean, so each x_t block sees what the active block sees at
-    decoding time (NBDIFF.md §3); in pretraining they are the padding suffix, which carries no loss and
+    decoding time (docs/METHOD.md §3); in pretraining they are the padding suffix, which carries no loss and
     stays clean too (a [MASK] there would only be noise in the x_t context of no loss token). The random
     draws are made for every position first, so the noise of the loss tokens does not depend on it.
     """
     from nbdiff_megatron.method.masks import annealed_draw, training_position_ids
-    from nbdiff_megatron.method.noise import block_layout, mask_tokens, per_token_t, sample_t
+    from nbdiff_megatron.method.noise import block_layout, mask_tokens, mask_uniforms, per_token_t
 
     x0, doc_ids, loss_mask = x0.cpu(), doc_ids.cpu(), loss_mask.cpu()
     batch, length = x0.shape
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(noise_seed(cfg.train.seed, step, dp_rank, micro_batch))
     positions = training_position_ids(length, doc_ids)[:, :length]
-    n_blocks = None
-    if cfg.noise.per_block:
-        n_blocks = block_layout(batch, length, block_size=block_size, positions=positions).n_blocks
-    t = sample_t(
-        batch,
-        n_blocks=n_blocks,
-        lo=cfg.noise.t_min,
-        hi=cfg.noise.t_max,
-        antithetic=cfg.noise.antithetic,
-        generator=gen,
+    progress = cfg.step_schedule().anneal_progress(step)
+    # A per-block t has one column per block of the row itself (a function of the sample alone).
+    blocks = (
+        block_layout(batch, length, block_size=block_size, positions=positions).index[:, -1] + 1
     )
+    # Only the draws are made row by row (each sample's generator: t, then the token mask's uniforms,
+    # then the annealed mask); the rest is computed for the whole micro-batch at once.
+    t_rows, uniform_rows, draw_rows = [], [], []
+    for row in range(batch):
+        sample = first_sample + row
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(noise_seed(cfg.train.seed, step, sample))
+        n_blocks = int(blocks[row]) if cfg.noise.per_block else None
+        t_rows.append(_sample_t_of(cfg, step, sample, n_blocks, gen))
+        uniform_rows.append(mask_uniforms(1, length, generator=gen))
+        if progress is not None:
+            draw_rows.append(annealed_draw(1, length, block_size, progress, generator=gen))
+    t = _stack_t(t_rows, cfg.noise.t_max)
     _, masked, probability = mask_tokens(
         x0,
         t,
@@ -422,9 +402,9 @@ def noise_micro_batch(
         position_dependent=cfg.noise.position_dependent,
         skew=cfg.noise.skew,
         token_shift=cfg.loss.token_shift,
-        generator=gen,
         positions=positions,
         return_probability=True,
+        uniforms=torch.cat(uniform_rows),
     )
     masked = masked & loss_mask
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
@@ -432,12 +412,41 @@ def noise_micro_batch(
     # Weight each masked token by 1 / its own masking probability: E[masked / p] = 1 at every position,
     # so position-dependent masking keeps L_MDM an unbiased bound (1 / t would not).
     t_token = torch.where(probability > 0, probability.to(t_token.dtype), t_token)
-    draw = None
-    progress = anneal_progress_of(cfg, step)
-    if progress is not None:
-        # Drawn after the token masks, from the same generator: TP/PP/CP ranks agree, resumes replay.
-        draw = annealed_draw(batch, length, block_size, progress, generator=gen)
+    draw = torch.cat(draw_rows) if draw_rows else None
     return Noise(x_t, masked, t_token, positions, draw)
+
+
+def _sample_t_of(
+    cfg: TrainConfig, step: int, sample: int, n_blocks: int | None, gen: torch.Generator
+) -> torch.Tensor:
+    """t of one sample ([1], or [1, n_blocks] per block) from its generator `gen`.
+
+    With `noise.antithetic` the samples 2p and 2p + 1 of the global batch are a mirrored pair: both
+    take their t from the pair's own generator (`NOISE_STREAM_PAIR_T`), the odd one mirrored
+    (`sample_t`'s antithetic rows), whatever ranks and micro-batches hold them.
+    """
+    from nbdiff_megatron.method.noise import sample_t
+
+    noise = cfg.noise
+    if not noise.antithetic:
+        return sample_t(1, n_blocks=n_blocks, lo=noise.t_min, hi=noise.t_max, generator=gen)
+    pair = torch.Generator(device="cpu")
+    pair.manual_seed(noise_seed(cfg.train.seed, step, sample - sample % 2, NOISE_STREAM_PAIR_T))
+    both = sample_t(
+        2, n_blocks=n_blocks, lo=noise.t_min, hi=noise.t_max, antithetic=True, generator=pair
+    )
+    return both[sample % 2 : sample % 2 + 1]
+
+
+def _stack_t(rows: list[torch.Tensor], filler: float) -> torch.Tensor:
+    """The rows' t as one [b] or [b, n_blocks] tensor: a row with fewer blocks than the widest is
+    padded with `filler` (columns past its last block, which no token reads)."""
+    if rows[0].dim() == 1:
+        return torch.cat(rows)
+    width = max(row.shape[1] for row in rows)
+    return torch.cat(
+        [torch.nn.functional.pad(row, (0, width - row.shape[1]), value=filler) for row in rows]
+    )
 
 
 @dataclass
@@ -472,8 +481,7 @@ def _micro_batch(
         batch["doc_ids"],
         batch["loss_mask"],
         step=step,
-        dp_rank=rt.dp_rank,
-        micro_batch=mb,
+        first_sample=first_sample_of(mb, rt.dp_rank, rt.dp, cfg.train.micro_batch_size),
         block_size=block_size,
         mask_id=rt.mask_id,
     )
@@ -640,9 +648,10 @@ def _fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
         vocab_size=cfg.model.vocab_size,
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
-        # The model is wrapped in megatron DDP without overlap_grad_reduce (_wrap_ddp): d W goes
-        # straight into its fp32 main_grad, as megatron's gradient-accumulation fusion does.
+        # d W goes straight into megatron DDP's fp32 main_grad, as megatron's gradient-accumulation
+        # fusion does (and, like it, flags the weight so DDP's overlapped reduce sees it ready).
         accumulate_into_main_grad=True,
+        project_padded=cfg.loss.fused_padded_projection,
     )
 
 
@@ -664,27 +673,21 @@ def _reduce_terms(rt: _Runtime, losses: list[dict[str, torch.Tensor]]) -> torch.
     return terms
 
 
-def _clip_grads(optimizer: Any, max_norm: float, grad_norm: float, on_cuda: bool) -> None:
+def _clip_grads(optimizer: Any, max_norm: float, grad_norm: float) -> None:
     """Megatron's clipping with the global norm already computed (as ChainedOptimizer.step does)."""
-    if on_cuda:
-        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
-            if params:
-                decoupled = getattr(
-                    opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
-                )
+    from nbdiff_megatron.model import cpu_compat
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params:
+            decoupled = getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+            # On a CPU: its type check names CUDA tensors, its overflow buffer is device='cuda'.
+            with cpu_compat.megatron_optimizer_on_cpu():
                 clip_grad_by_total_norm_fp32(
                     params, max_norm, grad_norm, use_decoupled_grad=decoupled
                 )
-        return
-    # The same formula on CPU tensors (megatron's asserts CUDA tensors).
-    coeff = max_norm / (grad_norm + 1.0e-6)
-    if coeff < 1.0:
-        for param in optimizer.get_parameters():
-            if param.grad is not None:
-                param.grad.mul_(coeff)
 
 
 def _set_lr(optimizer: Any, lr: float) -> None:
@@ -692,7 +695,7 @@ def _set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-def _optimizer_step(rt: _Runtime, on_cuda: bool) -> tuple[float, bool]:
+def _optimizer_step(rt: _Runtime) -> tuple[float, bool]:
     """Clip and step unless the global gradient norm is not finite; returns (grad norm, stepped).
 
     megatron-core's `optimizer.step()` checks for NaN/inf only with a loss scaler (fp16): in fp32 and
@@ -711,13 +714,11 @@ def _optimizer_step(rt: _Runtime, on_cuda: bool) -> tuple[float, bool]:
         return grad_norm, False
     clip = rt.cfg.optimizer.clip_grad
     if clip > 0 and grad_norm > clip:
-        _clip_grads(opt, clip, grad_norm, on_cuda)
+        _clip_grads(opt, clip, grad_norm)
     return grad_norm, bool(opt.step_with_ready_grads())
 
 
-def _train_step(
-    rt: _Runtime, step: int, fwd_bwd: Callable, on_cuda: bool
-) -> tuple[torch.Tensor, float | None]:
+def _train_step(rt: _Runtime, step: int, fwd_bwd: Callable) -> tuple[torch.Tensor, float | None]:
     """Forward, backward and (when loss and gradients are finite) the update of `step`.
 
     Returns the global [total, mdm, ar] and the gradient norm (None when the loss was not finite: the
@@ -727,14 +728,15 @@ def _train_step(
 
     cfg = rt.cfg
     ar_only = rt.objective == "ar"
-    block_size = block_size_of(cfg, step)
-    _set_lr(rt.optimizer, lr_of(cfg, step))
+    schedule = cfg.step_schedule()
+    block_size = schedule.block_size(step)
+    _set_lr(rt.optimizer, schedule.lr(step))
     rt.model.zero_grad_buffer()
     rt.optimizer.zero_grad()
     mbs = _micro_batches(rt, step, block_size)
     loss_kwargs = dict(
         fused=_fused_loss_kwargs(cfg),
-        ar_weight=1.0 if ar_only else ar_weight_of(cfg, step),
+        ar_weight=1.0 if ar_only else schedule.ar_weight(step),
         token_shift=cfg.loss.token_shift,
         block_size=block_size,
         cp_layout=rt.cp_layout,
@@ -761,7 +763,7 @@ def _train_step(
         return terms, None
     if step in faults.nan_grad_drill_steps():
         faults.poison_one_gradient(rt.model)
-    grad_norm, _ = _optimizer_step(rt, on_cuda)
+    grad_norm, _ = _optimizer_step(rt)
     return terms, grad_norm
 
 
@@ -806,16 +808,67 @@ def train(
     that holds this run's checkpoints is continued, whatever checkpoint.load / finetune say.
     `resume_command` is the command line that started the run (printed when a signal stops it: the
     same command continues the run). `objective="ar"` trains the same model as a plain causal LM on
-    x_0 (module docstring; `check_objective` says what it runs with).
+    x_0 (module docstring; `check_objective` says what it runs with). Rank 0 holds the save
+    directory's run lock (training/run_lock.py) from before anything is written until the end.
     """
+    check_objective(cfg, objective)
+    lock, lock_note = _lock_save_dir(cfg.checkpoint.save)
+    try:
+        return _train(
+            cfg,
+            label=label,
+            resume_command=resume_command,
+            objective=objective,
+            notes=[lock_note] if lock_note else [],
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_dir(save: str | None) -> tuple[run_lock.RunLock | None, str | None]:
+    """Rank 0: check that `save` can hold checkpoints and take its run lock (one writer per save
+    directory). A refusal on rank 0 ends the other ranks too (torchrun stops the group)."""
+    if not save or os.environ.get("RANK", "0") != "0":
+        return None, None
+    checkpointing.check_save_location(save)
+    return run_lock.acquire(save)
+
+
+def _prepare_start(cfg: TrainConfig, rank: int, notes: list[str]) -> checkpointing.StartPlan:
+    """Rank 0 tidies the save directory (stale saves, an explicit older checkpoint, damaged newest
+    ones: `checkpointing.prepare_save_dir`), then every rank plans the start (the resume rule)."""
+    ck = cfg.checkpoint
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            notes.extend(checkpointing.prepare_save_dir(ck.save, ck.load))
+        except CheckpointError as exc:
+            failure = exc
+    if faults.any_rank_true(failure is not None):
+        raise failure or CheckpointError(
+            f"rank 0 could not prepare checkpoint.save={ck.save} (its log says why)"
+        )
+    return checkpointing.plan_start(ck.save, ck.load, ck.finetune)
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    label: str,
+    resume_command: str | None,
+    objective: str,
+    notes: list[str],
+) -> TrainResult:
+    """`train` with the run lock held."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nbdiff_megatron.model.builder import build_model
     from nbdiff_megatron.model.context_parallel import ContextParallelLayout
     from nbdiff_megatron.training.plan import step_flops
+    from nbdiff_megatron.training.run_identity import run_identity
 
-    check_objective(cfg, objective)
     cfg = run_dir.with_absolute_paths(cfg)  # the run's records work from any directory
     done_marker = checkpointing.read_completion_marker(cfg.checkpoint.save)
     if done_marker is not None and done_marker["step"] >= cfg.train.steps:
@@ -852,8 +905,10 @@ def train(
         sequence_parallel=cfg.parallel.sequence_parallel,
     )
     num_params = _count_params(model)
-    model = _wrap_ddp(model, cfg, on_cuda)
-    optimizer = _build_optimizer(model, cfg, precision, on_cuda)
+    if rank == 0 and cfg.checkpoint.save:
+        checkpointing.check_free_space(cfg.checkpoint.save, num_params, precision)
+    model = _wrap_ddp(model, cfg)
+    optimizer = _build_optimizer(model, cfg, precision)
     dataset = _build_dataset(cfg, tokenizer)
     rt = _Runtime(
         cfg,
@@ -873,11 +928,18 @@ def train(
 
     start_step = 0
     ck = cfg.checkpoint
+    rt.writer = AsyncWriter() if ck.async_save and ck.save else None
     resumed_from = None
-    plan = checkpointing.plan_start(ck.save, ck.load, ck.finetune)
+    plan = _prepare_start(cfg, rank, notes)
+    rt.run_identity = run_identity(cfg.to_dict(), tokenizer, int(mask_id))
+    changes = checkpointing.check_start(plan, rt.run_identity, cfg.to_dict())
     if plan.path is not None:
         info = checkpointing.load_checkpoint(
-            plan.path, [model], optimizer, weights_only=plan.weights_only
+            plan.path,
+            [model],
+            optimizer,
+            weights_only=plan.weights_only,
+            fully_parallel=ck.fully_parallel_load,
         )
         start_step = int(info["step"])
         resumed_from = info["loaded_from"]
@@ -923,6 +985,10 @@ def train(
             checkpointing.clear_completion_marker(ck.save)
         _record_start(Path(ck.save), job, start_step, resumed_from, resume_command)
     _announce(logger, cfg, rt, precision, start_step, plan.note, job)
+    for note in notes:
+        logger.info(f"  {note}")
+    if changes:
+        logger.info(f"  changed since {resumed_from}: " + "; ".join(changes))
     if kept_aside:
         logger.info(f"  kept the metrics of an earlier start as {kept_aside}")
     _report_sft(logger, cfg, dataset)
@@ -935,19 +1001,23 @@ def train(
     fwd_bwd = get_forward_backward_func()
     guard = faults.NonFiniteGuard(cfg.faults.max_consecutive_nonfinite)
     fc = cfg.faults
-    spikes = faults.SpikeGuard(
-        loss_factor=fc.spike_factor,
-        grad_factor=fc.grad_spike_factor,
-        window=fc.spike_window,
-        max_consecutive=fc.max_consecutive_spikes,
+    health = faults.Health(
+        faults.SpikeGuard(
+            loss_factor=fc.spike_factor,
+            grad_factor=fc.grad_spike_factor,
+            window=fc.spike_window,
+            max_consecutive=fc.max_consecutive_spikes,
+        ),
+        faults.LevelShiftGuard(factor=fc.level_factor, window=fc.level_window),
     )
-    rt.health = spikes
-    healthy = faults.HealthyCheckpoints()
+    rt.health = health
+    healthy = faults.HealthyCheckpoints(confirm_after=fc.level_window if fc.level_factor else 0)
     handler = faults.PreemptionHandler().install() if fc.save_on_signal else None
+    launcher = faults.LauncherWatch()
     result = TrainResult(final_step=start_step, num_params=num_params)
     last_saved = start_step if plan.mode in ("continue", "resume") else None
     if last_saved is not None:
-        spikes.load_state(rt.loaded_state.get("health"))
+        health.load_state(rt.loaded_state.get("health"))
     if (
         last_saved is not None
         and ck.save
@@ -958,16 +1028,16 @@ def train(
         # `step` is k = 1..train.steps: B, λ, LR, noise seed, log line and checkpoint of step k.
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            terms, grad_norm = _train_step(rt, step, fwd_bwd, on_cuda)
+            terms, grad_norm = _train_step(rt, step, fwd_bwd)
             if on_cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
             # An AR step is the B = 1, λ = 1 point of the curriculum.
-            block = 1 if objective == "ar" else block_size_of(cfg, step)
+            block = 1 if objective == "ar" else cfg.step_schedule().block_size(step)
             try:
                 ok = guard.check(step, loss, grad_norm)
-                spike = ok and not spikes.check(step, loss, grad_norm, regime=block)
+                spike = ok and not health.check(step, loss, grad_norm, regime=block)
             except faults.TrainingHalted as exc:
                 raise _halt(rt, cfg, exc, healthy, step, resume_command) from None
             healthy.step_done(step, ok and not spike)
@@ -978,12 +1048,12 @@ def train(
                 mdm=float(terms[1]),
                 ar=float(terms[2]),
                 block_size=block,
-                ar_weight=1.0 if objective == "ar" else ar_weight_of(cfg, step),
-                lr=lr_of(cfg, step),
+                ar_weight=1.0 if objective == "ar" else cfg.step_schedule().ar_weight(step),
+                lr=cfg.step_schedule().lr(step),
                 grad_norm=grad_norm,
                 skipped=not ok,
                 mask_kind=cfg.curriculum.mask_kind,
-                anneal_progress=anneal_progress_of(cfg, step),
+                anneal_progress=cfg.step_schedule().anneal_progress(step),
                 step_time=elapsed,
                 tokens_per_s=tokens_per_s,
                 mfu=(flops / elapsed / (world * peak * 1e12)) if peak else None,
@@ -994,14 +1064,20 @@ def train(
             result.final_step = step
             result.skipped_steps = guard.total_skipped
             faults.maybe_kill_after_step(step)
+            if rt.writer is not None:  # finalise a background save whose writes are done
+                rt.writer.finalize(wait=False)
 
             done = step == cfg.train.steps
-            preempted = handler is not None and faults.any_rank_true(handler.poll() is not None)
+            preempted, orphaned = faults.any_rank_true_each(
+                handler is not None and handler.poll() is not None, launcher.gone()
+            )
+            if orphaned:
+                raise _orphaned(cfg, step)
             due = ck.save and (step % ck.save_interval == 0 or done or preempted)
             if due:
                 result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
-                last_saved = step
             if preempted:
+                _finish_saves(rt)  # the checkpoint is complete before the process exits
                 result.stopped_by_signal = handler.poll() or "signal"
                 logger.info(
                     f"received {result.stopped_by_signal}: "
@@ -1017,8 +1093,9 @@ def train(
                         f"in {ck.save}): {resume_command or 'nbdiff train ... (unchanged)'}"
                     )
                 break
-        if ck.save and last_saved != result.final_step and result.final_step > start_step:
-            result.checkpoint = str(_save(rt, cfg, result.final_step, logger, healthy, job))
+        # Every way out of the loop above has saved its last step (the final step and a preemption
+        # are always due); a halt raises.
+        _finish_saves(rt)
         if ck.save and result.stopped_by_signal is None and result.final_step == cfg.train.steps:
             if rank == 0:
                 checkpointing.write_completion_marker(
@@ -1044,34 +1121,61 @@ def _halt(
     command: str | None,
 ) -> faults.TrainingHalted:
     """The TrainingHalted to raise: with the suspect checkpoints set aside and `latest` pointing at
-    the last healthy one, whose path and resume command the message names."""
+    the last good one (never the checkpoint this start resumed from: it is kept), whose path and the
+    command to continue from it the message names. Nothing is ever advised to be deleted."""
     save = cfg.checkpoint.save
     if not save:
         return exc
-    suspect = healthy.suspect()
+    _finish_saves(rt)
+    level = isinstance(exc, faults.LevelShift)
+    good = healthy.last_good(level_shift=level)
+    suspect = healthy.suspect(level_shift=level)
     if rt.rank == 0:
-        checkpointing.set_aside(save, suspect, healthy.healthy)
+        checkpointing.set_aside(save, suspect, good)
     if dist.is_initialized():
         dist.barrier()
-    if healthy.healthy is None:
+    aside = (
+        f"; the {len(suspect)} checkpoint(s) written after it were moved to "
+        f"{Path(save) / checkpointing.ANOMALOUS_DIR} (kept for a look)"
+        if suspect
+        else ""
+    )
+    rerun = (
+        f"{command or 'the same nbdiff train command'} with a lower --optimizer.lr (or after "
+        f"checking the data around step {step})"
+    )
+    if good is None:
         where = (
-            "No healthy checkpoint of this run exists (the anomaly began before one was "
-            f"verified); start again (delete {save}) with a lower --optimizer.lr"
+            "No checkpoint of this start was verified healthy (the anomaly began before one was)"
+            f"{aside}. Re-run {rerun}: it starts again at step 0 and keeps this run's files"
+        )
+    elif good == healthy.resumed and good != healthy.healthy:
+        path = Path(save) / checkpointing.checkpoint_name(good)
+        where = (
+            f"This start resumed from {path} (step {good}, written by an earlier start), which is "
+            f"kept and `latest` points at it{aside}. Continue from it with: {rerun}"
         )
     else:
-        path = Path(save) / checkpointing.checkpoint_name(healthy.healthy)
+        path = Path(save) / checkpointing.checkpoint_name(good)
         where = (
-            f"The last healthy checkpoint is {path} (step {healthy.healthy}); `latest` points at it"
-            + (
-                f" and the {len(suspect)} newer one(s) were moved to "
-                f"{Path(save) / checkpointing.ANOMALOUS_DIR}"
-                if suspect
-                else ""
-            )
-            + ". Resume from it, e.g. with a lower --optimizer.lr or after checking the data "
-            f"around step {step}, with: {command or 'the same nbdiff train command'}"
+            f"The last healthy checkpoint is {path} (step {good}); `latest` points at it{aside}. "
+            f"Resume from it with: {rerun}"
         )
-    return faults.TrainingHalted(f"{exc} {where}")
+    return type(exc)(f"{exc} {where}")
+
+
+def _orphaned(cfg: TrainConfig, step: int) -> faults.LauncherGone:
+    """The error of a worker whose torchrun launcher died: it stops rather than train on alone."""
+    kept = (
+        f"the newest checkpoint in {cfg.checkpoint.save} is kept; re-running the command continues "
+        "from it"
+        if cfg.checkpoint.save
+        else "nothing was saved"
+    )
+    return faults.LauncherGone(
+        f"the launcher that started this worker (torchrun) is gone: stopping after step {step} "
+        f"instead of training on without it ({kept})"
+    )
 
 
 def _wandb_id(save: str | None) -> str | None:
@@ -1108,7 +1212,17 @@ def _save(
     healthy: faults.HealthyCheckpoints,
     job: dict[str, Any],
 ) -> Path:
+    """Save the checkpoint of `step`: at once, or with checkpoint.async_save handed to the background
+    writer (after the previous background save was finalised: one in flight at a time)."""
     t0 = time.perf_counter()
+    _finish_param_sync(rt.model)
+    if rt.writer is not None:
+        rt.writer.finalize(wait=True)
+
+    def complete(path: Path) -> None:
+        how = "written in the background" if rt.writer is not None else "saved"
+        logger.info(f"checkpoint {path} {how} ({time.perf_counter() - t0:.1f} s)")
+
     path = checkpointing.save_checkpoint(
         cfg.checkpoint.save,
         step,
@@ -1121,15 +1235,32 @@ def _save(
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
             "job": job,
             "health": rt.health.state() if rt.health is not None else None,
-            # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
+            "run": rt.run_identity,
+            # blocks count from each packed document's start (docs/METHOD.md §3): decoders align so
             "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,
-        protect=healthy.protected(),
+        # Asked when the checkpoint is finalised (later, with async_save).
+        protect=healthy.protected,
+        optimizer_sharding=cfg.checkpoint.optimizer_sharding,
+        writer=rt.writer,
+        on_complete=complete,
+        fully_parallel=cfg.checkpoint.fully_parallel_save,
     )
     healthy.saved_at(step)
-    logger.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+    if rt.writer is not None:
+        logger.info(
+            f"checkpoint of step {step} handed to the background writer "
+            f"({time.perf_counter() - t0:.1f} s of training time)"
+        )
     return path
+
+
+def _finish_saves(rt: _Runtime) -> None:
+    """Wait for the background save in flight (checkpoint.async_save) and finalise it: before the
+    run ends, exits on a signal or sets checkpoints aside. All ranks call it."""
+    if rt.writer is not None:
+        rt.writer.finalize(wait=True)
 
 
 def _announce(

@@ -73,3 +73,31 @@ def memorised():
         opt.step()
     model.eval()
     return model, text[0].tolist()
+
+
+@pytest.fixture(scope="package")
+def trained_checkpoint(tmp_path_factory):
+    """A tiny random model saved with training's checkpointing and a train_state like train's."""
+    from nbdiff_megatron.data.bundled import bundled_tokenizer_path
+    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    from nbdiff_megatron.model.builder import build_model
+    from nbdiff_megatron.model.config import ModelConfig
+    from nbdiff_megatron.training import checkpointing
+
+    tok_path = bundled_tokenizer_path()
+    tok = load_tokenizer("HuggingFaceTokenizer", tok_path)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, seq_length=64, init_method_std=0.3)
+    model = build_model(cfg, seed=3)
+    save = tmp_path_factory.mktemp("ckpt")
+    train_state = {
+        "config": {
+            "model": cfg.to_dict(),
+            "loss": {"token_shift": True},
+            "curriculum": {"target_block_size": 8},
+            "noise": {"mask_token_id": None},
+            "data": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tok_path},
+        },
+        "tokenizer": {"type": "HuggingFaceTokenizer", "model": tok_path},
+    }
+    checkpointing.save_checkpoint(save, 5, [model], None, train_state)
+    return save, model, tok

@@ -142,7 +142,8 @@ def test_context_parallel_layouts_validate() -> None:
 
 
 def test_lr_of_the_first_and_the_last_step() -> None:
-    from nbdiff_megatron.training.loop import lr_of
+    def lr_of(cfg, step: int) -> float:
+        return cfg.step_schedule().lr(step)
 
     sched = ["--train.steps=10", "--optimizer.lr=1e-3", "--optimizer.min_lr=1e-4"]
     wsd = load_config(TINY, [*sched, "--schedule.warmup_steps=4", "--schedule.decay_steps=3"])
@@ -252,9 +253,11 @@ def test_launch_problems_are_reported_together() -> None:
     with pytest.raises(ConfigError) as launch:
         check_launch(cluster, 8, on_cuda=False)
     message = str(launch.value)
-    assert "3 problems" in message
+    assert "2 problems" in message
     assert "parallel.dp=64 but 8 processes" in message and "--parallel.dp=4" in message
-    assert "train.precision=bf16 needs a GPU" in message and "attention_backend='flex'" in message
+    assert "attention_backend='flex'" in message
+    # bf16 runs on a CPU too (the same precision code as on a GPU, slowly): not a launch problem.
+    assert "train.precision" not in message
     assert check_launch(cluster, 128, on_cuda=True) == 64
 
 

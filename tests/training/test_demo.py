@@ -12,6 +12,9 @@ from nbdiff_megatron import demo
 from nbdiff_megatron.cli import main
 from nbdiff_megatron.data.bundled import bundled_tokenizer_path
 from nbdiff_megatron.data.tokenizer import load_tokenizer
+from tests.launch import REPO
+
+README = REPO / "README.md"
 
 
 def test_same_tokens_counts_equal_positions() -> None:
@@ -96,6 +99,13 @@ def test_demo_runs_and_says_where_everything_is(tmp_path: Path, capsys, monkeypa
     assert (root / "ar" / "iter_0000006").is_dir() and (root / "nbdiff" / "iter_0000008").is_dir()
     for name in ("AR model", "NBDiff model", "decoding", "decode more", "train more"):
         assert re.search(rf"^  {name}\s", out, re.MULTILINE), name
+
+    # The README quotes these closing lines (its paths and step counts are the default run's).
+    quoted = re.search(r"<!-- demo-output -->\n```text\n(.*?)\n```", README.read_text(), re.S)
+    for line in quoted.group(1).splitlines():
+        pattern = re.escape(line).replace(re.escape("/…/runs/demo"), re.escape(str(root)))
+        pattern = re.sub(r"\d+", r"\\d+", pattern)
+        assert re.search(f"^{pattern}$", out, re.MULTILINE), line
 
     # "train more" runs as printed, from another directory, and continues the demo's run: same save
     # directory, the block size the demo reached (not tiny_cpu.yaml's growth schedule).

@@ -17,6 +17,8 @@ import pytest
 from nbdiff_megatron.training import checkpointing
 from nbdiff_megatron.training.faults import (
     HealthyCheckpoints,
+    LevelShift,
+    LevelShiftGuard,
     PreemptionHandler,
     SpikeGuard,
     TrainingHalted,
@@ -61,6 +63,44 @@ def test_healthy_checkpoint_is_the_one_whose_next_step_was_healthy() -> None:
     h.step_done(6, healthy=False)  # the weights of checkpoint 5 gave an anomalous step
     h.saved_at(6)
     assert h.protected() == {4} and h.suspect() == [5, 6]
+
+
+def test_level_shift_guard_halts_on_a_lasting_rise_only() -> None:
+    guard = LevelShiftGuard(factor=1.3, window=4)
+    losses = [5.0, 5.2, 4.8, 5.0, 5.4, 4.6, 5.1, 4.9]  # noise around a level: no halt
+    for step, loss in enumerate(losses, start=1):
+        guard.check(step, loss, regime=1)
+    guard.check(9, 9.0, regime=2)  # a new block size moves the loss: a new level
+    for step in range(10, 14):
+        guard.check(step, 9.0, regime=2)
+    restored = LevelShiftGuard(factor=1.3, window=4)
+    restored.load_state(json.loads(json.dumps(guard.state())))
+    assert restored.best == 9.0 and restored.state()["factor"] == 1.3
+    restored.check(14, 12.5, regime=2)  # one high step moves the mean by 9%
+    with pytest.raises(LevelShift, match=r"mean over the last 4 steps .* x its earlier level"):
+        for step in range(15, 19):
+            restored.check(step, 12.5, regime=2)
+    off = LevelShiftGuard(factor=0, window=4)
+    for step, loss in enumerate([1.0] * 4 + [50.0] * 8, start=1):
+        off.check(step, loss)
+
+
+def test_checkpoints_are_trusted_against_level_shifts_after_the_window() -> None:
+    h = HealthyCheckpoints(confirm_after=4)
+    h.started_from(10)  # written by an earlier start: kept until a newer one is trusted
+    assert h.protected() == {10}
+    for step in range(11, 13):
+        h.step_done(step, healthy=True)
+    h.saved_at(12)
+    h.step_done(13, healthy=True)  # 12 is spike-healthy, not yet trusted against a level shift
+    assert h.healthy == 12 and h.confirmed is None and h.protected() == {10, 12}
+    assert h.last_good(level_shift=True) == 10 and h.suspect(level_shift=True) == [12]
+    h.step_done(14, healthy=True)  # 10 + 4 steps passed the level check
+    assert h.confirmed == 10
+    for step in range(15, 17):
+        h.step_done(step, healthy=True)
+    assert h.confirmed == 12 and h.protected() == {12}
+    assert 10 not in h.suspect() and 10 not in h.suspect(level_shift=True)
 
 
 def test_a_loss_spike_halts_and_keeps_the_last_healthy_checkpoint(

@@ -56,7 +56,7 @@ def test_rerunning_the_same_command_after_sigkill_gives_the_same_curve(
 def test_a_resumed_run_replays_the_data_and_the_noise(
     corpus_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """(step, DP rank, micro-batch) -> the micro-batch's tokens and noise, across a resume."""
+    """(step, first sample of the micro-batch) -> its tokens and noise, across a resume."""
     from nbdiff_megatron.training import loop
 
     seen: dict[tuple, tuple] = {}
@@ -64,7 +64,7 @@ def test_a_resumed_run_replays_the_data_and_the_noise(
 
     def recording(cfg, x0, doc_ids, loss_mask, **where):
         noise = draw(cfg, x0, doc_ids, loss_mask, **where)
-        key = (where["step"], where["dp_rank"], where["micro_batch"])
+        key = (where["step"], where["first_sample"])
         seen[key] = (x0.clone(), noise.masked.clone(), noise.t.clone())
         return noise
 
@@ -77,7 +77,7 @@ def test_a_resumed_run_replays_the_data_and_the_noise(
     )
     assert [r["step"] for r in resumed.history] == [4, 5]
     # Keys are the steps k as logged (issue 11: one meaning of "step k", noise seed included).
-    assert sorted(seen) == [(4, 0, 0), (4, 0, 1), (5, 0, 0), (5, 0, 1)]
+    assert sorted(seen) == [(4, 0), (4, 4), (5, 0), (5, 4)]
     for key, (x0, masked, t) in seen.items():
         ref_x0, ref_masked, ref_t = uninterrupted[key]
         assert torch.equal(x0, ref_x0) and torch.equal(masked, ref_masked), key

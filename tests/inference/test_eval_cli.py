@@ -1,0 +1,171 @@
+"""`nbdiff eval` reports what the papers report (issue 24, item 3; issue 25, item 6): accuracy beside
+TPF / NFE / tokens/s per task, several thresholds in one run with a plot, chat template and multi-turn
+few-shot, data-parallel evaluation under torchrun equal to one rank, malformed task lines listed, hub
+tasks whose data is missing refused with a clear message."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from nbdiff_megatron.cli import main
+from nbdiff_megatron.errors import InferenceError
+
+from ..launch import output_tail, run_torchrun
+
+pytest.importorskip("lm_eval", reason="the optional extra `eval` (lm-eval) is not installed")
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    """The bundled GSM8K-style file with two malformed lines added (lines 3 and 5)."""
+    lines = (ASSETS / "gsm8k_mini.jsonl").read_text().splitlines()[:4]
+    lines.insert(2, json.dumps({"question": "What is 2 + 2?", "answer": "4"}))  # no ####
+    lines.insert(4, "{not json")
+    path = tmp_path_factory.mktemp("tasks") / "mini.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_checkpoint):
+    from nbdiff_megatron.inference.loading import load_for_inference
+
+    return load_for_inference(trained_checkpoint[0])
+
+
+@pytest.fixture(scope="module")
+def one_rank(trained_checkpoint, task_file, tmp_path_factory):
+    """One `nbdiff eval` at two thresholds, with a plot; (output JSON, stderr, stdout, folder)."""
+    save, _, _ = trained_checkpoint
+    out = tmp_path_factory.mktemp("eval")
+    args = ["eval", "--load", str(save), "--task-jsonl", str(task_file), "--max-gen-toks", "8"]
+    args += ["--thresholds", "0.9,0.3", "--output", str(out / "one.json")]
+    args += ["--plot", str(out / "plot.png"), "--batch-size", "2"]
+    # capsys is function-scoped: capture by hand for a module fixture
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+        assert main(args) == 0
+    return json.loads((out / "one.json").read_text()), err.getvalue(), std.getvalue(), out, args
+
+
+def test_eval_reports_tpf_nfe_per_task_and_threshold(one_rank, task_file):
+    record, err, out, folder, _ = one_rank
+    assert [r["threshold"] for r in record["runs"]] == [0.9, 0.3]
+    for run in record["runs"]:
+        cost = run["decoding"]["gsm8k_local"]
+        assert cost["nfe"] > 0 and cost["tokens"] > 0 and cost["tpf"] > 0
+        assert cost["tokens_per_s"] > 0
+        assert "exact_match,strict-match" in run["results"]["gsm8k_local"]
+    # the looser threshold unmasks more per forward
+    tpfs = [r["decoding"]["gsm8k_local"]["tpf"] for r in record["runs"]]
+    assert tpfs[1] >= tpfs[0]
+    assert record["decoding"] == record["runs"][0]["decoding"]
+    assert "threshold 0.9  gsm8k_local: exact_match" in out and "| TPF " in out and "NFE" in out
+    assert (folder / "plot.png").stat().st_size > 1000
+    # a generation task: no log-likelihood mode is announced
+    assert "loglikelihood:" not in err
+    # malformed lines are counted and listed with file:line and why
+    assert "skipped 2 malformed line(s)" in err
+    assert f"{task_file}:3: the answer has no '#### <number>'" in err
+    assert f"{task_file}:5: not valid JSON" in err
+
+
+@pytest.mark.multirank
+def test_data_parallel_eval_equals_one_rank(one_rank, tmp_path):
+    """The same run on 2 gloo ranks: generation batches dealt over the ranks, results gathered,
+    every number equal to the one-rank run (one launch: the ranks load the model and lm-eval)."""
+    record, _, _, _, args = one_rank
+    output = args.index("--output") + 1
+    args = [*args[:output], str(tmp_path / "two.json"), *args[output + 1 :]]
+    args.remove("--plot")
+    args = [a for a in args if not a.endswith("plot.png")]
+    proc = run_torchrun(["-m", "nbdiff_megatron.cli", *args], timeout=300, check=False)
+    assert proc.returncode == 0, output_tail(proc)
+    two = json.loads((tmp_path / "two.json").read_text())
+    for a, b in zip(record["runs"], two["runs"]):
+        assert a["results"] == b["results"]
+        for key in ("nfe", "tokens", "tpf"):
+            assert a["decoding"]["gsm8k_local"][key] == b["decoding"]["gsm8k_local"][key]
+    assert proc.stdout.count("gsm8k_local: exact_match") == 2  # printed by rank 0 only
+
+
+def test_chat_template_and_multiturn_fewshot(loaded, tmp_path):
+    from nbdiff_megatron.inference.lm_eval_adapter import (
+        EvalOptions,
+        evaluate,
+        make_lm_class,
+        write_gsm8k_style_task,
+    )
+
+    tok = copy.copy(loaded.tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    loaded = copy.copy(loaded)
+    loaded.tokenizer = tok
+    from nbdiff_megatron.inference import BlockDecoder
+
+    decoder = BlockDecoder(
+        loaded.model, mask_id=loaded.mask_id, eos_ids=loaded.eos_ids, block_size=8
+    )
+    lm = make_lm_class()(loaded, decoder, batch_size=2, max_gen_toks=4)
+    seen: list[str] = []
+    generate = lm.generate_until
+
+    def record(requests):
+        seen.extend(r.args[0] for r in requests)
+        return generate(requests)
+
+    lm.generate_until = record
+    name = write_gsm8k_style_task(ASSETS / "gsm8k_mini.jsonl", tmp_path, max_gen_toks=4)
+    options = EvalOptions(
+        limit=2, num_fewshot=1, apply_chat_template=True, fewshot_as_multiturn=True
+    )
+    evaluate(lm, [name], include_path=str(tmp_path), options=options)
+    assert len(seen) == 2
+    for prompt in seen:
+        # the few-shot example is a user turn and an assistant turn, then the question's user turn
+        assert prompt.count("<|user|>") == 2 and prompt.count("<|assistant|>") == 2
+        assert prompt.endswith("<|assistant|>")
+
+
+def test_hub_task_without_its_data_says_so(loaded, tmp_path):
+    """A task whose data set lives on the HF hub (as lm-eval's own tasks do), offline and uncached:
+    one message naming the task and what to do."""
+    from nbdiff_megatron.inference.lm_eval_adapter import evaluate, make_lm_class
+
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: nbdiff-test/absent-dataset\noutput_type: generate_until\n"
+        "test_split: test\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    from nbdiff_megatron.inference import BlockDecoder
+
+    decoder = BlockDecoder(
+        loaded.model, mask_id=loaded.mask_id, eos_ids=loaded.eos_ids, block_size=8
+    )
+    lm = make_lm_class()(loaded, decoder)
+    with pytest.raises(InferenceError, match="data of lm-eval task.*hub_task.*not available"):
+        evaluate(lm, ["hub_task"], include_path=str(tmp_path), limit=1)
+
+
+def test_unknown_task_and_flag_errors(trained_checkpoint, tmp_path, capsys):
+    save, _, _ = trained_checkpoint
+    base = ["eval", "--load", str(save)]
+    assert main(base + ["--tasks", "t", "--fewshot-as-multiturn"]) == 2
+    assert "--fewshot-as-multiturn needs --apply-chat-template" in capsys.readouterr().err
+    assert main(base + ["--task-jsonl", "x.jsonl", "--thresholds", "0.9,abc"]) == 2
+    assert "--thresholds takes numbers" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "no final answer"}\n')
+    assert main(base + ["--task-jsonl", str(bad)]) == 2
+    assert "no line does" in capsys.readouterr().err
