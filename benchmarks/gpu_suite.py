@@ -13,7 +13,7 @@ limits and a set-up allowance add up to at most BUDGET_S, and a step never runs 
 2. pytest-gpu: exactly the files in GPU_TESTS, `-m gpu`: FlexAttention forward + backward against
    SDPA in bf16 (also with the annealed and turn masks), the fused loss against the reference in
    bf16, the Triton chunk kernels against the torch ones, bf16 training with the distributed
-   optimizer, megatron's gradient clipping.
+   optimizer, megatron's gradient clipping, the Transformer Engine spec (where TE is installed).
 3. train-check (benchmarks/gpu_train_check.py): a ~1B-shaped model (MODEL_1B) in bf16 with the
    distributed optimizer (DP = 1), compiled flex forward + backward against dense SDPA (per-step
    losses agree), a checkpoint resume, and the measured peak memory against `nbdiff plan`'s estimate.
@@ -62,6 +62,7 @@ limits add up to at most BUDGET_S - SETUP_S."""
 GPU_TESTS = [
     "tests/model/test_attention.py",
     "tests/model/test_annealed_and_turn_masks.py",
+    "tests/model/test_spec_impl.py",
     "tests/kernels/test_linear_loss.py",
     "tests/kernels/test_ce_chunk.py",
     "tests/training/test_gpu_paths.py",
