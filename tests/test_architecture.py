@@ -23,7 +23,7 @@ def _lint_imports(package_root: Path) -> subprocess.CompletedProcess:
         text=True,
         cwd=package_root,
         env=clean_env({"PYTHONPATH": str(package_root)}),
-        timeout=120,
+        timeout=300,
     )
 
 
