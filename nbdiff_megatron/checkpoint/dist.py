@@ -221,21 +221,32 @@ def write_dist_checkpoint(
     *,
     finalize: Callable[[], None] | None = None,
     writer: AsyncWriter | None = None,
+    parallel_group: Any = None,
 ) -> None:
     """Write `state` as a dist checkpoint into `directory` (every save of this project runs this).
 
     The write is megatron-core's async request, run at once in this process (`writer` None) or handed
     to `writer` (the shards are written by a forked process while training goes on). Either way
     `finalize` runs on every rank once every rank's writes have finished and metadata.json is written:
-    the same code for both. CUDA device arguments are mapped to the CPU on a CPU.
+    the same code for both. With `parallel_group` (the data-parallel group) megatron-core's fully
+    parallel strategy spreads the writes of replicated tensors over its ranks (otherwise the first
+    replica writes them all). CUDA device arguments are mapped to the CPU on a CPU.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
 
+    strategy = get_default_save_sharded_strategy()
+    if parallel_group is not None:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_group)
     _write_results_queue(asynchronous=writer is not None)
     with device_mode():
         request = dist_checkpointing.save(
             state,
             str(directory),
+            sharded_strategy=strategy,
             async_sharded_save=True,
             **_save_kwargs(dist_checkpointing.save),
         )
@@ -246,6 +257,22 @@ def write_dist_checkpoint(
             request.execute_sync()
     else:
         writer.schedule(request)
+
+
+def load_strategy(ckpt: str | Path, parallel_group: Any = None) -> Any:
+    """The sharded load strategy for `ckpt`: megatron-core's default, wrapped in its fully parallel
+    strategy over `parallel_group` when given (each shard is read by one rank of the group and
+    exchanged); None (= megatron-core's default) without a group."""
+    if parallel_group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(ckpt)), parallel_group
+    )
 
 
 def short_error(exc: BaseException) -> str:

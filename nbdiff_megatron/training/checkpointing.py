@@ -39,6 +39,7 @@ from nbdiff_megatron.checkpoint.dist import (
     device_mode,
     find_checkpoint,
     list_checkpoints,
+    load_strategy,
     model_description,
     process_rank,
     read_checkpoint_info,
@@ -550,6 +551,7 @@ def save_checkpoint(
     optimizer_sharding: str = "dp_reshardable",
     writer: AsyncWriter | None = None,
     on_complete: Callable[[Path], None] | None = None,
+    fully_parallel: bool = False,
 ) -> Path:
     """Write the checkpoint of `step` under `save_dir` (all ranks call this), atomically.
 
@@ -559,7 +561,8 @@ def save_checkpoint(
     checkpoints beyond the newest `keep_last` are deleted except the steps in `protect` (the last
     healthy checkpoint, faults.HealthyCheckpoints; a callable is asked then), and `on_complete` is
     called with the final path. With `writer` (checkpoint.async_save) that finalisation runs when
-    `writer.finalize` finds the writes done; without, before this returns. Returns the final path.
+    `writer.finalize` finds the writes done; without, before this returns. `fully_parallel` spreads
+    the writes of DP-replicated tensors over the DP ranks. Returns the final path.
     """
     from nbdiff_megatron.training import faults
 
@@ -605,7 +608,9 @@ def save_checkpoint(
     faults.children_die_with_this_process()
     faults.arm_kill_in_write(step)
     try:
-        write_dist_checkpoint(state, tmp, finalize=finalize, writer=writer)
+        write_dist_checkpoint(
+            state, tmp, finalize=finalize, writer=writer, parallel_group=_dp_group(fully_parallel)
+        )
     except checkpoint_read_errors() as exc:
         raise _save_failed(save_dir, step, tmp, exc) from None
     return final
@@ -660,6 +665,16 @@ def check_free_space(save: str | Path, num_params: int, precision: str) -> None:
             f"({num_params:,} parameters, {per_param} bytes each with the optimizer state) needs "
             f"about {need / 2**30:.2f} GiB. Free space or choose another --checkpoint.save"
         )
+
+
+def _dp_group(fully_parallel: bool) -> Any:
+    """The group a fully parallel save / load spreads its reads and writes over (data-parallel with
+    context parallelism, as Megatron-LM), or None when off or there is nothing to spread."""
+    from megatron.core import parallel_state as ps
+
+    if not fully_parallel or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    return ps.get_data_parallel_group(with_context_parallel=True)
 
 
 def _write_latest(save_dir: Path, step: int) -> None:
@@ -736,12 +751,14 @@ def load_checkpoint(
     optimizer: Any | None,
     *,
     weights_only: bool = False,
+    fully_parallel: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`), resharding to the current layout if needed.
 
     `path` is resolved with `find_checkpoint`. `weights_only=True` (fine-tuning the next phase) loads
     only the model weights and returns {'step': 0, ...}; otherwise the optimizer state and, if the
-    layout is unchanged, the RNG states are restored too. Returns the checkpoint's train_state.
+    layout is unchanged, the RNG states are restored too. `fully_parallel` reads each shard once
+    over the DP ranks and exchanges it. Returns the checkpoint's train_state.
     Raises CheckpointError with the path and the fix when the checkpoint is missing, corrupt or does
     not match the model.
     """
@@ -774,7 +791,10 @@ def load_checkpoint(
             # Entries the checkpoint lacks come back as "unexpected": only `_extra_state` may be
             # (a checkpoint of the local spec loaded under Transformer Engine; mcore_io's rule).
             loaded, _, absent = dist_checkpointing.load(
-                state, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED
+                state,
+                str(ckpt),
+                sharded_strategy=load_strategy(ckpt, _dp_group(fully_parallel)),
+                strict=StrictHandling.RETURN_UNEXPECTED,
             )
     except checkpoint_read_errors() as exc:
         raise CheckpointError(

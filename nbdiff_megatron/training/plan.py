@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.training.checkpoint_cost import checkpoint_lines
 from nbdiff_megatron.training.config import (
     TrainConfig,
     load_config,
@@ -470,6 +471,7 @@ def plan_report(
         *_model_lines(cfg, lay),
         *_memory_lines(mem, opts),
         *_compute_lines(cfg, opts),
+        *checkpoint_lines(cfg),
         *_verdict_lines(cfg, mem, opts),
     ]
     fits = mem.total <= (gpu_memory_gb - _RESERVED_GIB) * GIB

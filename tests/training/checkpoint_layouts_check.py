@@ -3,8 +3,9 @@ tiny config in ONE launch (megatron-core is imported once per rank), each at its
 
 Usage: torchrun --nproc-per-node 2 tests/training/checkpoint_layouts_check.py DATA_PREFIX SCENARIOS.json
 
-SCENARIOS.json is a list of {"name", "args": [CLI overrides], "error_file": path or null}. A scenario with
-an error_file must fail with CheckpointError before training: rank 0 writes the message there.
+SCENARIOS.json is a list of {"name", "args": [CLI overrides], "error_file": path or null, "config": path
+or null}. Without a config, the args override the tiny test config (runs.py); with one, that YAML. A
+scenario with an error_file must fail with CheckpointError before training: rank 0 writes the message.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+import nbdiff_megatron
+
 
 def main(prefix: str, scenarios_file: str) -> None:
+    nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -25,7 +29,10 @@ def main(prefix: str, scenarios_file: str) -> None:
     from tests.training.runs import TINY, tiny_overrides
 
     for scenario in json.loads(Path(scenarios_file).read_text()):
-        cfg = load_config(TINY, tiny_overrides(prefix, *scenario["args"]))
+        if scenario.get("config"):
+            cfg = load_config(scenario["config"], scenario["args"])
+        else:
+            cfg = load_config(TINY, tiny_overrides(prefix, *scenario["args"]))
         error_file = scenario.get("error_file")
         try:
             train(cfg, label=scenario["name"])

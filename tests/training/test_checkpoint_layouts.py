@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nbdiff_megatron.checkpoint.dist import read_checkpoint_info
 from nbdiff_megatron.errors import CheckpointError
 from nbdiff_megatron.training.checkpointing import resume_sharding
 from nbdiff_megatron.training.logging import read_metrics
@@ -67,7 +68,8 @@ def layouts(corpus_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> dic
         ("pp1to2", ["--parallel.pp=2", FULLY, "--checkpoint.save_interval=3"]),
         ("refused", ["--parallel.tp=2", f"--checkpoint.load={root / 'dp_start'}"]),
     ]
-    plan = []
+    converted = _converted_run_config(root, corpus_prefix)
+    plan = _converted_scenarios(root, converted)
     for name, args in scenarios:
         if name in ("tp1to2", "pp1to2"):
             args = [*args, f"--checkpoint.load={root / 'ref' / 'iter_0000002'}"]
@@ -81,6 +83,63 @@ def layouts(corpus_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     (root / "scenarios.json").write_text(json.dumps(plan))
     run_torchrun([SCRIPT, corpus_prefix, root / "scenarios.json"], timeout=400)
     return {"root": root, "reference": reference, "prefix": corpus_prefix}
+
+
+def _converted_run_config(root: Path, prefix: str) -> Path:
+    """`nbdiff convert hf-to-mcore` of a tiny HF model (a CLI process), and a run config for it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from nbdiff_megatron.data.bundled import bundled_tokenizer_path
+    from tests.convert.conftest import build_hf_model
+    from tests.launch import clean_env
+
+    build_hf_model("qwen3_untied", root / "hf")
+    convert = [sys.executable, "-m", "nbdiff_megatron.cli", "convert", "hf-to-mcore"]
+    proc = subprocess.run(
+        [*convert, "--hf", str(root / "hf"), "--out", str(root / "mcore"), "--tp", "2"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = yaml.safe_load((root / "mcore" / "model.yaml").read_text())["model"]
+    model.update(seq_length=32, attention_backend="sdpa")
+    config = {
+        "model": model,
+        "data": {
+            "data_path": [prefix],
+            "tokenizer_type": "HuggingFaceTokenizer",
+            "tokenizer_model": bundled_tokenizer_path(),
+            "split": "100,0,0",
+        },
+        "curriculum": {"start_block_size": 2, "target_block_size": 2},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4},
+        "schedule": {"style": "constant"},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32"},
+        "checkpoint": {"load": str(root / "mcore"), "finetune": True, "save_interval": 1},
+        "logging": {"progress_bar": False},
+    }
+    (root / "converted.yaml").write_text(yaml.safe_dump(config))
+    return root / "converted.yaml"
+
+
+def _converted_scenarios(root: Path, config: Path) -> list[dict]:
+    """Converted weights into a TP=2 distributed-optimizer run (2 steps), the run continued from its
+    own checkpoint (step 3), and the same 3 steps uninterrupted at DP=2."""
+    tp2 = ["--parallel.tp=2", f"--checkpoint.save={root / 'converted_tp2'}"]
+    plan = [
+        ("converted_tp2", [*tp2, "--train.steps=2"]),
+        ("converted_continued", [*tp2, "--train.steps=3"]),
+        (
+            "converted_dp2",
+            ["--parallel.dp=2", "--train.steps=3", f"--checkpoint.save={root / 'conv_dp2'}"],
+        ),
+    ]
+    return [{"name": n, "args": a, "config": str(config), "error_file": None} for n, a in plan]
 
 
 def _resume_on_one_rank(layouts: dict, checkpoint: Path, name: str) -> list[dict]:
@@ -159,3 +218,18 @@ def test_resume_sharding_says_what_each_checkpoint_can_resume_at() -> None:
         resume_sharding(ckpt, plain, True, LAYOUT)
     with pytest.raises(CheckpointError, match="--parallel.distributed_optimizer=true"):
         resume_sharding(ckpt, saved, False, LAYOUT)
+
+
+@pytest.mark.multirank
+def test_converted_weights_train_with_the_distributed_optimizer_and_resume_fully(
+    layouts: dict,
+) -> None:
+    """`convert hf-to-mcore` output as finetune weights of a TP=2 run with the distributed optimizer;
+    the run then continues from its own checkpoint (rule 1: full state) as if never stopped."""
+    root = layouts["root"]
+    records = read_metrics(root / "converted_tp2" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    reference = read_metrics(root / "conv_dp2" / "metrics.jsonl")
+    _assert_same_curve(records, reference, "converted, tp=2 with a resume vs dp=2 straight")
+    info = read_checkpoint_info(root / "converted_tp2" / "iter_0000003")
+    assert info["distributed_optimizer"] and info["layout"]["tp"] == 2
