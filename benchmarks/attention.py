@@ -3,7 +3,7 @@
 For each L it times forward + backward of NBDiffAttention (the module the model uses, q/k/v in megatron's
 [s, b, heads, d] layout) on:
 
-- nbdiff/flex   : 2L tokens, the context-causal training mask (NBDIFF.md §3), BlockMask from the mask_mod;
+- nbdiff/flex   : 2L tokens, the context-causal training mask (docs/METHOD.md §3), BlockMask from the mask_mod;
 - causal/flex   : L tokens, causal BlockMask (what AR training of the same model costs with flex);
 - causal/sdpa   : L tokens, SDPA is_causal (flash / cuDNN kernels: the AR baseline's best case);
 

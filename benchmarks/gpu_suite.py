@@ -13,7 +13,7 @@ limits and a set-up allowance add up to at most BUDGET_S, and a step never runs 
 2. pytest-gpu: exactly the files in GPU_TESTS, `-m gpu`: FlexAttention forward + backward against
    SDPA in bf16 (also with the annealed and turn masks), the fused loss against the reference in
    bf16, the Triton chunk kernels against the torch ones, bf16 training with the distributed
-   optimizer, megatron's gradient clipping.
+   optimizer, megatron's gradient clipping, the Transformer Engine spec (where TE is installed).
 3. train-check (benchmarks/gpu_train_check.py): a ~1B-shaped model (MODEL_1B) in bf16 with the
    distributed optimizer (DP = 1), compiled flex forward + backward against dense SDPA (per-step
    losses agree), a checkpoint resume, and the measured peak memory against `nbdiff plan`'s estimate.
@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ limits add up to at most BUDGET_S - SETUP_S."""
 GPU_TESTS = [
     "tests/model/test_attention.py",
     "tests/model/test_annealed_and_turn_masks.py",
+    "tests/model/test_spec_impl.py",
     "tests/kernels/test_linear_loss.py",
     "tests/kernels/test_ce_chunk.py",
     "tests/training/test_gpu_paths.py",
@@ -349,20 +351,34 @@ def _dry_run_steps(work: Path, data_args: list[str]) -> list[Step]:
     ]
 
 
+def _run_command(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[int, str]:
+    """(exit code, stdout + stderr); 124 when `timeout` ran out. The command runs in its own process
+    group, killed whole on a timeout: compile workers and test subprocesses must not outlive their
+    step (nor keep the GPU busy for the next one)."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=max(timeout, 0.1))
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return 124, out + f"\n[timed out after {timeout:.0f} s]"
+
+
 def _run(step: Step, timeout: float, env: dict[str, str]) -> dict:
+    """Run the step's commands one after the other, within `timeout` together; stop at a failure."""
     start = time.perf_counter()
     code, out = 0, ""
     for cmd in step.commands:
-        left = timeout - (time.perf_counter() - start)
-        try:
-            proc = subprocess.run(
-                cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=left, check=False
-            )
-            code, part = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            code = 124
-            part = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-            part += f"\n[timed out: the step's {timeout:.0f} s ran out]"
+        code, part = _run_command(cmd, timeout - (time.perf_counter() - start), env)
         out += part
         if code != 0:
             break

@@ -8,8 +8,11 @@ sub-command, for modules that serve several).
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
 import sys
+import time
 
 from nbdiff_megatron import install_compat
 from nbdiff_megatron.errors import NBDiffError
@@ -62,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"nbdiff: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
@@ -94,8 +95,6 @@ environment variable NBDIFF_QUIET_RANK_GRACE_S overrides it (seconds)."""
 def quiet_rank_grace_s() -> float:
     """NBDIFF_QUIET_RANK_GRACE_S as seconds >= 0, or QUIET_RANK_GRACE_S when unset or not a number
     (the error being reported matters more than a malformed knob)."""
-    import os
-
     try:
         return max(0.0, float(os.environ.get("NBDIFF_QUIET_RANK_GRACE_S", QUIET_RANK_GRACE_S)))
     except ValueError:
@@ -108,9 +107,6 @@ def report_user_error(command: str, exc: BaseException) -> None:
     Every rank meets the same bad config or checkpoint and exits with the same code; printing it once
     keeps the message readable among the launcher's own report.
     """
-    import os
-    import time
-
     rank = os.environ.get("RANK", "0")
     if rank not in ("", "0"):
         # torchrun stops every worker as soon as one exits: leaving at once could stop rank 0

@@ -442,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
         "training text, so it is confident about masked tokens several positions ahead. Prompts it "
         "has not seen get poor, less confident continuations (try `nbdiff generate`); a large "
         "model trained long reaches this confidence on predictable spans (code, formulas, fixed "
-        "phrases), which is where NBDiff's speed-up over AR decoding comes from (NBDIFF.md §7)."
+        "phrases), which is where NBDiff's speed-up over AR decoding comes from (docs/METHOD.md §7)."
     )
 
     _section(5, steps, "Pictures")

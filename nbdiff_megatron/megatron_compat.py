@@ -64,6 +64,20 @@ PLANNED_DEPRECATIONS = re.compile(
 )
 
 
+# torch 2.13 renamed the collectives megatron-core calls (all_gather_into_tensor -> all_gather_single,
+# reduce_scatter_tensor -> reduce_scatter_single; ours use the new names, model/attention.py): the
+# FutureWarning is raised by torch's c10d wrapper on every multi-rank run, megatron-core's to fix.
+TORCH_COLLECTIVE_RENAMES = (
+    r"`torch\.distributed\.(?:all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+)
+# megatron-core's advice to set CUDA_DEVICE_MAX_CONNECTIONS=1 (kernel order on a GPU; the SLURM
+# launcher sets it): meaningless in a process without CUDA, where it is dropped (quiet_cpu_notices).
+CUDA_CONNECTIONS_NOTICE = (
+    r"When using (?:sequence parallelism|async grad allreduce) it is recommended to set the "
+    r"environment variable CUDA_DEVICE_MAX_CONNECTIONS"
+)
+
+
 def show_deprecations() -> bool:
     """True when NBDIFF_SHOW_DEPRECATIONS asks for megatron-core's deprecation notices."""
     return os.environ.get(SHOW_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -103,10 +117,32 @@ def quiet_megatron() -> None:
         warnings.filterwarnings("always", message=f".*(?:{PLANNED_DEPRECATIONS.pattern})")
     else:
         warnings.filterwarnings("ignore", message=f".*(?:{PLANNED_DEPRECATIONS.pattern})")
+        quiet_torch_renames()
         pattern = re.compile(f"{OPTIONAL_DEPENDENCY.pattern}|{PLANNED_DEPRECATIONS.pattern}")
     # megatron-core logs some of them through its module loggers ("megatron.core...."), and a
     # logger's filters see only the records logged on it: the filter goes on each megatron logger.
     _add_log_filter(_DropMessages(pattern))
+
+
+def quiet_torch_renames() -> None:
+    """Drop torch's FutureWarning on the collectives it renamed, where torch raises it (its c10d
+    wrapper, on megatron-core's calls); the same text from anywhere else is still shown."""
+    warnings.filterwarnings(
+        "ignore",
+        message=TORCH_COLLECTIVE_RENAMES,
+        category=FutureWarning,
+        module=r"torch\.distributed\.c10d_logger",
+    )
+
+
+def quiet_cpu_notices() -> None:
+    """In a process without CUDA (model/cpu_compat.apply): drop megatron-core's GPU-only advice."""
+    warnings.filterwarnings(
+        "ignore",
+        message=CUDA_CONNECTIONS_NOTICE,
+        category=UserWarning,
+        module=r"megatron\.core\.tensor_parallel\.layers",
+    )
 
 
 def _add_log_filter(flt: logging.Filter) -> None:

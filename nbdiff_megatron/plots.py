@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.training.config import load_config
 
 if TYPE_CHECKING:  # torch is imported by show-mask only (show-curriculum plots plain numbers)
     import torch
@@ -20,6 +21,7 @@ ACCEPTS_OVERRIDES = True  # show-curriculum takes a config's --a.b=value overrid
 
 
 def _pyplot():
+    # matplotlib costs seconds at import; only the commands that draw pay for it.
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster login nodes or CI
@@ -39,7 +41,7 @@ def _save(fig, path: str | Path) -> Path:
 
 def parse_doc_lengths(text: str | None, seq_len: int) -> torch.Tensor | None:
     """ "3,5,8" -> doc ids [0,0,0,1,1,1,1,1,2,...]; the lengths must add up to seq_len."""
-    import torch
+    import torch  # show-mask only: show-curriculum runs without torch (start-up time)
 
     if not text:
         return None
@@ -124,6 +126,7 @@ def _add_show_mask(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_show_mask(args: argparse.Namespace) -> int:
+    # show-mask only: torch (and masks.py, which imports it) cost seconds that show-curriculum skips.
     import torch
 
     from nbdiff_megatron.method.masks import annealed_training_mask, training_mask
@@ -182,16 +185,15 @@ def _add_show_curriculum(parser: argparse.ArgumentParser) -> None:
 def curriculum_series(cfg, max_points: int = 4000) -> dict[str, list]:
     """B(k), λ(k) and LR(k) of a training config at up to ``max_points`` steps k = 1..train.steps
     (every step if fewer; steps are numbered as the logs number them, method/curriculum.py)."""
-    from nbdiff_megatron.training.loop import ar_weight_of, block_size_of, lr_of
-
+    schedule = cfg.step_schedule()
     total = cfg.train.steps
     stride = max(1, -(-total // max_points))
     steps = sorted(set(range(1, total + 1, stride)) | {total})
     return {
         "step": steps,
-        "block_size": [block_size_of(cfg, s) for s in steps],
-        "ar_weight": [ar_weight_of(cfg, s) for s in steps],
-        "lr": [lr_of(cfg, s) for s in steps],
+        "block_size": [schedule.block_size(s) for s in steps],
+        "ar_weight": [schedule.ar_weight(s) for s in steps],
+        "lr": [schedule.lr(s) for s in steps],
     }
 
 
@@ -215,8 +217,6 @@ def draw_curriculum(series: dict[str, list], path: str | Path, *, title: str) ->
 
 
 def _run_show_curriculum(args: argparse.Namespace) -> int:
-    from nbdiff_megatron.training.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     series = curriculum_series(cfg)
     blocks = series["block_size"]

@@ -19,8 +19,10 @@ _cache = tempfile.mkdtemp(prefix="nbdiff-test-cache-")
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_cache, "datasets"))
 os.environ.setdefault("HF_HOME", os.path.join(_cache, "hf"))
 # The process-wide compatibility patches, as the `nbdiff` command installs them (importing the package
-# installs nothing: docs/ARCHITECTURE.md); before any test module imports megatron-core.
-nbdiff_megatron.install_compat()
+# installs nothing: docs/ARCHITECTURE.md), before any test module imports megatron-core. As in the
+# command, the CPU patches come with the first model or process group a test builds (model/builder.py,
+# model/parallel.py): the xdist controller, which runs no test, never imports megatron-core.
+nbdiff_megatron.install_compat(cpu_patches=False)
 
 
 @pytest.fixture(scope="session")

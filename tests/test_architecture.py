@@ -4,6 +4,7 @@ import."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -93,7 +94,8 @@ imported = state()
 nbdiff_megatron.install_compat()
 nbdiff_megatron.install_compat()  # idempotent
 installed = state()
-print(json.dumps({"before": before, "imported": imported, "installed": installed}))
+print(json.dumps({"before": before, "imported": imported, "installed": installed,
+                  "cuda": torch.cuda.is_available()}))
 """
 
 
@@ -117,5 +119,73 @@ def test_importing_the_package_changes_nothing_until_install_compat_is_called() 
     assert installed["megatron_warning_filters"] > before["megatron_warning_filters"] == 0
     assert installed["torch_compile"] == "torch"  # swapped only while a megatron module executes
     cpu_compat = "nbdiff_megatron.model.cpu_compat"
-    assert all(module == cpu_compat for module in installed["torch_cuda"].values()), installed
+    if states["cuda"]:  # the CPU patches apply only without CUDA
+        assert installed["torch_cuda"] == before["torch_cuda"]
+    else:
+        assert all(module == cpu_compat for module in installed["torch_cuda"].values()), installed
     assert installed["root_logging"] == before["root_logging"]
+
+
+# What the project is made of: its package, tests, scripts, configs and docs.
+SCANNED = ("nbdiff_megatron", "tests", "benchmarks", "tools", "examples", "slurm", "docs", ".ci")
+SCANNED_FILES = ("README.md", "BENCHMARKS.md", "Makefile", "pyproject.toml", "setup.py")
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".sbatch", ".sh", ".toml", ".txt", ".cpp", ""}
+CITED_DOC = re.compile(r"(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.md)\b")
+
+
+def _project_text_files() -> list[Path]:
+    files = [REPO / name for name in SCANNED_FILES if (REPO / name).is_file()]
+    for folder in SCANNED:
+        files += [
+            p
+            for p in sorted((REPO / folder).rglob("*"))
+            if p.is_file() and p.suffix in TEXT_SUFFIXES and "__pycache__" not in p.parts
+        ]
+    return files
+
+
+def test_every_document_the_project_cites_is_in_the_repository() -> None:
+    here = Path(__file__).resolve()
+    files = _project_text_files()
+    names_in_repo = {p.name for p in files if p.suffix == ".md"}
+    missing, outside = [], []
+    for path in files:
+        if path.resolve() == here:
+            continue  # this test names the outside locations it looks for
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "/work/shared" in text or "shared/docs" in text:
+            outside.append(str(path.relative_to(REPO)))
+        for cited in set(CITED_DOC.findall(text)):
+            found = (
+                (REPO / cited).is_file()
+                or (path.parent / cited).is_file()
+                or ("/" not in cited and cited in names_in_repo)
+            )
+            if not found:
+                missing.append(f"{path.relative_to(REPO)} cites {cited}")
+    assert not missing, "\n".join(missing)
+    assert not outside, f"references to files outside the repository: {outside}"
+
+
+def test_the_method_document_has_every_section_the_code_cites() -> None:
+    method = (REPO / "docs" / "METHOD.md").read_text(encoding="utf-8")
+    headings = set(re.findall(r"^## (§\d+)", method, flags=re.M))
+    cited = set()
+    for path in _project_text_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for citation in re.findall(r"METHOD\.md ((?:§\d+(?:[-–]§?\d+)?[,;]? ?)+)", text):
+            for first, last in re.findall(r"§(\d+)(?:[-–]§?(\d+))?", citation):
+                cited.update(f"§{n}" for n in range(int(first), int(last or first) + 1))
+    assert cited and cited <= headings, sorted(cited - headings)
+
+
+def test_every_module_of_the_package_has_its_home_in_the_architecture_document() -> None:
+    architecture = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    package = REPO / "nbdiff_megatron"
+    modules = [
+        p.relative_to(package).as_posix()
+        for p in sorted(package.rglob("*.py"))
+        if p.name != "__init__.py" and "__pycache__" not in p.parts
+    ]
+    unnamed = [m for m in modules if f"`{m}`" not in architecture]
+    assert not unnamed, f"docs/ARCHITECTURE.md does not say what these hold: {unnamed}"

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,57 @@ def test_figure_lines_of_the_gpu_only_steps() -> None:
         "valid-38177: fused 0.0123 s, reference 0.0200 s fwd+bwd",
         "padded-38400: fused 0.0110 s, reference 0.0200 s fwd+bwd",
     ]
+
+
+def test_train_check_compares_losses_and_gradient_norms() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "gpu_train_check", REPO / "benchmarks" / "gpu_train_check.py"
+    )
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    flex = [
+        {"step": 1, "loss": 11.90, "grad_norm": 4.00},
+        {"step": 2, "loss": 11.50, "grad_norm": 3.00},
+    ]
+    assert check._disagreements(flex, [dict(r) for r in flex], "bf16") == []
+    # bf16: step 1's loss within 1e-2, later losses within 3e-2, gradient norms within 5e-2.
+    close = [
+        {"step": 1, "loss": 11.95, "grad_norm": 4.15},
+        {"step": 2, "loss": 11.80, "grad_norm": 3.1},
+    ]
+    assert check._disagreements(flex, close, "bf16") == []
+    # Same losses, but the gradient norm of step 1 is off by 10%: a wrong attention backward.
+    wrong_grad = [{"step": 1, "loss": 11.90, "grad_norm": 4.40}, flex[1]]
+    (problem,) = check._disagreements(flex, wrong_grad, "bf16")
+    assert problem.startswith("step 1 grad_norm")
+    assert check._disagreements(flex, flex[:1], "bf16") == ["step 2: missing from the second run"]
+    assert len(check._disagreements(flex, close, "fp32")) == 4
+
+
+def test_a_step_past_its_limit_is_killed_with_its_children() -> None:
+    """A step that runs out of time ends as 124, and nothing it started keeps running (a compile
+    worker left behind would hold the GPU and the CPUs the next step needs)."""
+    import psutil
+
+    sleeper = "import time; time.sleep(60)"
+    parent = (
+        "import subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', {sleeper!r}]); "
+        "print(child.pid, flush=True); time.sleep(60)"
+    )
+    step = gpu_suite.Step("slow", [[sys.executable, "-c", parent]], limit_s=3)
+    result = gpu_suite._run(step, step.limit_s, clean_env())
+    assert result["returncode"] == 124 and not result["ok"]
+    assert result["seconds"] < 30 and "timed out after 3 s" in result["output_tail"]
+    child = int(result["output_tail"].split()[0])
+    # SIGKILL takes effect when the process is next scheduled: on a busy machine, a moment later.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's child {child} still runs")

@@ -140,7 +140,7 @@ def _check_block(script: str, root: Path) -> None:
         cfg = _resolved_train_config(words[2:], root)
         check_world_size(cfg, world)
         if cfg.checkpoint.load:
-            find_checkpoint(cfg.checkpoint.load)  # written by an earlier block
+            find_checkpoint(root / cfg.checkpoint.load)  # written by an earlier block
         checked += 1
     assert checked, f"no nbdiff train command in the check block:\n{script}"
 

@@ -19,6 +19,7 @@ from nbdiff_megatron.checkpoint.hf_io import HFCheckpoint
 from nbdiff_megatron.checkpoint.tables import VocabSizes, table_for, to_mcore
 from nbdiff_megatron.errors import ConversionError
 from nbdiff_megatron.model.config import ModelConfig
+from nbdiff_megatron.model.parallel import load_full_state_dict
 
 
 def load_hf_into_model(
@@ -32,8 +33,6 @@ def load_hf_into_model(
     `vocab_size` is the tokenizer's size ([MASK] included); the model gets max(HF vocab, it) rows,
     new rows initialised to the mean embedding (as in hf_to_mcore).
     """
-    from nbdiff_megatron.model.parallel import load_full_state_dict
-
     hf = HFCheckpoint(path)
     family = detect_family(hf.config, str(hf.path / "config.json"))
     hf_vocab = int(hf.config.get("vocab_size") or 0)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from nbdiff_megatron.errors import ConversionError
 
@@ -106,8 +107,6 @@ def progress(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
     """tqdm over conversion units on stderr (plain iteration when disabled)."""
     if not enabled:
         return iterable
-    from tqdm import tqdm
-
     return tqdm(iterable, total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)
 
 

@@ -315,7 +315,7 @@ def hf_config_for_export(
 
     `context_length`: max_position_embeddings to record (a trained checkpoint's seq_length); None
     keeps the source config's value."""
-    import transformers
+    import transformers  # lazy: seconds at import; only the export writes a config object
 
     cls = {
         "llama": transformers.LlamaConfig,

@@ -14,31 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from nbdiff_megatron.data.tokenizer import TOKENIZER_FILE_NAMES
 from nbdiff_megatron.errors import ConversionError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+# What a conversion copies beside the weights: the tokenizer's files, the older JSON form of the chat
+# template, and the generation defaults.
+TOKENIZER_FILES = (*TOKENIZER_FILE_NAMES, "chat_template.json", "generation_config.json")
 # Files that make a folder a tokenizer (the others only accompany one).
 TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def open_safetensors(path: Path) -> Any:
     """safe_open(path), or one ConversionError naming the file when it is truncated or corrupt."""
-    from safetensors import safe_open
-
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
@@ -151,8 +143,6 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue a tensor; its shard is written as soon as all of the shard's tensors are in."""
-        from safetensors.torch import save_file
-
         shard = self.shard_of[name]
         self.pending[shard][name] = tensor.contiguous()
         if set(self.pending[shard]) == self.expected[shard]:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from nbdiff_megatron.checkpoint import common, mcore_io
 from nbdiff_megatron.checkpoint.families import (
@@ -32,16 +34,20 @@ from nbdiff_megatron.checkpoint.families import (
     detect_family,
     model_config_from_hf,
 )
-from nbdiff_megatron.checkpoint.hf_io import HFCheckpoint, copy_files
+from nbdiff_megatron.checkpoint.hf_io import (
+    TOKENIZER_FILES,
+    HFCheckpoint,
+    copy_files,
+    staged_rename,
+)
 from nbdiff_megatron.checkpoint.tables import VocabSizes, expected_hf_shape, table_for, to_mcore
+from nbdiff_megatron.data.tokenizer import load_tokenizer
 from nbdiff_megatron.errors import ConfigError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
 
 
 def _resolve_tokenizer(hf: HFCheckpoint, tokenizer: str | None) -> Any | None:
     """Our tokenizer wrapper for the model's tokenizer (adds [MASK] when missing), or None."""
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
-
     if tokenizer is None:
         if not hf.has_tokenizer():
             return None
@@ -63,8 +69,6 @@ def _tokenizer_files(hf: HFCheckpoint, tokenizer: str | None) -> list[Path]:
         return hf.tokenizer_files()
     path = Path(tokenizer)
     if path.is_dir():
-        from nbdiff_megatron.checkpoint.hf_io import TOKENIZER_FILES
-
         return [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
     return [path]
 
@@ -266,8 +270,6 @@ def hf_to_mcore(
             copy_files(_tokenizer_files(hf, tokenizer), tmp / common.TOKENIZER_DIR)
         (tmp / common.METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         (tmp / common.MODEL_YAML).write_text(_model_yaml(cfg))
-        from nbdiff_megatron.checkpoint.hf_io import staged_rename
-
         staged_rename(tmp, out.resolve(), overwrite)
     summary.seconds = timer.elapsed()
     return summary
@@ -287,8 +289,6 @@ def _tokenizer_metadata(tok: Any, out: Path, tokenizer: str | None) -> dict[str,
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -311,8 +311,6 @@ def _layouts_that_fit(cfg: ModelConfig, block_size: int | None) -> str:
 
 
 def _model_yaml(cfg: ModelConfig) -> str:
-    import yaml
-
     values = {k: v for k, v in cfg.to_dict().items() if k != "extra_transformer_config" or v}
     header = (
         "# The model section matching this checkpoint (nbdiff convert hf-to-mcore); paste it\n"

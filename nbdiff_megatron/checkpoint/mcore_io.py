@@ -11,6 +11,9 @@ Memory: converted tensors are staged in raw files and handed to dist_checkpointi
 tensors, so the resident size stays at about one decoder layer; pages of staged tensors are file-backed
 and the OS can drop them while the checkpoint is written. Reading (mcore -> HF) loads one layer's
 slices of the stacked layer tensors at a time.
+
+megatron-core (and model/builder.py, which imports it) is imported inside the functions that use it:
+it costs seconds at import (docs/megatron-compat.md), and reading a checkpoint needs only torch's DCP.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from nbdiff_megatron.checkpoint.dist import (
     damaged_shard_files,
@@ -30,6 +37,7 @@ from nbdiff_megatron.checkpoint.dist import (
 )
 from nbdiff_megatron.errors import CheckpointError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
+from nbdiff_megatron.model.parallel import initialize_parallel
 
 METADATA_KEY = "nbdiff_metadata"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -80,9 +88,7 @@ def load_model_state_dict(module: torch.nn.Module, state_dict: dict[str, Any]) -
 
 def _ensure_single_rank_parallel() -> None:
     """megatron parallel_state for one process (the template is the unsharded TP=1/PP=1 model)."""
-    from megatron.core import parallel_state
-
-    from nbdiff_megatron.model.parallel import initialize_parallel
+    from megatron.core import parallel_state  # lazy: megatron-core (module doc)
 
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -108,7 +114,7 @@ def template_model_config(cfg: ModelConfig, tp: int) -> ModelConfig:
 
 def template_sharded_state_dict(cfg: ModelConfig, tp: int = 1) -> dict[str, Any]:
     """The model's sharded state dict with meta tensors (state-dict name -> ShardedBase)."""
-    from nbdiff_megatron.model.builder import build_model
+    from nbdiff_megatron.model.builder import build_model  # lazy: imports megatron-core
 
     _ensure_single_rank_parallel()
     with torch.device("meta"):
@@ -118,14 +124,17 @@ def template_sharded_state_dict(cfg: ModelConfig, tp: int = 1) -> dict[str, Any]
 
 def is_tensor_entry(entry: Any) -> bool:
     """ShardedTensor or ShardedTensorFactory (not the `_extra_state` ShardedObjects)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (  # lazy: megatron-core (module doc)
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
 
     return isinstance(entry, (ShardedTensor, ShardedTensorFactory))
 
 
 def set_entry_data(entry: Any, tensor: torch.Tensor) -> None:
     """Put real data into a template entry (shape checked against the template)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor  # lazy (module doc)
 
     if tuple(entry.data.shape) != tuple(tensor.shape):
         raise ConversionError(
@@ -181,8 +190,6 @@ class CheckpointReader:
     """
 
     def __init__(self, ckpt: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.ckpt = ckpt
         try:
             self._reader = FileSystemReader(str(ckpt))
@@ -229,10 +236,6 @@ class CheckpointReader:
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of the global tensor `key`."""
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
         dest = torch.empty(sizes, dtype=dtype or self.dtype(key))
         key = self.stored_key(key) or key
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))

@@ -115,6 +115,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the chosen direction and print its summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Lazy: each direction imports torch and megatron-core or transformers (seconds), which
+    # `nbdiff convert --help` and the other direction do not need.
     if args.direction == "hf-to-mcore":
         from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
 

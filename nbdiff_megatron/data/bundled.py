@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from nbdiff_megatron.data.preprocess import output_prefix_for, preprocess, read_sidecar
 from nbdiff_megatron.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -67,8 +68,6 @@ def prepare_bundled_corpus(
     Reuses an earlier result in `out_dir` when it was made the same way. `max_documents` keeps
     only the first N documents (for fast tests).
     """
-    from nbdiff_megatron.data.preprocess import output_prefix_for, preprocess, read_sidecar
-
     os.makedirs(out_dir, exist_ok=True)
     name = "bundled" if max_documents is None else f"bundled{max_documents}"
     output_prefix = os.path.join(out_dir, name)

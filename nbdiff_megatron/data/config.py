@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from nbdiff_megatron.data.tokenizer import canonical_tokenizer_type
 from nbdiff_megatron.errors import ConfigError
 
 MODES = ("pretrain", "sft")
@@ -64,8 +65,6 @@ class DataConfig:
         if self.data_path:
             parse_blend(self.data_path)
         parse_split(self.split)
-        from nbdiff_megatron.data.tokenizer import canonical_tokenizer_type
-
         self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}.")

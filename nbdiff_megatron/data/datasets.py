@@ -6,7 +6,7 @@ Every sample is a dict of three tensors of length L (the model's sequence length
   shifts inside the x_0 half.
 - `doc_ids`  LongTensor[L]: 0-based within the sample, non-decreasing; a token that follows an EOD
   starts a new document and the EOD belongs to the document it ends. The model uses them so that
-  attention never crosses documents and position ids restart per document (NBDIFF.md §3).
+  attention never crosses documents and position ids restart per document (docs/METHOD.md §3).
 - `loss_mask` BoolTensor[L]: False on padding (and, for SFT, on everything but the responses).
 - SFT samples only: `turn_ids` LongTensor[L], +1 right after each response inside a conversation;
   the training mask lets no token see a later turn (data/sft.py, method/masks.py).

@@ -10,6 +10,10 @@ import contextlib
 import warnings
 from typing import Any
 
+import torch.distributed as dist
+
+from nbdiff_megatron.megatron_compat import known_fields
+
 with warnings.catch_warnings():
     # megatron-core warns at import time that Transformer Engine / Apex are absent (expected on CPU)
     warnings.simplefilter("ignore")
@@ -42,8 +46,6 @@ def gpt_dataset_config(**kwargs: Any) -> GPTDatasetConfig:
     All the fields we pass exist in 0.16.1 and 0.19.x; a field a later release renames or removes
     raises CompatibilityError naming it, instead of vanishing (its default could change the data).
     """
-    from nbdiff_megatron.megatron_compat import known_fields
-
     return GPTDatasetConfig(**known_fields(GPTDatasetConfig, kwargs, what="GPTDatasetConfig"))
 
 
@@ -55,8 +57,6 @@ def single_process_rank():
     cache misses; GPTDataset guards the same call with `is_initialized()`. Without a process group
     this process is rank 0, so answer 0 for the duration of the build, and only then.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         yield
         return

@@ -14,7 +14,7 @@ Conversations are packed into sequences of exactly L tokens by best-fit decreasi
 each conversation is one document (its own doc id; attention never crosses it). Each token also gets
 a turn id (`turn_ids_from_loss_mask`): 0 from the conversation's start, +1 right after the end of each
 response; the training mask lets no token see a later turn (method/masks.py), so a masked token of a
-response never sees the next user turn, which inference never has either (NBDIFF.md §3). The rest of a
+response never sees the next user turn, which inference never has either (docs/METHOD.md §3). The rest of a
 sequence is padding: token `pad`, loss off, one more document id. A conversation longer than L is
 dropped (`sft_overflow: drop`), cut back to its first whole exchanges that fit (`truncate_turns`), or
 cut to L tokens (`truncate`; kept only if a response token survives). Every conversation is counted

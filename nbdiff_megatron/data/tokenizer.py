@@ -14,10 +14,17 @@ text (a literal "<|endoftext|>" inside a document must not end it); templates pa
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
+
+import sentencepiece
+import tiktoken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
 
 from nbdiff_megatron.errors import ConfigError, DataError
 
@@ -167,8 +174,6 @@ class HuggingFaceTokenizer(Tokenizer):
         """`include_special_tokens` (Megatron-LM's --tokenizer-hf-include-special-tokens): encode
         as `tokenizer(text).input_ids` does, adding the post-processor's tokens (BOS...) and
         reading special-token strings in the text as those tokens."""
-        from tokenizers import Tokenizer as RustTokenizer
-
         self.tokenizer_model = path
         self.include_special_tokens = include_special_tokens
         config: dict[str, Any] = {}
@@ -198,8 +203,6 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def _setup(self, config: dict[str, Any]) -> None:
         """Special ids (from the config, else by name), [MASK] added when missing, vocab size."""
-        from tokenizers import AddedToken
-
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -265,9 +268,6 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
     def __init__(
         self, path: str, merge_file: str | None = None, include_special_tokens: bool = False
     ) -> None:
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as RustTokenizer
-
         vocab_file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
         merge_file = merge_file or _sibling_merges(path)
         for what, file in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
@@ -353,7 +353,7 @@ class NullTokenizer(Tokenizer):
 
 def _backend_from_transformers(path: str):
     """A folder without tokenizer.json: let transformers build the fast tokenizer (offline)."""
-    try:
+    try:  # lazy: transformers costs seconds at import, and only this fallback needs it
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -378,8 +378,6 @@ class SentencePieceTokenizer(Tokenizer):
     tokenizer_type = "SentencePieceTokenizer"
 
     def __init__(self, path: str) -> None:
-        import sentencepiece
-
         self.tokenizer_model = path
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -507,10 +505,6 @@ class TikTokenizer(Tokenizer):
         pattern: str | None = None,
         special_tokens: dict[str, int] | None = None,
     ) -> None:
-        import hashlib
-
-        import tiktoken
-
         self.tokenizer_model = path
         ranks: dict[bytes, int] = {}
         digest = hashlib.sha256()
@@ -714,8 +708,6 @@ def copy_tokenizer(tokenizer_model: str, run_dir: str | os.PathLike) -> str | No
     """Copy a local tokenizer (an HF folder's tokenizer files, or one tokenizer file) into
     `run_dir`/tokenizer/, so the run keeps working when its source moves; returns the copy's folder,
     or None when there is nothing local to copy (NullTokenizer, a missing path)."""
-    import shutil
-
     source = os.path.abspath(tokenizer_model) if tokenizer_model else ""
     if not source or not os.path.exists(source):
         return None

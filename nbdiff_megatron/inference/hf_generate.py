@@ -156,7 +156,7 @@ def generate(
     BlockGenerateOutput that also holds each row's stop reason and the decoding statistics. Options
     are those of `nbdiff generate`; `max_new_tokens` beyond the context is capped, with a warning.
     """
-    options = dict(locals())
+    options = dict(locals())  # the keyword options above, by name, for decode_config
     gen_cfg = generation_config or getattr(model, "generation_config", None)
     config = decode_config(model, gen_cfg, options)
     nb = dict(getattr(model.config, "nbdiff", None) or {})

@@ -1,4 +1,4 @@
-"""Log-likelihood of a continuation given a context under the block-diffusion model (NBDIFF.md §4).
+"""Log-likelihood of a continuation given a context under the block-diffusion model (docs/METHOD.md §4).
 
 The causal score (lm_eval_adapter's default for AR-trained heads) reads the x_0 half; a model trained
 with λ = 0 or the block-causal mask has no meaningful AR head, so its score is the block-diffusion

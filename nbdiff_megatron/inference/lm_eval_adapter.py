@@ -2,6 +2,8 @@
 
     nbdiff eval --load CKPT --task-jsonl tests/inference/assets/gsm8k_mini.jsonl --limit 20
     nbdiff eval --load CKPT --include-path my_tasks/ --tasks my_task1,my_task2
+    nbdiff eval --load CKPT --tasks gsm8k --apply-chat-template --fewshot-as-multiturn \
+        --thresholds 0.9,0.8,0.7 --plot tpf.png
 
 `NBDiffLM` is an `lm_eval.api.model.LM`:
 - `generate_until`: block decoding (BlockDecoder; `--ar` for the AR baseline) with the request's
@@ -11,14 +13,17 @@
   - "causal": the model's **causal (AR) log-likelihood**: one causal forward over context +
     continuation, summing log p(token_i | tokens_<i) over the continuation (`is_greedy` = every
     continuation token is the argmax). Exact for the model's clean (x_0) half, which NBDiff trains
-    with the AR loss L_AR (NBDIFF.md §4); cheap (one forward per request) and deterministic.
+    with the AR loss L_AR (docs/METHOD.md §4); cheap (one forward per request) and deterministic.
   - "diffusion": the seeded Monte Carlo estimate of the block-diffusion bound (likelihood.py), blocks
     laid out as in decoding; `--ll-samples` draws per block. The default follows the checkpoint:
     diffusion when it was trained with λ = 0 or the block-causal mask (no meaningful AR head).
   Inputs longer than the context are truncated from the left.
 
-Hub tasks cannot be downloaded here: use local task YAMLs (`--include-path`) or `--task-jsonl FILE`, which
-builds a GSM8K-style task ({"question", "answer" ending in "#### N"}, exact match on N) around a local file.
+Tasks: lm-eval's own (`--tasks gsm8k`) when their data is in the HF datasets cache or downloadable (one
+message when it is not), local task YAMLs (`--include-path`), or `--task-jsonl FILE`, which builds a
+GSM8K-style task ({"question", "answer" ending in "#### N"}, exact match on N) around a local file, listing
+the lines it cannot score. Generation requests are decoded batch by batch per task (each task's TPF, NFE and
+tokens/s are its own, eval_report.py), the batches dealt over the data-parallel ranks under torchrun.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pure rules of parallel decoding: how a token is drawn from logits and which masked tokens to unmask.
 
-NBDIFF.md §7: inside the active block, every still-masked position gets a proposal (greedy or sampled)
+docs/METHOD.md §7: inside the active block, every still-masked position gets a proposal (greedy or sampled)
 and a score; the positions that pass the rule are unmasked together, at least one per step (the
 best-scored one), so a block of n tokens never takes more than n steps.
 

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-try:  # the one guarded import of the optional GPU backend (STYLE.md habit 5)
+try:  # the one guarded import of the optional GPU backend (docs/ARCHITECTURE.md, Conventions)
     from nbdiff_megatron.kernels import _triton_ce
 except ImportError as _exc:  # triton is not installed: the torch path serves every device
     _triton_ce = None

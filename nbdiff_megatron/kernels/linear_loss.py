@@ -1,4 +1,4 @@
-"""Fused output projection + NBDiff masked cross-entropy (NBDIFF.md §4, eq. 2), vocab-parallel.
+"""Fused output projection + NBDiff masked cross-entropy (docs/METHOD.md §4, eq. 2), vocab-parallel.
 
 ``nbdiff_linear_loss(hidden, weight, ...)`` equals ``nbdiff_loss(hidden @ weight.T, ...)`` (the logits
 gathered over the TP group) in value and in gradients w.r.t. ``hidden`` and ``weight``, without ever
@@ -61,10 +61,15 @@ def _group_rank(group: Any) -> int:
     return 0 if _group_size(group) == 1 else dist.get_rank(group)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of one chunk of rows against this rank's real vocabulary columns."""
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """fp32 logits of one chunk of rows against `weight`'s columns; the columns from `n_valid` on
+    (vocabulary padding, when the padded shard is projected) are -inf, so they never score: their
+    softmax, and so their gradient, is exactly 0."""
     logits = hidden @ weight.t()
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if n_valid < logits.shape[1]:
+        logits[:, n_valid:] = float("-inf")
+    return logits
 
 
 def _accumulate_weight_grad(dst: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
@@ -97,7 +102,11 @@ def _main_grad_written(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
-    """Per-row CE of ``hidden [N, h] @ weight[:n_valid].T``, vocab-parallel over ``group``."""
+    """Per-row CE of ``hidden [N, h] @ weight[:n_valid].T``, vocab-parallel over ``group``.
+
+    ``width`` is the number of weight rows projected: ``n_valid`` (the real columns only) or the
+    whole shard (aligned GEMM shapes; the padding columns are masked, `_chunk_logits`).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -110,10 +119,11 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         chunk_rows: int,
         group: Any,
         into_main_grad: bool,
+        width: int,
     ) -> torch.Tensor:
         rows = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        w = weight[:n_valid]
+        w = weight[:width]
         local_target = targets - vocab_start
         here = (local_target >= 0) & (local_target < n_valid)
         local_target = torch.where(here, local_target, torch.zeros_like(local_target))
@@ -124,7 +134,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             for s in range(0, rows, chunk_rows):
                 e = s + chunk_rows
                 stats = ce_chunk.chunk_stats(
-                    _chunk_logits(hidden[s:e], w), local_target[s:e], here[s:e]
+                    _chunk_logits(hidden[s:e], w, n_valid), local_target[s:e], here[s:e]
                 )
                 row_max[s:e], sum_exp[s:e], target_logit[s:e] = stats
         if _group_size(group) > 1:
@@ -139,7 +149,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         lse = row_max + sum_exp.log()
         ctx.save_for_backward(hidden, weight, local_target, here, lse)
         ctx.n_valid, ctx.chunk_rows, ctx.group = n_valid, chunk_rows, group
-        ctx.into_main_grad = into_main_grad
+        ctx.into_main_grad, ctx.width = into_main_grad, width
         return lse - target_logit
 
     @staticmethod
@@ -153,23 +163,28 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         else:
             # At least fp32: a bf16 sum over the row chunks would round.
             grad_weight = torch.zeros_like(weight, dtype=lse.dtype)
-        w = weight[:n_valid]
+        width = ctx.width
+        w = weight[:width]
         if n_valid > 0:
             grad_ce = grad_ce.to(lse.dtype)
             for s in range(0, hidden.shape[0], chunk_rows):
                 e = s + chunk_rows
                 h = hidden[s:e]
                 d_logits = ce_chunk.chunk_grad_(
-                    _chunk_logits(h, w), lse[s:e], local_target[s:e], here[s:e], grad_ce[s:e]
+                    _chunk_logits(h, w, n_valid),
+                    lse[s:e],
+                    local_target[s:e],
+                    here[s:e],
+                    grad_ce[s:e],
                 ).to(hidden.dtype)
                 torch.mm(d_logits, w, out=grad_hidden[s:e])
-                _accumulate_weight_grad(grad_weight[:n_valid], d_logits, h)
+                _accumulate_weight_grad(grad_weight[:width], d_logits, h)
         if _group_size(group) > 1:
             # hidden is replicated over the TP group; its gradient is the sum of the shards'.
             dist.all_reduce(grad_hidden, group=group)
         if ctx.into_main_grad:
-            return grad_hidden, _main_grad_written(weight), None, None, None, None, None, None
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
+            return grad_hidden, _main_grad_written(weight), None, None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -217,6 +232,7 @@ def nbdiff_linear_loss(
     block_size: int | None = None,
     positions: torch.Tensor | None = None,
     accumulate_into_main_grad: bool = False,
+    project_padded: bool = False,
 ) -> LossTerms:
     """``nbdiff_loss(hidden @ weight.T gathered over tp_group, ...)`` without the logits (module doc).
 
@@ -237,6 +253,12 @@ def nbdiff_linear_loss(
             placeholder weight gradient (megatron's gradient-accumulation-fusion contract,
             `_main_grad_written`), so that megatron DDP's per-parameter hook -- which marks the
             weight's bucket ready under ``overlap_grad_reduce`` -- runs and does not add it twice.
+        project_padded: project against the whole shard (``V_local`` columns, a multiple of
+            ``make_vocab_size_divisible_by``) with the padding columns masked to -inf, instead of
+            its real columns only (``weight[:n_valid]``, e.g. 38,177 of 38,400 on the last of 4 TP
+            ranks for V = 153,377). Same values and gradients (padding rows get zero gradient);
+            the aligned width may suit cuBLAS and the Triton loads better -- not measured yet
+            (`benchmarks/gpu_suite.py` times both), so the default stays the real width.
     """
     if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
         raise ValueError(
@@ -307,6 +329,7 @@ def nbdiff_linear_loss(
         chunk,
         tp_group,
         accumulate_into_main_grad and weight.requires_grad,
+        v_local if project_padded else n_valid,
     )
     return loss_terms(
         ce, sel, ar_weight=ar_weight, mdm_denominator=mdm_denominator, ar_denominator=ar_denominator

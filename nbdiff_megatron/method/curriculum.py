@@ -1,7 +1,7 @@
-"""Gradual block growth and its co-schedules (NBDIFF.md §5, eq. 3; §4 for the AR weight).
+"""Gradual block growth and its co-schedules (docs/METHOD.md §5, eq. 3; §4 for the AR weight).
 
 Everything here is a function of the step number only, so every pipeline stage and every rank
-computes the same block size, AR weight and annealed-mask progress without communication (DESIGN.md).
+computes the same block size, AR weight and annealed-mask progress without communication.
 
 What "step k" means (one meaning for the whole project). Training steps are numbered k = 1, 2, ...,
 train.steps: step k is the k-th optimizer update. Step k trains with B(k) = ``block_size_at(k)``,
@@ -69,7 +69,7 @@ def _doublings_to_target(target: int, start: int, base: int) -> int:
 def block_size_at(
     step: int, *, target: int = 32, start: int = 1, base: int = 2, interval: int, warmup: int = 0
 ) -> int:
-    """Block size at a step, NBDIFF.md eq. 3.
+    """Block size at a step, docs/METHOD.md eq. 3.
 
     ``B(s) = min(B0 * r ** floor(max(0, s - s_w) / Δ), B_target)`` with ``B0 = start``,
     ``r = base``, ``Δ = interval``, ``s_w = warmup``. Example (the paper's ablation, target 32
@@ -127,7 +127,7 @@ def ar_weight_at(
     target: int = 32,
     style: str = "constant",
 ) -> float:
-    """AR-loss weight λ of eq. 2 for the current block size (NBDIFF.md §4 "Total", §5 co-schedules).
+    """AR-loss weight λ of eq. 2 for the current block size (docs/METHOD.md §4 "Total", §5 co-schedules).
 
     λ is annealed in ``log2`` of the block size: with ``f = log2(B / start) / log2(target / start)``
     (``f = 1`` when ``start == target``), ``constant``: ``λ = start_weight``; ``linear``:
@@ -159,7 +159,7 @@ def ar_weight_at(
 
 @dataclass(frozen=True)
 class Curriculum:
-    """Block growth (eq. 3) with its AR-weight co-schedule (NBDIFF.md §5)."""
+    """Block growth (eq. 3) with its AR-weight co-schedule (docs/METHOD.md §5)."""
 
     target: int = 32
     """Final block size B_target."""

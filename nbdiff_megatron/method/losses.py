@@ -1,7 +1,7 @@
-"""NBDiff losses on the x_t ⊕ x_0 forward (NBDIFF.md §4: eq. 5 L_MDM, eq. 1 L_AR, eq. 2 total).
+"""NBDiff losses on the x_t ⊕ x_0 forward (docs/METHOD.md §4: eq. 5 L_MDM, eq. 1 L_AR, eq. 2 total).
 
 Logits layout: ``logits[:, :L]`` come from the noised half x_t, ``logits[:, L:]`` from the clean
-half x_0 (both halves carry position ids 0..L-1, NBDIFF.md §3). Which logit predicts which token:
+half x_0 (both halves carry position ids 0..L-1, docs/METHOD.md §3). Which logit predicts which token:
 
 - L_AR: the x_0 logit at position ``i`` predicts ``x0[i + 1]`` (ordinary next-token prediction), for
   ``i = 0..L-2``. A target counts when ``loss_mask`` allows the *target* token and, when ``doc_ids``
@@ -176,7 +176,7 @@ def nbdiff_loss(
     positions: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
 ) -> LossTerms:
-    """NBDiff loss, eq. 2: ``total = (1 - λ) L_MDM + λ L_AR`` (NBDIFF.md §4); reference version.
+    """NBDiff loss, eq. 2: ``total = (1 - λ) L_MDM + λ L_AR`` (docs/METHOD.md §4); reference version.
 
     - ``L_MDM`` (eq. 5) = Σ over ``masked & loss_mask`` of ``CE / t`` divided by the number of
       ``loss_mask`` tokens (or by ``mdm_denominator``).

@@ -1,4 +1,4 @@
-"""Attention masks of NBDiff training and inference (NBDIFF.md §2-§3).
+"""Attention masks of NBDiff training and inference (docs/METHOD.md §2-§3).
 
 Convention used everywhere in this project: a boolean mask is indexed [query, key] and **True means the
 query MAY attend to the key**. (megatron-core's boolean masks mean the opposite; the model's adapter is the
@@ -13,7 +13,7 @@ L..2L-1 the clean sequence x_0. With ``blk(i) = pos(i) // B`` (``pos`` = positio
 
 and, when documents are packed, additionally ``doc(i) == doc(j)`` everywhere.
 
-Multi-turn SFT (NBDIFF.md §3): each token also carries a *turn id*, non-decreasing inside its document
+Multi-turn SFT (docs/METHOD.md §3): each token also carries a *turn id*, non-decreasing inside its document
 and incremented right after the end of each response (``turn_ids``, produced by the SFT packer). Every
 tile additionally requires ``turn(j) <= turn(i)``: no token sees anything after the end of its own turn.
 In the causal tiles this already holds; it bites in the bidirectional x_t -> x_t block (a response's
@@ -119,7 +119,7 @@ def _positions(seq_len: int, doc_ids: torch.Tensor | None, device=None) -> torch
 
 
 def block_ids(seq_len: int, block_size: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """``blk(i) = pos(i) // B`` with blocks counted from each document's start (NBDIFF.md §3). [..., L]."""
+    """``blk(i) = pos(i) // B`` with blocks counted from each document's start (docs/METHOD.md §3). [..., L]."""
     _check_positive_int("seq_len", seq_len)
     _check_positive_int("block_size", block_size)
     if doc_ids is not None:
@@ -130,7 +130,7 @@ def block_ids(seq_len: int, block_size: int, doc_ids: torch.Tensor | None = None
 def training_position_ids(seq_len: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids of x_t ⊕ x_0: both halves carry 0..L-1 (restarting per document). [2L] or [b, 2L].
 
-    RoPE must see block k of x_t and block k of x_0 at the same positions (NBDIFF.md §3).
+    RoPE must see block k of x_t and block k of x_0 at the same positions (docs/METHOD.md §3).
     """
     _check_positive_int("seq_len", seq_len)
     if doc_ids is not None:
@@ -176,7 +176,7 @@ def _tiles(
         else:
             c0 = same_doc & (bk <= bq)
     if turn_ids is not None:
-        # No token sees past the end of its own turn (multi-turn SFT, NBDIFF.md §3).
+        # No token sees past the end of its own turn (multi-turn SFT, docs/METHOD.md §3).
         turn_ok = turn_ids.to(tt.device).unsqueeze(-2) <= turn_ids.to(tt.device).unsqueeze(-1)
         tt, t0, c0 = tt & turn_ok, t0 & turn_ok, c0 & turn_ok
     return tt, t0, c0
@@ -225,7 +225,7 @@ def training_mask(
     turn_ids: torch.Tensor | None = None,
     annealed_draw: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The 2L x 2L training mask of x_t ⊕ x_0 (NBDIFF.md §3 table). True = may attend.
+    """The 2L x 2L training mask of x_t ⊕ x_0 (docs/METHOD.md §3 table). True = may attend.
 
     Args:
         seq_len: L, the length of x_0 (and of x_t).
@@ -412,7 +412,7 @@ def inference_mask(prefix_len: int, block_len: int) -> torch.Tensor:
     """Mask of the active block's queries over [committed prefix ; active block]. [n, P + n].
 
     The active block sees every committed token (its KV cache, encoded causally) and itself
-    bidirectionally (NBDIFF.md §7) -- exactly what an x_t block sees in training (M_OBC + M_BD).
+    bidirectionally (docs/METHOD.md §7) -- exactly what an x_t block sees in training (M_OBC + M_BD).
     """
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
         raise ValueError(f"prefix_len must be an integer >= 0, got {prefix_len!r}")

@@ -1,10 +1,10 @@
-"""Noising of the x_t half: diffusion-time sampling and token masking (NBDIFF.md §4, "Noising").
+"""Noising of the x_t half: diffusion-time sampling and token masking (docs/METHOD.md §4, "Noising").
 
 Conventions shared by every function here:
 
 - Blocks. Without ``positions`` a row of length L is cut into ``ceil(L / B)`` blocks of ``B`` tokens
   (the last one may be short): token ``j`` is in block ``j // B`` at offset ``j % B``. With
-  ``positions`` (packed documents, NBDIFF.md §3 "Packed documents"), ``positions[r, j]`` is the
+  ``positions`` (packed documents, docs/METHOD.md §3 "Packed documents"), ``positions[r, j]`` is the
   position of token ``j`` inside its document (its position id, restarting at 0 for each document)
   and blocks are counted from each document's start: a token starts a new block when it is the row's
   first token, when ``positions % B == 0``, or when the positions do not continue by +1 (a new
@@ -72,7 +72,7 @@ def sample_t(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Draw diffusion times ``t ~ U(lo, hi)``, per sequence or per block (NBDIFF.md §4, "Noising").
+    """Draw diffusion times ``t ~ U(lo, hi)``, per sequence or per block (docs/METHOD.md §4, "Noising").
 
     The default range is ``[eps, 1]`` (``lo = eps``, ``hi = 1``); ``lo``/``hi`` clip it (``lo``
     replaces ``eps`` when given). ``0 < lo <= hi <= 1`` is required: ``t = 0`` would give the L_MDM
@@ -138,7 +138,7 @@ def block_layout(
     positions: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> BlockLayout:
-    """Block index, offset and start of each token (NBDIFF.md §2 ``blk(i) = i // B``; §3 packing).
+    """Block index, offset and start of each token (docs/METHOD.md §2 ``blk(i) = i // B``; §3 packing).
 
     ``positions`` (LongTensor ``[b, L]`` or ``[L]``) are per-document position ids; blocks then
     restart at each document (``blk = pos // B``) and are numbered globally along the row.
@@ -192,7 +192,7 @@ def per_token_t(
 ) -> torch.Tensor:
     """Expand a per-sequence ``t [b]`` or per-block ``t [b, n_blocks]`` to per-token ``[b, L]``.
 
-    This is the ``t`` that ``nbdiff_loss`` weights L_MDM with (NBDIFF.md §4, eq. 5, weight ``1/t``):
+    This is the ``t`` that ``nbdiff_loss`` weights L_MDM with (docs/METHOD.md §4, eq. 5, weight ``1/t``):
     each token carries the ``t`` of its sequence or of its block (global block index, module
     docstring).
     """
@@ -251,14 +251,14 @@ def mask_probability(
     token_shift: bool = False,
     skew: float = 0.5,
 ) -> torch.Tensor:
-    """Probability that each token is masked, ``[b, L]`` (NBDIFF.md §4, "Noising", "Token shift").
+    """Probability that each token is masked, ``[b, L]`` (docs/METHOD.md §4, "Noising", "Token shift").
 
     Uniform: ``p = t`` for every maskable token. With ``token_shift`` the first token of each block
     is not maskable (``p = 0``; it is decoded autoregressively).
 
     Position-dependent (Efficient-DLM), this project's formula, built per block from the block's
     *actual* length ``n`` (``B``, or fewer for the short last block of a row or of a document,
-    NBDIFF.md §3): the block has ``m = n - 1`` maskable slots with ``token_shift``, else
+    docs/METHOD.md §3): the block has ``m = n - 1`` maskable slots with ``token_shift``, else
     ``m = n``; a token of rank ``r`` in its block (``r = offset``, counted from the first token the
     row holds) sits in slot ``q = r - (1 if token_shift else 0)``, ``q = 0..m-1``::
 
@@ -313,7 +313,7 @@ def mask_tokens(
     return_probability: bool = False,
     uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Build the noised view ``x_t`` of ``x0`` (NBDIFF.md §4, "Noising"; §3 for ``positions``).
+    """Build the noised view ``x_t`` of ``x0`` (docs/METHOD.md §4, "Noising"; §3 for ``positions``).
 
     Each token is masked independently with probability ``t`` of its sequence (``t [b]``) or block
     (``t [b, n_blocks]``, global block index, see the module docstring), shaped by
@@ -329,7 +329,7 @@ def mask_tokens(
 
     ``return_probability=True`` returns ``(x_t, masked, p)`` with ``p [b, L]`` the probability each
     token was masked with (``mask_probability``): the L_MDM weight of a masked token is ``1 / p``,
-    which is ``1 / t`` only for uniform masking (NBDIFF.md §4, eq. 5).
+    which is ``1 / t`` only for uniform masking (docs/METHOD.md §4, eq. 5).
     """
     if uniforms is None:
         _require_generator(generator, "mask_tokens")

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (NBDIFF.md §6: "LR constant then cooled down", two-phase / WSD).
+"""Learning-rate schedules (docs/METHOD.md §6: "LR constant then cooled down", two-phase / WSD).
 
 All styles share a linear warm-up from 0: ``lr = peak * step / warmup`` for ``step < warmup``, so
 the LR is ``peak`` exactly at ``step == warmup``. Steps are 0-based optimizer steps; past ``total``
@@ -80,7 +80,7 @@ def lr_at(
     style: str = "wsd",
     decay_shape: str = "linear",
 ) -> float:
-    """Learning rate at an optimizer step (NBDIFF.md §6, "LR constant then cooled down").
+    """Learning rate at an optimizer step (docs/METHOD.md §6, "LR constant then cooled down").
 
     - ``wsd`` (warm-up, stable, decay): warm-up, ``peak`` until ``total - decay``, then the last
       ``decay`` steps cool down to ``min_lr`` (reached at ``step == total``) with ``decay_shape`` in

@@ -153,9 +153,9 @@ Set (e.g. "eager"): compiled with that backend on every device -- how the tests 
 FLEX_RECOMPILE_LIMIT_ENV = "NBDIFF_FLEX_RECOMPILE_LIMIT"
 """Versions each compiled flex function may hold in one process (default `DEFAULT_FLEX_RECOMPILE_LIMIT`)."""
 DEFAULT_FLEX_RECOMPILE_LIMIT = 32
-"""Room for every shipped command with margin: `nbdiff ablate` compiles ~11 attention versions and
-`nbdiff eval`'s causal scorer 2-3 (docs/flex-attention.md has the counts); torch's own default, 8,
-is per code object and was reached by ablate's evaluation."""
+"""Room for every shipped command with margin: `nbdiff ablate` compiles 10 attention versions and
+`nbdiff eval`'s causal scorer 4 (docs/flex-attention.md has the counts); torch's own default, 8,
+was reached by ablate's evaluation."""
 
 
 class FlexRecompileLimitError(NBDiffError, RuntimeError):

@@ -1,6 +1,6 @@
 """Build the NBDiff GPT model on megatron-core and run it on x_t ⊕ x_0.
 
-Layout and conventions (DESIGN.md, NBDIFF.md §3):
+Layout and conventions (docs/METHOD.md §3):
 
 - Training input is `input_ids = [x_t ; x_0]`, `[b, 2L]`; both halves carry position ids 0..L-1
   (restarting per packed document). RoPE is applied from these position ids (megatron-core's GPTModel
@@ -365,7 +365,7 @@ def nbdiff_model_inputs(
     turn_ids: torch.Tensor | None = None,
     annealed_draw: torch.Tensor | None = None,
 ) -> ModelInputs:
-    """Model inputs of the x_t ⊕ x_0 training forward (NBDIFF.md §3).
+    """Model inputs of the x_t ⊕ x_0 training forward (docs/METHOD.md §3).
 
     Args:
         x_t, x0: LongTensor [b, L], the noised and the clean sequence.

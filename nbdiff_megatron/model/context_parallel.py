@@ -1,6 +1,6 @@
 """Context parallelism (CP) for the x_t ⊕ x_0 forward: which tokens a CP rank holds, its inputs, its loss.
 
-Layout ("zigzag" per half, DESIGN.md: "Context parallelism shards both halves the same way"). Each half
+Layout ("zigzag" per half, docs/METHOD.md §3: both halves are cut the same way). Each half
 of length L is cut into 2*cp chunks of c = L / (2*cp) tokens; CP rank r holds chunks r and 2cp-1-r of
 x_t AND the same chunks of x_0. Its local sequence is, in this order::
 
@@ -8,7 +8,7 @@ x_t AND the same chunks of x_0. Its local sequence is, in this order::
 
 i.e. global positions ascending. Why this layout:
 
-- Block k of x_t and block k of x_0 land on the same rank (equal position ids, NBDIFF.md §3), so RoPE
+- Block k of x_t and block k of x_0 land on the same rank (equal position ids, docs/METHOD.md §3), so RoPE
   positions and the document layout of a rank are the same in both halves.
 - Work is balanced: a query's number of visible keys grows with its position in BOTH halves (x_0 rows
   are causal; x_t rows see the clean blocks before theirs plus their own block), so pairing an early

@@ -7,7 +7,9 @@ on the clusters) still imports and runs. `cuda_to_cpu()` is a TorchFunctionMode 
 `device="cuda"` arguments to the CPU, for the pipeline schedules and the optimizer construction;
 `cuda_type_names()` makes CPU tensors report CUDA type names to megatron-core's optimizer type checks.
 With them the CPU runs megatron-core's own optimizer path: the distributed optimizer on gloo, its
-gradient clipping, bf16 (docs/GPU.md lists what stays GPU-only).
+gradient clipping, bf16 (docs/GPU.md lists what stays GPU-only). `patch_local_torch_norm()` is not a
+CUDA stand-in: the local spec's torch norms get sequence parallelism and the training dtype on every
+device.
 
 What is not made to work (GPU-only paths, tested on a GPU machine): Transformer Engine, apex, fused
 kernels, CUDA graphs.
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from nbdiff_megatron.megatron_compat import quiet_cpu_notices
 
 _APPLIED = False
 CPU = torch.device("cpu")
@@ -156,6 +160,7 @@ def apply() -> bool:
             if hasattr(mod, "_set_cuda_rng_state"):
                 _patch(mod, "_set_cuda_rng_state", _cpu_set_rng_state)
 
+    quiet_cpu_notices()  # megatron-core's CUDA_DEVICE_MAX_CONNECTIONS advice means nothing here
     _APPLIED = True
     return True
 

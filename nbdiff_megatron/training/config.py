@@ -12,20 +12,27 @@ checked on a laptop. `check_world_size` compares the layout with the processes a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from nbdiff_megatron.config_io import (
+    Problems,
+    build_dataclass,
+    merge,
+    parse_overrides,
+    to_plain,
+)
 from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.method.curriculum import Curriculum
+from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training._sections import DataConfig, ModelConfig
+from nbdiff_megatron.training.schedule import StepSchedule
 
 
 @dataclass
@@ -68,7 +75,7 @@ class ParallelConfig:
 
 @dataclass
 class NoiseConfig:
-    """How x_t is drawn from x_0 (NBDIFF.md §4, noising).
+    """How x_t is drawn from x_0 (docs/METHOD.md §4, noising).
 
     Tokens outside the loss (SFT prompts and user turns, padding) are never masked: inference always
     sees the prompt clean (`training.loop.noise_micro_batch`).
@@ -97,7 +104,7 @@ class CurriculumConfig:
     """Block-size growth (eq. 3) and the co-scheduled AR weight λ; functions of the step only."""
 
     mask_kind: Literal["context_causal", "block_causal", "annealed"] = "context_causal"
-    """Attention mask family (NBDIFF.md §2): context_causal (NBDiff), block_causal (ablation; needs
+    """Attention mask family (docs/METHOD.md §2): context_causal (NBDiff), block_causal (ablation; needs
     ar_weight 0) or annealed (DiffuLLaMA-style baseline: target block size from step 1, the mask
     interpolating from the B=1 to the target mask over the growth phase the growth_* fields define)."""
     start_block_size: int = 1
@@ -117,10 +124,23 @@ class CurriculumConfig:
     ar_weight_anneal: Literal["constant", "linear", "cosine"] = "constant"
     """How λ moves from ar_weight to ar_weight_final as the block grows."""
 
+    def build(self) -> Curriculum:
+        """The block growth (eq. 3) and λ co-schedule this section describes (docs/METHOD.md §5)."""
+        return Curriculum(
+            target=self.target_block_size,
+            start=self.start_block_size,
+            base=self.growth_base,
+            interval=self.growth_interval,
+            warmup=self.growth_warmup,
+            ar_weight_start=self.ar_weight,
+            ar_weight_end=self.ar_weight if self.ar_weight_final is None else self.ar_weight_final,
+            ar_weight_style=self.ar_weight_anneal,
+        )
+
 
 @dataclass
 class LossConfig:
-    """Loss options (NBDIFF.md §4)."""
+    """Loss options (docs/METHOD.md §4)."""
 
     token_shift: bool = True
     """Logit i-1 predicts token i (the AR head's meaning; NBDiff-7B decodes this way)."""
@@ -128,6 +148,10 @@ class LossConfig:
     """Fused output projection + masked loss (kernels.nbdiff_linear_loss): only loss rows are
     projected, never [2L, V] logits, vocab-parallel under TP. false = the reference path (full
     logits, gathered over TP, then method.losses.nbdiff_loss), kept as the oracle."""
+    fused_padded_projection: bool = False
+    """With the fused loss: project each TP rank's whole (padded) vocabulary shard with the padding
+    columns masked, instead of its real columns only (the same results; an aligned GEMM width on
+    the last rank). Off until benchmarks/gpu_suite.py has timed both on a GPU."""
     validate: bool = False
     """Run the loss's spec checks every step (token ids in range, t in (0, 1], no masked token at a
     block start under token shift); they synchronise the device, so they are for tests and debugging."""
@@ -171,6 +195,18 @@ class ScheduleConfig:
     """wsd: the last `decay_steps` steps cool down to optimizer.min_lr (0 = no cooldown)."""
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
     """wsd: shape of the cooldown."""
+
+    def build(self, optimizer: OptimizerConfig, steps: int) -> LRSchedule:
+        """The schedule from `optimizer.lr` to `optimizer.min_lr` over a run of `steps` steps."""
+        return LRSchedule(
+            peak=optimizer.lr,
+            min_lr=optimizer.min_lr,
+            warmup=self.warmup_steps,
+            total=steps,
+            decay=self.decay_steps,
+            style=self.style,
+            decay_shape=self.decay_shape,
+        )
 
 
 @dataclass
@@ -307,201 +343,25 @@ class TrainConfig:
         """Clean tokens consumed by the whole run."""
         return self.train.steps * self.tokens_per_step()
 
+    def step_schedule(self) -> StepSchedule:
+        """B, λ, the annealed mask's progress and the LR at step k (training/schedule.py)."""
+        return StepSchedule(
+            curriculum=self.curriculum.build(),
+            lr_schedule=self.schedule.build(self.optimizer, self.train.steps),
+            annealed_mask=self.curriculum.mask_kind == "annealed",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON serialisable)."""
-        return _to_plain(self)
+        return to_plain(self)
 
 
 # --------------------------------------------------------------------------------------- loading
 
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if hasattr(value, "is_floating_point"):  # a torch.dtype
-        return str(value).replace("torch.", "")
-    return value
-
-
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return (
-        f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(choices))}."
-    )
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML value to the field type `tp`, or raise ConfigError naming `where`."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a {tp}")
-    if origin is Literal:
-        if value in args:
-            return value
-        hint = _did_you_mean(str(value), [str(a) for a in args])
-        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}.{hint}")
-    if origin in (list, tuple):
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if re.fullmatch(r"[0-9.eE+_-]+", value) else int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    if getattr(tp, "__module__", "") == "torch" and isinstance(value, str):  # torch.dtype fields
-        import torch
-
-        dtype = getattr(torch, value.replace("torch.", ""), None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-        raise ConfigError(f"{where}: {value!r} is not a torch dtype (e.g. float32, bfloat16)")
-    return value
-
-
-def _resolved_hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # a hint that cannot be resolved here: fall back to the raw annotations
-        return {f.name: f.type for f in dataclasses.fields(cls)}
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, checking keys and types."""
-    if raw is None:
-        raw = {}
-    if dataclasses.is_dataclass(raw) and isinstance(raw, cls):
-        return raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {raw!r}")
-    hints = _resolved_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    problems = _Problems()
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            problems.need(
-                False,
-                f"unknown config key '{path}'.{_did_you_mean(str(key), names)}"
-                " Fix the YAML file or the --override.",
-            )
-            continue
-        try:
-            kwargs[key] = _coerce(value, hints.get(key, Any), path)
-        except ConfigError as exc:
-            problems.add(exc)
-    problems.raise_if_any()
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`['--a.b=1', 'c.d=x']` -> nested dict {'a': {'b': 1}, 'c': {'d': 'x'}} (values parsed as YAML)."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text:
-            raise ConfigError(
-                f"override '{item}' has no value: write it as --section.field=value "
-                "(e.g. --train.steps=100)"
-            )
-        key, raw_value = text.split("=", 1)
-        parts = [p for p in key.replace("-", "_").split(".") if p]
-        if len(parts) < 2:
-            raise ConfigError(
-                f"override '{item}' must name a section and a field, e.g. --train.steps=100"
-            )
-        try:
-            value = yaml.safe_load(raw_value) if raw_value != "" else None
-        except yaml.YAMLError:
-            value = raw_value
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of {part}")
-        node[parts[-1]] = value
-    return nested
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> TrainConfig:
     """Build (and by default validate) a TrainConfig from a nested mapping."""
-    cfg = _build(TrainConfig, raw, "")
+    cfg = build_dataclass(TrainConfig, raw, "")
     if validate:
         validate_config(cfg)
     return cfg
@@ -608,14 +468,14 @@ def load_config(
     resized = {"steps", "global_batch_size"} & set(train_extra) or "seq_length" in model_extra
     if resized and "token_budget" not in train_extra and isinstance(raw.get("train"), dict):
         # The file's stated budget describes the file's run; overriding its size makes another run.
-        raw = _merge(raw, {"train": {"token_budget": None}})
+        raw = merge(raw, {"train": {"token_budget": None}})
     if model_file is not None:
         config_model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
         shape, note = merge_model_file(config_model, read_model_file(model_file), model_file)
-        raw = _merge(raw, {"model": shape})
+        raw = merge(raw, {"model": shape})
         if note and notes is not None:
             notes.append(note)
-    raw = _merge(raw, extra)
+    raw = merge(raw, extra)
     try:
         return config_from_dict(raw, validate=validate)
     except ConfigError as exc:
@@ -644,7 +504,9 @@ def parse_token_count(text: str) -> float:
     return float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
 
 
-def _need(cond: bool, message: str) -> None:
+def _require(cond: bool, message: str) -> None:
+    """A single check that raises: for the helpers that `Problems.check` runs (never in the middle of
+    validate_config, which collects with `need`)."""
     if not cond:
         raise ConfigError(message)
 
@@ -660,30 +522,33 @@ def resolved_dp(cfg: TrainConfig, world_size: int | None = None) -> int:
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:
-    """Check the layout against the launched processes; returns the data-parallel size."""
+    """Check the layout against the launched processes (every problem in one ConfigError); returns
+    the data-parallel size."""
     par = cfg.parallel
     model_parallel = par.tp * par.pp * par.cp
-    _need(
-        world_size % model_parallel == 0,
-        f"parallel: {world_size} processes cannot be split into tp={par.tp} x pp={par.pp} x "
-        f"cp={par.cp} = {model_parallel}; launch a multiple of {model_parallel} processes or change "
-        "parallel.tp/pp/cp",
-    )
-    dp = world_size // model_parallel
-    if par.dp is not None and par.dp != dp:
+    if world_size % model_parallel:  # nothing else can be checked without a data-parallel size
         raise ConfigError(
-            f"parallel.dp={par.dp} but {world_size} processes with tp*pp*cp={model_parallel} give "
-            f"dp={dp}; launch {par.dp * model_parallel} processes or set --parallel.dp={dp} "
-            "(or leave it out)"
+            f"parallel: {world_size} processes cannot be split into tp={par.tp} x pp={par.pp} x "
+            f"cp={par.cp} = {model_parallel}; launch a multiple of {model_parallel} processes or "
+            "change parallel.tp/pp/cp"
         )
-    _check_batch(cfg, dp)
+    dp = world_size // model_parallel
+    problems = Problems()
+    problems.need(
+        par.dp is None or par.dp == dp,
+        f"parallel.dp={par.dp} but {world_size} processes with tp*pp*cp={model_parallel} give "
+        f"dp={dp}; launch {(par.dp or 1) * model_parallel} processes or set --parallel.dp={dp} "
+        "(or leave it out)",
+    )
+    problems.check(_check_batch, cfg, dp)
+    problems.raise_if_any()
     return dp
 
 
 def check_launch(cfg: TrainConfig, world_size: int, on_cuda: bool) -> int:
     """What depends on the launch: the layout against the processes, and the GPU-only settings
     against this machine. Reports every problem in one ConfigError; returns the data-parallel size."""
-    problems = _Problems()
+    problems = Problems()
     dp = 1
     try:
         dp = check_world_size(cfg, world_size)
@@ -702,7 +567,7 @@ def check_launch(cfg: TrainConfig, world_size: int, on_cuda: bool) -> int:
 def _check_batch(cfg: TrainConfig, dp: int) -> None:
     loop = cfg.train
     per_step = loop.micro_batch_size * dp
-    _need(
+    _require(
         loop.global_batch_size % per_step == 0,
         f"train.global_batch_size={loop.global_batch_size} is not divisible by "
         f"train.micro_batch_size ({loop.micro_batch_size}) x data-parallel size ({dp}) = {per_step}; "
@@ -710,50 +575,10 @@ def _check_batch(cfg: TrainConfig, dp: int) -> None:
     )
 
 
-class _Problems:
-    """Collects every config problem, so that one run reports them all at once."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def need(self, cond: bool, message: str) -> None:
-        if not cond:
-            self.messages.append(message)
-
-    def add(self, exc: ConfigError) -> None:
-        """Keep the message(s) of a ConfigError (a collected one brings its whole list)."""
-        self.messages.extend(getattr(exc, "problems", None) or [str(exc)])
-
-    def check(self, fn: Any, *args: Any) -> None:
-        """Run a check that raises ConfigError (or ValueError) and keep its message(s)."""
-        try:
-            fn(*args)
-        except ConfigError as exc:
-            self.add(exc)
-        except ValueError as exc:
-            self.messages.append(f"data: {exc}")
-
-    def raise_if_any(self) -> None:
-        raise_collected(self.messages)
-
-
-def raise_collected(messages: list[str]) -> None:
-    """Raise one ConfigError listing every message (none: return); `.problems` keeps the list."""
-    if not messages:
-        return
-    if len(messages) == 1:
-        error = ConfigError(messages[0])
-    else:
-        items = "\n".join(f"  - {m}" for m in messages)
-        error = ConfigError(f"{len(messages)} problems in the config:\n{items}")
-    error.problems = list(messages)
-    raise error
-
-
 def validate_config(cfg: TrainConfig) -> None:
     """Check every field and the fields against each other; raise ONE ConfigError that lists every
     problem found (each naming the field and the fix)."""
-    problems = _Problems()
+    problems = Problems()
     need = problems.need
     par, loop, cur, noise, opt, sch, ck = (
         cfg.parallel,
@@ -846,11 +671,11 @@ def validate_config(cfg: TrainConfig) -> None:
     largest_weight = max(
         cur.ar_weight, cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final
     )
-    _need(
+    need(
         cur.mask_kind != "block_causal" or cur.target_block_size == 1 or largest_weight == 0.0,
         f"curriculum.ar_weight={cur.ar_weight} (ar_weight_final={cur.ar_weight_final}) with "
         "curriculum.mask_kind=block_causal: the block-causal x_0 half lets clean position i see "
-        "x_0[i+1] inside its block, so L_AR would train a copy task (NBDIFF.md §4); set "
+        "x_0[i+1] inside its block, so L_AR would train a copy task (docs/METHOD.md §4); set "
         "--curriculum.ar_weight=0 (and ar_weight_final to 0 or null) for the block-causal "
         "ablation, or use mask_kind=context_causal",
     )
@@ -880,21 +705,21 @@ def validate_config(cfg: TrainConfig) -> None:
         cfg.faults.max_consecutive_nonfinite >= 1,
         "faults.max_consecutive_nonfinite must be >= 1",
     )
-    _need(
+    need(
         cfg.faults.spike_factor == 0 or cfg.faults.spike_factor > 1,
         "faults.spike_factor must be > 1 (or 0 to turn loss-spike detection off)",
     )
-    _need(
+    need(
         cfg.faults.grad_spike_factor == 0 or cfg.faults.grad_spike_factor > 1,
         "faults.grad_spike_factor must be > 1 (or 0 to turn gradient-spike detection off)",
     )
-    _need(cfg.faults.spike_window >= 1, "faults.spike_window must be >= 1")
-    _need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
-    _need(
+    need(cfg.faults.spike_window >= 1, "faults.spike_window must be >= 1")
+    need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
+    need(
         cfg.faults.level_factor == 0 or cfg.faults.level_factor > 1,
         "faults.level_factor must be > 1 (or 0 to turn level-shift detection off)",
     )
-    _need(cfg.faults.level_window >= 1, "faults.level_window must be >= 1")
+    need(cfg.faults.level_window >= 1, "faults.level_window must be >= 1")
     data_validate = getattr(cfg.data, "validate", None)
     if callable(data_validate):
         problems.check(data_validate)
@@ -905,7 +730,7 @@ def _check_token_budget(cfg: TrainConfig) -> None:
     loop, seq = cfg.train, cfg.seq_length()
     stated = parse_token_count(loop.token_budget)
     actual = cfg.token_budget()
-    _need(
+    _require(
         abs(actual - stated) <= 0.05 * stated,
         f"train.token_budget says {loop.token_budget} but train.steps ({loop.steps}) x "
         f"train.global_batch_size ({loop.global_batch_size}) x model.seq_length ({seq}) = "

@@ -3,8 +3,9 @@
 One optimizer step k (k = 1..train.steps, the number the logs, the metrics file and the checkpoint
 iter_k show; `method/curriculum.py` states this convention):
 
-1. The curriculum gives the block size B(k) and the AR weight λ(k), and `lr_at(k)` the learning rate:
-   all functions of k only, so every rank agrees without communication.
+1. The config's step schedule (`cfg.step_schedule()`, training/schedule.py) gives the block size B(k),
+   the AR weight λ(k) and the learning rate: all functions of k only, so every rank agrees without
+   communication.
 2. Each data-parallel rank takes its micro-batches of the global batch from `data.loader`'s
    deterministic sampler, which starts at the consumed-samples count of the checkpoint (exact resume);
    the CP ranks of a DP rank get the same micro-batches.
@@ -49,8 +50,6 @@ import torch.distributed as dist
 
 from nbdiff_megatron.checkpoint.dist import AsyncWriter
 from nbdiff_megatron.errors import CheckpointError, ConfigError, DataError
-from nbdiff_megatron.method.curriculum import Curriculum
-from nbdiff_megatron.method.schedules import LRSchedule
 from nbdiff_megatron.training import checkpointing, cluster, faults, run_dir, run_lock
 from nbdiff_megatron.training.config import TrainConfig, check_launch, dump_config
 from nbdiff_megatron.training.logging import RunLogger, StepRecord, guess_peak_tflops
@@ -99,60 +98,6 @@ def check_objective(cfg: TrainConfig, objective: str) -> None:
         )
 
 
-# ----------------------------------------------------------------------------------- curriculum
-
-
-def curriculum_of(cfg: TrainConfig) -> Curriculum:
-    """The block growth (eq. 3) and λ co-schedule of a config (NBDIFF.md §5)."""
-    cur = cfg.curriculum
-    return Curriculum(
-        target=cur.target_block_size,
-        start=cur.start_block_size,
-        base=cur.growth_base,
-        interval=cur.growth_interval,
-        warmup=cur.growth_warmup,
-        ar_weight_start=cur.ar_weight,
-        ar_weight_end=cur.ar_weight if cur.ar_weight_final is None else cur.ar_weight_final,
-        ar_weight_style=cur.ar_weight_anneal,
-    )
-
-
-def block_size_of(cfg: TrainConfig, step: int) -> int:
-    """B(k) of step k (1-based, as logged), eq. 3: B_target first trains at the step the config's
-    growth says (`Curriculum.growth_end_step`). The annealed-mask baseline trains at B_target from
-    step 1 (it anneals the mask instead, `anneal_progress_of`)."""
-    if cfg.curriculum.mask_kind == "annealed":
-        return cfg.curriculum.target_block_size
-    return curriculum_of(cfg).block_size(step)
-
-
-def anneal_progress_of(cfg: TrainConfig, step: int) -> float | None:
-    """Progress of the annealed mask at step k (`Curriculum.anneal_progress`); None for other kinds."""
-    if cfg.curriculum.mask_kind != "annealed":
-        return None
-    return curriculum_of(cfg).anneal_progress(step)
-
-
-def ar_weight_of(cfg: TrainConfig, step: int) -> float:
-    """λ(k) of step k: annealed with the block size (NBDIFF.md §5 co-schedules)."""
-    return curriculum_of(cfg).ar_weight(step)
-
-
-def lr_of(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of step k (1-based, as logged): `lr_at(k)` (ScheduleConfig explains why)."""
-    sch = cfg.schedule
-    schedule = LRSchedule(
-        peak=cfg.optimizer.lr,
-        min_lr=cfg.optimizer.min_lr,
-        warmup=sch.warmup_steps,
-        total=cfg.train.steps,
-        decay=sch.decay_steps,
-        style=sch.style,
-        decay_shape=sch.decay_shape,
-    )
-    return schedule.at(step)
-
-
 NOISE_STREAM_SAMPLE = 0
 """`noise_seed` stream of a sample's own draws: its t (unless antithetic), token mask, annealed mask."""
 NOISE_STREAM_PAIR_T = 1
@@ -163,7 +108,7 @@ def noise_seed(seed: int, step: int, sample: int, stream: int = NOISE_STREAM_SAM
     """Seed of a noise generator: (train.seed, step k, the sample's index in the global batch, stream).
 
     Never the DP rank or micro-batch holding the sample: the same sample gets the same noise at any
-    DP / TP / PP / CP size and micro-batch size (DESIGN: a requeue onto other nodes continues the same
+    DP / TP / PP / CP size and micro-batch size (a requeue onto other nodes continues the same
     run). Stable across runs and platforms (numpy's SeedSequence).
     """
     state = np.random.SeedSequence([seed, step, sample, stream]).generate_state(2, np.uint32)
@@ -410,7 +355,7 @@ def noise_micro_batch(
     block_size: int,
     mask_id: int,
 ) -> Noise:
-    """t and x_t of one micro-batch (NBDIFF.md §4), drawn on the CPU, sample by sample.
+    """t and x_t of one micro-batch (docs/METHOD.md §4), drawn on the CPU, sample by sample.
 
     Row i is the sample of index `first_sample + i` in the global batch (`first_sample_of`); its noise
     comes from generators seeded by (train.seed, step, that index) only (`noise_seed`), so a sample is
@@ -421,7 +366,7 @@ def noise_micro_batch(
 
     Tokens outside the loss (loss_mask False) are never masked: in SFT these are the prompt and user
     turns, which inference always sees clean, so each x_t block sees what the active block sees at
-    decoding time (NBDIFF.md §3); in pretraining they are the padding suffix, which carries no loss and
+    decoding time (docs/METHOD.md §3); in pretraining they are the padding suffix, which carries no loss and
     stays clean too (a [MASK] there would only be noise in the x_t context of no loss token). The random
     draws are made for every position first, so the noise of the loss tokens does not depend on it.
     """
@@ -431,7 +376,7 @@ def noise_micro_batch(
     x0, doc_ids, loss_mask = x0.cpu(), doc_ids.cpu(), loss_mask.cpu()
     batch, length = x0.shape
     positions = training_position_ids(length, doc_ids)[:, :length]
-    progress = anneal_progress_of(cfg, step)
+    progress = cfg.step_schedule().anneal_progress(step)
     # A per-block t has one column per block of the row itself (a function of the sample alone).
     blocks = (
         block_layout(batch, length, block_size=block_size, positions=positions).index[:, -1] + 1
@@ -715,6 +660,7 @@ def _fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
         # d W goes straight into megatron DDP's fp32 main_grad, as megatron's gradient-accumulation
         # fusion does (and, like it, flags the weight so DDP's overlapped reduce sees it ready).
         accumulate_into_main_grad=True,
+        project_padded=cfg.loss.fused_padded_projection,
     )
 
 
@@ -791,14 +737,15 @@ def _train_step(rt: _Runtime, step: int, fwd_bwd: Callable) -> tuple[torch.Tenso
 
     cfg = rt.cfg
     ar_only = rt.objective == "ar"
-    block_size = block_size_of(cfg, step)
-    _set_lr(rt.optimizer, lr_of(cfg, step))
+    schedule = cfg.step_schedule()
+    block_size = schedule.block_size(step)
+    _set_lr(rt.optimizer, schedule.lr(step))
     rt.model.zero_grad_buffer()
     rt.optimizer.zero_grad()
     mbs = _micro_batches(rt, step, block_size)
     loss_kwargs = dict(
         fused=_fused_loss_kwargs(cfg),
-        ar_weight=1.0 if ar_only else ar_weight_of(cfg, step),
+        ar_weight=1.0 if ar_only else schedule.ar_weight(step),
         token_shift=cfg.loss.token_shift,
         block_size=block_size,
         cp_layout=rt.cp_layout,
@@ -1096,7 +1043,7 @@ def _train(
             elapsed = time.perf_counter() - t0
             loss = float(terms[0])
             # An AR step is the B = 1, λ = 1 point of the curriculum.
-            block = 1 if objective == "ar" else block_size_of(cfg, step)
+            block = 1 if objective == "ar" else cfg.step_schedule().block_size(step)
             try:
                 ok = guard.check(step, loss, grad_norm)
                 spike = ok and not health.check(step, loss, grad_norm, regime=block)
@@ -1110,12 +1057,12 @@ def _train(
                 mdm=float(terms[1]),
                 ar=float(terms[2]),
                 block_size=block,
-                ar_weight=1.0 if objective == "ar" else ar_weight_of(cfg, step),
-                lr=lr_of(cfg, step),
+                ar_weight=1.0 if objective == "ar" else cfg.step_schedule().ar_weight(step),
+                lr=cfg.step_schedule().lr(step),
                 grad_norm=grad_norm,
                 skipped=not ok,
                 mask_kind=cfg.curriculum.mask_kind,
-                anneal_progress=anneal_progress_of(cfg, step),
+                anneal_progress=cfg.step_schedule().anneal_progress(step),
                 step_time=elapsed,
                 tokens_per_s=tokens_per_s,
                 mfu=(flops / elapsed / (world * peak * 1e12)) if peak else None,
@@ -1138,7 +1085,6 @@ def _train(
             due = ck.save and (step % ck.save_interval == 0 or done or preempted)
             if due:
                 result.checkpoint = str(_save(rt, cfg, step, logger, healthy, job))
-                last_saved = step
             if preempted:
                 _finish_saves(rt)  # the checkpoint is complete before the process exits
                 result.stopped_by_signal = handler.poll() or "signal"
@@ -1156,8 +1102,8 @@ def _train(
                         f"in {ck.save}): {resume_command or 'nbdiff train ... (unchanged)'}"
                     )
                 break
-        if ck.save and last_saved != result.final_step and result.final_step > start_step:
-            result.checkpoint = str(_save(rt, cfg, result.final_step, logger, healthy, job))
+        # Every way out of the loop above has saved its last step (the final step and a preemption
+        # are always due); a halt raises.
         _finish_saves(rt)
         if ck.save and result.stopped_by_signal is None and result.final_step == cfg.train.steps:
             if rank == 0:
@@ -1299,7 +1245,7 @@ def _save(
             "job": job,
             "health": rt.health.state() if rt.health is not None else None,
             "run": rt.run_identity,
-            # blocks count from each packed document's start (NBDIFF.md §3): decoders align so
+            # blocks count from each packed document's start (docs/METHOD.md §3): decoders align so
             "block_align": "document",
         },
         keep_last=cfg.checkpoint.keep_last,

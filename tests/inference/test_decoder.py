@@ -34,7 +34,7 @@ def noised(x0, seed, p=0.5):
 
 
 def training_logits(model, x_t, x0, kind="context_causal"):
-    """Logits [b, 2L, V] of the x_t ⊕ x_0 training forward (NBDIFF.md §3) with blocks of B."""
+    """Logits [b, 2L, V] of the x_t ⊕ x_0 training forward (docs/METHOD.md §3) with blocks of B."""
     from nbdiff_megatron.model.builder import nbdiff_forward
 
     with torch.no_grad():

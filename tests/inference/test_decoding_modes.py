@@ -1,7 +1,7 @@
 """Block alignment, EOS inside a block, scheduled / entropy-bounded unmasking, top-k sampling.
 
 Every mode that claims exactness is checked against a training forward laid out the same way
-(NBDIFF.md §3), the pattern of test_decoder.py.
+(docs/METHOD.md §3), the pattern of test_decoder.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def random_tokens(shape, seed):
 
 
 def offset_training_mask(length: int, block: int, origin: int, kind: str) -> torch.Tensor:
-    """The 2L x 2L training mask of NBDIFF.md §3 (written out from its table) with blocks that start
+    """The 2L x 2L training mask of docs/METHOD.md §3 (written out from its table) with blocks that start
     at position `origin` (and count backwards before it): blk(i) = floor((i - origin) / B)."""
     idx = torch.arange(length)
     blk = torch.div(idx - origin, block, rounding_mode="floor")

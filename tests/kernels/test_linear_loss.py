@@ -93,6 +93,36 @@ def test_denominators_padded_vocab_and_sequence_first():
     assert torch.count_nonzero(w.grad[V:]) == 0
 
 
+@pytest.mark.parametrize("chunk_rows", [5, None])
+def test_projecting_the_padded_shard_equals_the_real_columns(chunk_rows):
+    # 14 padding columns masked to -inf instead of sliced off: the same values and gradients, and
+    # the padding rows of the weight get an exactly zero gradient.
+    x0, masked, t, doc_ids, loss_mask = _batch(5, token_shift=True)
+    kwargs = dict(ar_weight=0.4, token_shift=True, loss_mask=loss_mask, doc_ids=doc_ids)
+    results = {}
+    for padded in (False, True):
+        h, w = _leaves(6, vocab_rows=64)
+        terms = nbdiff_linear_loss(
+            h,
+            w,
+            x0,
+            masked,
+            t,
+            vocab_size=V,
+            chunk_rows=chunk_rows,
+            project_padded=padded,
+            **kwargs,
+        )
+        terms.total.backward()
+        results[padded] = (terms, h.grad, w.grad)
+    (ref, h_ref, w_ref), (got, h_got, w_got) = results[False], results[True]
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_got, h_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w_got, w_ref, rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(w_got[V:]) == 0
+
+
 def test_separate_term_gradients():
     """mdm and ar are differentiable on their own (per-row upstream gradients, not one scalar)."""
     x0, masked, t, doc_ids, loss_mask = _batch(5, token_shift=False)
@@ -206,13 +236,15 @@ def test_low_precision_weight_gradient_is_accumulated_in_vocabulary_slices(monke
 
 
 def test_tensor_parallel_two_ranks_equal_one_rank():
-    """TP = 2 on gloo (vocab shards, padded vocabulary, with and without SP) equals 1 rank."""
+    """TP = 2 on gloo (vocab shards, padded vocabulary, with and without SP, projecting the real or
+    the padded shard) equals 1 rank."""
     from pathlib import Path
 
     from tests.launch import run_torchrun
 
     proc = run_torchrun([Path(__file__).with_name("tp_linear_loss_check.py")], timeout=180)
-    assert "sp=True grad_weight" in proc.stdout
+    assert "sp=True padded=False grad_weight" in proc.stdout
+    assert "rank 1 sp=False padded=True grad_weight" in proc.stdout
 
 
 @pytest.mark.gpu

@@ -2,8 +2,8 @@
 
 Every rank builds the same full hidden states and padded output weight, computes the reference
 (`nbdiff_loss` on the full logits) locally, and the fused loss on its vocabulary shard with the
-world as the TP group -- plain and with the sequence-parallel layout (hidden split along the
-sequence). Loss values, hidden gradients and this rank's weight-gradient shard must match.
+world as the TP group -- plain, with the sequence-parallel layout (hidden split along the
+sequence) and projecting the padded shard (`project_padded`). Loss values, hidden gradients and this rank's weight-gradient shard must match.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def main() -> None:
     shard = PADDED // world
     rows = slice(rank * shard, (rank + 1) * shard)
     worst = 0.0
-    for sequence_parallel in (False, True):
+    # The real columns of the shard, or the whole padded shard with the padding masked (rank 1
+    # holds 18 real and 14 padding columns).
+    for sequence_parallel, project_padded in ((False, False), (True, False), (False, True)):
         w = weight[rows].clone().requires_grad_()
         h = hidden.clone().requires_grad_()
         seq = 2 * L // world
@@ -63,6 +65,7 @@ def main() -> None:
             tp_group=dist.group.WORLD,
             vocab_size=V,
             sequence_parallel=sequence_parallel,
+            project_padded=project_padded,
             **kwargs,
         )
         fused.total.backward()
@@ -79,7 +82,10 @@ def main() -> None:
         ):
             err = float((a - b).abs().max())
             worst = max(worst, err)
-            print(f"rank {rank} sp={sequence_parallel} {name}: max abs diff {err:.3e}")
+            print(
+                f"rank {rank} sp={sequence_parallel} padded={project_padded} {name}: max abs "
+                f"diff {err:.3e}"
+            )
     # megatron DDP's gradient-accumulation fusion: the shard's d W lands in weight.main_grad.
     w = weight[rows].clone().requires_grad_()
     w.main_grad = torch.zeros_like(w)

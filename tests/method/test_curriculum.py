@@ -1,4 +1,4 @@
-"""Block growth (NBDIFF.md eq. 3) and its co-schedules."""
+"""Block growth (docs/METHOD.md eq. 3) and its co-schedules."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from nbdiff_megatron.method.curriculum import (
 FAST = settings(max_examples=80, deadline=None)
 
 
-# Paper (NBDIFF.md §5): target 32, 4000 iterations, growth finished by 2500. From B0 = 1 that is
+# Paper (docs/METHOD.md §5): target 32, 4000 iterations, growth finished by 2500. From B0 = 1 that is
 # 5 doublings, so interval 500 without warm-up, or warm-up 500 and interval 400.
 @pytest.mark.parametrize(
     "step, expected",

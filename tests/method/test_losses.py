@@ -1,4 +1,4 @@
-"""NBDiff losses (NBDIFF.md §4: eq. 5 L_MDM, eq. 1 L_AR, eq. 2 total) against hand computations."""
+"""NBDiff losses (docs/METHOD.md §4: eq. 5 L_MDM, eq. 1 L_AR, eq. 2 total) against hand computations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Masks of NBDIFF.md §3: hand-worked cases and properties over random L, B, kinds and document layouts."""
+"""Masks of docs/METHOD.md §3: hand-worked cases and properties over random L, B, kinds and document layouts."""
 
 import pytest
 import torch
@@ -104,7 +104,7 @@ def layouts(draw):
 
 
 def _reference(seq_len, block_size, kind, doc):
-    """Literal transcription of the NBDIFF.md §3 table, one entry at a time."""
+    """Literal transcription of the docs/METHOD.md §3 table, one entry at a time."""
     doc = [0] * seq_len if doc is None else doc.tolist()
     pos = [i - doc.index(doc[i]) for i in range(seq_len)]
     blk = [p // block_size for p in pos]

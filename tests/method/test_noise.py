@@ -1,4 +1,4 @@
-"""Noising (NBDIFF.md §4): t sampling, block layout, masking probability, token masking."""
+"""Noising (docs/METHOD.md §4): t sampling, block layout, masking probability, token masking."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (NBDIFF.md §6: constant then cooled down / WSD; cosine; constant)."""
+"""Learning-rate schedules (docs/METHOD.md §6: constant then cooled down / WSD; cosine; constant)."""
 
 from __future__ import annotations
 

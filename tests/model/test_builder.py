@@ -1,4 +1,4 @@
-"""The NBDiff model on x_t ⊕ x_0: equivalences NBDIFF.md §3 requires, on CPU, fp32, 1 rank."""
+"""The NBDiff model on x_t ⊕ x_0: equivalences docs/METHOD.md §3 requires, on CPU, fp32, 1 rank."""
 
 from __future__ import annotations
 

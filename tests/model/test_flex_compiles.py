@@ -189,10 +189,10 @@ def scorer_lm():
     """NBDiffLM over a tiny fp64 model (max context 96), its causal scorer at batch 3."""
     pytest.importorskip("lm_eval", reason="the optional extra `eval` (lm-eval) is not installed")
     from nbdiff_megatron.data.bundled import bundled_tokenizer_path
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    from nbdiff_megatron.data.tokenizer import load_tokenizer, stop_token_ids
     from nbdiff_megatron.inference import ARDecoder
     from nbdiff_megatron.inference.lm_eval_adapter import make_lm_class
-    from nbdiff_megatron.inference.loading import LoadedModel, _eos_ids
+    from nbdiff_megatron.inference.loading import LoadedModel
     from nbdiff_megatron.model.builder import build_model
     from nbdiff_megatron.model.config import ModelConfig
 
@@ -215,7 +215,7 @@ def scorer_lm():
         tokenizer=tok,
         model_config=cfg,
         mask_id=tok.mask_id,
-        eos_ids=_eos_ids(tok),
+        eos_ids=stop_token_ids(tok),
         block_size=8,
     )
     decoder = ARDecoder(model, mask_id=tok.mask_id, eos_ids=loaded.eos_ids, max_new_tokens=4)

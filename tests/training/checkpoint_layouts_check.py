@@ -14,8 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+import nbdiff_megatron
+
 
 def main(prefix: str, scenarios_file: str) -> None:
+    nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
     import torch.distributed as dist
     from megatron.core import parallel_state
 

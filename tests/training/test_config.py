@@ -142,7 +142,8 @@ def test_context_parallel_layouts_validate() -> None:
 
 
 def test_lr_of_the_first_and_the_last_step() -> None:
-    from nbdiff_megatron.training.loop import lr_of
+    def lr_of(cfg, step: int) -> float:
+        return cfg.step_schedule().lr(step)
 
     sched = ["--train.steps=10", "--optimizer.lr=1e-3", "--optimizer.min_lr=1e-4"]
     wsd = load_config(TINY, [*sched, "--schedule.warmup_steps=4", "--schedule.decay_steps=3"])

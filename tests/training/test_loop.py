@@ -35,7 +35,6 @@ def test_single_rank_trains_saves_and_keeps_the_last_k(corpus_prefix: str, tmp_p
     # B = 4 at step 10, the steps eq. 3 names; the logged LR is that of step k too.
     assert [r["block_size"] for r in result.history] == [1, 1, 1, 1, 1, 1, 2, 2, 2, 4]
     from nbdiff_megatron.training.config import load_config
-    from nbdiff_megatron.training.loop import block_size_of, curriculum_of, lr_of
 
     cfg = load_config(
         TINY,
@@ -47,8 +46,11 @@ def test_single_rank_trains_saves_and_keeps_the_last_k(corpus_prefix: str, tmp_p
             "--curriculum.growth_interval=3",
         ),
     )
-    assert curriculum_of(cfg).growth_end_step() == 10 and block_size_of(cfg, 10) == 4
-    assert [r["lr"] for r in result.history] == pytest.approx([lr_of(cfg, k) for k in range(1, 11)])
+    schedule = cfg.step_schedule()
+    assert schedule.curriculum.growth_end_step() == 10 and schedule.block_size(10) == 4
+    assert [r["lr"] for r in result.history] == pytest.approx(
+        [schedule.lr(k) for k in range(1, 11)]
+    )
     # B = 1 steps: the AR term only (token shift leaves nothing to mask); it must go down.
     assert losses[5] < losses[0] - 0.3
     ar = [r["ar"] for r in result.history]
