@@ -361,8 +361,8 @@ def noise_micro_batch(
     comes from generators seeded by (train.seed, step, that index) only (`noise_seed`), so a sample is
     noised alike whatever DP rank and micro-batch hold it -- the same config gives the same run at any
     layout and micro-batch size -- every TP/PP/CP rank draws the same, and a resumed run replays it;
-    CPU draws make a GPU run's noise reproducible on a CPU. A per-block t is drawn for L blocks (the
-    most a row can hold), so a row's draws do not depend on the other rows either.
+    CPU draws make a GPU run's noise reproducible on a CPU. A per-block t is drawn for the row's own
+    blocks, so a row's draws do not depend on the other rows of its micro-batch either.
 
     Tokens outside the loss (loss_mask False) are never masked: in SFT these are the prompt and user
     turns, which inference always sees clean, so each x_t block sees what the active block sees at
