@@ -21,7 +21,8 @@ limits and a set-up allowance add up to at most BUDGET_S, and a step never runs 
    the same ~1B model: step times, x_0 tokens/s, MFU and the ratio NBDiff / AR (ideal 2.0x).
 5. attention (benchmarks/attention.py): NBDiff mask at 2L vs causal at L, the 1B model's shapes.
 6. loss-widths (benchmarks/loss.py): the fused loss against the reference at h = 4096, 2L = 16,384,
-   bf16, at each projection width of LOSS_WIDTHS.
+   bf16, projecting a padded TP shard over its real rows and over the whole shard (LOSS_WIDTHS;
+   the faster one should be loss.fused_padded_projection's default).
 
 All steps share one inductor / Triton cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR; `--inductor-
 cache` keeps it across runs of the suite), so a kernel compiled by one step is loaded by the next.
@@ -120,15 +121,14 @@ TINY_CHECK = [
     "--schedule.decay_steps=0",
 ]
 
-# The fused loss's projection widths to time: benchmarks/loss.py arguments per width. The case of
-# interest is the last tensor-parallel rank of a vocabulary that does not divide evenly: V = 153,377
-# at TP = 4 pads to 4 x 38,400 columns, of which the last rank holds 38,177 valid ones. Today's
-# kernel projects the valid rows only; the padded width is timed with the same kernel on the padded
-# row count (what projecting the whole shard costs). An option of the loss that projects the padded
-# shard and masks its padding columns is timed by adding its benchmarks/loss.py flag to that entry.
+# The fused loss's two projection widths (benchmarks/loss.py arguments per width), on the case that
+# motivates the choice: the last tensor-parallel rank of a vocabulary that does not divide evenly.
+# V = 153,377 at TP = 4 pads to 4 x 38,400 rows, of which the last rank holds 38,177 real ones; the
+# loss projects those (weight[:38177]: odd leading dimension) or, with
+# loss.fused_padded_projection, the whole aligned shard with the padding columns masked.
 LOSS_WIDTHS = {
-    "valid-38177": ["--vocab", "38177"],
-    "padded-38400": ["--vocab", "38400"],
+    "real-rows-38177": ["--vocab", "38177", "--padded-vocab", "38400"],
+    "padded-shard-38400": ["--vocab", "38177", "--padded-vocab", "38400", "--project-padded"],
 }
 
 TRITON_PREFLIGHT = '''"""Compile and run a trivial Triton kernel (written and run by benchmarks/gpu_suite.py)."""
@@ -291,7 +291,7 @@ def steps(dry_run: bool, work: Path, data_args: list[str]) -> list[Step]:
                     "--dtype",
                     "bf16",
                     "--repeats",
-                    "3",
+                    "2",
                     *width_args,
                     "--json",
                     str(loss_json[name]),
@@ -442,6 +442,9 @@ def figure_lines(name: str, figures: list[dict]) -> list[str]:
                 f"{width}: fused {record['fused_s']:.4f} s, reference {record['reference_s']:.4f} "
                 f"s fwd+bwd"
             )
+        if len(figures) == 2:
+            ratio = figures[1]["fused_s"] / figures[0]["fused_s"]
+            lines.append(f"fused, whole padded shard / real rows only: {ratio:.2f}x")
     return lines
 
 

@@ -18,6 +18,9 @@ baseline (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated) and the forward +
 CPU (the issue's figures):  python benchmarks/loss.py --threads 2  (V = 151,936, h = 1,024, 2L = 2,048, fp32)
 GPU:                        python benchmarks/loss.py --device cuda --hidden 4096 --length 8192 --dtype bf16
 Quick check:                python benchmarks/loss.py --vocab 4096 --hidden 64 --length 128 --repeats 1
+A padded TP shard (the last of 4 ranks for V = 153,377: 38,177 real rows of 38,400), projected
+over its real rows or, with --project-padded, over all of them:
+                            python benchmarks/loss.py ... --vocab 38177 --padded-vocab 38400 [--project-padded]
 """
 
 from __future__ import annotations
@@ -44,6 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument(
+        "--padded-vocab",
+        type=int,
+        default=0,
+        help="rows of the output weight (a TP shard padded past --vocab real ones; 0: --vocab)",
+    )
+    parser.add_argument(
+        "--project-padded",
+        action="store_true",
+        help="fused: project all --padded-vocab rows, padding masked (loss.fused_padded_projection)",
+    )
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--length", type=int, default=1024, help="L (the model sees 2L rows)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -79,7 +93,8 @@ def run_mode(args: argparse.Namespace) -> dict:
     x0, masked = x0.to(device), masked.to(device)
     t = torch.full((1,), 0.5, device=device)
     hidden = torch.randn(1, 2 * length, args.hidden, generator=gen).to(device, dtype)
-    weight = (torch.randn(vocab, args.hidden, generator=gen) * 0.02).to(device, dtype)
+    rows = max(args.padded_vocab, vocab)
+    weight = (torch.randn(rows, args.hidden, generator=gen) * 0.02).to(device, dtype)
     hidden.requires_grad_()
     weight.requires_grad_()
     hidden.grad = torch.zeros_like(hidden)
@@ -99,11 +114,18 @@ def run_mode(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats if args.mode != "baseline" else 0):
         start = time.perf_counter()
         if args.mode == "reference":
-            terms = nbdiff_loss(hidden @ weight.t(), x0, masked, t, **kwargs)
+            terms = nbdiff_loss(hidden @ weight[:vocab].t(), x0, masked, t, **kwargs)
         else:
-            into_main_grad = args.mode == "fused"
             terms = nbdiff_linear_loss(
-                hidden, weight, x0, masked, t, accumulate_into_main_grad=into_main_grad, **kwargs
+                hidden,
+                weight,
+                x0,
+                masked,
+                t,
+                accumulate_into_main_grad=args.mode == "fused",
+                vocab_size=vocab,
+                project_padded=args.project_padded,
+                **kwargs,
             )
         terms.total.backward()
         if device.type == "cuda":
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     forwarded = [
         f"--vocab={args.vocab}",
+        f"--padded-vocab={args.padded_vocab}",
+        *(["--project-padded"] if args.project_padded else []),
         f"--hidden={args.hidden}",
         f"--length={args.length}",
         f"--dtype={args.dtype}",
@@ -152,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         else torch.cuda.get_device_name(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         vocab=args.vocab,
+        weight_rows=max(args.padded_vocab, args.vocab),
+        project_padded=args.project_padded,
         hidden=args.hidden,
         rows=2 * args.length,
         dtype=args.dtype,

@@ -479,7 +479,10 @@ def run(args: argparse.Namespace) -> int:
         ("metrics", f"{out / 'nbdiff' / 'metrics.jsonl'} (one JSON line per step)"),
         ("TensorBoard", f"tensorboard --logdir {out}"),
         ("decode more", f'nbdiff generate --load {nb_save} --prompt "..."'),
-        ("train more", train_more_command(nb_save, args.nbdiff_steps + 100)),
+        (
+            "train more",
+            train_more_command(nb_save, args.nbdiff_steps + max(8, args.nbdiff_steps // 5)),
+        ),
     ]
     for name, value in rows:
         print(f"  {name:<13} {value}")

@@ -54,7 +54,10 @@ def test_real_run_fits_its_budget_and_runs_exactly_the_listed_gpu_tests(tmp_path
     assert command[command.index("-m", 3) + 1] == "gpu"
     assert [arg for arg in command if arg.startswith("tests/")] == gpu_suite.GPU_TESTS
     (loss_step,) = [s for s in steps if s.name == "loss-widths"]
+    # Both projections of the same padded shard: over its real rows, and over all of it.
     assert len(loss_step.commands) == len(gpu_suite.LOSS_WIDTHS) == 2
+    assert ["--project-padded" in command for command in loss_step.commands] == [False, True]
+    assert all("--padded-vocab" in command for command in loss_step.commands)
 
 
 @pytest.mark.parametrize(
@@ -139,8 +142,9 @@ def test_figure_lines_of_the_gpu_only_steps() -> None:
         {"fused_s": 0.011, "reference_s": 0.02},
     ]
     assert gpu_suite.figure_lines("loss-widths", loss_records) == [
-        "valid-38177: fused 0.0123 s, reference 0.0200 s fwd+bwd",
-        "padded-38400: fused 0.0110 s, reference 0.0200 s fwd+bwd",
+        "real-rows-38177: fused 0.0123 s, reference 0.0200 s fwd+bwd",
+        "padded-shard-38400: fused 0.0110 s, reference 0.0200 s fwd+bwd",
+        "fused, whole padded shard / real rows only: 0.89x",
     ]
 
 

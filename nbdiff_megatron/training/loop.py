@@ -361,8 +361,8 @@ def noise_micro_batch(
     comes from generators seeded by (train.seed, step, that index) only (`noise_seed`), so a sample is
     noised alike whatever DP rank and micro-batch hold it -- the same config gives the same run at any
     layout and micro-batch size -- every TP/PP/CP rank draws the same, and a resumed run replays it;
-    CPU draws make a GPU run's noise reproducible on a CPU. A per-block t is drawn for L blocks (the
-    most a row can hold), so a row's draws do not depend on the other rows either.
+    CPU draws make a GPU run's noise reproducible on a CPU. A per-block t is drawn for the row's own
+    blocks, so a row's draws do not depend on the other rows of its micro-batch either.
 
     Tokens outside the loss (loss_mask False) are never masked: in SFT these are the prompt and user
     turns, which inference always sees clean, so each x_t block sees what the active block sees at
@@ -389,7 +389,7 @@ def noise_micro_batch(
         gen = torch.Generator(device="cpu")
         gen.manual_seed(noise_seed(cfg.train.seed, step, sample))
         n_blocks = int(blocks[row]) if cfg.noise.per_block else None
-        t_rows.append(_sample_t_of(cfg, step, sample, n_blocks, gen))
+        t_rows.append(_sample_t_of(cfg, step, sample, n_blocks, length, gen))
         uniform_rows.append(mask_uniforms(1, length, generator=gen))
         if progress is not None:
             draw_rows.append(annealed_draw(1, length, block_size, progress, generator=gen))
@@ -417,13 +417,20 @@ def noise_micro_batch(
 
 
 def _sample_t_of(
-    cfg: TrainConfig, step: int, sample: int, n_blocks: int | None, gen: torch.Generator
+    cfg: TrainConfig,
+    step: int,
+    sample: int,
+    n_blocks: int | None,
+    length: int,
+    gen: torch.Generator,
 ) -> torch.Tensor:
     """t of one sample ([1], or [1, n_blocks] per block) from its generator `gen`.
 
     With `noise.antithetic` the samples 2p and 2p + 1 of the global batch are a mirrored pair: both
     take their t from the pair's own generator (`NOISE_STREAM_PAIR_T`), the odd one mirrored
-    (`sample_t`'s antithetic rows), whatever ranks and micro-batches hold them.
+    (`sample_t`'s antithetic rows), whatever ranks and micro-batches hold them. Per block, the pair
+    draws `length` blocks (the most a row holds) and each keeps its first n_blocks: block j of one
+    mirrors block j of the other even when their documents cut them into different numbers.
     """
     from nbdiff_megatron.method.noise import sample_t
 
@@ -432,10 +439,12 @@ def _sample_t_of(
         return sample_t(1, n_blocks=n_blocks, lo=noise.t_min, hi=noise.t_max, generator=gen)
     pair = torch.Generator(device="cpu")
     pair.manual_seed(noise_seed(cfg.train.seed, step, sample - sample % 2, NOISE_STREAM_PAIR_T))
+    width = None if n_blocks is None else length
     both = sample_t(
-        2, n_blocks=n_blocks, lo=noise.t_min, hi=noise.t_max, antithetic=True, generator=pair
+        2, n_blocks=width, lo=noise.t_min, hi=noise.t_max, antithetic=True, generator=pair
     )
-    return both[sample % 2 : sample % 2 + 1]
+    mine = both[sample % 2 : sample % 2 + 1]
+    return mine if n_blocks is None else mine[:, :n_blocks]
 
 
 def _stack_t(rows: list[torch.Tensor], filler: float) -> torch.Tensor:

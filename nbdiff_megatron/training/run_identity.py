@@ -121,9 +121,8 @@ OPTION = {
 
 
 def _option(section: str, name: str) -> str:
-    if name in OPTION:
-        return OPTION[name]
-    return f"{'data' if section == 'data' else section}.{name}"
+    """The config option (or, for the tokenizer, the property) a record field stands for."""
+    return OPTION.get(name, f"{section}.{name}")
 
 
 def _differences(stored: dict[str, Any], new: dict[str, Any], sections: tuple[str, ...]):
@@ -178,9 +177,8 @@ def check_resume(
     refused_data = [] if weights_only else _differences(stored, identity, ("data",))
     if refused_model or refused_data:
         raise CheckpointError(_refusal(refused_model, refused_data, checkpoint=checkpoint))
-    changes = allowed_changes(info.get("config"), config)
-    stored_fields = {_option(s, n) for s, n, _, _ in refused_model + refused_data}
-    return [c for c in changes if c.split(" ", 1)[0] not in stored_fields]
+    # A fine-tune starts a new run: its differences from the previous phase are the point of it.
+    return [] if weights_only else allowed_changes(info.get("config"), config)
 
 
 def _refusal(model_diffs, data_diffs, *, checkpoint: str) -> str:

@@ -118,8 +118,8 @@ def test_demo_runs_and_says_where_everything_is(tmp_path: Path, capsys, monkeypa
     assert main(words[1:]) == 0
     more = capsys.readouterr().out
     assert "continu" in more and "checkpoint.save is unset" not in more
-    assert (root / "nbdiff" / "iter_0000108").is_dir()
+    assert (root / "nbdiff" / "iter_0000016").is_dir()
     steps = [
         json.loads(line) for line in (root / "nbdiff" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert steps[-1]["step"] == 108 and {r["block_size"] for r in steps if r["step"] > 8} == {8}
+    assert steps[-1]["step"] == 16 and {r["block_size"] for r in steps if r["step"] > 8} == {8}

@@ -56,12 +56,12 @@ def test_a_save_that_fails_mid_run_keeps_the_previous_checkpoint(
     write = checkpointing.write_dist_checkpoint
     calls = []
 
-    def disk_fills_up(state, directory):
+    def disk_fills_up(state, directory, **kwargs):
         calls.append(directory)
         if len(calls) == 2:
             Path(directory, "__0_0.distcp").write_bytes(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(state, directory)
+        write(state, directory, **kwargs)
 
     monkeypatch.setattr(checkpointing, "write_dist_checkpoint", disk_fills_up)
     save = tmp_path / "run"
