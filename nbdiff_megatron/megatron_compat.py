@@ -98,6 +98,9 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(message)
 
 
+NON_LEAF_GRAD_NOTICE = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+"""torch's notice on reading `.grad` of a non-leaf tensor (quiet_optimizer_grad_views)."""
+
 _installed = False
 
 
@@ -122,6 +125,22 @@ def quiet_megatron() -> None:
     # megatron-core logs some of them through its module loggers ("megatron.core...."), and a
     # logger's filters see only the records logged on it: the filter goes on each megatron logger.
     _add_log_filter(_DropMessages(pattern))
+    quiet_optimizer_grad_views()
+
+
+def quiet_optimizer_grad_views() -> None:
+    """Drop torch's non-leaf `.grad` notice where megatron-core's optimizer raises it.
+
+    With fp32 parameters the distributed optimizer's main parameters are views of the model's
+    parameters (non-leaf tensors); `_zero_grad_group_helper` reads `.grad` on them every step, which
+    torch answers with a UserWarning that says nothing actionable (the gradients live in the DDP
+    buffers). The same notice from any other module is still shown."""
+    warnings.filterwarnings(
+        "ignore",
+        message=NON_LEAF_GRAD_NOTICE,
+        category=UserWarning,
+        module=r"megatron\.core\.optimizer\.optimizer",
+    )
 
 
 def quiet_torch_renames() -> None:

@@ -44,3 +44,17 @@ def test_named_notices_are_dropped_at_their_source_only() -> None:
     assert _shown(CONNECTIONS, UserWarning, "megatron.core.other")
     other = "`torch.distributed.reduce_op` is deprecated, please use ReduceOp instead"
     assert _shown(other, FutureWarning, "torch.distributed.c10d_logger")
+
+
+def test_non_leaf_grad_notice_is_dropped_in_megatron_optimizer_only() -> None:
+    # The distributed optimizer with fp32 parameters reads .grad of its main parameters (views of
+    # the model's) on every zero_grad: the README's phase loop printed this notice at every step.
+    from nbdiff_megatron.megatron_compat import quiet_optimizer_grad_views
+
+    notice = (
+        "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad "
+        "attribute won't be populated during autograd.backward()."
+    )
+    quiet_optimizer_grad_views()
+    assert not _shown(notice, UserWarning, "megatron.core.optimizer.optimizer")
+    assert _shown(notice, UserWarning, "nbdiff_megatron.training.loop")

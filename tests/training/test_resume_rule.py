@@ -48,9 +48,9 @@ def test_load_of_own_save_dir_with_finetune_continues_fully(
     calls = []
     load = checkpointing.load_checkpoint
 
-    def spy(path, model, optimizer, *, weights_only=False):
+    def spy(path, model, optimizer, *, weights_only=False, **kwargs):
         calls.append((Path(path), weights_only))
-        return load(path, model, optimizer, weights_only=weights_only)
+        return load(path, model, optimizer, weights_only=weights_only, **kwargs)
 
     monkeypatch.setattr(checkpointing, "load_checkpoint", spy)
     # What the README's cluster configs did: finetune: true, and the stopped run's own dir as load.
@@ -81,9 +81,9 @@ def test_finetune_from_another_run_loads_weights_only(
     calls = []
     load = checkpointing.load_checkpoint
 
-    def spy(path, model, optimizer, *, weights_only=False):
+    def spy(path, model, optimizer, *, weights_only=False, **kwargs):
         calls.append((Path(path), weights_only))
-        return load(path, model, optimizer, weights_only=weights_only)
+        return load(path, model, optimizer, weights_only=weights_only, **kwargs)
 
     monkeypatch.setattr(checkpointing, "load_checkpoint", spy)
     save = tmp_path / "phase2"
