@@ -98,7 +98,9 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(message)
 
 
-NON_LEAF_GRAD_NOTICE = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+NON_LEAF_GRAD_NOTICE = (
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+)
 """torch's notice on reading `.grad` of a non-leaf tensor (quiet_optimizer_grad_views)."""
 
 _installed = False
