@@ -460,6 +460,41 @@ def _init_distributed_optimizer_state(optimizer: Any) -> None:
                 inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
+def _pair_saved_param_groups_by_position(optimizer: Any, saved: Any) -> None:
+    """Give the saved param groups the current groups' settings, pairing them by position.
+
+    megatron-core 0.19's DistributedOptimizer.load_state_dict pairs saved and current groups by their
+    settings (`param_group_identifier_keys`: max_lr, min_lr, wd_mult, ...), so a resume that changes
+    --optimizer.lr (a change the resume rule allows) finds no saved group: KeyError. The groups are
+    built the same way on every start (same model, same grouping), so their order pairs them; the
+    learning rate of every step comes from the schedule anyway (_set_lr). No-op on megatron-core
+    versions without that pairing, and where the group counts differ (megatron-core then reports it).
+    """
+    try:
+        from megatron.core.optimizer.optimizer import param_group_identifier_keys
+    except ImportError:  # megatron-core < 0.19 pairs the groups by position itself
+        return
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(opts) == 1:
+        states = [saved]
+    elif isinstance(saved, dict):
+        states = [value for _, value in sorted(saved.items())]
+    else:
+        states = list(saved)
+    for opt, state in zip(opts, states):
+        inner = state.get("optimizer") if isinstance(state, dict) else None
+        groups = inner.get("param_groups") if isinstance(inner, dict) else None
+        current = getattr(getattr(opt, "optimizer", None), "param_groups", None)
+        if not groups or current is None or len(groups) != len(current):
+            continue
+        for saved_group, group in zip(groups, current):
+            for key in param_group_identifier_keys:
+                for name in (key, f"pre_{key}"):
+                    saved_group.pop(name, None)
+                    if name in group:
+                        saved_group[name] = group[name]
+
+
 def _restore_adam_steps(optimizer: Any) -> None:
     """torch Adam's per-parameter `step` of a loaded distributed optimizer.
 
@@ -812,6 +847,7 @@ def load_checkpoint(
     if not weights_only and optimizer is not None:
         # The distributed optimizer copies into its main parameters in place (fp32: views of the
         # model's leaf parameters), which autograd refuses outside no_grad.
+        _pair_saved_param_groups_by_position(optimizer, loaded["optimizer"])
         with torch.no_grad(), _adam_step_kept_by_reshardable_load(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
