@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(args: argparse.Namespace):
     """(model, mask_id, block_size, token_shift, prompt ids source)."""
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron.megatron_compat import apply_cpu_patches
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
@@ -106,7 +106,7 @@ def load_model(args: argparse.Namespace):
             "this benchmark builds on the GPU when one is visible: use --device cuda "
             "(or hide it with CUDA_VISIBLE_DEVICES=)"
         )
-    cpu_compat.apply()
+    apply_cpu_patches()
     if args.load:
         from nbdiff_megatron.inference.loading import load_for_inference
 

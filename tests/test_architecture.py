@@ -118,11 +118,11 @@ def test_importing_the_package_changes_nothing_until_install_compat_is_called() 
     assert installed["getLogger_patched"] and not before["getLogger_patched"]
     assert installed["megatron_warning_filters"] > before["megatron_warning_filters"] == 0
     assert installed["torch_compile"] == "torch"  # swapped only while a megatron module executes
-    cpu_compat = "nbdiff_megatron.model.cpu_compat"
+    compat = "nbdiff_megatron.megatron_compat"
     if states["cuda"]:  # the CPU patches apply only without CUDA
         assert installed["torch_cuda"] == before["torch_cuda"]
     else:
-        assert all(module == cpu_compat for module in installed["torch_cuda"].values()), installed
+        assert all(module == compat for module in installed["torch_cuda"].values()), installed
     assert installed["root_logging"] == before["root_logging"]
 
 

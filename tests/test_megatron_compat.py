@@ -1,4 +1,5 @@
-"""megatron-core compatibility: fields it does not know are errors; its import-time noise is dropped."""
+"""megatron-core compatibility: fields it does not know are errors; its import-time noise is dropped; the CPU
+patches are idempotent and map CUDA devices and RNG calls to the CPU."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from nbdiff_megatron import megatron_compat
 from nbdiff_megatron.errors import CompatibilityError
 from tests.launch import REPO, clean_env
 
@@ -61,10 +64,6 @@ def test_megatron_compile_is_deferred_on_a_cpu_and_skips_inductor_at_import() ->
 def test_compile_on_first_call_builds_the_compiled_function_once_when_first_called(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import torch
-
-    from nbdiff_megatron.megatron_compat import compile_on_first_call
-
     built: list[dict] = []
 
     def fake_compile(fn, **options):
@@ -77,12 +76,52 @@ def test_compile_on_first_call_builds_the_compiled_function_once_when_first_call
         """Adds."""
         return a + b
 
-    bare = compile_on_first_call(add)
-    with_options = compile_on_first_call(dynamic=False)(add)
+    bare = megatron_compat.compile_on_first_call(add)
+    with_options = megatron_compat.compile_on_first_call(dynamic=False)(add)
     assert built == [] and bare.__name__ == "add" and bare.__doc__ == "Adds."
     assert bare(2, b=3) == ("compiled", 5) and bare(1) == ("compiled", 2)
     assert with_options(4) == ("compiled", 5)
     assert built == [{}, {"dynamic": False}]  # one build each, with the decorator's options
     module = torch.nn.Linear(2, 2)
-    compile_on_first_call(module)
+    megatron_compat.compile_on_first_call(module)
     assert len(built) == 3  # a module is compiled at once, as torch.compile does
+
+
+cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU patches apply only without CUDA"
+)
+
+
+@cpu_only
+def test_cpu_patches_are_idempotent_and_route_current_device() -> None:
+    assert megatron_compat.apply_cpu_patches() is True
+    assert megatron_compat.apply_cpu_patches() is True
+    assert megatron_compat.cpu_patches_applied()
+    assert torch.zeros(1, device=torch.cuda.current_device()).device.type == "cpu"
+
+
+@cpu_only
+def test_cuda_to_cpu_mode_maps_literal_devices() -> None:
+    with megatron_compat.cuda_to_cpu():
+        a = torch.zeros([], dtype=torch.int, device="cuda")
+        b = torch.ones(2).to("cuda")
+        c = torch.ones(2).cuda()
+    assert a.device.type == b.device.type == c.device.type == "cpu"
+
+
+@cpu_only
+def test_rng_tracker_fork_uses_the_cpu_generator() -> None:
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    megatron_compat.apply_cpu_patches()
+    tracker = CudaRNGStatesTracker()  # not the global one: other tests rely on its states
+    tracker.add("nbdiff-test", 42)
+    with tracker.fork("nbdiff-test"):
+        first = torch.rand(3)
+    outside = torch.rand(3)
+    tracker.reset()
+    tracker.add("nbdiff-test", 42)
+    with tracker.fork("nbdiff-test"):
+        again = torch.rand(3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, outside)

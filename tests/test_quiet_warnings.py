@@ -31,7 +31,7 @@ def _shown(message: str, category: type[Warning], module: str) -> bool:
 
 
 def test_named_notices_are_dropped_at_their_source_only() -> None:
-    # What quiet_megatron() (every nbdiff command) and cpu_compat.apply() install; pytest gives each
+    # What quiet_megatron() (every nbdiff command) and apply_cpu_patches() install; pytest gives each
     # test a fresh filter list, so the test installs them itself.
     quiet_torch_renames()
     quiet_cpu_notices()

@@ -15,6 +15,7 @@ Layout of a save directory:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import multiprocessing
 import queue
@@ -25,6 +26,7 @@ from typing import Any
 import torch.distributed as dist
 
 from nbdiff_megatron.errors import CheckpointError, checkpoint_read_errors
+from nbdiff_megatron.megatron_compat import cuda_to_cpu
 
 CHECKPOINT_PREFIX = "iter_"
 
@@ -150,10 +152,10 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def device_mode():
-    from nbdiff_megatron.model import cpu_compat
-
-    return cpu_compat.cuda_to_cpu()
+def device_mode() -> contextlib.AbstractContextManager:
+    """The scope of every dist_checkpointing call: on a CPU, its literal CUDA devices (the
+    `fully_reshardable` gather's `.cuda()` tensors) are the CPU's; a no-op with CUDA."""
+    return cuda_to_cpu()
 
 
 def _save_kwargs(save_fn: Any) -> dict[str, Any]:

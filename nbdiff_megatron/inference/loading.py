@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-from nbdiff_megatron.checkpoint.dist import find_checkpoint, raise_if_truncated, read_common_state
+from nbdiff_megatron.checkpoint.dist import (
+    device_mode,
+    find_checkpoint,
+    raise_if_truncated,
+    read_common_state,
+)
 from nbdiff_megatron.data.tokenizer import stop_token_ids, tokenizer_in_run
 from nbdiff_megatron.errors import (
     CheckpointError,
@@ -106,8 +111,6 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    from nbdiff_megatron.model import cpu_compat
-
     try:
         stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
     except Exception as exc:
@@ -117,7 +120,7 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     prefix = "module." if any(k.startswith("module.") for k in stored) else ""
     sharded = model.sharded_state_dict(prefix=prefix)
     try:
-        with cpu_compat.cuda_to_cpu():
+        with device_mode():
             loaded = dist_checkpointing.load({"model": sharded}, str(ckpt))
     except checkpoint_read_errors() as exc:
         raise_if_truncated(ckpt)

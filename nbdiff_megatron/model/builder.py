@@ -34,6 +34,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.gpt import GPTModel
 
 from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.megatron_compat import apply_cpu_patches, cuda_to_cpu
 from nbdiff_megatron.method.masks import (
     MASK_KINDS,
     document_positions,
@@ -42,7 +43,6 @@ from nbdiff_megatron.method.masks import (
     training_mask_mod,
     training_position_ids,
 )
-from nbdiff_megatron.model import cpu_compat
 from nbdiff_megatron.model.attention import (
     BLOCK_MASK_CACHE,
     AttentionMask,
@@ -258,7 +258,7 @@ def build_model(
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    cpu_compat.apply()
+    apply_cpu_patches()
     if not parallel_state.model_parallel_is_initialized():
         from nbdiff_megatron.model.parallel import initialize_parallel
 
@@ -322,7 +322,7 @@ def build_model(
         pg_collection=model_process_groups(),
     )
     kwargs = _filtered_kwargs(GPTModel.__init__, kwargs)
-    with cpu_compat.cuda_to_cpu():
+    with cuda_to_cpu():
         model = NBDiffGPTModel(real_vocab_size=cfg.vocab_size, **kwargs)
     model.nbdiff_config = cfg
     if torch.cuda.is_available():

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from nbdiff_megatron.model import cpu_compat
+from nbdiff_megatron.megatron_compat import apply_cpu_patches
 
 _LAYER_KEY = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 
@@ -38,7 +38,7 @@ def initialize_parallel(
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    cpu_compat.apply()
+    apply_cpu_patches()
     timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

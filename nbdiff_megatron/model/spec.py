@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from nbdiff_megatron.errors import ConfigError
-from nbdiff_megatron.model import cpu_compat
+from nbdiff_megatron.megatron_compat import patch_local_torch_norm
 from nbdiff_megatron.model.attention import NBDiffAttention
 from nbdiff_megatron.model.config import TRANSFORMER_IMPLS
 
@@ -120,7 +120,7 @@ def nbdiff_layer_spec(
     else:
         # The local norms are torch's on every device: they need the patch that lets them carry
         # sequence parallelism and the training dtype (a GPU without TE included).
-        cpu_compat.patch_local_torch_norm()
+        patch_local_torch_norm()
         spec = gpt_layer_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization
         )
@@ -142,7 +142,7 @@ def final_norm_impl(use_transformer_engine: bool) -> type:
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    cpu_compat.patch_local_torch_norm()
+    patch_local_torch_norm()
     return WrappedTorchNorm
 
 

@@ -356,11 +356,11 @@ def any_rank_true_each(*flags: bool) -> tuple[bool, ...]:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tuple(bool(f) for f in flags)
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron import megatron_compat
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    with cpu_compat.cuda_to_cpu():
+    with megatron_compat.cuda_to_cpu():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return tuple(bool(v > 0) for v in value.tolist())
 

@@ -206,7 +206,7 @@ def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> Any:
         finalize_model_grads,
     )
 
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron import megatron_compat
 
     par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
@@ -216,7 +216,7 @@ def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> Any:
         use_distributed_optimizer=par.distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    with cpu_compat.cuda_to_cpu():
+    with megatron_compat.cuda_to_cpu():
         wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     wrapped.config.finalize_model_grads_func = finalize_model_grads
     wrapped.config.no_sync_func = wrapped.no_sync
@@ -226,7 +226,7 @@ def _wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> Any:
 def _build_optimizer(model: Any, cfg: TrainConfig, precision: str) -> Any:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron import megatron_compat
 
     opt = cfg.optimizer
     ocfg = OptimizerConfig(
@@ -245,7 +245,7 @@ def _build_optimizer(model: Any, cfg: TrainConfig, precision: str) -> Any:
     )
     # On a CPU: FP32Optimizer.__init__ makes a device='cuda' tensor, and the distributed and bf16
     # optimizers sort parameters by CUDA type names.
-    with cpu_compat.megatron_optimizer_on_cpu():
+    with megatron_compat.megatron_optimizer_on_cpu():
         optimizer = get_megatron_optimizer(ocfg, [model])
     model.config.grad_scale_func = optimizer.scale_loss
     return optimizer
@@ -686,14 +686,14 @@ def _clip_grads(optimizer: Any, max_norm: float, grad_norm: float) -> None:
     """Megatron's clipping with the global norm already computed (as ChainedOptimizer.step does)."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron import megatron_compat
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
         if params:
             decoupled = getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
             # On a CPU: its type check names CUDA tensors, its overflow buffer is device='cuda'.
-            with cpu_compat.megatron_optimizer_on_cpu():
+            with megatron_compat.megatron_optimizer_on_cpu():
                 clip_grad_by_total_norm_fp32(
                     params, max_norm, grad_norm, use_decoupled_grad=decoupled
                 )
@@ -712,12 +712,12 @@ def _optimizer_step(rt: _Runtime) -> tuple[float, bool]:
     norm (all-reduced, identical on every rank), clip, step_with_ready_grads -- and the update is
     skipped on every rank alike when the norm is not finite.
     """
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron import megatron_compat
 
     opt = rt.optimizer
     if opt.prepare_grads():  # fp16 loss scaling found inf/nan (and lowered the scale)
         return float("inf"), False
-    with cpu_compat.cuda_to_cpu():
+    with megatron_compat.cuda_to_cpu():
         grad_norm = float(opt.get_grad_norm())
     if not math.isfinite(grad_norm):
         return grad_norm, False
@@ -733,7 +733,7 @@ def _train_step(rt: _Runtime, step: int, fwd_bwd: Callable) -> tuple[torch.Tenso
     Returns the global [total, mdm, ar] and the gradient norm (None when the loss was not finite: the
     gradients are not even looked at).
     """
-    from nbdiff_megatron.model import cpu_compat
+    from nbdiff_megatron import megatron_compat
 
     cfg = rt.cfg
     ar_only = rt.objective == "ar"
@@ -754,7 +754,7 @@ def _train_step(rt: _Runtime, step: int, fwd_bwd: Callable) -> tuple[torch.Tenso
         scale=float(len(mbs) * rt.dp),
         poison=step in faults.nan_drill_steps(),
     )
-    with cpu_compat.cuda_to_cpu():
+    with megatron_compat.cuda_to_cpu():
         losses = fwd_bwd(
             forward_step_func=partial(_forward_step, loss_kwargs=loss_kwargs),
             data_iterator=iter(mbs),

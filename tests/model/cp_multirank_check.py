@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from multirank_check import full_gradients  # noqa: E402  (sibling script, same folder)
 
+from nbdiff_megatron.megatron_compat import cuda_to_cpu  # noqa: E402
 from nbdiff_megatron.method.losses import loss_token_counts, nbdiff_loss  # noqa: E402
 from nbdiff_megatron.method.masks import document_positions  # noqa: E402
 from nbdiff_megatron.method.noise import mask_tokens  # noqa: E402
-from nbdiff_megatron.model import cpu_compat  # noqa: E402
 from nbdiff_megatron.model.builder import build_model, nbdiff_forward, nbdiff_model_inputs  # noqa: E402
 from nbdiff_megatron.model.config import ModelConfig  # noqa: E402
 from nbdiff_megatron.model.context_parallel import (  # noqa: E402
@@ -144,7 +144,7 @@ def run_schedule(model, layout) -> float | None:
     batches = micro_batches()
     step = partial(forward_step, denominators=global_denominators(batches), layout=layout)
     model.zero_grad(set_to_none=True)
-    with cpu_compat.cuda_to_cpu():
+    with cuda_to_cpu():
         losses = get_forward_backward_func()(
             forward_step_func=step,
             data_iterator=iter(batches),

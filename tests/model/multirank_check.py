@@ -27,7 +27,7 @@ import nbdiff_megatron  # noqa: E402
 nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
 
 from nbdiff_megatron.errors import ConfigError  # noqa: E402
-from nbdiff_megatron.model import cpu_compat  # noqa: E402
+from nbdiff_megatron.megatron_compat import cuda_to_cpu  # noqa: E402
 from nbdiff_megatron.model.builder import build_model, nbdiff_model_inputs  # noqa: E402
 from nbdiff_megatron.model.config import ModelConfig  # noqa: E402
 from nbdiff_megatron.model.parallel import (  # noqa: E402
@@ -89,7 +89,7 @@ def run_schedule(model) -> float | None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model.zero_grad(set_to_none=True)
-    with cpu_compat.cuda_to_cpu():
+    with cuda_to_cpu():
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches()),
