@@ -379,41 +379,40 @@ def draw(results: dict[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=8)
     names = ["AR start", *variants]
     rows = [results["ar_start"]["eval"], *(v["eval"] for v in variants.values())]
+    _paired_bars(
+        axes[1],
+        names,
+        ("held-out L_MDM (target B)", [r["heldout_mdm"] for r in rows]),
+        ("held-out L_AR (causal)", [r["heldout_ar"] for r in rows]),
+        title="held-out losses (lower is better)",
+    )
+    _paired_bars(
+        axes[2],
+        names,
+        ("tokens per forward", [r["tokens_per_forward"] for r in rows]),
+        ("agreement with AR greedy", [r["agreement_with_ar"] or 0.0 for r in rows]),
+        title=f"block decoding at threshold {results['threshold']:g}, held-out prompts",
+    )
+    return _save(fig, path)
+
+
+def _paired_bars(
+    ax: Any,
+    names: list[str],
+    left: tuple[str, list[float]],
+    right: tuple[str, list[float]],
+    *,
+    title: str,
+) -> None:
+    """Two bars per variant on `ax`: `left` and `right` are (legend label, one value per name)."""
     xs = range(len(names))
     width = 0.4
-    axes[1].bar(
-        [x - width / 2 for x in xs],
-        [r["heldout_mdm"] for r in rows],
-        width,
-        label="held-out L_MDM (target B)",
-    )
-    axes[1].bar(
-        [x + width / 2 for x in xs],
-        [r["heldout_ar"] for r in rows],
-        width,
-        label="held-out L_AR (causal)",
-    )
-    axes[1].set_xticks(list(xs), names, rotation=25, fontsize=8)
-    axes[1].set_title("held-out losses (lower is better)")
-    axes[1].legend(fontsize=8)
-    axes[1].grid(alpha=0.3, axis="y")
-    axes[2].bar(
-        [x - width / 2 for x in xs],
-        [r["tokens_per_forward"] for r in rows],
-        width,
-        label="tokens per forward",
-    )
-    axes[2].bar(
-        [x + width / 2 for x in xs],
-        [r["agreement_with_ar"] or 0.0 for r in rows],
-        width,
-        label="agreement with AR greedy",
-    )
-    axes[2].set_xticks(list(xs), names, rotation=25, fontsize=8)
-    axes[2].set_title(f"block decoding at threshold {results['threshold']:g}, held-out prompts")
-    axes[2].legend(fontsize=8)
-    axes[2].grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    for offset, (label, values) in ((-width / 2, left), (width / 2, right)):
+        ax.bar([x + offset for x in xs], values, width, label=label)
+    ax.set_xticks(list(xs), names, rotation=25, fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
 
 
 def table(results: dict[str, Any]) -> str:

@@ -181,33 +181,26 @@ def quiet_optimizer_grad_views() -> None:
     parameters (non-leaf tensors); `_zero_grad_group_helper` reads `.grad` on them every step, which
     torch answers with a UserWarning that says nothing actionable (the gradients live in the DDP
     buffers). The same notice from any other module is still shown."""
-    warnings.filterwarnings(
-        "ignore",
-        message=NON_LEAF_GRAD_NOTICE,
-        category=UserWarning,
-        module=r"megatron\.core\.optimizer\.optimizer",
-    )
+    _drop_at_source(NON_LEAF_GRAD_NOTICE, UserWarning, r"megatron\.core\.optimizer\.optimizer")
 
 
 def quiet_torch_renames() -> None:
     """Drop torch's FutureWarning on the collectives it renamed, where torch raises it (its c10d
     wrapper, on megatron-core's calls); the same text from anywhere else is still shown."""
-    warnings.filterwarnings(
-        "ignore",
-        message=TORCH_COLLECTIVE_RENAMES,
-        category=FutureWarning,
-        module=r"torch\.distributed\.c10d_logger",
-    )
+    _drop_at_source(TORCH_COLLECTIVE_RENAMES, FutureWarning, r"torch\.distributed\.c10d_logger")
 
 
 def quiet_cpu_notices() -> None:
     """In a process without CUDA (apply_cpu_patches): drop megatron-core's GPU-only advice."""
-    warnings.filterwarnings(
-        "ignore",
-        message=CUDA_CONNECTIONS_NOTICE,
-        category=UserWarning,
-        module=r"megatron\.core\.tensor_parallel\.layers",
+    _drop_at_source(
+        CUDA_CONNECTIONS_NOTICE, UserWarning, r"megatron\.core\.tensor_parallel\.layers"
     )
+
+
+def _drop_at_source(message: str, category: type[Warning], module: str) -> None:
+    """Ignore `category` warnings matching `message` raised by `module` (a regex) only: the same
+    text raised anywhere else is still shown."""
+    warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def _add_log_filter(flt: logging.Filter) -> None:

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from nbdiff_megatron.kernels import ce_chunk
-from nbdiff_megatron.method.losses import LossTerms, loss_rows, loss_terms
+from nbdiff_megatron.method.losses import LossTerms, check_rows_covered, loss_rows, loss_terms
 
 __all__ = ["nbdiff_linear_loss"]
 
@@ -300,7 +300,6 @@ def nbdiff_linear_loss(
         masked,
         t,
         vocab=vocab,
-        n_rows=None if rows is None else rows.numel(),
         token_shift=token_shift,
         loss_mask=loss_mask,
         doc_ids=doc_ids,
@@ -309,12 +308,9 @@ def nbdiff_linear_loss(
         positions=positions,
         rows=rows,
     )
-    if tuple(hidden.shape[:2]) != (x0.shape[0], sel.n_rows):
-        expected = "2L" if rows is None else "len(rows)"
-        raise ValueError(
-            f"hidden must cover [b, {expected}] = [{x0.shape[0]}, {sel.n_rows}] rows for x0 "
-            f"{list(x0.shape)} (after the sequence-parallel gather), got {list(hidden.shape)}"
-        )
+    check_rows_covered(
+        "hidden", hidden, x0, sel, rows, note=" (after the sequence-parallel gather)"
+    )
     vocab_start = _group_rank(tp_group) * v_local
     n_valid = max(0, min(v_local, vocab - vocab_start))
     chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // max(v_local, 1))

@@ -35,7 +35,15 @@ import torch.nn.functional as F
 from nbdiff_megatron.method.masks import document_positions
 from nbdiff_megatron.method.noise import block_layout
 
-__all__ = ["LossRows", "LossTerms", "loss_rows", "loss_terms", "loss_token_counts", "nbdiff_loss"]
+__all__ = [
+    "LossRows",
+    "LossTerms",
+    "check_rows_covered",
+    "loss_rows",
+    "loss_terms",
+    "loss_token_counts",
+    "nbdiff_loss",
+]
 
 # Rows of logits upcast to fp32 at a time (~256 MiB of temporaries for the chunk).
 _CHUNK_ELEMENTS = 1 << 26
@@ -215,7 +223,6 @@ def nbdiff_loss(
         masked,
         t,
         vocab=vocab,
-        n_rows=None if rows is None else rows.numel(),
         token_shift=token_shift,
         loss_mask=loss_mask,
         doc_ids=doc_ids,
@@ -224,14 +231,7 @@ def nbdiff_loss(
         positions=positions,
         rows=rows,
     )
-    batch, n_rows = x0.shape[0], sel.n_rows
-    if logits.shape[:2] != (batch, n_rows):
-        expected = "2L" if rows is None else "len(rows)"
-        raise ValueError(
-            f"logits must have shape [b, {expected}, V] = [{batch}, {n_rows}, V] "
-            f"for x0 {list(x0.shape)}, "
-            f"got {list(logits.shape)}"
-        )
+    check_rows_covered("logits", logits, x0, sel, rows)
     chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     ce = _rows_cross_entropy(logits, sel.seq, sel.pos, sel.targets, chunk)
     return loss_terms(
@@ -270,7 +270,6 @@ def loss_rows(
     t: torch.Tensor,
     *,
     vocab: int,
-    n_rows: int | None = None,
     token_shift: bool = False,
     loss_mask: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
@@ -287,8 +286,7 @@ def loss_rows(
     if x0.dim() != 2 or x0.dtype.is_floating_point or x0.dtype == torch.bool:
         raise ValueError(f"x0 must be integer token ids [b, L], got {list(x0.shape)} {x0.dtype}")
     batch, seq_len = x0.shape
-    if n_rows is None:
-        n_rows = 2 * seq_len if rows is None else rows.numel()
+    n_rows = 2 * seq_len if rows is None else rows.numel()
     if masked.dtype != torch.bool or masked.shape != x0.shape:
         raise ValueError(
             f"masked must be a BoolTensor of shape {list(x0.shape)}, "
@@ -372,6 +370,24 @@ def loss_rows(
         ar_valid.sum().float(),
         n_rows,
     )
+
+
+def check_rows_covered(
+    name: str,
+    scores: torch.Tensor,
+    x0: torch.Tensor,
+    sel: LossRows,
+    rows: torch.Tensor | None,
+    *,
+    note: str = "",
+) -> None:
+    """ValueError unless ``scores [b, R, ...]`` has one row per row of ``sel`` (R = 2L or len(rows))."""
+    if tuple(scores.shape[:2]) != (x0.shape[0], sel.n_rows):
+        expected = "2L" if rows is None else "len(rows)"
+        raise ValueError(
+            f"{name} must cover [b, {expected}] = [{x0.shape[0]}, {sel.n_rows}] rows for x0 "
+            f"{list(x0.shape)}{note}, got {list(scores.shape)}"
+        )
 
 
 def loss_terms(

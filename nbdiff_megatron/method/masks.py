@@ -97,6 +97,25 @@ def _check_doc_ids(doc_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return doc_ids.long()
 
 
+def _check_training_layout(
+    seq_len: int,
+    block_size: int,
+    kind: str,
+    kinds: tuple[str, ...],
+    doc_ids: torch.Tensor | None,
+    turn_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The checks every training-mask form shares; returns (doc_ids, turn_ids) as LongTensors."""
+    _check_positive_int("seq_len", seq_len)
+    _check_positive_int("block_size", block_size)
+    _check_kind(kind, kinds)
+    if doc_ids is not None:
+        doc_ids = _check_doc_ids(doc_ids, seq_len)
+    if turn_ids is not None:
+        turn_ids = _check_turn_ids(turn_ids, seq_len)
+    return doc_ids, turn_ids
+
+
 # ----------------------------------------------------------------------------------------------------------
 # positions and blocks
 
@@ -243,13 +262,9 @@ def training_mask(
         BoolTensor [2L, 2L], or [b, 2L, 2L] when ``doc_ids``, ``turn_ids`` or ``annealed_draw`` is
         batched.
     """
-    _check_positive_int("seq_len", seq_len)
-    _check_positive_int("block_size", block_size)
-    _check_kind(kind)
-    if doc_ids is not None:
-        doc_ids = _check_doc_ids(doc_ids, seq_len)
-    if turn_ids is not None:
-        turn_ids = _check_turn_ids(turn_ids, seq_len)
+    doc_ids, turn_ids = _check_training_layout(
+        seq_len, block_size, kind, MASK_KINDS, doc_ids, turn_ids
+    )
     if kind == "annealed":
         annealed_draw = _check_draw(annealed_draw, seq_len, block_size)
     return _assemble(*_tiles(seq_len, block_size, kind, doc_ids, turn_ids, annealed_draw))
@@ -310,15 +325,11 @@ def annealed_training_mask(
 
     Returns [2L, 2L] (or [b, 2L, 2L] with batched doc_ids; then each sample draws its own ``r``).
     """
-    _check_positive_int("seq_len", seq_len)
-    _check_positive_int("block_size", block_size)
-    _check_kind(kind, BASE_KINDS)
+    doc_ids, turn_ids = _check_training_layout(
+        seq_len, block_size, kind, BASE_KINDS, doc_ids, turn_ids
+    )
     if not 0.0 <= float(progress) <= 1.0:
         raise ValueError(f"progress must lie in [0, 1], got {progress!r}")
-    if doc_ids is not None:
-        doc_ids = _check_doc_ids(doc_ids, seq_len)
-    if turn_ids is not None:
-        turn_ids = _check_turn_ids(turn_ids, seq_len)
     batch = doc_ids.shape[0] if doc_ids is not None and doc_ids.dim() == 2 else 1
     draw = annealed_draw(batch, seq_len, block_size, progress, generator=generator)
     if doc_ids is None or doc_ids.dim() == 1:
@@ -346,18 +357,16 @@ def training_mask_mod(
     batch index); kind "annealed" looks its decisions up in ``annealed_draw`` [b, L, B] (indexed by the
     batch index, so its BlockMask is per sample).
     """
-    _check_positive_int("seq_len", seq_len)
-    _check_positive_int("block_size", block_size)
-    _check_kind(kind)
+    doc_ids, turn_ids = _check_training_layout(
+        seq_len, block_size, kind, MASK_KINDS, doc_ids, turn_ids
+    )
     length = seq_len
     if doc_ids is not None:
-        doc_ids = _check_doc_ids(doc_ids, seq_len)
         pos = document_positions(doc_ids)
         blk = pos // block_size
         offset = pos % block_size
         batched = doc_ids.dim() == 2
     if turn_ids is not None:
-        turn_ids = _check_turn_ids(turn_ids, seq_len)
         turns_batched = turn_ids.dim() == 2
     annealed = kind == "annealed"
     if annealed:

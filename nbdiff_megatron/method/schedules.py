@@ -31,44 +31,6 @@ def _cooldown(progress: float, peak: float, min_lr: float, shape: str) -> float:
     return min_lr + (peak - min_lr) * factor
 
 
-def _validate(
-    step: int,
-    peak: float,
-    min_lr: float,
-    warmup: int,
-    total: int,
-    decay: int,
-    style: str,
-    shape: str,
-) -> None:
-    if style not in LR_STYLES:
-        raise ValueError(f"style must be one of {LR_STYLES}, got {style!r}")
-    if shape not in DECAY_SHAPES:
-        raise ValueError(f"decay_shape must be one of {DECAY_SHAPES}, got {shape!r}")
-    if not _is_int(step) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    if not (peak > 0 and math.isfinite(peak)):
-        raise ValueError(f"peak must be a finite number > 0, got {peak!r}")
-    if not (0 <= min_lr <= peak):
-        raise ValueError(f"min_lr must lie in [0, peak] = [0, {peak}], got {min_lr!r}")
-    if not _is_int(total) or total < 1:
-        raise ValueError(f"total (steps of the schedule) must be an integer >= 1, got {total!r}")
-    if not _is_int(warmup) or not (0 <= warmup <= total):
-        raise ValueError(f"warmup must be an integer in [0, total] = [0, {total}], got {warmup!r}")
-    if not _is_int(decay) or decay < 0:
-        raise ValueError(f"decay (cool-down steps) must be an integer >= 0, got {decay!r}")
-    if style == "cosine" and warmup >= total:
-        raise ValueError(
-            f"cosine needs warmup < total (the cosine runs from step warmup to step total): "
-            f"warmup {warmup}, total {total}"
-        )
-    if style == "wsd" and warmup + decay > total:
-        raise ValueError(
-            f"wsd needs warmup + decay <= total: warmup {warmup} + decay {decay} > total {total}; "
-            f"decay must be <= {total - warmup}"
-        )
-
-
 def lr_at(
     step: int,
     *,
@@ -89,25 +51,12 @@ def lr_at(
       (``decay`` and ``decay_shape`` are not used).
     - ``constant``: warm-up, then ``peak`` (``min_lr``, ``decay``, ``decay_shape`` are not used).
     """
-    _validate(step, peak, min_lr, warmup, total, decay, style, decay_shape)
-    if step < warmup:
-        return peak * step / warmup
-    if style == "constant":
-        return float(peak)
-    if style == "cosine":
-        if step >= total:
-            return float(min_lr)
-        return _cooldown((step - warmup) / (total - warmup), peak, min_lr, "cosine")
-    decay_start = total - decay
-    if decay == 0 or step < decay_start:
-        return float(peak)
-    progress = min(1.0, (step - decay_start) / decay)
-    return _cooldown(progress, peak, min_lr, decay_shape)
+    return LRSchedule(peak, min_lr, warmup, total, decay, style, decay_shape).at(step)
 
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """A learning-rate schedule; ``at(step)`` is ``lr_at`` with these fields."""
+    """A learning-rate schedule (``lr_at`` describes the styles); checked when it is built."""
 
     peak: float
     """LR after the warm-up."""
@@ -125,17 +74,52 @@ class LRSchedule:
     """wsd cool-down shape: linear, cosine or 1-sqrt."""
 
     def __post_init__(self) -> None:
-        self.at(0)
+        peak, min_lr, warmup, total = self.peak, self.min_lr, self.warmup, self.total
+        decay = self.decay
+        if self.style not in LR_STYLES:
+            raise ValueError(f"style must be one of {LR_STYLES}, got {self.style!r}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(f"decay_shape must be one of {DECAY_SHAPES}, got {self.decay_shape!r}")
+        if not (peak > 0 and math.isfinite(peak)):
+            raise ValueError(f"peak must be a finite number > 0, got {peak!r}")
+        if not (0 <= min_lr <= peak):
+            raise ValueError(f"min_lr must lie in [0, peak] = [0, {peak}], got {min_lr!r}")
+        if not _is_int(total) or total < 1:
+            raise ValueError(
+                f"total (steps of the schedule) must be an integer >= 1, got {total!r}"
+            )
+        if not _is_int(warmup) or not (0 <= warmup <= total):
+            raise ValueError(
+                f"warmup must be an integer in [0, total] = [0, {total}], got {warmup!r}"
+            )
+        if not _is_int(decay) or decay < 0:
+            raise ValueError(f"decay (cool-down steps) must be an integer >= 0, got {decay!r}")
+        if self.style == "cosine" and warmup >= total:
+            raise ValueError(
+                f"cosine needs warmup < total (the cosine runs from step warmup to step total): "
+                f"warmup {warmup}, total {total}"
+            )
+        if self.style == "wsd" and warmup + decay > total:
+            raise ValueError(
+                f"wsd needs warmup + decay <= total: warmup {warmup} + decay {decay} > total "
+                f"{total}; decay must be <= {total - warmup}"
+            )
 
     def at(self, step: int) -> float:
-        """LR at ``step``."""
-        return lr_at(
-            step,
-            peak=self.peak,
-            min_lr=self.min_lr,
-            warmup=self.warmup,
-            total=self.total,
-            decay=self.decay,
-            style=self.style,
-            decay_shape=self.decay_shape,
-        )
+        """LR at ``step`` (an integer >= 0)."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        peak, warmup, total = self.peak, self.warmup, self.total
+        if step < warmup:
+            return peak * step / warmup
+        if self.style == "constant":
+            return float(peak)
+        if self.style == "cosine":
+            if step >= total:
+                return float(self.min_lr)
+            return _cooldown((step - warmup) / (total - warmup), peak, self.min_lr, "cosine")
+        decay_start = total - self.decay
+        if self.decay == 0 or step < decay_start:
+            return float(peak)
+        progress = min(1.0, (step - decay_start) / self.decay)
+        return _cooldown(progress, peak, self.min_lr, self.decay_shape)

@@ -162,47 +162,34 @@ class ModelConfig:
                     f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                     f"model.num_query_groups={self.num_query_groups}: pick a divisor"
                 )
-        if self.num_attention_heads % tp:
-            raise ConfigError(
-                f"model.num_attention_heads={self.num_attention_heads} is not divisible by the tensor "
-                f"parallel size {tp}: change model.num_attention_heads or the TP size"
-            )
-        if self.query_groups % tp:
-            raise ConfigError(
-                f"model.num_query_groups={self.query_groups} is not divisible by the tensor parallel "
-                f"size {tp}: use at least {tp} query groups or a smaller TP size"
-            )
-        if self.ffn_hidden_size % tp:
-            raise ConfigError(
-                f"model.ffn_hidden_size={self.ffn_hidden_size} is not divisible by the tensor parallel "
-                f"size {tp}"
-            )
-        if self.num_layers % pp:
-            raise ConfigError(
-                f"model.num_layers={self.num_layers} is not divisible by the pipeline parallel size "
-                f"{pp}: change model.num_layers or the PP size"
-            )
+        # Each parallel size must divide what it splits (hf_to_mcore cuts the message at ": change").
+        for name, value, split, size in (
+            ("num_attention_heads", self.num_attention_heads, "tensor", tp),
+            ("num_query_groups", self.query_groups, "tensor", tp),
+            ("ffn_hidden_size", self.ffn_hidden_size, "tensor", tp),
+            ("num_layers", self.num_layers, "pipeline", pp),
+        ):
+            if value % size:
+                raise ConfigError(
+                    f"model.{name}={value} is not divisible by the {split} parallel size {size}: "
+                    f"change model.{name} or the {split} parallel size"
+                )
         if cp > 1 and self.seq_length % (2 * cp):
             raise ConfigError(
                 f"model.seq_length={self.seq_length} must be divisible by 2 * the context parallel "
                 f"size = {2 * cp}: each half (x_t, x_0) is cut into 2*cp chunks and CP rank r holds "
                 f"chunks r and 2cp-1-r of both; change model.seq_length or the CP size"
             )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r} is unknown: use one of "
-                f"{', '.join(ATTENTION_BACKENDS)}"
-            )
-        if self.transformer_impl not in TRANSFORMER_IMPLS:
-            raise ConfigError(
-                f"model.transformer_impl={self.transformer_impl!r} is unknown: use one of "
-                f"{', '.join(TRANSFORMER_IMPLS)}"
-            )
-        if self.params_dtype not in PARAMS_DTYPES:
-            raise ConfigError(
-                f"model.params_dtype={self.params_dtype!r} is unknown: use one of "
-                f"{', '.join(PARAMS_DTYPES)}"
-            )
+        for name, choices in (
+            ("attention_backend", ATTENTION_BACKENDS),
+            ("transformer_impl", TRANSFORMER_IMPLS),
+            ("params_dtype", PARAMS_DTYPES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(
+                    f"model.{name}={value!r} is unknown: use one of {', '.join(choices)}"
+                )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ROPE_SCALING_TYPES:

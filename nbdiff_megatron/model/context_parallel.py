@@ -282,15 +282,7 @@ def cp_local_loss(
     masked: torch.Tensor,
     t: torch.Tensor,
     layout: ContextParallelLayout,
-    *,
-    ar_weight: float,
-    token_shift: bool = False,
-    loss_mask: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    mdm_denominator: torch.Tensor | float | None = None,
-    ar_denominator: torch.Tensor | float | None = None,
-    chunk_rows: int | None = None,
-    validate: bool = True,
+    **options: Any,
 ) -> LossTerms:
     """`nbdiff_loss` (method/losses.py, eq. 2) restricted to this CP rank's logit rows; exact.
 
@@ -298,6 +290,8 @@ def cp_local_loss(
         local_logits: [b, 2L/cp, V], this rank's logits (row k is `layout.global_positions()[k]`).
         x0, masked, t, loss_mask, doc_ids: the FULL micro-batch ([b, L]; t may be [b]), identical on
             every CP rank -- targets of local rows may sit in another rank's chunk.
+        options: the keyword arguments of `nbdiff_loss` (ar_weight, token_shift, loss_mask, doc_ids,
+            mdm_denominator, ar_denominator, chunk_rows, validate, ...); not `rows`: the layout's.
         mdm_denominator, ar_denominator: the global counts (`loss_token_counts` of the full
             micro-batches, summed over micro-batches and DATA-parallel ranks -- not over CP ranks,
             which hold the same micro-batch). Then `total` of each CP rank is its share and the CP
@@ -321,18 +315,5 @@ def cp_local_loss(
             f"local_logits must have shape [b, 2L/cp, V] = [{x0.shape[0]}, {layout.local_length}, V], "
             f"got {list(local_logits.shape)}"
         )
-    return nbdiff_loss(
-        local_logits,
-        x0,
-        masked,
-        t,
-        ar_weight=ar_weight,
-        token_shift=token_shift,
-        loss_mask=loss_mask,
-        doc_ids=doc_ids,
-        mdm_denominator=mdm_denominator,
-        ar_denominator=ar_denominator,
-        chunk_rows=chunk_rows,
-        validate=validate,
-        rows=layout.global_positions(device=x0.device),
-    )
+    rows = layout.global_positions(device=x0.device)
+    return nbdiff_loss(local_logits, x0, masked, t, rows=rows, **options)
