@@ -109,6 +109,94 @@ def _check_tensors(
         )
 
 
+def _mask_row(
+    mask_id: int | None, tok: Any | None, hf_vocab: int, notes: list[str]
+) -> tuple[int, int]:
+    """([MASK] id, real vocabulary size): the given id, else the tokenizer's, else a new row after
+    the HF vocabulary (a row added for it is noted)."""
+    if mask_id is None and tok is not None:
+        mask_id = int(tok.mask_id)
+    if mask_id is None:
+        mask_id = hf_vocab
+        notes.append(
+            f"no tokenizer: [MASK] gets a new row, id {mask_id} (pass --mask-id to reuse one)"
+        )
+    if mask_id < 0 or mask_id > max(hf_vocab, tok.vocab_size if tok else 0):
+        raise ConversionError(
+            f"[MASK] id {mask_id} is outside the vocabulary (HF vocab_size {hf_vocab}); pass a "
+            "--mask-id inside it or equal to it (one new row)"
+        )
+    real_vocab = max(hf_vocab, mask_id + 1)
+    if tok is not None and tok.vocab_size > real_vocab:
+        raise ConversionError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model's embedding only {hf_vocab} "
+            "rows: pass the tokenizer that belongs to this model (--tokenizer)"
+        )
+    if real_vocab > hf_vocab:
+        notes.append(
+            f"added {real_vocab - hf_vocab} embedding row(s) for [MASK] (id {mask_id}), "
+            "initialised to the mean embedding"
+        )
+    return mask_id, real_vocab
+
+
+def _check_layout(cfg: ModelConfig, tp: int, pp: int, block_size: int | None) -> None:
+    """ConversionError naming the layouts that fit when --tp / --pp cannot split this model."""
+    try:
+        cfg.validate(tp=tp, pp=pp, block_size=block_size)
+    except ConfigError as exc:
+        # The config's advice (change the heads, the layers) is not the converter's to follow.
+        reason = re.split(r": (?:change|use|pick) ", str(exc))[0]
+        raise ConversionError(
+            f"the model cannot be laid out with --tp {tp} --pp {pp} ({reason}); the converter keeps "
+            f"the checkpoint's shape: {_layouts_that_fit(cfg, block_size)}"
+        ) from exc
+
+
+def _check_table_covers_model(
+    units: list[list[Any]], template: dict[str, Any], family: str
+) -> None:
+    """The conversion table maps exactly the model's tensors (an internal check of the tables)."""
+    mapped = {rule.mcore for unit in units for rule in unit if rule.mcore}
+    expected = {name for name, entry in template.items() if mcore_io.is_tensor_entry(entry)}
+    if mapped != expected:
+        raise ConversionError(
+            f"internal: the {family} table does not cover the model (unmapped model tensors: "
+            f"{common.listing(expected - mapped)}; unknown: {common.listing(mapped - expected)})"
+        )
+
+
+def _stage_unit(
+    unit: list[Any],
+    hf: HFCheckpoint,
+    template: dict[str, Any],
+    stager: mcore_io.Stager,
+    cfg: ModelConfig,
+    vocab: VocabSizes,
+    dtype: str,
+    tied_lm_head: bool,
+    summary: common.ConversionSummary,
+) -> None:
+    """Convert one unit of the table (rules read together) and stage its tensors into `template`."""
+    torch_dtype = common.DTYPES[dtype]
+    for rule in unit:
+        sources = [hf.get(name).to(torch_dtype) for name in rule.hf]
+        tensor = to_mcore(rule, sources, cfg, vocab)
+        if rule.mcore is None:
+            continue
+        if tied_lm_head and rule.mcore == "embedding.word_embeddings.weight":
+            head = hf.get("lm_head.weight").to(torch_dtype)
+            if not torch.equal(head, sources[0]):
+                raise ConversionError(
+                    "config.json says tie_word_embeddings=true but lm_head.weight differs "
+                    "from model.embed_tokens.weight; fix tie_word_embeddings"
+                )
+        mcore_io.set_entry_data(template[rule.mcore], stager.stage(tensor))
+        summary.tensors += 1
+        summary.parameters += sum(s.numel() for s in sources)
+        del sources, tensor  # before the next rule reads its sources: one rule's tensors at a time
+
+
 def hf_to_mcore(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -150,30 +238,7 @@ def hf_to_mcore(
         raise ConversionError(f"{hf.path / 'config.json'}: vocab_size is missing or not positive")
     tok = _resolve_tokenizer(hf, tokenizer)
     notes: list[str] = []
-    if mask_id is None and tok is not None:
-        mask_id = int(tok.mask_id)
-    if mask_id is None:
-        mask_id = hf_vocab
-        notes.append(
-            f"no tokenizer: [MASK] gets a new row, id {mask_id} (pass --mask-id to reuse one)"
-        )
-    if mask_id < 0 or mask_id > max(hf_vocab, tok.vocab_size if tok else 0):
-        raise ConversionError(
-            f"[MASK] id {mask_id} is outside the vocabulary (HF vocab_size {hf_vocab}); pass a "
-            "--mask-id inside it or equal to it (one new row)"
-        )
-    real_vocab = max(hf_vocab, mask_id + 1)
-    if tok is not None and tok.vocab_size > real_vocab:
-        raise ConversionError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model's embedding only {hf_vocab} "
-            "rows: pass the tokenizer that belongs to this model (--tokenizer)"
-        )
-    if real_vocab > hf_vocab:
-        notes.append(
-            f"added {real_vocab - hf_vocab} embedding row(s) for [MASK] (id {mask_id}), "
-            "initialised to the mean embedding"
-        )
-
+    mask_id, real_vocab = _mask_row(mask_id, tok, hf_vocab, notes)
     cfg, dropped_o_bias = model_config_from_hf(
         hf.config,
         family,
@@ -181,33 +246,17 @@ def hf_to_mcore(
         seq_length=seq_length,
         source=str(hf.path / "config.json"),
     )
+    _check_layout(cfg, tp, pp, block_size)
     target = dtype or _source_dtype(hf.config)
-    try:
-        cfg.validate(tp=tp, pp=pp, block_size=block_size)
-    except ConfigError as exc:
-        # The config's advice (change the heads, the layers) is not the converter's to follow.
-        reason = re.split(r": (?:change|use|pick) ", str(exc))[0]
-        raise ConversionError(
-            f"the model cannot be laid out with --tp {tp} --pp {pp} ({reason}); the converter keeps "
-            f"the checkpoint's shape: {_layouts_that_fit(cfg, block_size)}"
-        ) from exc
 
     units = table_for(family, cfg, dropped_o_bias=dropped_o_bias)
     tied_lm_head = cfg.tie_embeddings and "lm_head.weight" in hf.weight_map
     _check_tensors(hf, units, cfg, hf_vocab, tied_lm_head)
     if dropped_o_bias:
         notes.append("o_proj biases are zero and were dropped (checked tensor by tensor)")
-
     template = mcore_io.template_sharded_state_dict(cfg, tp)
-    mapped = {rule.mcore for unit in units for rule in unit if rule.mcore}
-    expected = {name for name, entry in template.items() if mcore_io.is_tensor_entry(entry)}
-    if mapped != expected:
-        raise ConversionError(
-            f"internal: the {family.name} table does not cover the model (unmapped model tensors: "
-            f"{common.listing(expected - mapped)}; unknown: {common.listing(mapped - expected)})"
-        )
+    _check_table_covers_model(units, template, family.name)
     vocab = VocabSizes(hf=hf_vocab, real=real_vocab, padded=cfg.padded_vocab_size(tp))
-    torch_dtype = common.DTYPES[target]
     out = Path(out_dir)
     summary = common.ConversionSummary(
         "hf-to-mcore",
@@ -223,22 +272,7 @@ def hf_to_mcore(
         for unit in common.progress(
             units, total=len(units), desc="hf-to-mcore", enabled=show_progress
         ):
-            for rule in unit:
-                sources = [hf.get(name).to(torch_dtype) for name in rule.hf]
-                tensor = to_mcore(rule, sources, cfg, vocab)
-                if rule.mcore is None:
-                    continue
-                if tied_lm_head and rule.mcore == "embedding.word_embeddings.weight":
-                    head = hf.get("lm_head.weight").to(torch_dtype)
-                    if not torch.equal(head, sources[0]):
-                        raise ConversionError(
-                            "config.json says tie_word_embeddings=true but lm_head.weight differs "
-                            "from model.embed_tokens.weight; fix tie_word_embeddings"
-                        )
-                mcore_io.set_entry_data(template[rule.mcore], stager.stage(tensor))
-                summary.tensors += 1
-                summary.parameters += sum(s.numel() for s in sources)
-                del sources, tensor
+            _stage_unit(unit, hf, template, stager, cfg, vocab, target, tied_lm_head, summary)
         hf.close()
 
         metadata = {
@@ -263,16 +297,29 @@ def hf_to_mcore(
             "token_shift": token_shift,
             "source": str(hf.path.resolve()),
         }
-        mcore_io.save_checkpoint_dir(template, metadata, tmp / common.CHECKPOINT_SUBDIR)
-        (tmp / "latest").write_text("0\n")
-        _remove_tree(tmp / ".staging")
-        if tok is not None:
-            copy_files(_tokenizer_files(hf, tokenizer), tmp / common.TOKENIZER_DIR)
-        (tmp / common.METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        (tmp / common.MODEL_YAML).write_text(_model_yaml(cfg))
+        tokenizer_files = _tokenizer_files(hf, tokenizer) if tok is not None else None
+        _write_folder(tmp, template, metadata, cfg, tokenizer_files)
         staged_rename(tmp, out.resolve(), overwrite)
     summary.seconds = timer.elapsed()
     return summary
+
+
+def _write_folder(
+    tmp: Path,
+    template: dict[str, Any],
+    metadata: dict[str, Any],
+    cfg: ModelConfig,
+    tokenizer_files: list[Path] | None,
+) -> None:
+    """Into the staging folder `tmp`: the checkpoint (from the staged tensors, then dropped), its
+    `latest` marker, the tokenizer copy (None: no tokenizer), the metadata and the model section."""
+    mcore_io.save_checkpoint_dir(template, metadata, tmp / common.CHECKPOINT_SUBDIR)
+    (tmp / "latest").write_text("0\n")
+    _remove_tree(tmp / ".staging")
+    if tokenizer_files is not None:
+        copy_files(tokenizer_files, tmp / common.TOKENIZER_DIR)
+    (tmp / common.METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    (tmp / common.MODEL_YAML).write_text(_model_yaml(cfg))
 
 
 def _tokenizer_metadata(tok: Any, out: Path, tokenizer: str | None) -> dict[str, Any] | None:
