@@ -27,8 +27,15 @@ from nbdiff_megatron.checkpoint.families import (
     export_family,
     hf_config_for_export,
 )
-from nbdiff_megatron.checkpoint.hf_io import TOKENIZER_FILES, ShardWriter, copy_files, plan_shards
+from nbdiff_megatron.checkpoint.hf_io import (
+    TOKENIZER_FILES,
+    ShardWriter,
+    copy_files,
+    plan_shards,
+    staged_rename,
+)
 from nbdiff_megatron.checkpoint.tables import expected_hf_shape, table_for, to_hf
+from nbdiff_megatron.convert import hf_export
 from nbdiff_megatron.data.tokenizer import tokenizer_in_run
 from nbdiff_megatron.errors import ConfigError, ConversionError
 from nbdiff_megatron.model.config import ModelConfig
@@ -221,16 +228,7 @@ def mcore_to_hf(
     torch_dtype = common.DTYPES[target]
 
     units = table_for(family, cfg)
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    sizes = [
-        [
-            (name, itemsize * _numel(expected_hf_shape(name, cfg, cfg.vocab_size)))
-            for rule in unit
-            for name in rule.hf
-        ]
-        for unit in units
-    ]
-    plan = plan_shards(sizes, parse_size(max_shard_size))
+    plan = _shard_plan(units, cfg, torch_dtype, parse_size(max_shard_size))
     source_hf = (info.get("architecture") or {}).get("hf_config")
     mask_id = info.get("mask_id")
     nbdiff = info.get("nbdiff") or {}
@@ -254,47 +252,83 @@ def mcore_to_hf(
         for unit, loaded in common.progress(
             zip(units, loaded_units), total=len(units), desc="mcore-to-hf", enabled=show_progress
         ):
-            for rule in unit:
-                outputs = to_hf(rule, loaded[rule.mcore], cfg)
-                for name, tensor in zip(rule.hf, outputs):
-                    want = expected_hf_shape(name, cfg, cfg.vocab_size)
-                    if tuple(tensor.shape) != want:
-                        raise ConversionError(
-                            f"internal: {name} came out {tuple(tensor.shape)}, expected {want}"
-                        )
-                    writer.add(name, tensor.to(torch_dtype))
-                    summary.tensors += 1
-                    summary.parameters += tensor.numel()
+            _write_unit(unit, loaded, writer, cfg, torch_dtype, summary)
             del loaded
         writer.finish()
         if tokenizer_files:
             copy_files(tokenizer_files, tmp)
         else:
             summary.notes.append("--no-tokenizer: the export holds no tokenizer files")
-        from nbdiff_megatron.convert import hf_export
-
-        special = hf_export.special_token_ids(tmp, info)
-        if special is None:
-            summary.notes.append(
-                "the tokenizer could not be loaded: config.json keeps the source's "
-                "special token ids and no generation_config.json is written"
-            )
-        else:
-            hf_export.set_special_tokens(config, special)
-        config.save_pretrained(str(tmp))
-        if special is not None:
-            hf_export.write_generation_config(tmp, special, mask_id)
-        hf_export.write_block_generate(tmp)
-        hf_export.write_model_card(tmp, family_name, config)
+        _write_hf_files(tmp, config, info, family_name, summary)
         public = {k: v for k, v in info.items() if k != "model_config"}
         public["exported_as"] = family_name
         public["dtype"] = target
         (tmp / common.METADATA_FILE).write_text(json.dumps(public, indent=2, default=str) + "\n")
-        from nbdiff_megatron.checkpoint.hf_io import staged_rename
-
         staged_rename(tmp, out.resolve(), overwrite)
     summary.seconds = timer.elapsed()
     return summary
+
+
+def _shard_plan(
+    units: list[list[Any]], cfg: ModelConfig, dtype: torch.dtype, max_shard_bytes: int
+) -> list[list[str]]:
+    """The HF tensor names of each safetensors shard, from their sizes in `dtype`."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [
+        [
+            (name, itemsize * _numel(expected_hf_shape(name, cfg, cfg.vocab_size)))
+            for rule in unit
+            for name in rule.hf
+        ]
+        for unit in units
+    ]
+    return plan_shards(sizes, max_shard_bytes)
+
+
+def _write_unit(
+    unit: list[Any],
+    loaded: dict[str, torch.Tensor],
+    writer: ShardWriter,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    summary: common.ConversionSummary,
+) -> None:
+    """Convert one unit of the table's loaded megatron tensors to HF tensors and write them."""
+    for rule in unit:
+        outputs = to_hf(rule, loaded[rule.mcore], cfg)
+        for name, tensor in zip(rule.hf, outputs):
+            want = expected_hf_shape(name, cfg, cfg.vocab_size)
+            if tuple(tensor.shape) != want:
+                raise ConversionError(
+                    f"internal: {name} came out {tuple(tensor.shape)}, expected {want}"
+                )
+            writer.add(name, tensor.to(dtype))
+            summary.tensors += 1
+            summary.parameters += tensor.numel()
+
+
+def _write_hf_files(
+    tmp: Path,
+    config: Any,
+    info: dict[str, Any],
+    family_name: str,
+    summary: common.ConversionSummary,
+) -> None:
+    """config.json (with the tokenizer's special tokens when it loads), generation_config.json, the
+    block-generation code and the model card, into the staging folder `tmp`."""
+    special = hf_export.special_token_ids(tmp, info)
+    if special is None:
+        summary.notes.append(
+            "the tokenizer could not be loaded: config.json keeps the source's "
+            "special token ids and no generation_config.json is written"
+        )
+    else:
+        hf_export.set_special_tokens(config, special)
+    config.save_pretrained(str(tmp))
+    if special is not None:
+        hf_export.write_generation_config(tmp, special, info.get("mask_id"))
+    hf_export.write_block_generate(tmp)
+    hf_export.write_model_card(tmp, family_name, config)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
