@@ -21,11 +21,12 @@ import shlex
 import sys
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbdiff_megatron.data.bundled import example_config
+from nbdiff_megatron.data.bundled import example_config, prepare_bundled_corpus
 
 EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 DEFAULT_PROMPT = "1 In the beginning God created"
@@ -293,159 +294,27 @@ def _cost(run: Decoded) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import warnings
+STEPS = 5
+"""Sections the demo prints (corpus, AR, NBDiff, decoding, pictures)."""
 
+
+def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.monotonic()
     out = Path(args.out).resolve()
-    steps = 5
     print(
         f"{_BOLD}NBDiff demo{_RESET}: from a next-token model to a next-block model, on this CPU."
     )
     _note(f"Everything is written under {out}. Expect a few minutes on 2 cores.")
+    prefix = _prepare_corpus(args, out)
+    ar_save, ar_result = _ar_phase(args, out, prefix)
+    nb_save, nb_cfg, nb_result = _nbdiff_phase(args, out, prefix, ar_save)
+    headline, ar, same = _decoding(args, nb_result.checkpoint)
 
-    _section(1, steps, "Preparing the bundled corpus (public-domain text, BPE tokenizer)")
-    from nbdiff_megatron.data.bundled import prepare_bundled_corpus
-
-    t0 = time.monotonic()
-    prefix = prepare_bundled_corpus(str(out / "data"), max_documents=args.max_documents or None)
-    _note(f"indexed dataset {prefix}.bin/.idx ({time.monotonic() - t0:.0f} s)")
-    if args.max_documents:
-        from nbdiff_megatron.data.preprocess import read_sidecar
-
-        size = (read_sidecar(prefix) or {}).get("tokens_all_keys")
-        _note(
-            f"The demo trains on the first {args.max_documents} chapter(s) of Genesis"
-            + (f" ({size:,} tokens)" if size else "")
-            + ", small enough for the tiny model to learn by heart in a few minutes: "
-            "memorised text makes its predictions confident, which is what block decoding needs "
-            "to commit several tokens per forward. This shows the mechanics, not generalisation."
-        )
-
-    _section(2, steps, f"AR pre-training: {args.ar_steps} steps with block size 1 and λ = 1")
-    _note(
-        "Block diffusion with B = 1 is ordinary next-token training: this is the AR model that "
-        "NBDiff starts from (in practice a pretrained LLM converted with `nbdiff convert`)."
-    )
-    ar_save = out / "ar"
-    ar_extra = [
-        f"--train.steps={args.ar_steps}",
-        "--curriculum.start_block_size=1",
-        "--curriculum.target_block_size=1",
-        "--curriculum.ar_weight=1.0",
-        f"--schedule.decay_steps={max(0, min(args.ar_steps // 5, args.ar_steps - 20))}",
-        f"--schedule.warmup_steps={min(20, args.ar_steps // 4)}",
-        f"--checkpoint.save={ar_save}",
-        f"--checkpoint.save_interval={args.ar_steps}",
-        "--checkpoint.keep_last=1",
-    ]
-    _, ar_result = _train_phase(args, _overrides(args, prefix, *ar_extra), "AR")
-
-    _section(3, steps, f"NBDiff adaptation: {args.nbdiff_steps} steps, block size growing 1 -> 8")
-    growth = max(1, args.nbdiff_steps // 16)
-    _note(
-        "Same weights, new objective: x_t ⊕ x_0 in one forward, L = (1-λ) L_MDM + λ L_AR, "
-        "context-causal mask (examples/tiny_cpu.yaml); the block size doubles early "
-        f"(B = 2, 4, 8 from steps {growth * 2}, {growth * 3}, {growth * 4}) so that most steps "
-        "train the block size the decoder uses."
-    )
-    nb_save = out / "nbdiff"
-    nb_extra = [
-        f"--checkpoint.save={nb_save}",
-        f"--checkpoint.load={ar_save}",
-        "--checkpoint.finetune=true",
-        "--checkpoint.keep_last=1",
-        f"--checkpoint.save_interval={max(1, args.nbdiff_steps)}",
-    ]
-    nb_extra += nbdiff_phase_overrides(args.nbdiff_steps)
-    nb_cfg, nb_result = _train_phase(args, _overrides(args, prefix, *nb_extra), "NBDiff")
-
-    _section(4, steps, "Decoding a continuation: block diffusion vs. next-token, same weights")
-    thresholds = sorted({args.threshold, *SWEEP_THRESHOLDS}, reverse=True)
-    more_prompts = [
-        p for p in verse_prompts(args.max_documents, MORE_PROMPTS + 1) if p != args.prompt
-    ][:MORE_PROMPTS]
-    decoded, size, tok = _decode(
-        nb_result.checkpoint, [args.prompt, *more_prompts], args.max_new_tokens, thresholds
-    )
-    runs, ar = decoded[0]
-    headline = next(r for r in runs if r.label == f"threshold {args.threshold:g}")
-    source = source_continuation(args.prompt, args.max_documents, tok, len(ar.tokens))
-    _show_text("NBDiff", args.prompt, headline.text)
-    print(
-        f"      {'':<11} {_DIM}blocks of {size}, unmask tokens with confidence > "
-        f"{args.threshold:g}: {_cost(headline)}{_RESET}"
-    )
-    _show_text("AR", args.prompt, ar.text)
-    print(f"      {'':<11} {_DIM}next-token decoding: {_cost(ar)}{_RESET}")
-    same = same_tokens(headline.tokens, ar.tokens)
-    agreement = (
-        f"{same}/{len(ar.tokens)} of the block decoder's tokens equal AR's greedy tokens at the "
-        "same position"
-    )
-    if source:
-        agreement += (
-            f"; AR reproduces {same_tokens(ar.tokens, source)}/{len(source)} tokens of the "
-            "training text, block decoding "
-            f"{same_tokens(headline.tokens, source)}/{len(source)}"
-        )
-    _note(f"Measured: {agreement}.")
-    n = len(decoded)
-    print(f"\n      {'':<15}{'this prompt':^34}{f'all {n} prompts':^26}")
-    print(
-        f"      {'unmask at':<15}{'forwards':>9}{'tokens/fwd':>12}{'same as AR':>13}"
-        f"{'tokens/fwd':>13}{'same as AR':>13}"
-    )
-    ar_total = sum(len(a.tokens) for _, a in decoded)
-    for i, run in enumerate(runs):
-        tokens = sum(len(r[i].tokens) for r, _ in decoded)
-        forwards = sum(r[i].forward_passes for r, _ in decoded)
-        agree = sum(same_tokens(r[i].tokens, a.tokens) for r, a in decoded)
-        print(
-            f"      {run.label:<15}{run.forward_passes:>9}{run.tokens_per_forward:>12.2f}"
-            f"{same_tokens(run.tokens, ar.tokens):>10}/{len(ar.tokens):<2}"
-            f"{tokens / forwards:>13.2f}{agree:>10}/{ar_total}"
-        )
-    ar_forwards = sum(a.forward_passes for _, a in decoded)
-    print(
-        f"      {'AR (next-token)':<15}{ar.forward_passes:>9}{ar.tokens_per_forward:>12.2f}"
-        f"{'-':>13}{ar_total / ar_forwards:>13.2f}{'-':>13}"
-    )
-    if more_prompts:
-        _note(
-            f"The other {len(more_prompts)} prompts are verse openings of the training text, e.g. "
-            f'"{more_prompts[0]}"; "tokens/fwd" over all prompts is their tokens over their '
-            'forwards. "same as AR" compares position by position, so one dropped or inserted '
-            "token counts every later position of that prompt as different."
-        )
-    lowest = runs[-1]
-    if lowest is not headline and lowest.tokens != headline.tokens:
-        _show_text(f"at {thresholds[-1]:g}", args.prompt, lowest.text)
-    print()
-    _note(
-        f"Each block of {size} starts from the AR prediction of its first token (token shift); its "
-        "other tokens start as [MASK] and are refined in forwards that read the cached prefix and "
-        "attend both ways inside the block; every forward unmasks the tokens whose probability "
-        "passes the threshold (at least one), and one last forward writes the finished block into "
-        "the KV cache; that forward also runs the next block's first step when the next block's "
-        "first token was guessed right (the fused commit), so a block costs 1 forward at best "
-        f"({size:g} tokens/forward for blocks of {size}), at least 2 when the guess fails; 1 is next-token "
-        "speed. Lower thresholds commit more "
-        "tokens per forward at the risk of committing wrong ones (the table)."
-    )
-    _note(
-        "Read this as the mechanics, not as a language model: the tiny model has memorised its "
-        "training text, so it is confident about masked tokens several positions ahead. Prompts it "
-        "has not seen get poor, less confident continuations (try `nbdiff generate`); a large "
-        "model trained long reaches this confidence on predictable spans (code, formulas, fixed "
-        "phrases), which is where NBDiff's speed-up over AR decoding comes from (docs/METHOD.md §7)."
-    )
-
-    _section(5, steps, "Pictures")
+    _section(5, STEPS, "Pictures")
     from nbdiff_megatron.plots import curriculum_series, draw_curriculum
 
     losses_png = _plot_losses(ar_result.history, nb_result.history, out / "loss_curves.png")
@@ -455,10 +324,9 @@ def run(args: argparse.Namespace) -> int:
         title="NBDiff adaptation in the demo (examples/tiny_cpu.yaml, demo schedule)",
     )
 
-    elapsed = time.monotonic() - started
+    print(f"\n{_BOLD}Done in {(time.monotonic() - started) / 60:.1f} min.{_RESET}")
     first_ar, last_ar = ar_result.history[0]["ar"], ar_result.history[-1]["ar"]
     last_nb = nb_result.history[-1]
-    print(f"\n{_BOLD}Done in {elapsed / 60:.1f} min.{_RESET}")
     rows = [
         ("AR loss", f"{first_ar:.2f} -> {last_ar:.2f} (next-token cross-entropy)"),
         (
@@ -487,3 +355,168 @@ def run(args: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"  {name:<13} {value}")
     return 0
+
+
+def _prepare_corpus(args: argparse.Namespace, out: Path) -> str:
+    """Step 1: the bundled corpus as an indexed dataset; returns its prefix."""
+    _section(1, STEPS, "Preparing the bundled corpus (public-domain text, BPE tokenizer)")
+    t0 = time.monotonic()
+    prefix = prepare_bundled_corpus(str(out / "data"), max_documents=args.max_documents or None)
+    _note(f"indexed dataset {prefix}.bin/.idx ({time.monotonic() - t0:.0f} s)")
+    if args.max_documents:
+        from nbdiff_megatron.data.preprocess import read_sidecar
+
+        size = (read_sidecar(prefix) or {}).get("tokens_all_keys")
+        _note(
+            f"The demo trains on the first {args.max_documents} chapter(s) of Genesis"
+            + (f" ({size:,} tokens)" if size else "")
+            + ", small enough for the tiny model to learn by heart in a few minutes: "
+            "memorised text makes its predictions confident, which is what block decoding needs "
+            "to commit several tokens per forward. This shows the mechanics, not generalisation."
+        )
+    return prefix
+
+
+def _ar_phase(args: argparse.Namespace, out: Path, prefix: str) -> tuple[Path, Any]:
+    """Step 2: AR pre-training (block size 1, λ = 1); returns (its save dir, its result)."""
+    _section(2, STEPS, f"AR pre-training: {args.ar_steps} steps with block size 1 and λ = 1")
+    _note(
+        "Block diffusion with B = 1 is ordinary next-token training: this is the AR model that "
+        "NBDiff starts from (in practice a pretrained LLM converted with `nbdiff convert`)."
+    )
+    ar_save = out / "ar"
+    ar_extra = [
+        f"--train.steps={args.ar_steps}",
+        "--curriculum.start_block_size=1",
+        "--curriculum.target_block_size=1",
+        "--curriculum.ar_weight=1.0",
+        f"--schedule.decay_steps={max(0, min(args.ar_steps // 5, args.ar_steps - 20))}",
+        f"--schedule.warmup_steps={min(20, args.ar_steps // 4)}",
+        f"--checkpoint.save={ar_save}",
+        f"--checkpoint.save_interval={args.ar_steps}",
+        "--checkpoint.keep_last=1",
+    ]
+    _, ar_result = _train_phase(args, _overrides(args, prefix, *ar_extra), "AR")
+    return ar_save, ar_result
+
+
+def _nbdiff_phase(
+    args: argparse.Namespace, out: Path, prefix: str, ar_save: Path
+) -> tuple[Path, Any, Any]:
+    """Step 3: NBDiff adaptation from the AR model; returns (its save dir, config, result)."""
+    _section(3, STEPS, f"NBDiff adaptation: {args.nbdiff_steps} steps, block size growing 1 -> 8")
+    growth = max(1, args.nbdiff_steps // 16)
+    _note(
+        "Same weights, new objective: x_t ⊕ x_0 in one forward, L = (1-λ) L_MDM + λ L_AR, "
+        "context-causal mask (examples/tiny_cpu.yaml); the block size doubles early "
+        f"(B = 2, 4, 8 from steps {growth * 2}, {growth * 3}, {growth * 4}) so that most steps "
+        "train the block size the decoder uses."
+    )
+    nb_save = out / "nbdiff"
+    nb_extra = [
+        f"--checkpoint.save={nb_save}",
+        f"--checkpoint.load={ar_save}",
+        "--checkpoint.finetune=true",
+        "--checkpoint.keep_last=1",
+        f"--checkpoint.save_interval={max(1, args.nbdiff_steps)}",
+    ]
+    nb_extra += nbdiff_phase_overrides(args.nbdiff_steps)
+    nb_cfg, nb_result = _train_phase(args, _overrides(args, prefix, *nb_extra), "NBDiff")
+    return nb_save, nb_cfg, nb_result
+
+
+def _decoding(args: argparse.Namespace, checkpoint: str) -> tuple[Decoded, Decoded, int]:
+    """Step 4: block decoding against next-token decoding of the same weights, over a threshold
+    sweep and several prompts; returns (the --threshold run, the AR run, tokens they share)."""
+    _section(4, STEPS, "Decoding a continuation: block diffusion vs. next-token, same weights")
+    thresholds = sorted({args.threshold, *SWEEP_THRESHOLDS}, reverse=True)
+    more_prompts = [
+        p for p in verse_prompts(args.max_documents, MORE_PROMPTS + 1) if p != args.prompt
+    ][:MORE_PROMPTS]
+    decoded, size, tok = _decode(
+        checkpoint, [args.prompt, *more_prompts], args.max_new_tokens, thresholds
+    )
+    runs, ar = decoded[0]
+    headline = next(r for r in runs if r.label == f"threshold {args.threshold:g}")
+    source = source_continuation(args.prompt, args.max_documents, tok, len(ar.tokens))
+    _show_text("NBDiff", args.prompt, headline.text)
+    print(
+        f"      {'':<11} {_DIM}blocks of {size}, unmask tokens with confidence > "
+        f"{args.threshold:g}: {_cost(headline)}{_RESET}"
+    )
+    _show_text("AR", args.prompt, ar.text)
+    print(f"      {'':<11} {_DIM}next-token decoding: {_cost(ar)}{_RESET}")
+    same = same_tokens(headline.tokens, ar.tokens)
+    agreement = (
+        f"{same}/{len(ar.tokens)} of the block decoder's tokens equal AR's greedy tokens at the "
+        "same position"
+    )
+    if source:
+        agreement += (
+            f"; AR reproduces {same_tokens(ar.tokens, source)}/{len(source)} tokens of the "
+            "training text, block decoding "
+            f"{same_tokens(headline.tokens, source)}/{len(source)}"
+        )
+    _note(f"Measured: {agreement}.")
+    _print_sweep(decoded)
+    if more_prompts:
+        _note(
+            f"The other {len(more_prompts)} prompts are verse openings of the training text, e.g. "
+            f'"{more_prompts[0]}"; "tokens/fwd" over all prompts is their tokens over their '
+            'forwards. "same as AR" compares position by position, so one dropped or inserted '
+            "token counts every later position of that prompt as different."
+        )
+    lowest = runs[-1]
+    if lowest is not headline and lowest.tokens != headline.tokens:
+        _show_text(f"at {thresholds[-1]:g}", args.prompt, lowest.text)
+    print()
+    _explain_decoding(size)
+    return headline, ar, same
+
+
+def _print_sweep(decoded: list[tuple[list[Decoded], Decoded]]) -> None:
+    """The threshold table: the first prompt's runs, and all prompts' together."""
+    runs, ar = decoded[0]
+    n = len(decoded)
+    print(f"\n      {'':<15}{'this prompt':^34}{f'all {n} prompts':^26}")
+    print(
+        f"      {'unmask at':<15}{'forwards':>9}{'tokens/fwd':>12}{'same as AR':>13}"
+        f"{'tokens/fwd':>13}{'same as AR':>13}"
+    )
+    ar_total = sum(len(a.tokens) for _, a in decoded)
+    for i, run in enumerate(runs):
+        tokens = sum(len(r[i].tokens) for r, _ in decoded)
+        forwards = sum(r[i].forward_passes for r, _ in decoded)
+        agree = sum(same_tokens(r[i].tokens, a.tokens) for r, a in decoded)
+        print(
+            f"      {run.label:<15}{run.forward_passes:>9}{run.tokens_per_forward:>12.2f}"
+            f"{same_tokens(run.tokens, ar.tokens):>10}/{len(ar.tokens):<2}"
+            f"{tokens / forwards:>13.2f}{agree:>10}/{ar_total}"
+        )
+    ar_forwards = sum(a.forward_passes for _, a in decoded)
+    print(
+        f"      {'AR (next-token)':<15}{ar.forward_passes:>9}{ar.tokens_per_forward:>12.2f}"
+        f"{'-':>13}{ar_total / ar_forwards:>13.2f}{'-':>13}"
+    )
+
+
+def _explain_decoding(size: int) -> None:
+    """How block decoding spends its forwards, and how to read the numbers."""
+    _note(
+        f"Each block of {size} starts from the AR prediction of its first token (token shift); its "
+        "other tokens start as [MASK] and are refined in forwards that read the cached prefix and "
+        "attend both ways inside the block; every forward unmasks the tokens whose probability "
+        "passes the threshold (at least one), and one last forward writes the finished block into "
+        "the KV cache; that forward also runs the next block's first step when the next block's "
+        "first token was guessed right (the fused commit), so a block costs 1 forward at best "
+        f"({size:g} tokens/forward for blocks of {size}), at least 2 when the guess fails; 1 is next-token "
+        "speed. Lower thresholds commit more "
+        "tokens per forward at the risk of committing wrong ones (the table)."
+    )
+    _note(
+        "Read this as the mechanics, not as a language model: the tiny model has memorised its "
+        "training text, so it is confident about masked tokens several positions ahead. Prompts it "
+        "has not seen get poor, less confident continuations (try `nbdiff generate`); a large "
+        "model trained long reaches this confidence on predictable spans (code, formulas, fixed "
+        "phrases), which is where NBDiff's speed-up over AR decoding comes from (docs/METHOD.md §7)."
+    )
