@@ -22,21 +22,40 @@ Outputs under `--out`: `results.json`, `ablation.png` (training loss curves + th
 checkpoint folder with `metrics.jsonl` per variant. Under torchrun every variant trains on all ranks
 with the config's layout; evaluation then runs the same on every rank at TP = PP = CP = 1 (it needs the
 model on one device) and rank 0 writes the outputs.
+
+megatron-core (through the model builder, parallel state and the training loop) is imported inside the
+functions that use it: seconds that `nbdiff ablate --help` does not pay.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbdiff_megatron.data.bundled import example_config
-from nbdiff_megatron.errors import ConfigError
+import torch
+import torch.distributed as dist
+
+from nbdiff_megatron.data.bundled import (
+    bundled_tokenizer_path,
+    example_config,
+    prepare_bundled_corpus,
+)
+from nbdiff_megatron.data.datasets import build_datasets
+from nbdiff_megatron.data.tokenizer import load_tokenizer
+from nbdiff_megatron.errors import ConfigError, DataError
+from nbdiff_megatron.inference import ARDecoder, BlockDecoder
+from nbdiff_megatron.inference.unmasking import UnmaskingConfig
+from nbdiff_megatron.method.losses import nbdiff_loss
+from nbdiff_megatron.method.masks import training_position_ids
+from nbdiff_megatron.method.noise import block_layout, mask_tokens, sample_t
 
 EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 VARIANTS = ("annealed", "plain", "ar", "nbdiff", "block_causal")
@@ -161,15 +180,11 @@ def _train(cfg: Any, label: str) -> Any:
 
 def _rank() -> int:
     """This process's global rank (torchrun's RANK before the process group exists)."""
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _prepare_bundled(out: Path, documents: int) -> str:
     """The bundled corpus as an indexed dataset: rank 0 writes it, other ranks wait for it."""
-    from nbdiff_megatron.data.bundled import prepare_bundled_corpus
-
     ready = out / "data" / "READY"
     if _rank() == 0:
         prefix = prepare_bundled_corpus(str(out / "data"), max_documents=documents)
@@ -198,11 +213,6 @@ class HeldOut:
 
 def held_out(cfg: Any, tokenizer: Any, samples: int, prompts: int, prompt_tokens: int) -> HeldOut:
     """Samples of the config's validation split (documents the training split does not hold)."""
-    import torch
-
-    from nbdiff_megatron.data.datasets import build_datasets
-    from nbdiff_megatron.errors import DataError
-
     datasets = build_datasets(
         cfg.data, cfg.seq_length(), tokenizer, (None, None, None), seed=cfg.data.seed
     )
@@ -255,21 +265,53 @@ def evaluate(
     threshold: float,
 ) -> tuple[dict[str, float], list[list[int]]]:
     """Held-out L_MDM (target B), L_AR (causal forward), TPF and agreement of one checkpoint."""
-    import torch
-
-    from nbdiff_megatron.inference import ARDecoder, BlockDecoder
-    from nbdiff_megatron.inference.unmasking import UnmaskingConfig
-    from nbdiff_megatron.method.losses import nbdiff_loss
-    from nbdiff_megatron.method.masks import training_position_ids
-    from nbdiff_megatron.method.noise import block_layout, mask_tokens, sample_t
-    from nbdiff_megatron.model.builder import ar_forward, nbdiff_forward
-
     model = _build_and_load(cfg, checkpoint)
     block = cfg.curriculum.target_block_size
     shift = cfg.loss.token_shift
+    # The trained target mask: the annealed baseline ends at the context-causal mask.
+    kind = "block_causal" if mask_kind == "block_causal" else "context_causal"
+    with torch.no_grad():
+        mdm, ar = _heldout_losses(model, data, block=block, kind=kind, shift=shift, mask_id=mask_id)
+        common = dict(mask_id=mask_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+
+        def decoder() -> Any:
+            if reference is None:  # the AR start model: its greedy continuation is the reference
+                return ARDecoder(model, **common)
+            return BlockDecoder(
+                model,
+                block_size=block,
+                token_shift=shift,
+                mask_kind=kind,
+                unmasking=UnmaskingConfig(rule="confidence", threshold=threshold),
+                **common,
+            )
+
+        tokens = forwards = agree = compared = 0
+        continuations: list[list[int]] = []
+        for i, prompt in enumerate(data.prompts):
+            out = decoder().generate([prompt])
+            generated = list(out.tokens[0])
+            continuations.append(generated)
+            tokens += len(generated)
+            forwards += out.stats.forward_passes
+            if reference is not None:
+                agree += sum(a == b for a, b in zip(generated, reference[i]))
+                compared += len(reference[i])
+    result = {
+        "heldout_mdm": mdm,
+        "heldout_ar": ar,
+        "tokens_per_forward": tokens / max(forwards, 1),
+        "agreement_with_ar": (agree / compared) if compared else None,
+    }
+    return result, continuations
+
+
+def _noised_views(
+    data: HeldOut, *, block: int, shift: bool, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, masked, p): the same noised views for every variant (a fixed generator, uniform
+    masking, per-block t), masked only where the loss counts."""
     x0, doc_ids, loss_mask = data.x0, data.doc_ids, data.loss_mask
-    device = next(model.parameters()).device
-    # The same noised views for every variant: a fixed generator, uniform masking, per-block t.
     gen = torch.Generator().manual_seed(20251130)
     length = x0.shape[1]
     positions = training_position_ids(length, doc_ids)[:, :length]
@@ -287,74 +329,53 @@ def evaluate(
     )
     masked = masked & loss_mask
     x_t = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    # The trained target mask: the annealed baseline ends at the context-causal mask.
-    kind = "block_causal" if mask_kind == "block_causal" else "context_causal"
+    return x_t, masked, p
+
+
+def _heldout_losses(
+    model: Any, data: HeldOut, *, block: int, kind: str, shift: bool, mask_id: int
+) -> tuple[float, float]:
+    """(L_MDM at the target block size, L_AR of a plain causal forward) over the held-out set."""
+    from nbdiff_megatron.model.builder import ar_forward, nbdiff_forward  # megatron (module doc)
+
+    x_t, masked, p = _noised_views(data, block=block, shift=shift, mask_id=mask_id)
+    device = next(model.parameters()).device
     mdm_sum = ar_sum = mdm_n = ar_n = 0.0
-    with torch.no_grad():
-        for s in range(0, x0.shape[0], 16):
-            sl = slice(s, s + 16)
-            args = [v[sl].to(device) for v in (x_t, x0, doc_ids, loss_mask, masked, p)]
-            xt_b, x0_b, doc_b, lm_b, m_b, p_b = args
-            logits = nbdiff_forward(model, xt_b, x0_b, block_size=block, kind=kind, doc_ids=doc_b)
-            terms = nbdiff_loss(
-                logits.float(),
-                x0_b,
-                m_b,
-                torch.where(p_b > 0, p_b, torch.ones_like(p_b)),
-                ar_weight=0.0,
-                token_shift=shift,
-                loss_mask=lm_b,
-                doc_ids=doc_b,
-                validate=False,
-            )
-            mdm_sum += float(terms.mdm_sum)
-            mdm_n += float(terms.mdm_count)
-            # L_AR of the model as an AR model: a plain causal forward on the clean text (under the
-            # block-causal mask the x_0 half would see its own targets).
-            ar_logits = ar_forward(model, x0_b, doc_ids=doc_b).float()
-            both = torch.cat([ar_logits, ar_logits], dim=1)
-            ar_terms = nbdiff_loss(
-                both,
-                x0_b,
-                torch.zeros_like(m_b),
-                torch.ones_like(p_b),
-                ar_weight=1.0,
-                loss_mask=lm_b,
-                doc_ids=doc_b,
-                validate=False,
-            )
-            ar_sum += float(ar_terms.ar_sum)
-            ar_n += float(ar_terms.ar_count)
-        tokens = forwards = agree = compared = 0
-        continuations: list[list[int]] = []
-        for i, prompt in enumerate(data.prompts):
-            common = dict(mask_id=mask_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
-            if reference is None:  # the AR start model: its greedy continuation is the reference
-                out = ARDecoder(model, **common).generate([prompt])
-            else:
-                out = BlockDecoder(
-                    model,
-                    block_size=block,
-                    token_shift=shift,
-                    mask_kind=kind,
-                    unmasking=UnmaskingConfig(rule="confidence", threshold=threshold),
-                    **common,
-                ).generate([prompt])
-            generated = list(out.tokens[0])
-            continuations.append(generated)
-            tokens += len(generated)
-            forwards += out.stats.forward_passes
-            if reference is not None:
-                ref = reference[i]
-                agree += sum(a == b for a, b in zip(generated, ref))
-                compared += len(ref)
-    result = {
-        "heldout_mdm": mdm_sum / max(mdm_n, 1.0),
-        "heldout_ar": ar_sum / max(ar_n, 1.0),
-        "tokens_per_forward": tokens / max(forwards, 1),
-        "agreement_with_ar": (agree / compared) if compared else None,
-    }
-    return result, continuations
+    for s in range(0, data.x0.shape[0], 16):
+        sl = slice(s, s + 16)
+        views = (x_t, data.x0, data.doc_ids, data.loss_mask, masked, p)
+        xt_b, x0_b, doc_b, lm_b, m_b, p_b = [v[sl].to(device) for v in views]
+        logits = nbdiff_forward(model, xt_b, x0_b, block_size=block, kind=kind, doc_ids=doc_b)
+        terms = nbdiff_loss(
+            logits.float(),
+            x0_b,
+            m_b,
+            torch.where(p_b > 0, p_b, torch.ones_like(p_b)),
+            ar_weight=0.0,
+            token_shift=shift,
+            loss_mask=lm_b,
+            doc_ids=doc_b,
+            validate=False,
+        )
+        mdm_sum += float(terms.mdm_sum)
+        mdm_n += float(terms.mdm_count)
+        # L_AR of the model as an AR model: a plain causal forward on the clean text (under the
+        # block-causal mask the x_0 half would see its own targets).
+        ar_logits = ar_forward(model, x0_b, doc_ids=doc_b).float()
+        both = torch.cat([ar_logits, ar_logits], dim=1)
+        ar_terms = nbdiff_loss(
+            both,
+            x0_b,
+            torch.zeros_like(m_b),
+            torch.ones_like(p_b),
+            ar_weight=1.0,
+            loss_mask=lm_b,
+            doc_ids=doc_b,
+            validate=False,
+        )
+        ar_sum += float(ar_terms.ar_sum)
+        ar_n += float(ar_terms.ar_count)
+    return mdm_sum / max(mdm_n, 1.0), ar_sum / max(ar_n, 1.0)
 
 
 # ------------------------------------------------------------------------------- picture, table
@@ -455,66 +476,19 @@ def _parse_variants(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.monotonic()
     out = Path(args.out).resolve()
     names = _parse_variants(args.variants)
-    extra = list(getattr(args, "overrides", None) or [])
-    config = args.config
-    if config is None:
-        from nbdiff_megatron.data.bundled import bundled_tokenizer_path
-
-        config = str(EXAMPLE)
-        if _rank() == 0:
-            (out / "data" / "READY").unlink(missing_ok=True)
-        prefix = _prepare_bundled(out, args.documents)
-        extra = [
-            f"--data.data_path=[{prefix}]",
-            f"--data.tokenizer_model={bundled_tokenizer_path()}",
-            f"--data.split={DEFAULT_SPLIT}",
-            "--logging.log_interval=50",
-            *extra,
-        ]
+    config, extra = _config_and_overrides(args, out)
     base = _load(config, extra)
     steps = args.steps or (DEFAULT_STEPS if args.config is None else base.train.steps)
-    say = print if _rank() == 0 else (lambda *a, **k: None)
-    say(f"nbdiff ablate: {len(names)} variant(s) x {steps} steps from one AR checkpoint -> {out}")
-
+    _say(f"nbdiff ablate: {len(names)} variant(s) x {steps} steps from one AR checkpoint -> {out}")
     ar_checkpoint = args.ar_checkpoint
     if ar_checkpoint is None:
-        ar_cfg = _load(
-            config,
-            [
-                *extra,
-                f"--train.steps={args.ar_steps}",
-                "--curriculum.mask_kind=context_causal",
-                "--curriculum.start_block_size=1",
-                "--curriculum.target_block_size=1",
-                "--curriculum.ar_weight=1.0",
-                "--curriculum.ar_weight_final=null",
-                "--curriculum.ar_weight_anneal=constant",
-                f"--schedule.warmup_steps={min(20, args.ar_steps // 4)}",
-                f"--schedule.decay_steps={max(0, min(args.ar_steps // 5, args.ar_steps - 20))}",
-                f"--checkpoint.save={out / 'ar_start'}",
-                f"--checkpoint.save_interval={args.ar_steps}",
-                "--checkpoint.keep_last=1",
-            ],
-        )
-        say(f"\n[AR start] training the AR model: {args.ar_steps} steps, B = 1, λ = 1")
-        ar_checkpoint = _train(ar_cfg, "AR").checkpoint
-
-    results: dict[str, Any] = {
-        "command": "nbdiff " + " ".join(sys.argv[1:]),
-        "steps": steps,
-        "tokens_per_variant": steps * base.tokens_per_step(),
-        "threshold": args.threshold,
-        "ar_checkpoint": str(ar_checkpoint),
-        "variants": {},
-    }
+        ar_checkpoint = _train_ar_start(args, config, extra, out)
     trained: dict[str, tuple[Any, Any]] = {}
     for name in names:
         spec = VARIANT_SPECS[name]
@@ -530,31 +504,106 @@ def run(args: argparse.Namespace) -> int:
                 "--checkpoint.keep_last=1",
             ],
         )
-        say(f"\n[{name}] {spec.label}: mask {spec.mask_kind}, {steps} steps")
+        _say(f"\n[{name}] {spec.label}: mask {spec.mask_kind}, {steps} steps")
         trained[name] = (cfg, _train(cfg, name))
 
-    # Evaluation (same held-out data, noise and prompts for every checkpoint).
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
+    results: dict[str, Any] = {
+        "command": "nbdiff " + " ".join(sys.argv[1:]),
+        "steps": steps,
+        "tokens_per_variant": steps * base.tokens_per_step(),
+        "threshold": args.threshold,
+        "ar_checkpoint": str(ar_checkpoint),
+        "variants": {},
+    }
+    results.update(_evaluate_all(args, base, trained, str(ar_checkpoint), out))
+    results["seconds"] = round(time.monotonic() - started, 1)
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        png = draw(results, out / "ablation.png")
+        print("\n" + table(results))
+        print(f"\nresults {out / 'results.json'}\npicture {png}")
+        print(f"done in {results['seconds'] / 60:.1f} min")
+    from nbdiff_megatron.model.parallel import destroy_parallel  # megatron (module doc)
 
+    destroy_parallel()
+    return 0
+
+
+def _say(*args: Any) -> None:
+    """print on rank 0 only."""
+    if _rank() == 0:
+        print(*args)
+
+
+def _config_and_overrides(args: argparse.Namespace, out: Path) -> tuple[str, list[str]]:
+    """The config file and the overrides every training run gets: --config as given, or the
+    bundled corpus (prepared under `out`) with examples/tiny_cpu.yaml."""
+    extra = list(getattr(args, "overrides", None) or [])
+    if args.config is not None:
+        return args.config, extra
+    if _rank() == 0:
+        (out / "data" / "READY").unlink(missing_ok=True)
+    prefix = _prepare_bundled(out, args.documents)
+    extra = [
+        f"--data.data_path=[{prefix}]",
+        f"--data.tokenizer_model={bundled_tokenizer_path()}",
+        f"--data.split={DEFAULT_SPLIT}",
+        "--logging.log_interval=50",
+        *extra,
+    ]
+    return str(EXAMPLE), extra
+
+
+def _train_ar_start(args: argparse.Namespace, config: str, extra: list[str], out: Path) -> str:
+    """Train the AR start model every variant adapts (B = 1, λ = 1); returns its checkpoint."""
+    ar_cfg = _load(
+        config,
+        [
+            *extra,
+            f"--train.steps={args.ar_steps}",
+            "--curriculum.mask_kind=context_causal",
+            "--curriculum.start_block_size=1",
+            "--curriculum.target_block_size=1",
+            "--curriculum.ar_weight=1.0",
+            "--curriculum.ar_weight_final=null",
+            "--curriculum.ar_weight_anneal=constant",
+            f"--schedule.warmup_steps={min(20, args.ar_steps // 4)}",
+            f"--schedule.decay_steps={max(0, min(args.ar_steps // 5, args.ar_steps - 20))}",
+            f"--checkpoint.save={out / 'ar_start'}",
+            f"--checkpoint.save_interval={args.ar_steps}",
+            "--checkpoint.keep_last=1",
+        ],
+    )
+    _say(f"\n[AR start] training the AR model: {args.ar_steps} steps, B = 1, λ = 1")
+    return _train(ar_cfg, "AR").checkpoint
+
+
+def _evaluate_all(
+    args: argparse.Namespace,
+    base: Any,
+    trained: dict[str, tuple[Any, Any]],
+    ar_checkpoint: str,
+    out: Path,
+) -> dict[str, Any]:
+    """The results' `ar_start` and `variants` entries: every checkpoint evaluated on the same
+    held-out data, noise and prompts."""
     tok = load_tokenizer(base.data.tokenizer_type, base.data.tokenizer_model)
-    eval_cfg = trained[names[0]][0]
-    eval_cfg = _with_vocab(eval_cfg, tok)
+    eval_cfg = _with_vocab(next(iter(trained.values()))[0], tok)
     data = held_out(eval_cfg, tok, args.eval_samples, args.eval_prompts, args.prompt_tokens)
     mask_id = base.noise.mask_token_id if base.noise.mask_token_id is not None else tok.mask_id
-    eos = [tok.eod]
-    say(f"\n[eval] {data.x0.shape[0]} held-out samples, {len(data.prompts)} held-out prompts")
+    _say(f"\n[eval] {data.x0.shape[0]} held-out samples, {len(data.prompts)} held-out prompts")
     common = dict(
         mask_id=int(mask_id),
-        eos_ids=eos,
+        eos_ids=[tok.eod],
         max_new_tokens=args.max_new_tokens,
         threshold=args.threshold,
     )
     ar_eval, reference = evaluate(
-        eval_cfg, str(ar_checkpoint), data, mask_kind="context_causal", reference=None, **common
+        eval_cfg, ar_checkpoint, data, mask_kind="context_causal", reference=None, **common
     )
-    results["ar_start"] = {"eval": ar_eval}
-    for name in names:
-        cfg, result = trained[name]
+    variants: dict[str, Any] = {}
+    for name, (cfg, result) in trained.items():
         ev, _ = evaluate(
             _with_vocab(cfg, tok),
             result.checkpoint,
@@ -563,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
             reference=reference,
             **common,
         )
-        results["variants"][name] = {
+        variants[name] = {
             "label": VARIANT_SPECS[name].label,
             "mask_kind": cfg.curriculum.mask_kind,
             "checkpoint": result.checkpoint,
@@ -574,24 +623,11 @@ def run(args: argparse.Namespace) -> int:
             ],
             "eval": ev,
         }
-    results["seconds"] = round(time.monotonic() - started, 1)
-    if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        png = draw(results, out / "ablation.png")
-        print("\n" + table(results))
-        print(f"\nresults {out / 'results.json'}\npicture {png}")
-        print(f"done in {results['seconds'] / 60:.1f} min")
-    from nbdiff_megatron.model.parallel import destroy_parallel
-
-    destroy_parallel()
-    return 0
+    return {"ar_start": {"eval": ar_eval}, "variants": variants}
 
 
 def _with_vocab(cfg: Any, tok: Any) -> Any:
     """The config with the model section training resolved (vocabulary from the tokenizer, dtype)."""
-    import dataclasses
-
     from nbdiff_megatron.training.loop import _model_config, _resolve_precision
 
     return dataclasses.replace(cfg, model=_model_config(cfg, tok, _resolve_precision(cfg)))
