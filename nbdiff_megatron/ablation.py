@@ -48,9 +48,9 @@ from nbdiff_megatron.data.bundled import (
     example_config,
     prepare_bundled_corpus,
 )
-from nbdiff_megatron.data.datasets import build_datasets
+from nbdiff_megatron.data.datasets import build_datasets, required_split
 from nbdiff_megatron.data.tokenizer import load_tokenizer
-from nbdiff_megatron.errors import ConfigError, DataError
+from nbdiff_megatron.errors import ConfigError
 from nbdiff_megatron.inference import ARDecoder, BlockDecoder
 from nbdiff_megatron.inference.unmasking import UnmaskingConfig
 from nbdiff_megatron.method.losses import nbdiff_loss
@@ -216,12 +216,12 @@ def held_out(cfg: Any, tokenizer: Any, samples: int, prompts: int, prompt_tokens
     datasets = build_datasets(
         cfg.data, cfg.seq_length(), tokenizer, (None, None, None), seed=cfg.data.seed
     )
-    valid = datasets[1]
-    if valid is None or len(valid) == 0:
-        raise DataError(
-            "ablate evaluates on held-out documents: the config's validation split is empty; give "
-            "data.split a validation weight (e.g. --data.split=90,10,0)"
-        )
+    valid = required_split(
+        datasets,
+        "validation",
+        "ablate evaluates on held-out documents; give data.split a validation weight "
+        "(e.g. --data.split=90,10,0)",
+    )
     rows = [valid[i] for i in range(min(samples, len(valid)))]
     batch = {k: torch.stack([r[k] for r in rows]) for k in ("tokens", "doc_ids", "loss_mask")}
     # Prompts: the opening tokens of held-out samples spread over the split (a sample may start

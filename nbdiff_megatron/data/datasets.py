@@ -111,6 +111,19 @@ def build_datasets(
     return _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed)
 
 
+SPLITS = ("training", "validation", "test")
+"""The splits of `build_datasets`' result, in its order."""
+
+
+def required_split(datasets: Sequence[Any], split: str, fix: str) -> Any:
+    """The `split` dataset of `build_datasets`' result; DataError, ending with `fix` (what the user
+    changes), when the config gives it no samples."""
+    dataset = datasets[SPLITS.index(split)]
+    if dataset is None or len(dataset) == 0:
+        raise DataError(f"the {split} split is empty: {fix}")
+    return dataset
+
+
 def index_cache_dir(config: DataConfig) -> str | None:
     """Where megatron-core keeps the pretraining datasets' index files (document, sample and shuffle
     indices): data.data_cache_path, else a `cache` folder beside the first data prefix. None for SFT

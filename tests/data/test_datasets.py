@@ -6,7 +6,7 @@ import torch
 
 from nbdiff_megatron.data.bundled import bundled_tokenizer_path
 from nbdiff_megatron.data.config import DataConfig, parse_blend, parse_split
-from nbdiff_megatron.data.datasets import build_datasets, doc_ids_from_eod
+from nbdiff_megatron.data.datasets import build_datasets, doc_ids_from_eod, required_split
 from nbdiff_megatron.data.loader import DeterministicSampler, build_dataloader, collate_samples
 from nbdiff_megatron.data.packing import doc_ids_from_eod_batch
 from nbdiff_megatron.errors import ConfigError, DataError
@@ -201,3 +201,12 @@ def test_dataloader_leaves_the_global_rng_alone(splits):
     loader = iter(build_dataloader(splits[0], micro_batch_size=2, cyclic=True))
     next(loader)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_required_split_refuses_a_missing_or_empty_split_naming_it_and_the_fix():
+    train, empty = [1, 2], []
+    assert required_split((train, empty, None), "training", "fix it") is train
+    with pytest.raises(DataError, match=r"the validation split is empty: give it a weight$"):
+        required_split((train, empty, None), "validation", "give it a weight")
+    with pytest.raises(DataError, match=r"the test split is empty"):
+        required_split((train, empty, None), "test", "give it a weight")
