@@ -123,6 +123,21 @@ class ModelConfig:
         self, tp: int = 1, pp: int = 1, cp: int = 1, block_size: int | None = None
     ) -> None:
         """Raise ConfigError naming the field and the fix when the config cannot build a model."""
+        self._validate_shape()
+        self._validate_layout(tp, pp, cp)
+        self._validate_options()
+        self._validate_recompute(pp)
+        if block_size is not None:
+            if block_size <= 0:
+                raise ConfigError(f"block_size must be a positive integer, got {block_size}")
+            if block_size > self.seq_length:
+                raise ConfigError(
+                    f"block_size={block_size} is larger than model.seq_length={self.seq_length}: "
+                    "lower the (target) block size or raise model.seq_length"
+                )
+
+    def _validate_shape(self) -> None:
+        """Sizes, vocabulary and heads."""
 
         def positive(name: str) -> None:
             value = getattr(self, name)
@@ -138,9 +153,6 @@ class ModelConfig:
             "make_vocab_size_divisible_by",
         ):
             positive(name)
-        for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"parallel size {name} must be a positive integer, got {value!r}")
         if self.vocab_size <= 0:
             raise ConfigError(
                 f"model.vocab_size is {self.vocab_size}: set it from the tokenizer (its size, [MASK] "
@@ -162,6 +174,12 @@ class ModelConfig:
                     f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                     f"model.num_query_groups={self.num_query_groups}: pick a divisor"
                 )
+
+    def _validate_layout(self, tp: int, pp: int, cp: int) -> None:
+        """The parallel sizes, and what each of them splits."""
+        for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"parallel size {name} must be a positive integer, got {value!r}")
         # Each parallel size must divide what it splits (hf_to_mcore cuts the message at ": change").
         for name, value, split, size in (
             ("num_attention_heads", self.num_attention_heads, "tensor", tp),
@@ -180,6 +198,9 @@ class ModelConfig:
                 f"size = {2 * cp}: each half (x_t, x_0) is cut into 2*cp chunks and CP rank r holds "
                 f"chunks r and 2cp-1-r of both; change model.seq_length or the CP size"
             )
+
+    def _validate_options(self) -> None:
+        """Named choices, RoPE and dropout."""
         for name, choices in (
             ("attention_backend", ATTENTION_BACKENDS),
             ("transformer_impl", TRANSFORMER_IMPLS),
@@ -208,15 +229,6 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
-        self._validate_recompute(pp)
-        if block_size is not None:
-            if block_size <= 0:
-                raise ConfigError(f"block_size must be a positive integer, got {block_size}")
-            if block_size > self.seq_length:
-                raise ConfigError(
-                    f"block_size={block_size} is larger than model.seq_length={self.seq_length}: "
-                    "lower the (target) block size or raise model.seq_length"
-                )
 
     def _validate_recompute(self, pp: int) -> None:
         granularity, method, count = (
