@@ -304,38 +304,16 @@ def loss_rows(
 
     selected = masked & lm
     if validate:
-        if x0.numel() and (bool((x0 < 0).any()) or bool((x0 >= vocab).any())):
-            raise ValueError(f"x0 holds token ids outside [0, V) = [0, {vocab})")
-        t_sel = t[selected]
-        if t_sel.numel() and not bool(((t_sel > 0) & (t_sel <= 1)).all()):
-            raise ValueError(
-                "t must lie in (0, 1] at every masked loss token (the L_MDM weight is 1/t)"
-            )
-        if token_shift:
-            if bool(selected[:, 0].any()):
-                raise ValueError(
-                    "token_shift: a sequence's first token is masked, but no x_t logit precedes "
-                    "it; mask with mask_tokens(token_shift=True), which never masks a block's "
-                    "first token"
-                )
-            if docs is not None and bool((selected[:, 1:] & (docs[:, 1:] != docs[:, :-1])).any()):
-                raise ValueError(
-                    "token_shift: a document's first token is masked (its x_t predecessor belongs "
-                    "to another document); mask with mask_tokens(token_shift=True, positions=...)"
-                )
-            if block_size is not None:
-                if positions is None and docs is not None:
-                    positions = document_positions(docs)
-                starts = block_layout(
-                    batch, seq_len, block_size=block_size, positions=positions, device=x0.device
-                ).is_start
-                if bool((selected & starts).any()):
-                    raise ValueError(
-                        f"token_shift: a block's first token is masked (block_size {block_size}); "
-                        "with shift it is decoded autoregressively and its x_t predecessor lies "
-                        "in the previous block; mask with mask_tokens(token_shift=True, "
-                        "block_size=..., positions=...) using the same block size and positions"
-                    )
+        _check_values(
+            x0,
+            t,
+            selected,
+            docs,
+            vocab=vocab,
+            token_shift=token_shift,
+            block_size=block_size,
+            positions=positions,
+        )
 
     ar_valid = _ar_targets(lm, docs)
     counted_tokens = lm
@@ -370,6 +348,55 @@ def loss_rows(
         ar_valid.sum().float(),
         n_rows,
     )
+
+
+def _check_values(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    selected: torch.Tensor,
+    docs: torch.Tensor | None,
+    *,
+    vocab: int,
+    token_shift: bool,
+    block_size: int | None,
+    positions: torch.Tensor | None,
+) -> None:
+    """The value checks of ``loss_rows`` (``validate=True``; they synchronise with the device):
+    token ids in the vocabulary, t in (0, 1] where it weighs a loss, and with token shift no masked
+    loss token without an x_t predecessor of its own block and document."""
+    batch, seq_len = x0.shape
+    if x0.numel() and (bool((x0 < 0).any()) or bool((x0 >= vocab).any())):
+        raise ValueError(f"x0 holds token ids outside [0, V) = [0, {vocab})")
+    t_sel = t[selected]
+    if t_sel.numel() and not bool(((t_sel > 0) & (t_sel <= 1)).all()):
+        raise ValueError(
+            "t must lie in (0, 1] at every masked loss token (the L_MDM weight is 1/t)"
+        )
+    if token_shift:
+        if bool(selected[:, 0].any()):
+            raise ValueError(
+                "token_shift: a sequence's first token is masked, but no x_t logit precedes "
+                "it; mask with mask_tokens(token_shift=True), which never masks a block's "
+                "first token"
+            )
+        if docs is not None and bool((selected[:, 1:] & (docs[:, 1:] != docs[:, :-1])).any()):
+            raise ValueError(
+                "token_shift: a document's first token is masked (its x_t predecessor belongs "
+                "to another document); mask with mask_tokens(token_shift=True, positions=...)"
+            )
+        if block_size is not None:
+            if positions is None and docs is not None:
+                positions = document_positions(docs)
+            starts = block_layout(
+                batch, seq_len, block_size=block_size, positions=positions, device=x0.device
+            ).is_start
+            if bool((selected & starts).any()):
+                raise ValueError(
+                    f"token_shift: a block's first token is masked (block_size {block_size}); "
+                    "with shift it is decoded autoregressively and its x_t predecessor lies "
+                    "in the previous block; mask with mask_tokens(token_shift=True, "
+                    "block_size=..., positions=...) using the same block size and positions"
+                )
 
 
 def check_rows_covered(
