@@ -397,14 +397,8 @@ def nbdiff_model_inputs(
         raise ConfigError(f"mask kind {kind!r} is unknown: use one of {', '.join(MASK_KINDS)}")
     device = x0.device
     backend = _resolve_backend(backend, device)
-    if doc_ids is not None:
-        doc_ids = doc_ids.to(device)
-        if doc_ids.dim() == 1:
-            doc_ids = doc_ids.expand(batch, length)
-    if turn_ids is not None:
-        turn_ids = turn_ids.to(device)
-        if turn_ids.dim() == 1:
-            turn_ids = turn_ids.expand(batch, length)
+    doc_ids = _per_sample(doc_ids, batch, length, device)
+    turn_ids = _per_sample(turn_ids, batch, length, device)
     if annealed_draw is not None:
         annealed_draw = annealed_draw.to(device)
     if cp_layout is not None and cp_layout.seq_length != length:
@@ -422,6 +416,45 @@ def nbdiff_model_inputs(
         ).to(device)
         inputs = ModelInputs(input_ids, position_ids, AttentionMask.dense(allowed))
         return inputs if cp_layout is None else shard_model_inputs(inputs, cp_layout, cache=cache)
+    return _flex_inputs(
+        input_ids,
+        position_ids,
+        block_size=block_size,
+        kind=kind,
+        doc_ids=doc_ids,
+        turn_ids=turn_ids,
+        annealed_draw=annealed_draw,
+        cache=cache,
+        cp_layout=cp_layout,
+    )
+
+
+def _per_sample(
+    ids: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor | None:
+    """Per-token ids ([L] or [b, L]) as [b, L] on `device` (None stays None)."""
+    if ids is None:
+        return None
+    ids = ids.to(device)
+    return ids.expand(batch, length) if ids.dim() == 1 else ids
+
+
+def _flex_inputs(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    block_size: int,
+    kind: str,
+    doc_ids: torch.Tensor | None,
+    turn_ids: torch.Tensor | None,
+    annealed_draw: torch.Tensor | None,
+    cache: BlockMaskCache | None,
+    cp_layout: ContextParallelLayout | None,
+) -> ModelInputs:
+    """`nbdiff_model_inputs` with the flex backend: a BlockMask of the training mask_mod, cached by
+    layout (never for the annealed kind), or this CP rank's rows of it."""
+    batch, length = input_ids.shape[0], input_ids.shape[1] // 2
+    device = input_ids.device
     per_sample = doc_ids is not None or turn_ids is not None or annealed_draw is not None
     mask_batch = batch if per_sample else None
     mask_mod = training_mask_mod(
