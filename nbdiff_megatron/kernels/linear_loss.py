@@ -209,6 +209,35 @@ class _GatherSequence(torch.autograd.Function):
         return piece.contiguous(), None, None
 
 
+def _check_operands(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    chunk_rows: int | None,
+    accumulate_into_main_grad: bool,
+) -> None:
+    """The shapes ``nbdiff_linear_loss`` projects with, and its options (ValueError otherwise)."""
+    if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
+        raise ValueError(
+            f"hidden must be a floating tensor [b, S, h] (or [S, b, h] with sequence_first), got "
+            f"{list(hidden.shape)} {hidden.dtype}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V_local, h] with h = {hidden.shape[-1]} (the hidden size), got "
+            f"{list(weight.shape)}"
+        )
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
+    if accumulate_into_main_grad and weight.requires_grad:
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None or tuple(main_grad.shape) != tuple(weight.shape):
+            raise ValueError(
+                "accumulate_into_main_grad=True needs weight.main_grad, a gradient buffer of the "
+                f"weight's shape {list(weight.shape)} (megatron DDP sets it), got "
+                f"{None if main_grad is None else list(main_grad.shape)}"
+            )
+
+
 def nbdiff_linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -260,26 +289,7 @@ def nbdiff_linear_loss(
             the aligned width may suit cuBLAS and the Triton loads better -- not measured yet
             (`benchmarks/gpu_suite.py` times both), so the default stays the real width.
     """
-    if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
-        raise ValueError(
-            f"hidden must be a floating tensor [b, S, h] (or [S, b, h] with sequence_first), got "
-            f"{list(hidden.shape)} {hidden.dtype}"
-        )
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must be [V_local, h] with h = {hidden.shape[-1]} (the hidden size), got "
-            f"{list(weight.shape)}"
-        )
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
-    if accumulate_into_main_grad and weight.requires_grad:
-        main_grad = getattr(weight, "main_grad", None)
-        if main_grad is None or tuple(main_grad.shape) != tuple(weight.shape):
-            raise ValueError(
-                "accumulate_into_main_grad=True needs weight.main_grad, a gradient buffer of the "
-                f"weight's shape {list(weight.shape)} (megatron DDP sets it), got "
-                f"{None if main_grad is None else list(main_grad.shape)}"
-            )
+    _check_operands(hidden, weight, chunk_rows, accumulate_into_main_grad)
     tp = _group_size(tp_group)
     v_local = weight.shape[0]
     padded = v_local * tp
