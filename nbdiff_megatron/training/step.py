@@ -69,11 +69,23 @@ class StepOutcome(NamedTuple):
 
 
 @dataclass(frozen=True)
+class FusedLoss:
+    """What the fused output projection + loss (`kernels.nbdiff_linear_loss`) takes from the layout."""
+
+    tp_group: dist.ProcessGroup | None
+    """The tensor-parallel group the vocabulary is sharded over (None at tp = 1)."""
+    vocab_size: int
+    sequence_parallel: bool
+    project_padded: bool
+    """loss.fused_padded_projection: project the padded shard width."""
+
+
+@dataclass(frozen=True)
 class LossSettings:
     """What `loss_func` needs beyond the micro-batch and the model output, fixed for one step."""
 
-    fused: dict[str, Any] | None
-    """Arguments of nbdiff_linear_loss that come from the layout (None: the reference loss)."""
+    fused: FusedLoss | None
+    """The fused loss's layout (None: the reference loss on full logits)."""
     ar_weight: float
     token_shift: bool
     block_size: int
@@ -96,15 +108,14 @@ class TrainStep:
     """This DP rank's micro-batches from the data position of the start step on."""
     drills: faults.Drills
     forward_backward: ForwardBackward
-    fused: dict[str, Any] | None
-    """Arguments of nbdiff_linear_loss that come from the layout (None: the reference loss)."""
+    fused: FusedLoss | None
+    """The fused loss's layout (None: the reference loss on full logits)."""
 
     @classmethod
     def build(cls, parts: Components, batches: Iterator[Batch], drills: faults.Drills) -> TrainStep:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        fused = fused_loss_kwargs(parts.cfg)
-        return cls(parts, batches, drills, get_forward_backward_func(), fused)
+        return cls(parts, batches, drills, get_forward_backward_func(), fused_loss(parts.cfg))
 
     def __call__(self, step: int) -> StepOutcome:
         """Forward, backward and (when loss and gradients are finite) the update of `step`."""
@@ -193,8 +204,24 @@ def loss_func(
         # CP the rows are this rank's, scored against the full micro-batch's targets.
         rows = mb.rows if s.cp_layout is None else s.cp_layout.global_positions(device=mb.x0.device)
         checks = dict(block_size=s.block_size, positions=mb.positions) if rows is None else {}
+        fused = s.fused
         terms = nbdiff_linear_loss(
-            output, weight, mb.x0, mb.masked, mb.t, rows=rows, **s.fused, **checks, **common
+            output,
+            weight,
+            mb.x0,
+            mb.masked,
+            mb.t,
+            rows=rows,
+            tp_group=fused.tp_group,
+            vocab_size=fused.vocab_size,
+            sequence_parallel=fused.sequence_parallel,
+            # d W goes straight into megatron DDP's fp32 main_grad, as megatron's gradient-
+            # accumulation fusion does (and, like it, flags the weight so DDP's overlapped reduce
+            # sees it ready).
+            accumulate_into_main_grad=True,
+            project_padded=fused.project_padded,
+            **checks,
+            **common,
         )
     elif s.cp_layout is None:
         # block_size and positions only feed the spec checks (a masked block start under shift).
@@ -234,20 +261,17 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor | None:
     return inner.output_layer.weight
 
 
-def fused_loss_kwargs(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Arguments of nbdiff_linear_loss that come from the layout (None: the reference loss)."""
+def fused_loss(cfg: TrainConfig) -> FusedLoss | None:
+    """The fused loss's layout on this rank (None with loss.fused off: the reference loss)."""
     if not cfg.loss.fused:
         return None
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    return dict(
+    return FusedLoss(
         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
         vocab_size=cfg.model.vocab_size,
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
-        # d W goes straight into megatron DDP's fp32 main_grad, as megatron's gradient-accumulation
-        # fusion does (and, like it, flags the weight so DDP's overlapped reduce sees it ready).
-        accumulate_into_main_grad=True,
         project_padded=cfg.loss.fused_padded_projection,
     )
 
