@@ -46,12 +46,14 @@ class ARDecoder:
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
         row_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
         **overrides: Any,
     ) -> DecodeOutput:
         """Decode every prompt; `callback(step, new_tokens_per_row)` runs after each token.
 
         `stop(row, generated_ids)` is asked after each token of a running row; True stops it there.
-        `row_ids` name the prompts for the sampling seed, as in `BlockDecoder.generate`.
+        `row_ids` name the prompts for the sampling seed and `batch_size` refills slots, as in
+        `BlockDecoder.generate`.
         """
         config = replace(self.config, **overrides) if overrides else self.config
         one_token_blocks = replace(
@@ -78,4 +80,5 @@ class ARDecoder:
             row_ids=row_ids,
             callback=callback,
             stop=stop,
+            batch_size=batch_size,
         )

@@ -140,6 +140,7 @@ class BlockDecoder:
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
         row_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
         **overrides: Any,
     ) -> DecodeOutput:
         """Decode every prompt; `callback(block_index, new_tokens_per_row)` runs after each block.
@@ -147,8 +148,10 @@ class BlockDecoder:
         `stop(row, generated_ids)` is asked after each block for every running row; True stops the row
         there (stop reason "stop"; e.g. a stop string appeared). `row_ids` name the prompts for the
         sampling seed (default 0..b-1): a prompt decoded with the same seed and row id samples the same
-        tokens in any batch. `overrides` replace DecodeConfig fields for this call (e.g.
-        `max_new_tokens=64`).
+        tokens in any batch. `batch_size`: decode at most that many prompts at once, refilling the
+        slot of a stopped prompt with the next one at the next block boundary (None: all at once);
+        `callback` and `stop` then get prompt indices. `overrides` replace DecodeConfig fields for
+        this call (e.g. `max_new_tokens=64`).
         """
         config = replace(self.config, **overrides) if overrides else self.config
         return decode_batch(
@@ -162,4 +165,5 @@ class BlockDecoder:
             row_ids=row_ids,
             callback=callback,
             stop=stop,
+            batch_size=batch_size,
         )

@@ -116,7 +116,7 @@ def test_diffusion_loglikelihood_mode(loaded):
     from nbdiff_megatron.errors import InferenceError
     from nbdiff_megatron.inference import BlockDecoder
     from nbdiff_megatron.inference.likelihood import diffusion_loglikelihood
-    from nbdiff_megatron.inference.lm_eval_adapter import make_lm_class
+    from nbdiff_megatron.inference.lm_eval_adapter import encode_pair, make_lm_class
 
     decoder = BlockDecoder(
         loaded.model, mask_id=loaded.mask_id, eos_ids=loaded.eos_ids, block_size=8
@@ -126,7 +126,7 @@ def test_diffusion_loglikelihood_mode(loaded):
     )
     pairs = [("And God said", " Let there be light"), ("In the beginning", " was")]
     got = lm.loglikelihood([Request(c, x) for c, x in pairs])
-    encoded = [lm._encode_pair(c, x) for c, x in pairs]
+    encoded = [encode_pair(lm.tokenizer, c, x) for c, x in pairs]
     expected = diffusion_loglikelihood(decoder, encoded, samples=2, seed=0)
     assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-6)
     assert all(score < 0 for score, _ in got)
