@@ -104,7 +104,7 @@ class BlockDecoder:
         config: DecodeConfig | None = None,
         **overrides: Any,
     ) -> None:
-        self.mask_id = int(mask_id)
+        self.mask_id: int | None = int(mask_id)
         setup_decoder(self, model, eos_ids, pad_id, max_context, config, overrides, self.mask_id)
 
     # -------------------------------------------------------------------- helpers
@@ -124,6 +124,10 @@ class BlockDecoder:
             mask_id=self.mask_id,
             pad_id=self.pad_id,
         )
+
+    def loop_config(self, config: DecodeConfig) -> DecodeConfig:
+        """The refinement loop's config for a call with `config` (ARDecoder: one-token blocks)."""
+        return config
 
     def mask_suppressed(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` with [MASK] at -inf: it is an input symbol, never an answer."""
@@ -157,8 +161,11 @@ class BlockDecoder:
         return decode_batch(
             self.runner,
             prompts,
-            config,
-            mask_id=self.mask_id,
+            self.loop_config(config),
+            # [MASK] is an input symbol of the diffusion half, never an answer; without one (an AR
+            # model) the pad id only marks the columns not decoded yet
+            mask_id=self.pad_id if self.mask_id is None else self.mask_id,
+            suppress_mask=self.mask_id is not None,
             pad_id=self.pad_id,
             eos_ids=self.eos_ids,
             max_context=self.max_context,

@@ -77,6 +77,12 @@ BLOCK_ALIGNS = ("document", "prompt")
 STOP_REASONS = ("eos", "length", "context", "stop")
 
 
+def require_positive_int(name: str, value: Any) -> None:
+    """InferenceError unless `value` is an integer >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InferenceError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Options of block decoding (the AR decoder reads max_new_tokens, sampling and seed)."""
@@ -125,12 +131,7 @@ class DecodeConfig:
                 f"mask_kind must be one of {', '.join(MASK_KINDS)} (the checkpoint's "
                 f"curriculum.mask_kind), got {self.mask_kind!r}"
             )
-        if (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or self.block_size < 1
-        ):
-            raise InferenceError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        require_positive_int("block_size", self.block_size)
         if self.sub_block_size is not None and (
             not isinstance(self.sub_block_size, int)
             or self.sub_block_size < 1
@@ -140,14 +141,7 @@ class DecodeConfig:
                 f"sub_block_size={self.sub_block_size!r} must be a positive divisor of "
                 f"block_size={self.block_size} (e.g. block 32 = 4 sub-blocks of 8), or None"
             )
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens < 1
-        ):
-            raise InferenceError(
-                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
-            )
+        require_positive_int("max_new_tokens", self.max_new_tokens)
         if self.sub_block_cache and (self.sub_block_size is None or not self.use_cache):
             raise InferenceError(
                 "--sub-block-cache needs --sub-block-size (smaller than the block) and the KV cache "
@@ -987,9 +981,9 @@ def decode_batch(
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
         raise InferenceError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise InferenceError(f"batch_size must be an integer >= 1 (--batch-size), got {batch_size}")
-    slots = len(prompts) if batch_size is None else min(int(batch_size), len(prompts))
+    if batch_size is not None:
+        require_positive_int("batch_size", batch_size)
+    slots = len(prompts) if batch_size is None else min(batch_size, len(prompts))
     session = new_session(
         runner, prompts[:slots], config, max_context=max_context, mask_id=mask_id, pad_id=pad_id
     )

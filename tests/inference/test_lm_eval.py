@@ -72,6 +72,30 @@ def test_loglikelihood_is_the_causal_log_probability(lm, loaded):
     assert rolling[0] < 0
 
 
+def test_scoring_is_dealt_over_data_parallel_ranks(lm, monkeypatch):
+    """Issue 24: log-likelihood batches (and rolling texts) go through run_sharded, which deals them
+    over the data-parallel ranks; here a 2-rank deal is simulated (each rank's share scored on its
+    own, rank 1 first) and the gathered scores equal the one-rank scores, in the requests' order."""
+    from nbdiff_megatron.inference import lm_eval_adapter
+
+    pairs = [("And God said", " Let"), ("In the", " beginning"), ("Thou", " art"), ("", "Amen")]
+    pairs += [("He said", " unto them"), ("And the", " evening")]
+    requests = [Request(c, x) for c, x in pairs]
+    one_rank = lm.loglikelihood(requests)
+    rolling_one = lm.loglikelihood_rolling(requests[:3])
+    dealt: list[int] = []
+
+    def two_ranks(work, score):
+        dealt.append(len(work))
+        shares = {rank: {i: score(work[i]) for i in range(rank, len(work), 2)} for rank in (1, 0)}
+        return [shares[i % 2][i] for i in range(len(work))]
+
+    monkeypatch.setattr(lm_eval_adapter, "run_sharded", two_ranks)
+    assert lm.loglikelihood(requests) == one_rank
+    assert lm.loglikelihood_rolling(requests[:3]) == rolling_one
+    assert dealt == [2, 3]  # 6 requests in batches of 4, then 3 rolling texts
+
+
 def test_generate_until_cuts_at_stop_strings(lm):
     texts = lm.generate_until(
         [
