@@ -45,6 +45,12 @@ A row stops at EOS (checked after every refinement step: as soon as an EOS is de
 position before it, the row spends no further forward on its block), at `max_new_tokens` (stop reason
 "length"), at the model's context (stop reason "context") or when the caller's `stop` says so ("stop");
 rows stop independently and the batch stops when every row has.
+
+A full batch (`decode_batch(..., batch_size=N)` with more prompts than N): the rows are slots; at the block
+boundary after a row stops, the next waiting prompt takes its slot, laid out so that its committed prompt
+head ends at the batch's cursor (`DecodeSession.refill`: the column window and the KV cache slide to the
+columns the live rows use, so they do not grow with the prompts decoded), and its head is encoded by a
+forward of the refilled rows only (`prefill_rows`). Every prompt gets the tokens it gets alone.
 """
 
 from __future__ import annotations
@@ -323,15 +329,10 @@ def aligned_layout(
 ) -> BatchLayout:
     """Left padding that puts every row's blocks on the same columns: position-aligned blocks
     ("document"), or blocks starting at each prompt's end ("prompt")."""
-    if block_align == "prompt":
-        first = max(prompt_lens)
-        return BatchLayout(
-            pads=[first - p for p in prompt_lens], prompt_lens=list(prompt_lens), first_block=first
-        )
-    full = [(p // block_size) * block_size for p in prompt_lens]
-    first = max(full)
+    heads = [first_active_offset(p, block_size, block_align) for p in prompt_lens]
+    first = max(heads)
     return BatchLayout(
-        pads=[first - f for f in full], prompt_lens=list(prompt_lens), first_block=first
+        pads=[first - head for head in heads], prompt_lens=list(prompt_lens), first_block=first
     )
 
 
