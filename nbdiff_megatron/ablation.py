@@ -593,9 +593,9 @@ def _with_vocab(cfg: Any, tok: Any) -> Any:
     """The config with the model section training resolved (vocabulary from the tokenizer, dtype)."""
     import dataclasses
 
-    from nbdiff_megatron.training.loop import _model_config, _resolve_precision
+    from nbdiff_megatron.training.setup import model_config, resolve_precision
 
-    return dataclasses.replace(cfg, model=_model_config(cfg, tok, _resolve_precision(cfg)))
+    return dataclasses.replace(cfg, model=model_config(cfg, tok, resolve_precision(cfg)))
 
 
 __all__ = ["VARIANTS", "VARIANT_SPECS", "evaluate", "held_out", "run", "table", "variant_overrides"]

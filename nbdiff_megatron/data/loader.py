@@ -7,8 +7,8 @@ consecutive samples) is split into equal contiguous shares, one per data-paralle
 megatron-LM's pretraining sampler does. Resuming at `consumed_samples` therefore replays exactly the
 samples a run that never stopped would have seen.
 
-The training loop (training/loop.py) reads its micro-batches through `build_dataloader(cyclic=True)`,
-with the data-parallel rank WITHOUT context parallelism: the CP ranks of a DP rank get the same
+The training loop reads its micro-batches through `build_dataloader(cyclic=True)` (training/setup.py
+`data_iterator`), with the data-parallel rank WITHOUT context parallelism: the CP ranks of a DP rank get the same
 micro-batches (each feeds its own shard of them to the model).
 """
 

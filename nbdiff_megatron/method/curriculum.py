@@ -6,7 +6,7 @@ computes the same block size, AR weight and annealed-mask progress without commu
 What "step k" means (one meaning for the whole project). Training steps are numbered k = 1, 2, ...,
 train.steps: step k is the k-th optimizer update. Step k trains with B(k) = ``block_size_at(k)``,
 λ(k), the learning rate ``lr_at(k)`` (method/schedules.py), noise drawn from a generator seeded with
-k (training/loop.py ``noise_seed``); the log line, the metrics record and TensorBoard call it step k,
+k (training/batches.py ``noise_seed``); the log line, the metrics record and TensorBoard call it step k,
 and the checkpoint written after it is ``iter_{k:07d}`` (k steps done; resuming from it runs step
 k + 1 next). So the target block size first trains at step ``growth_end_step()``, the step eq. 3
 names (the paper's ablation: B = 32 from step 2500 with Δ = 500); the first plateau, B0 on steps

@@ -49,6 +49,7 @@ from nbdiff_megatron.checkpoint.dist import (
     write_dist_checkpoint,
 )
 from nbdiff_megatron.errors import CheckpointError, checkpoint_read_errors
+from nbdiff_megatron.training import faults
 
 ANOMALOUS_DIR = "anomalous"
 CORRUPT_DIR = "corrupt"
@@ -587,6 +588,7 @@ def save_checkpoint(
     writer: AsyncWriter | None = None,
     on_complete: Callable[[Path], None] | None = None,
     fully_parallel: bool = False,
+    drills: faults.Drills = faults.NO_DRILLS,
 ) -> Path:
     """Write the checkpoint of `step` under `save_dir` (all ranks call this), atomically.
 
@@ -597,10 +599,9 @@ def save_checkpoint(
     healthy checkpoint, faults.HealthyCheckpoints; a callable is asked then), and `on_complete` is
     called with the final path. With `writer` (checkpoint.async_save) that finalisation runs when
     `writer.finalize` finds the writes done; without, before this returns. `fully_parallel` spreads
-    the writes of DP-replicated tensors over the DP ranks. Returns the final path.
+    the writes of DP-replicated tensors over the DP ranks. `drills`: the run's fault drills (the kill
+    in the save and in the write). Returns the final path.
     """
-    from nbdiff_megatron.training import faults
-
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(step)
     tmp = save_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
@@ -625,7 +626,7 @@ def save_checkpoint(
     }
 
     def finalize() -> None:
-        faults.maybe_kill_during_save(step)
+        drills.during_save(step)
         barrier()
         if process_rank() == 0:
             if final.exists():
@@ -641,7 +642,7 @@ def save_checkpoint(
             on_complete(final)
 
     faults.children_die_with_this_process()
-    faults.arm_kill_in_write(step)
+    drills.before_write(step)
     try:
         write_dist_checkpoint(
             state, tmp, finalize=finalize, writer=writer, parallel_group=_dp_group(fully_parallel)

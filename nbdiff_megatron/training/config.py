@@ -78,7 +78,7 @@ class NoiseConfig:
     """How x_t is drawn from x_0 (docs/METHOD.md §4, noising).
 
     Tokens outside the loss (SFT prompts and user turns, padding) are never masked: inference always
-    sees the prompt clean (`training.loop.noise_micro_batch`).
+    sees the prompt clean (`training.batches.noise_micro_batch`).
     """
 
     t_min: float = 1e-3
@@ -577,19 +577,28 @@ def _check_batch(cfg: TrainConfig, dp: int) -> None:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Check every field and the fields against each other; raise ONE ConfigError that lists every
-    problem found (each naming the field and the fix)."""
+    problem found (each naming the field and the fix). One validator per section, in this order;
+    each adds to the same list and none raises."""
     problems = Problems()
-    need = problems.need
-    par, loop, cur, noise, opt, sch, ck = (
-        cfg.parallel,
-        cfg.train,
-        cfg.curriculum,
-        cfg.noise,
-        cfg.optimizer,
-        cfg.schedule,
-        cfg.checkpoint,
-    )
-    model = cfg.model
+    for validate in (
+        _validate_parallel,
+        _validate_train,
+        _validate_noise,
+        _validate_curriculum,
+        _validate_optimizer,
+        _validate_checkpoint,
+        _validate_faults,
+    ):
+        validate(cfg, problems)
+    data_validate = getattr(cfg.data, "validate", None)
+    if callable(data_validate):
+        problems.check(data_validate)
+    problems.raise_if_any()
+
+
+def _validate_parallel(cfg: TrainConfig, problems: Problems) -> None:
+    """The parallel section, and the model shape against it."""
+    need, par, cur = problems.need, cfg.parallel, cfg.curriculum
     for name in ("tp", "pp", "cp"):
         need(getattr(par, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(par, name)})")
     need(par.dp is None or par.dp >= 1, f"parallel.dp must be >= 1 or null (got {par.dp})")
@@ -605,6 +614,7 @@ def validate_config(cfg: TrainConfig) -> None:
         f"by {2 * par.cp} or another cp",
     )
     # The vocabulary size may be left to the tokenizer (0 until training starts): check the rest.
+    model = cfg.model
     shape = model if model.vocab_size > 0 else dataclasses.replace(model, vocab_size=1)
     if min(par.tp, par.pp, par.cp) >= 1:
         problems.check(
@@ -623,6 +633,10 @@ def validate_config(cfg: TrainConfig) -> None:
     seq = cfg.seq_length()
     need(seq >= 2, f"model.seq_length must be >= 2 (got {seq})")
 
+
+def _validate_train(cfg: TrainConfig, problems: Problems) -> None:
+    """The train section: steps, batch sizes against the layout, the stated token budget."""
+    need, loop, seq = problems.need, cfg.train, cfg.seq_length()
     need(loop.steps >= 1, f"train.steps must be >= 1 (got {loop.steps})")
     need(loop.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
     need(loop.global_batch_size >= 1, "train.global_batch_size must be >= 1")
@@ -631,6 +645,9 @@ def validate_config(cfg: TrainConfig) -> None:
     if loop.token_budget is not None and seq >= 1 and loop.global_batch_size >= 1:
         problems.check(_check_token_budget, cfg)
 
+
+def _validate_noise(cfg: TrainConfig, problems: Problems) -> None:
+    need, noise = problems.need, cfg.noise
     need(
         0.0 < noise.t_min <= noise.t_max <= 1.0,
         f"noise: need 0 < t_min <= t_max <= 1 (got t_min={noise.t_min}, t_max={noise.t_max})",
@@ -644,6 +661,9 @@ def validate_config(cfg: TrainConfig) -> None:
         "noise.mask_token_id must be a token id >= 0, or null for the tokenizer's mask token",
     )
 
+
+def _validate_curriculum(cfg: TrainConfig, problems: Problems) -> None:
+    need, cur, seq = problems.need, cfg.curriculum, cfg.seq_length()
     need(cur.start_block_size >= 1, "curriculum.start_block_size must be >= 1")
     need(
         cur.target_block_size >= cur.start_block_size,
@@ -680,6 +700,10 @@ def validate_config(cfg: TrainConfig) -> None:
         "ablation, or use mask_kind=context_causal",
     )
 
+
+def _validate_optimizer(cfg: TrainConfig, problems: Problems) -> None:
+    """The optimizer and schedule sections."""
+    need, opt, sch, loop = problems.need, cfg.optimizer, cfg.schedule, cfg.train
     need(opt.lr > 0, f"optimizer.lr must be > 0 (got {opt.lr})")
     need(
         0 <= opt.min_lr <= opt.lr,
@@ -694,6 +718,10 @@ def validate_config(cfg: TrainConfig) -> None:
         f"exceed train.steps ({loop.steps}); shorten them or train longer",
     )
 
+
+def _validate_checkpoint(cfg: TrainConfig, problems: Problems) -> None:
+    """The checkpoint and logging sections."""
+    need, ck = problems.need, cfg.checkpoint
     need(ck.save_interval >= 1, f"checkpoint.save_interval must be >= 1 (got {ck.save_interval})")
     need(ck.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {ck.keep_last})")
     need(
@@ -701,29 +729,26 @@ def validate_config(cfg: TrainConfig) -> None:
         "checkpoint.finetune=true loads weights from checkpoint.load; set --checkpoint.load=DIR",
     )
     need(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+
+
+def _validate_faults(cfg: TrainConfig, problems: Problems) -> None:
+    need, fc = problems.need, cfg.faults
+    need(fc.max_consecutive_nonfinite >= 1, "faults.max_consecutive_nonfinite must be >= 1")
     need(
-        cfg.faults.max_consecutive_nonfinite >= 1,
-        "faults.max_consecutive_nonfinite must be >= 1",
-    )
-    need(
-        cfg.faults.spike_factor == 0 or cfg.faults.spike_factor > 1,
+        fc.spike_factor == 0 or fc.spike_factor > 1,
         "faults.spike_factor must be > 1 (or 0 to turn loss-spike detection off)",
     )
     need(
-        cfg.faults.grad_spike_factor == 0 or cfg.faults.grad_spike_factor > 1,
+        fc.grad_spike_factor == 0 or fc.grad_spike_factor > 1,
         "faults.grad_spike_factor must be > 1 (or 0 to turn gradient-spike detection off)",
     )
-    need(cfg.faults.spike_window >= 1, "faults.spike_window must be >= 1")
-    need(cfg.faults.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
+    need(fc.spike_window >= 1, "faults.spike_window must be >= 1")
+    need(fc.max_consecutive_spikes >= 1, "faults.max_consecutive_spikes must be >= 1")
     need(
-        cfg.faults.level_factor == 0 or cfg.faults.level_factor > 1,
+        fc.level_factor == 0 or fc.level_factor > 1,
         "faults.level_factor must be > 1 (or 0 to turn level-shift detection off)",
     )
-    need(cfg.faults.level_window >= 1, "faults.level_window must be >= 1")
-    data_validate = getattr(cfg.data, "validate", None)
-    if callable(data_validate):
-        problems.check(data_validate)
-    problems.raise_if_any()
+    need(fc.level_window >= 1, "faults.level_window must be >= 1")
 
 
 def _check_token_budget(cfg: TrainConfig) -> None:

@@ -14,8 +14,11 @@
   `--signal`) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint at the end of the step and exits
   0. A signal that arrived before the handler was installed is not lost when a launcher recorded it in the
   file named by NBDIFF_SIGNAL_FILE (the SLURM supervisor does, see training/cluster.py).
-- Fault drills for tests and for rehearsing recovery on a cluster, driven by environment variables:
-  `NBDIFF_FAULT_KILL_AFTER_STEP=k` SIGKILLs the process right after step k is logged;
+- `Guards`: the watches of one run (non-finite steps, spikes and level shifts, healthy checkpoints),
+  built from the `faults` config section and asked once per step.
+- `Drills`: fault drills for tests and for rehearsing recovery on a cluster, read from environment
+  variables once, when a run starts (`Drills.from_env`), and handed to the step and the checkpoint
+  writer: `NBDIFF_FAULT_KILL_AFTER_STEP=k` SIGKILLs the process right after step k is logged;
   `NBDIFF_FAULT_KILL_IN_SAVE=k` SIGKILLs it after the checkpoint of step k is written but before it is
   renamed into place; `NBDIFF_FAULT_NAN_STEPS=3,4` makes the loss of those steps NaN;
   `NBDIFF_FAULT_NAN_GRAD_STEPS=3` leaves the loss finite but puts a NaN into one gradient after the
@@ -30,10 +33,17 @@ import math
 import os
 import signal
 import sys
+import time
 from collections import deque
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from nbdiff_megatron.errors import NBDiffError
+
+if TYPE_CHECKING:  # a type only: the SLURM supervisor (training/cluster.py) imports this module and
+    # should start without the config's imports (YAML, the method's schedules)
+    from nbdiff_megatron.training.config import FaultConfig
 
 
 class TrainingHalted(NBDiffError):
@@ -274,6 +284,53 @@ class HealthyCheckpoints:
         return sorted(s for s in set(self.saved) if s > floor)
 
 
+@dataclass
+class Guards:
+    """The watches of one run, asked once per finished step: non-finite steps (`nonfinite`), spikes
+    and level shifts (`health`, saved with every checkpoint), and which checkpoint is the last healthy
+    one (`healthy`, which the checkpoint writer asks)."""
+
+    nonfinite: NonFiniteGuard
+    health: Health
+    healthy: HealthyCheckpoints
+
+    @classmethod
+    def from_config(cls, fc: FaultConfig) -> Guards:
+        """The guards with the limits of the `faults` config section."""
+        spikes = SpikeGuard(
+            loss_factor=fc.spike_factor,
+            grad_factor=fc.grad_spike_factor,
+            window=fc.spike_window,
+            max_consecutive=fc.max_consecutive_spikes,
+        )
+        level = LevelShiftGuard(factor=fc.level_factor, window=fc.level_window)
+        return cls(
+            NonFiniteGuard(fc.max_consecutive_nonfinite),
+            Health(spikes, level),
+            HealthyCheckpoints(confirm_after=fc.level_window if fc.level_factor else 0),
+        )
+
+    def resume(self, step: int | None, saved: dict[str, Any] | None, own: bool) -> None:
+        """A start from the full state of the checkpoint of `step` (None: a fresh or weights-only
+        start): its watches' state `saved`, and, when it is a checkpoint of this run's save
+        directory (`own`), the one a halt may go back to until a newer one is verified."""
+        if step is None:
+            return
+        self.health.load_state(saved)
+        if own:
+            self.healthy.started_from(step)
+
+    def check(
+        self, step: int, loss: float, grad_norm: float | None, regime: Any
+    ) -> tuple[bool, bool]:
+        """(applied, spike) of a finished step: applied when its loss and gradient norm were finite.
+        Raises TrainingHalted when a limit is reached."""
+        applied = self.nonfinite.check(step, loss, grad_norm)
+        spike = applied and not self.health.check(step, loss, grad_norm, regime=regime)
+        self.healthy.step_done(step, applied and not spike)
+        return applied, spike
+
+
 class LauncherWatch:
     """Notices that the torchrun agent which started this worker is gone (killed with SIGKILL, or by a
     signal it does not forward): its workers are re-parented and must stop rather than train on beside
@@ -368,26 +425,61 @@ def any_rank_true_each(*flags: bool) -> tuple[bool, ...]:
 # ---------------------------------------------------------------------------------- fault drills
 
 
-def _env_steps(name: str) -> set[int]:
-    text = os.environ.get(name, "").strip()
+def _env_steps(environ: Mapping[str, str], name: str) -> frozenset[int]:
+    text = environ.get(name, "").strip()
     if not text:
-        return set()
-    return {int(part) for part in text.split(",") if part.strip()}
+        return frozenset()
+    return frozenset(int(part) for part in text.split(",") if part.strip())
 
 
-def nan_drill_steps() -> set[int]:
-    """Steps whose loss the NBDIFF_FAULT_NAN_STEPS drill turns into NaN."""
-    return _env_steps("NBDIFF_FAULT_NAN_STEPS")
+@dataclass(frozen=True)
+class Drills:
+    """The fault drills of a run (module docstring): steps, counted from 1 as logged."""
+
+    kill_after_steps: frozenset[int] = frozenset()
+    """NBDIFF_FAULT_KILL_AFTER_STEP: SIGKILL right after the step is logged (a node failure)."""
+    kill_in_save_steps: frozenset[int] = frozenset()
+    """NBDIFF_FAULT_KILL_IN_SAVE: SIGKILL with the step's checkpoint written but not renamed."""
+    kill_in_write_steps: frozenset[int] = frozenset()
+    """NBDIFF_FAULT_KILL_IN_WRITE: SIGKILL while the step's checkpoint writers still write."""
+    nan_loss_steps: frozenset[int] = frozenset()
+    """NBDIFF_FAULT_NAN_STEPS: the loss of the step is NaN (through the loss and the gradients)."""
+    nan_grad_steps: frozenset[int] = frozenset()
+    """NBDIFF_FAULT_NAN_GRAD_STEPS: the loss stays finite, one gradient gets a NaN."""
+    spike_steps: frozenset[int] = frozenset()
+    """NBDIFF_FAULT_SPIKE_STEPS: the reported loss of the step is multiplied by 10."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Drills:
+        """The drills the environment asks for (none: every field empty)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            kill_after_steps=_env_steps(env, "NBDIFF_FAULT_KILL_AFTER_STEP"),
+            kill_in_save_steps=_env_steps(env, "NBDIFF_FAULT_KILL_IN_SAVE"),
+            kill_in_write_steps=_env_steps(env, "NBDIFF_FAULT_KILL_IN_WRITE"),
+            nan_loss_steps=_env_steps(env, "NBDIFF_FAULT_NAN_STEPS"),
+            nan_grad_steps=_env_steps(env, "NBDIFF_FAULT_NAN_GRAD_STEPS"),
+            spike_steps=_env_steps(env, "NBDIFF_FAULT_SPIKE_STEPS"),
+        )
+
+    def after_step(self, step: int) -> None:
+        """The KILL_AFTER_STEP drill: die like a node failure right after `step`."""
+        if step in self.kill_after_steps:
+            _kill_self()
+
+    def during_save(self, step: int) -> None:
+        """The KILL_IN_SAVE drill: die with the checkpoint of `step` written but not renamed."""
+        if step in self.kill_in_save_steps:
+            _kill_self()
+
+    def before_write(self, step: int) -> None:
+        """The KILL_IN_WRITE drill: arm the fork hooks before the writers of `step` are forked."""
+        if step in self.kill_in_write_steps:
+            _arm_kill_in_write()
 
 
-def nan_grad_drill_steps() -> set[int]:
-    """Steps whose gradients the NBDIFF_FAULT_NAN_GRAD_STEPS drill poisons (the loss stays finite)."""
-    return _env_steps("NBDIFF_FAULT_NAN_GRAD_STEPS")
-
-
-def spike_drill_steps() -> set[int]:
-    """Steps whose reported loss the NBDIFF_FAULT_SPIKE_STEPS drill multiplies by 10 (a loss spike)."""
-    return _env_steps("NBDIFF_FAULT_SPIKE_STEPS")
+NO_DRILLS = Drills()
+"""No drill: what a save outside a training run uses."""
 
 
 def poison_one_gradient(model: Any) -> None:
@@ -439,11 +531,11 @@ _DEATHSIG_ARMED = False
 _KILL_IN_WRITE = False
 
 
-def arm_kill_in_write(step: int) -> None:
-    """NBDIFF_FAULT_KILL_IN_WRITE drill: during the save of `step`, the checkpoint writer's forked
-    workers stall (a slow file system) and the trainer dies of SIGKILL right after forking them."""
+def _arm_kill_in_write() -> None:
+    """The KILL_IN_WRITE drill: the checkpoint writer's forked workers stall (a slow file system) and
+    the trainer dies of SIGKILL right after forking them (armed once per process)."""
     global _KILL_IN_WRITE
-    if step not in _env_steps("NBDIFF_FAULT_KILL_IN_WRITE") or _KILL_IN_WRITE:
+    if _KILL_IN_WRITE:
         return
     _KILL_IN_WRITE = True
 
@@ -453,8 +545,6 @@ def arm_kill_in_write(step: int) -> None:
 
     def in_child() -> None:
         if _KILL_IN_WRITE:
-            import time
-
             time.sleep(120)
             os._exit(0)
 
@@ -463,15 +553,3 @@ def arm_kill_in_write(step: int) -> None:
 
 def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_kill_after_step(step: int) -> None:
-    """NBDIFF_FAULT_KILL_AFTER_STEP drill: die like a node failure right after `step`."""
-    if step in _env_steps("NBDIFF_FAULT_KILL_AFTER_STEP"):
-        _kill_self()
-
-
-def maybe_kill_during_save(step: int) -> None:
-    """NBDIFF_FAULT_KILL_IN_SAVE drill: die with the checkpoint of `step` written but not renamed."""
-    if step in _env_steps("NBDIFF_FAULT_KILL_IN_SAVE"):
-        _kill_self()

@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from nbdiff_megatron.data.datasets import index_cache_dir
     from nbdiff_megatron.training.config import load_config
 
-    # The training loop's own tokenizer loading and dataset construction (private to it; shared here
-    # so that the sample counts, and so the cache key, are those of `nbdiff train` by construction).
-    from nbdiff_megatron.training.loop import _build_dataset, _load_tokenizer
+    # The training set-up's own tokenizer loading and dataset construction (so that the sample
+    # counts, and so the cache key, are those of `nbdiff train` by construction).
+    from nbdiff_megatron.training.setup import build_dataset, load_run_tokenizer
 
     overrides = list(getattr(args, "overrides", None) or [])
     cfg = load_config(args.config, overrides, model_file=args.model_config)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     before = _cache_files(cache_dir)
     start = time.perf_counter()
-    train_set = _build_dataset(cfg, _load_tokenizer(cfg))
+    train_set = build_dataset(cfg, load_run_tokenizer(cfg))
     seconds = time.perf_counter() - start
     written = sorted(set(_cache_files(cache_dir).items()) - set(before.items()))
     what = f"built {len(written)} index files" if written else "found the index complete"

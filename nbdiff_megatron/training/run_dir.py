@@ -4,20 +4,26 @@ Export, decoding and evaluation read a run through its checkpoints' metadata. So
 any working directory and after the run's inputs move, the run records its paths absolute (in
 `config.yaml` and in every checkpoint's train state), keeps a copy of its tokenizer in
 `<save>/tokenizer/` (`nbdiff_megatron.data.tokenizer.tokenizer_in_run` finds it), and writes
-`<save>/model.yaml`, the model section as `--model-config` takes it.
+`<save>/model.yaml`, the model section as `--model-config` takes it. Each start also writes the
+config it runs (`config.yaml`) and appends one line to `runs.jsonl`: when, from what step and
+checkpoint, with what command and where (`record_start`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from nbdiff_megatron.data.config import parse_blend
 from nbdiff_megatron.data.tokenizer import copy_tokenizer
-from nbdiff_megatron.training.config import TrainConfig
+from nbdiff_megatron.training import checkpointing
+from nbdiff_megatron.training.config import TrainConfig, dump_config
 
 MODEL_FILE = "model.yaml"
 
@@ -61,3 +67,32 @@ def record_run_files(save: str | Path, cfg: TrainConfig) -> None:
     header = "# The model section of this run (nbdiff train); --model-config takes this file.\n"
     model = yaml.safe_dump({"model": cfg.model.to_dict()}, sort_keys=False)
     (save / MODEL_FILE).write_text(header + model)
+
+
+def record_start(
+    cfg: TrainConfig,
+    job: dict[str, Any],
+    start_step: int,
+    loaded: str | None,
+    command: str | None,
+    *,
+    was_complete: bool,
+) -> None:
+    """Rank 0, at each start with checkpoint.save: config.yaml, the run files (`record_run_files`)
+    and a line in runs.jsonl. `was_complete`: the save directory held a completion marker of a
+    smaller train.steps, which is cleared (the run goes on, no longer complete)."""
+    save = Path(cfg.checkpoint.save)
+    save.mkdir(parents=True, exist_ok=True)
+    (save / "config.yaml").write_text(dump_config(cfg))
+    record_run_files(save, cfg)
+    if was_complete:
+        checkpointing.clear_completion_marker(save)
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "start_step": start_step,
+        "loaded": loaded,
+        "command": command,
+        **job,
+    }
+    with (save / "runs.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")

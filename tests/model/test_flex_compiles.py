@@ -85,7 +85,7 @@ def _attend(module: NBDiffAttention, inputs, *, grad: bool) -> torch.Tensor:
 
 
 def _training_forwards(module: NBDiffAttention, kind: str, block_sizes: list[int]) -> None:
-    """Micro-batches of one training run (training/loop.py): packed data always carries doc_ids,
+    """Micro-batches of one training run (training/batches.py): packed data always carries doc_ids,
     the annealed kind a fresh draw per micro-batch; full recomputation (ablation_8k.yaml) runs each
     layer's forward under no_grad, then again with grad in the backward."""
     gen = torch.Generator().manual_seed(0)

@@ -3,8 +3,8 @@ variants, one process launch for all of them.
 
 For each variant (distributed optimizer on/off x overlapped grad reduce on/off x fp32/bf16, plus
 the untied output layer with the fused loss and overlap, and overlap_param_gather) the model,
-DDP wrapper and optimizer are rebuilt from the same seed and trained 2 steps with the loop's own
-`_train_step`. Recorded per step, before the optimizer step: the loss terms and the DP-reduced
+DDP wrapper and optimizer are rebuilt from the same seed (training/setup.py `build_components`)
+and trained 2 steps with the run's own `TrainStep`. Recorded per step, before the optimizer step: the loss terms and the DP-reduced
 gradient of every parameter (the distributed optimizer's reduce-scattered buffer shards are
 all-gathered back, so every variant compares the full reduced gradient); after the last step the
 parameters. Rank 0 keeps each variant's reference in memory and writes the differences to JSON:
@@ -22,7 +22,6 @@ Usage: torchrun --nproc-per-node 2 tests/training/one_code_path_check.py PREFIX 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from typing import Any
@@ -123,64 +122,37 @@ def relative_error(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
 
 
 def run_variant(prefix: str, layout: str, overrides: list[str]) -> dict[str, Any]:
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from nbdiff_megatron.model.builder import build_model
-    from nbdiff_megatron.training import loop
+    from nbdiff_megatron.training import faults
+    from nbdiff_megatron.training import step as step_module
     from nbdiff_megatron.training.config import load_config
+    from nbdiff_megatron.training.setup import build_components, data_iterator, finish_param_sync
+    from nbdiff_megatron.training.step import TrainStep
     from tests.training.runs import TINY, tiny_overrides
 
     cfg = load_config(TINY, tiny_overrides(prefix, *COMMON, *LAYOUTS[layout], *overrides))
-    world, dp = loop._init_distributed(cfg)
-    precision = loop._resolve_precision(cfg)
-    tokenizer = loop._load_tokenizer(cfg)
-    cfg = dataclasses.replace(cfg, model=loop._model_config(cfg, tokenizer, precision))
-    model = build_model(
-        cfg.model,
-        block_size=cfg.curriculum.target_block_size,
-        seed=cfg.train.seed,
-        parallel_output=cfg.loss.fused,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-    )
-    model = loop._wrap_ddp(model, cfg)
-    optimizer = loop._build_optimizer(model, cfg, precision)
-    rt = loop._Runtime(
-        cfg=cfg,
-        device=torch.device("cpu"),
-        dp=dp,
-        dp_rank=ps.get_data_parallel_rank(),
-        rank=dist.get_rank(),
-        world=world,
-        model=model,
-        optimizer=optimizer,
-        dataset=loop._build_dataset(cfg, tokenizer),
-        mask_id=int(tokenizer.mask_id),
-        tokenizer=tokenizer,
-        num_params=0,
-    )
-    rt.batches = loop._data_iterator(rt)
+    parts = build_components(cfg, "nbdiff")
+    batches = data_iterator(parts.cfg, parts.dataset, parts.place, consumed_samples=0)
+    train_step = TrainStep.build(parts, batches, faults.NO_DRILLS)
     grads: list[dict[str, torch.Tensor]] = []
-    step_optimizer = loop._optimizer_step
+    step_optimizer = step_module.optimizer_step
 
-    def snapshot_then_step(rt: Any) -> tuple[float, bool]:
-        grads.append(reduced_grads(rt.model))
-        return step_optimizer(rt)
+    def snapshot_then_step(parts: Any) -> tuple[float, bool]:
+        grads.append(reduced_grads(parts.model))
+        return step_optimizer(parts)
 
-    loop._optimizer_step = snapshot_then_step
+    step_module.optimizer_step = snapshot_then_step
     try:
         record: dict[str, Any] = {"losses": [], "grad_norms": []}
-        fwd_bwd = get_forward_backward_func()
         for step in range(1, cfg.train.steps + 1):
-            terms, grad_norm = loop._train_step(rt, step, fwd_bwd)
-            record["losses"].append([float(x) for x in terms])
-            record["grad_norms"].append(grad_norm)
+            outcome = train_step(step)
+            record["losses"].append([float(x) for x in outcome.terms])
+            record["grad_norms"].append(outcome.grad_norm)
     finally:
-        loop._optimizer_step = step_optimizer
-    loop._finish_param_sync(model)
+        step_module.optimizer_step = step_optimizer
+    finish_param_sync(parts.model)
     record["grads"] = grads
     record["params"] = {
-        name: p.detach().float().clone() for name, p in model.module.named_parameters()
+        name: p.detach().float().clone() for name, p in parts.model.module.named_parameters()
     }
     return record
 

@@ -48,7 +48,7 @@ def test_ar_step_is_a_direct_causal_forward_and_cross_entropy(
 
 def test_ar_objective_rejects_what_it_cannot_run(corpus_prefix: str, tmp_path) -> None:
     from nbdiff_megatron.training.config import load_config
-    from nbdiff_megatron.training.loop import check_objective
+    from nbdiff_megatron.training.setup import check_objective
 
     cfg = load_config(TINY, tiny_overrides(corpus_prefix))
     check_objective(cfg, "nbdiff")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from nbdiff_megatron.training.config import load_config
-from nbdiff_megatron.training.loop import _data_iterator
+from nbdiff_megatron.training.setup import Placement, data_iterator
 
 from .runs import TINY
 
@@ -22,8 +20,8 @@ class _Samples(torch.utils.data.Dataset):
 
 def _batches(workers: int, count: int = 7) -> tuple[list[torch.Tensor], object]:
     cfg = load_config(TINY, [f"--data.num_workers={workers}", "--train.micro_batch_size=4"])
-    rt = SimpleNamespace(cfg=cfg, dataset=_Samples(), consumed_at_start=8, dp=1, dp_rank=0)
-    it = _data_iterator(rt)
+    place = Placement(rank=0, world=1, dp=1, dp_rank=0, device=torch.device("cpu"))
+    it = data_iterator(cfg, _Samples(), place, consumed_samples=8)
     return [next(it)["tokens"][:, 0].clone() for _ in range(count)], it
 
 

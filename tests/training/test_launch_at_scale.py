@@ -26,13 +26,13 @@ def test_nccl_timeout_reaches_the_default_group_and_megatrons_groups(corpus_pref
     from megatron.core import parallel_state
 
     from nbdiff_megatron.model.parallel import destroy_parallel
-    from nbdiff_megatron.training.loop import _init_distributed
+    from nbdiff_megatron.training.setup import init_distributed
 
     cfg = load_config(TINY, tiny_overrides(corpus_prefix, "--parallel.nccl_timeout_minutes=7"))
     for name in DIST_VARS:
         os.environ.pop(name, None)
     try:
-        _init_distributed(cfg)
+        init_distributed(cfg)
         assert _group_timeout_minutes(dist.group.WORLD) == 7
         assert _group_timeout_minutes(parallel_state.get_data_parallel_group()) == 7
         assert _group_timeout_minutes(parallel_state.get_tensor_model_parallel_group()) == 7

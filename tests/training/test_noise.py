@@ -9,8 +9,8 @@ import torch
 
 from nbdiff_megatron.data.loader import DeterministicSampler
 from nbdiff_megatron.method.noise import block_layout
+from nbdiff_megatron.training.batches import first_sample_of, noise_micro_batch
 from nbdiff_megatron.training.config import load_config
-from nbdiff_megatron.training.loop import first_sample_of, noise_micro_batch
 
 from .runs import TINY
 

@@ -57,10 +57,10 @@ def test_a_resumed_run_replays_the_data_and_the_noise(
     corpus_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(step, first sample of the micro-batch) -> its tokens and noise, across a resume."""
-    from nbdiff_megatron.training import loop
+    from nbdiff_megatron.training import batches
 
     seen: dict[tuple, tuple] = {}
-    draw = loop.noise_micro_batch
+    draw = batches.noise_micro_batch
 
     def recording(cfg, x0, doc_ids, loss_mask, **where):
         noise = draw(cfg, x0, doc_ids, loss_mask, **where)
@@ -68,7 +68,7 @@ def test_a_resumed_run_replays_the_data_and_the_noise(
         seen[key] = (x0.clone(), noise.masked.clone(), noise.t.clone())
         return noise
 
-    monkeypatch.setattr(loop, "noise_micro_batch", recording)
+    monkeypatch.setattr(batches, "noise_micro_batch", recording)
     save = tmp_path / "run"
     train_in_process(corpus_prefix, *RUN[1:], "--train.steps=5", f"--checkpoint.save={save}")
     uninterrupted, seen = seen, {}

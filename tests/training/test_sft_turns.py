@@ -25,8 +25,8 @@ from nbdiff_megatron.data.sft import (
     turn_ids_from_loss_mask,
 )
 from nbdiff_megatron.data.tokenizer import load_tokenizer
+from nbdiff_megatron.training.batches import noise_micro_batch
 from nbdiff_megatron.training.config import load_config
-from nbdiff_megatron.training.loop import noise_micro_batch
 
 from .runs import TINY
 

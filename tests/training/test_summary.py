@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbdiff_megatron.training.loop import closing_summary
+from nbdiff_megatron.training.reporting import closing_summary
 
 
 def _records(steps: range, blocks: list[int], losses: list[float]) -> list[dict]:
@@ -33,7 +33,7 @@ def test_an_sft_run_reports_kept_truncated_and_dropped_conversations() -> None:
 
     from nbdiff_megatron.data.sft import TOO_LONG, SFTStats
     from nbdiff_megatron.training.config import load_config
-    from nbdiff_megatron.training.loop import _report_sft
+    from nbdiff_megatron.training.reporting import report_sft
     from tests.launch import REPO
 
     stats = SFTStats(conversations=120, used=7)
@@ -42,9 +42,9 @@ def test_an_sft_run_reports_kept_truncated_and_dropped_conversations() -> None:
     lines: list[str] = []
     logger = SimpleNamespace(info=lines.append)
     cfg = load_config(REPO / "examples" / "tiny_cpu.yaml", ["--model.seq_length=48"])
-    _report_sft(logger, cfg, SimpleNamespace(stats=stats))
+    report_sft(logger, cfg, SimpleNamespace(stats=stats))
     text = "\n".join(lines)
     assert "conversations read: 120: kept 7 (truncated 0), dropped 113" in text
     assert f"dropped ({TOO_LONG}): 113" in text
     assert "--data.sft_overflow=truncate_turns" in text
-    _report_sft(logger, cfg, SimpleNamespace())  # pretraining data: nothing to report
+    report_sft(logger, cfg, SimpleNamespace())  # pretraining data: nothing to report
