@@ -190,9 +190,11 @@ class DecodeStats:
     fused_commits: int = 0
     """Commit forwards that also ran the next block's first refinement step."""
     fused_hits: int = 0
-    """Fused steps used as the next block's first refinement step: each saved one forward."""
+    """Fused steps used as the next block's first refinement step in every row: each saved one
+    forward."""
     fused_misses: int = 0
-    """Fused steps dropped because the guessed first token of the next block was wrong."""
+    """Fused steps whose guessed first token of the next block was wrong in some rows: those rows
+    were run again (in a forward of those rows only); the others kept the fused step."""
 
     @property
     def tokens_per_forward(self) -> float:
