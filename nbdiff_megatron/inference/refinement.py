@@ -606,14 +606,6 @@ class DecodeSession:
         self.last_logits[index] = logits[:, -1]
 
 
-def session_prompts(session: DecodeSession) -> list[list[int]]:
-    """The prompt ids of each row of a session, as laid out."""
-    return [
-        session.tokens[row, pad : pad + length].tolist()
-        for row, (pad, length) in enumerate(zip(session.layout.pads, session.layout.prompt_lens))
-    ]
-
-
 def first_active_offset(prompt_len: int, block_size: int, block_align: str) -> int:
     """Position where a prompt's first active block starts: after its full blocks ("document") or
     after the whole prompt ("prompt")."""
@@ -686,10 +678,10 @@ class ActiveBlock:
 class BlockRefinement:
     """The refinement loop over one session (see the module docstring); `run()` decodes it.
 
-    The session's rows are *slots*: `prompts` may hold more prompts than the session has rows, and
-    then a slot whose prompt stopped takes the next waiting prompt at the next block boundary
-    (`refill`), so the batch stays full. `generator` holds one generator per prompt (or None);
-    `callback` and `stop` are called with prompt indices."""
+    The session's rows are *slots*: `prompts` (the session's, then the waiting ones) may hold more
+    prompts than the session has rows, and then a slot whose prompt stopped takes the next waiting
+    prompt at the next block boundary (`refill`), so the batch stays full. `generator` holds one
+    generator per prompt (or None); `callback` and `stop` are called with prompt indices."""
 
     def __init__(
         self,
@@ -702,7 +694,7 @@ class BlockRefinement:
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
         suppress_mask: bool = True,
-        prompts: Sequence[list[int]] | None = None,
+        prompts: Sequence[list[int]],
     ) -> None:
         self.session, self.config = session, config
         self.eos_ids = [int(e) for e in eos_ids]
@@ -723,7 +715,7 @@ class BlockRefinement:
         self.history: list[list[int]] = [[] for _ in range(batch)]
         self.in_flight = self.active.clone()  # slots whose prompt's output is not collected yet
         # per prompt: the results
-        self.prompts = list(prompts) if prompts is not None else session_prompts(session)
+        self.prompts = list(prompts)  # the session's rows hold the first ones
         count = len(self.prompts)
         self.outputs: list[list[int]] = [[] for _ in range(count)]
         self.reasons = ["length"] * count
