@@ -4,8 +4,10 @@
     nbdiff generate --load hf_out/ --input prompts.jsonl --output out.jsonl --batch-size 8
 
 With one prompt the text is streamed as blocks commit; with `--input` (a .jsonl file with a "prompt"
-field per line, or a text file with one prompt per line) completions are printed (or written to
-`--output` as JSONL) batch by batch. Decoding statistics (NFE, tokens per forward, tokens/s) go to stderr.
+field per line, or a text file with one prompt per line) the prompts are decoded `--batch-size` at a time,
+a prompt that stops handing its slot to the next one (`--no-refill`: fixed batches), and the completions
+are printed (or written to `--output` as JSONL) in input order. Decoding statistics (NFE, tokens per
+forward, tokens/s) go to stderr.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--ar", action="store_true", help="decode autoregressively (the AR baseline)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    g.add_argument(
+        "--no-refill",
+        dest="refill",
+        action="store_false",
+        help="decode the prompts in fixed batches, each until its slowest prompt stops (for "
+        "comparison); default: a prompt that stops hands its batch slot to the next waiting one",
+    )
     m = parser.add_argument_group("model")
     m.add_argument(
         "--load",
@@ -314,9 +323,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = decoder.config
     label = "ar" if args.ar else f"block {cfg.block_size}, {cfg.block_align}-aligned"
     out_file = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    # refilling decodes every prompt in one call that keeps `--batch-size` slots busy
+    step = len(prompts) if getattr(args, "refill", True) else args.batch_size
     try:
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start : start + args.batch_size]
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start : start + step]
             ids = [tok.encode(p) for p in chunk]
             warn_capped(ids, args.max_new_tokens, decoder.max_context, start)
             stream = len(prompts) == 1 and out_file is None
@@ -325,7 +336,10 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(chunk[0])
                 sys.stdout.flush()
             result = decoder.generate(
-                ids, callback=streamer, row_ids=range(start, start + len(chunk))
+                ids,
+                callback=streamer,
+                row_ids=range(start, start + len(chunk)),
+                batch_size=args.batch_size,
             )
             for i, prompt in enumerate(chunk):
                 text = tok.decode(result.tokens[i], skip_special=True)

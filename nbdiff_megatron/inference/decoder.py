@@ -104,7 +104,7 @@ class BlockDecoder:
         config: DecodeConfig | None = None,
         **overrides: Any,
     ) -> None:
-        self.mask_id = int(mask_id)
+        self.mask_id: int | None = int(mask_id)
         setup_decoder(self, model, eos_ids, pad_id, max_context, config, overrides, self.mask_id)
 
     # -------------------------------------------------------------------- helpers
@@ -125,6 +125,10 @@ class BlockDecoder:
             pad_id=self.pad_id,
         )
 
+    def loop_config(self, config: DecodeConfig) -> DecodeConfig:
+        """The refinement loop's config for a call with `config` (ARDecoder: one-token blocks)."""
+        return config
+
     def mask_suppressed(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` with [MASK] at -inf: it is an input symbol, never an answer."""
         return logits.index_fill(
@@ -140,6 +144,7 @@ class BlockDecoder:
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
         row_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
         **overrides: Any,
     ) -> DecodeOutput:
         """Decode every prompt; `callback(block_index, new_tokens_per_row)` runs after each block.
@@ -147,19 +152,25 @@ class BlockDecoder:
         `stop(row, generated_ids)` is asked after each block for every running row; True stops the row
         there (stop reason "stop"; e.g. a stop string appeared). `row_ids` name the prompts for the
         sampling seed (default 0..b-1): a prompt decoded with the same seed and row id samples the same
-        tokens in any batch. `overrides` replace DecodeConfig fields for this call (e.g.
-        `max_new_tokens=64`).
+        tokens in any batch. `batch_size`: decode at most that many prompts at once, refilling the
+        slot of a stopped prompt with the next one at the next block boundary (None: all at once);
+        `callback` and `stop` then get prompt indices. `overrides` replace DecodeConfig fields for
+        this call (e.g. `max_new_tokens=64`).
         """
         config = replace(self.config, **overrides) if overrides else self.config
         return decode_batch(
             self.runner,
             prompts,
-            config,
-            mask_id=self.mask_id,
+            self.loop_config(config),
+            # [MASK] is an input symbol of the diffusion half, never an answer; without one (an AR
+            # model) the pad id only marks the columns not decoded yet
+            mask_id=self.pad_id if self.mask_id is None else self.mask_id,
+            suppress_mask=self.mask_id is not None,
             pad_id=self.pad_id,
             eos_ids=self.eos_ids,
             max_context=self.max_context,
             row_ids=row_ids,
             callback=callback,
             stop=stop,
+            batch_size=batch_size,
         )

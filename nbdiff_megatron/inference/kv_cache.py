@@ -92,6 +92,25 @@ class KVCache:
         values[self.length : end] = value
         return keys[:end], values[:end]
 
+    def rows(self, rows: torch.Tensor, length: int) -> KVCacheRows:
+        """The cache as seen by a forward of the batch rows `rows` only, writing after `length`."""
+        return KVCacheRows(self, rows, length)
+
+    def relocate(self, shift: int, capacity: int) -> None:
+        """Move every column c to c - shift in buffers of `capacity` columns (the decoder's column
+        window slid right by `shift`, or left for a negative one); columns moved out are dropped."""
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                if old is None:
+                    continue
+                new = old.new_zeros((capacity, *old.shape[1:]))
+                lo, hi = max(shift, 0), min(old.shape[0], capacity + shift)
+                if hi > lo:
+                    new[lo - shift : hi - shift] = old[lo:hi]
+                store[layer] = new
+        self.capacity = capacity
+        self.length -= shift
+
     def memory_bytes(self) -> int:
         """Bytes held by the allocated buffers."""
         return sum(
@@ -99,8 +118,32 @@ class KVCache:
         )
 
 
+class KVCacheRows:
+    """Some rows of a KVCache, written after their own `length` (not the cache's): a forward of part
+    of the batch, e.g. the prompt of a row that was refilled, or the rows whose fused step is redone."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, length: int) -> None:
+        self.cache, self.rows, self.length = cache, rows, length
+
+    def write(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v `[n, rows, ...]` at columns length..length+n of those rows; return their
+        `[0 : length + n]` k/v."""
+        end = self.length + key.shape[0]
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if keys is None or values is None or end > self.cache.capacity:
+            raise InferenceError(
+                f"a forward of part of the batch needs a cache already written by the whole batch "
+                f"with room for {end} columns (capacity {self.cache.capacity})"
+            )
+        keys[self.length : end, self.rows] = key
+        values[self.length : end, self.rows] = value
+        return keys[:end, self.rows], values[:end, self.rows]
+
+
 @contextlib.contextmanager
-def cache_hooks(modules: list[torch.nn.Module], cache: KVCache) -> Iterator[None]:
+def cache_hooks(modules: list[torch.nn.Module], cache: KVCache | KVCacheRows) -> Iterator[None]:
     """Route every core attention's k/v through `cache` for the duration of one forward."""
 
     def make_hook(layer: int) -> Any:
@@ -166,7 +209,7 @@ class ModelRunner:
         positions: torch.Tensor,
         allowed: torch.Tensor,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | KVCacheRows | None = None,
         commit: bool = False,
         commit_columns: int = 0,
     ) -> torch.Tensor:

@@ -33,7 +33,7 @@ import json
 import math
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -44,6 +44,7 @@ from nbdiff_megatron.errors import InferenceError
 from nbdiff_megatron.inference.cli import build_decoder
 from nbdiff_megatron.inference.eval_report import (
     add_stats,
+    data_parallel_group,
     is_main_rank,
     plot_accuracy_vs_tpf,
     run_sharded,
@@ -188,6 +189,179 @@ def padded_width(width: int, max_context: int) -> int:
     return max(width, 1, min(bucket, max_context))
 
 
+# ----------------------------------------------------------------------------------- scoring
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a (context, continuation) request; an empty context becomes [EOD]."""
+    # Trailing spaces of the context belong to the continuation's first token in BPE.
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    ctx = tokenizer.encode(context) if context else []
+    cont = tokenizer.encode(continuation)
+    return ctx or [tokenizer.eod], cont
+
+
+@torch.inference_mode()
+def causal_scores(
+    model: Any, pad_id: int, pairs: list[tuple[list[int], list[int]]], max_context: int
+) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), continuation is greedy) of one batch, by one causal forward."""
+    from nbdiff_megatron.model.builder import ar_forward
+
+    device = next(model.parameters()).device
+    rows = []
+    for ctx, cont in pairs:
+        if not cont:
+            rows.append((ctx[-max_context:], 0))
+            continue
+        rows.append(((ctx + cont)[-(max_context + 1) :], len(cont)))
+    # Right padding: causal attention keeps padding out of every real position.
+    width = padded_width(max(len(ids) for ids, _ in rows) - 1, max_context)
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+    logp = torch.log_softmax(ar_forward(model, inputs.to(device)).float(), dim=-1)
+    results: list[tuple[float, bool]] = []
+    for i, (ids, n) in enumerate(rows):
+        if n == 0:
+            results.append((0.0, True))
+            continue
+        targets = torch.tensor(ids[-n:], device=device)
+        span = logp[i, len(ids) - 1 - n : len(ids) - 1]
+        total = float(span.gather(-1, targets[:, None]).sum())
+        results.append((total, bool((span.argmax(-1) == targets).all())))
+    return results
+
+
+def diffusion_scores(
+    scorer: Any,
+    pairs: list[tuple[list[int], list[int]]],
+    max_context: int,
+    *,
+    samples: int,
+    seed: int,
+    first_row: int,
+) -> list[tuple[float, bool]]:
+    """The seeded block-diffusion bound of one batch (rows seeded first_row, first_row + 1, ...)."""
+    from nbdiff_megatron.inference.likelihood import diffusion_loglikelihood
+
+    chunk = []
+    for ctx, cont in pairs:
+        cont = cont[-(max_context - 1) :]
+        chunk.append((ctx[-(max_context - len(cont)) :], cont))
+    return diffusion_loglikelihood(
+        scorer, chunk, samples=samples, seed=seed, row_ids=range(first_row, first_row + len(chunk))
+    )
+
+
+def batched(items: list[Any], batch_size: int) -> list[tuple[int, list[Any]]]:
+    """(first index, items) of consecutive batches."""
+    return [(i, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def rolling_pairs(ids: list[int], window: int, eod: int) -> list[tuple[list[int], list[int]]]:
+    """Non-overlapping windows of a text, each conditioned on the window before it."""
+    return [
+        (ids[max(0, begin - window) : begin] or [eod], ids[begin : begin + window])
+        for begin in range(0, len(ids), window)
+    ]
+
+
+# ----------------------------------------------------------------------------------- generation
+def generation_work(
+    requests: list[Any], batch_size: int, refill: bool, ranks: int
+) -> list[tuple[str, str, list[int]]]:
+    """(task, options, request indices) per decoding call. Requests of one task sharing generation
+    options are decoded together (each task's decoding cost is its own): in fixed batches of
+    `batch_size`, or, refilling, in one call per data-parallel rank (its share of the requests, dealt
+    round-robin, decoded with `batch_size` slots)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, req in enumerate(requests):
+        kwargs = dict(req.args[1]) if len(req.args) > 1 and req.args[1] else {}
+        options = json.dumps(kwargs, sort_keys=True, default=str)
+        task = getattr(req, "task_name", None) or "generate"
+        groups.setdefault((task, options), []).append(index)
+    work = []
+    for (task, options), indices in groups.items():
+        if refill:
+            # item k of each group goes to rank k (run_sharded deals items round-robin)
+            shares = [indices[rank::ranks] for rank in range(ranks)]
+        else:
+            shares = [chunk for _, chunk in batched(indices, batch_size)]
+        work += [(task, options, share) for share in shares if share]
+    return work
+
+
+def until_strings(kwargs: dict[str, Any]) -> list[str]:
+    """The request's stop strings."""
+    until = kwargs.get("until") or []
+    return [until] if isinstance(until, str) else list(until)
+
+
+@dataclass
+class GenerationSetup:
+    """What decoding a share of generation requests needs besides the requests."""
+
+    decoder: Any
+    tokenizer: Any
+    max_gen_toks: int
+    max_context: int
+    batch_size: int
+    chat_applied: bool
+
+
+def decode_requests(
+    setup: GenerationSetup, requests: list[Any], work: tuple[str, str, list[int]], sampling: Any
+) -> tuple[list[str], DecodeStats]:
+    """Texts of a share of requests (cut at their stop strings) and the decoding stats."""
+    _, options, chunk = work
+    kwargs = json.loads(options)
+    until = until_strings(kwargs)
+    max_new = int(kwargs.get("max_gen_toks", setup.max_gen_toks))
+    tok = setup.tokenizer
+    prompts, budgets = [], []
+    for index in chunk:
+        # a chat-templated prompt holds the template's special tokens as text
+        ids = tok.encode(requests[index].args[0], allow_special=setup.chat_applied) or [tok.eod]
+        room = max(1, min(max_new, setup.max_context - 1))
+        ids = ids[-(setup.max_context - room) :]
+        prompts.append(ids)
+        budgets.append(min(max_new, setup.max_context - len(ids)))
+
+    def stopped(row: int, ids: list[int]) -> bool:
+        text = tok.decode(ids, skip_special=True)
+        return any(s and s in text for s in until)
+
+    output = setup.decoder.generate(
+        prompts,
+        stop=stopped if until else None,
+        max_new_tokens=max(budgets),
+        sampling=sampling,
+        row_ids=chunk,  # a request samples the same tokens in any batch and on any rank
+        batch_size=setup.batch_size,
+    )
+    texts = []
+    for row in range(len(chunk)):
+        text = tok.decode(output.tokens[row][: budgets[row]], skip_special=True)
+        for s in until:
+            if s:
+                text = text.split(s)[0]
+        texts.append(text)
+    return texts, output.stats
+
+
+def request_sampling(config: Any, kwargs: dict[str, Any]) -> Any:
+    """The decoder's sampling with the request's do_sample / temperature / top_p honoured."""
+    if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0:
+        return SamplingConfig(
+            float(kwargs.get("temperature", 1.0)), float(kwargs.get("top_p", 1.0))
+        )
+    if "do_sample" in kwargs or "temperature" in kwargs:
+        return SamplingConfig()
+    return config.sampling
+
+
 def make_lm_class() -> type:
     """The NBDiffLM class (built lazily: lm_eval is an optional dependency)."""
     LM = _require_lm_eval()
@@ -206,6 +380,7 @@ def make_lm_class() -> type:
             scorer: Any = None,
             ll_samples: int = 8,
             seed: int = 0,
+            refill: bool = True,
         ) -> None:
             super().__init__()
             if loglikelihood not in LOGLIKELIHOODS:
@@ -225,84 +400,29 @@ def make_lm_class() -> type:
             self.batch_size = batch_size
             self.max_gen_toks = max_gen_toks
             self.max_context = decoder.max_context
+            self.refill = refill
             self.last_stats: list[Any] = []
             self.task_stats: dict[str, DecodeStats] = {}  # decoding cost per task
             self.chat_applied = False
             self.mode_announced = False
 
         # -------------------------------------------------------------- likelihood
-        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-            # Trailing spaces of the context belong to the continuation's first token in BPE.
-            spaces = len(context) - len(context.rstrip(" "))
-            if spaces:
-                continuation = context[-spaces:] + continuation
-                context = context[:-spaces]
-            ctx = self.tokenizer.encode(context) if context else []
-            cont = self.tokenizer.encode(continuation)
-            if not ctx:
-                ctx = [self.tokenizer.eod]
-            return ctx, cont
-
-        def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-            if self.loglikelihood_mode == "diffusion":
-                return self._diffusion_score(pairs)
-            return self._causal_score(pairs)
-
-        def _diffusion_score(
-            self, pairs: list[tuple[list[int], list[int]]]
+        def _score_batch(
+            self, first_row: int, pairs: list[tuple[list[int], list[int]]]
         ) -> list[tuple[float, bool]]:
-            from nbdiff_megatron.inference.likelihood import diffusion_loglikelihood
-
-            results: list[tuple[float, bool]] = []
-            for start in range(0, len(pairs), self.batch_size):
-                chunk = []
-                for ctx, cont in pairs[start : start + self.batch_size]:
-                    cont = cont[-(self.max_context - 1) :]
-                    chunk.append((ctx[-(self.max_context - len(cont)) :], cont))
-                results += diffusion_loglikelihood(
+            if self.loglikelihood_mode == "diffusion":
+                return diffusion_scores(
                     self.scorer,
-                    chunk,
+                    pairs,
+                    self.max_context,
                     samples=self.ll_samples,
                     seed=self.seed,
-                    row_ids=range(start, start + len(chunk)),
+                    first_row=first_row,
                 )
-            return results
+            return causal_scores(self.loaded.model, self.tokenizer.eod, pairs, self.max_context)
 
-        @torch.inference_mode()
-        def _causal_score(
-            self, pairs: list[tuple[list[int], list[int]]]
-        ) -> list[tuple[float, bool]]:
-            from nbdiff_megatron.model.builder import ar_forward
-
-            model = self.loaded.model
-            device = next(model.parameters()).device
-            results: list[tuple[float, bool]] = []
-            for start in range(0, len(pairs), self.batch_size):
-                chunk = pairs[start : start + self.batch_size]
-                rows = []
-                for ctx, cont in chunk:
-                    if not cont:
-                        rows.append((ctx[-self.max_context :], 0))
-                        continue
-                    ids = (ctx + cont)[-(self.max_context + 1) :]
-                    rows.append((ids, len(cont)))
-                # Right padding: causal attention keeps padding out of every real position.
-                width = padded_width(max(len(ids) for ids, _ in rows) - 1, self.max_context)
-                inputs = torch.full((len(rows), width), self.tokenizer.eod, dtype=torch.long)
-                for i, (ids, _) in enumerate(rows):
-                    inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
-                logits = ar_forward(model, inputs.to(device)).float()
-                logp = torch.log_softmax(logits, dim=-1)
-                for i, (ids, n) in enumerate(rows):
-                    if n == 0:
-                        results.append((0.0, True))
-                        continue
-                    targets = torch.tensor(ids[-n:], device=device)
-                    span = logp[i, len(ids) - 1 - n : len(ids) - 1]
-                    total = float(span.gather(-1, targets[:, None]).sum())
-                    greedy = bool((span.argmax(-1) == targets).all())
-                    results.append((total, greedy))
-            return results
+        def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+            return [r for b in batched(pairs, self.batch_size) for r in self._score_batch(*b)]
 
         def _announce_mode(self) -> None:
             # said once, and only when a task scores continuations (generation tasks never do)
@@ -312,98 +432,41 @@ def make_lm_class() -> type:
 
         def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
             self._announce_mode()
-            pairs = [self._encode_pair(*req.args[:2]) for req in requests]
-            return self._score(pairs)
+            pairs = [encode_pair(self.tokenizer, *req.args[:2]) for req in requests]
+            # under torchrun the batches are dealt over the data-parallel ranks and gathered back
+            scored = run_sharded(batched(pairs, self.batch_size), lambda b: self._score_batch(*b))
+            return [result for batch in scored for result in batch]
 
         def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
             self._announce_mode()
-            out = []
-            for req in requests:
+
+            def score(req: Any) -> float:
                 ids = self.tokenizer.encode(req.args[0])
-                total = 0.0
-                # Non-overlapping windows, each conditioned on the previous context.
-                window = self.max_context
-                pairs = []
-                for begin in range(0, len(ids), window):
-                    ctx = ids[max(0, begin - window) : begin] or [self.tokenizer.eod]
-                    pairs.append((ctx, ids[begin : begin + window]))
-                for score, _ in self._score(pairs):
-                    total += score
-                out.append(total)
-            return out
+                pairs = rolling_pairs(ids, self.max_context, self.tokenizer.eod)
+                return sum(total for total, _ in self._score(pairs))
+
+            return run_sharded(requests, score)  # requests dealt over the data-parallel ranks
 
         # -------------------------------------------------------------- generation
-        def _generation_config(self, kwargs: dict[str, Any]) -> Any:
-            """The decoder's config with the request's sampling options honoured."""
-            config = self.decoder.config
-            if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0:
-                sampling = SamplingConfig(
-                    float(kwargs.get("temperature", 1.0)), float(kwargs.get("top_p", 1.0))
-                )
-                return replace(config, sampling=sampling)
-            if "do_sample" in kwargs or "temperature" in kwargs:
-                return replace(config, sampling=SamplingConfig())
-            return config
-
-        def _generation_batches(self, requests: list[Any]) -> list[tuple[str, str, list[int]]]:
-            """(task, options, request indices) per batch: requests of one task sharing generation
-            options are decoded together (so each task's decoding cost is its own)."""
-            groups: dict[tuple[str, str], list[int]] = {}
-            for index, req in enumerate(requests):
-                kwargs = dict(req.args[1]) if len(req.args) > 1 and req.args[1] else {}
-                options = json.dumps(kwargs, sort_keys=True, default=str)
-                task = getattr(req, "task_name", None) or "generate"
-                groups.setdefault((task, options), []).append(index)
-            return [
-                (task, options, indices[start : start + self.batch_size])
-                for (task, options), indices in groups.items()
-                for start in range(0, len(indices), self.batch_size)
-            ]
-
-        def _decode_batch(self, requests: list[Any], batch: tuple[str, str, list[int]]) -> Any:
-            """Texts of one batch of requests, cut at their stop strings, and the decoding stats."""
-            _, options, chunk = batch
-            kwargs = json.loads(options)
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            prompts, budgets = [], []
-            for index in chunk:
-                # a chat-templated prompt holds the template's special tokens as text
-                ids = self.tokenizer.encode(
-                    requests[index].args[0], allow_special=self.chat_applied
-                ) or [self.tokenizer.eod]
-                room = max(1, min(max_new, self.max_context - 1))
-                ids = ids[-(self.max_context - room) :]
-                prompts.append(ids)
-                budgets.append(min(max_new, self.max_context - len(ids)))
-
-            def stopped(row: int, ids: list[int]) -> bool:
-                text = self.tokenizer.decode(ids, skip_special=True)
-                return any(s and s in text for s in until)
-
-            output = self.decoder.generate(
-                prompts,
-                stop=stopped if until else None,
-                max_new_tokens=max(budgets),
-                sampling=self._generation_config(kwargs).sampling,
-                row_ids=chunk,  # a request samples the same tokens in any batch and on any rank
-            )
-            texts = []
-            for row in range(len(chunk)):
-                text = self.tokenizer.decode(output.tokens[row][: budgets[row]], skip_special=True)
-                for s in until:
-                    if s:
-                        text = text.split(s)[0]
-                texts.append(text)
-            return texts, output.stats
-
         def generate_until(self, requests: list[Any]) -> list[str]:
             results = [""] * len(requests)
-            batches = self._generation_batches(requests)
-            # under torchrun the batches are dealt over the data-parallel ranks and gathered back
-            decoded = run_sharded(batches, lambda batch: self._decode_batch(requests, batch))
-            for (task, _, chunk), (texts, stats) in zip(batches, decoded):
+            _, ranks, _ = data_parallel_group()
+            work = generation_work(requests, self.batch_size, self.refill, ranks)
+            setup = GenerationSetup(
+                self.decoder,
+                self.tokenizer,
+                self.max_gen_toks,
+                self.max_context,
+                self.batch_size,
+                self.chat_applied,
+            )
+
+            def decode(item: tuple[str, str, list[int]]) -> Any:
+                sampling = request_sampling(self.decoder.config, json.loads(item[1]))
+                return decode_requests(setup, requests, item, sampling)
+
+            # under torchrun the work is dealt over the data-parallel ranks and gathered back
+            for (task, _, chunk), (texts, stats) in zip(work, run_sharded(work, decode)):
                 self.last_stats.append(stats)
                 add_stats(self.task_stats.setdefault(task, DecodeStats()), stats)
                 for index, text in zip(chunk, texts):
@@ -651,6 +714,7 @@ def _evaluate_threshold(
         scorer=_scorer(run_args, loaded, decoder, mode),
         ll_samples=args.ll_samples,
         seed=args.seed if args.seed is not None else 0,
+        refill=getattr(args, "refill", True),
     )
     options = EvalOptions(
         limit=args.limit,

@@ -45,6 +45,12 @@ A row stops at EOS (checked after every refinement step: as soon as an EOS is de
 position before it, the row spends no further forward on its block), at `max_new_tokens` (stop reason
 "length"), at the model's context (stop reason "context") or when the caller's `stop` says so ("stop");
 rows stop independently and the batch stops when every row has.
+
+A full batch (`decode_batch(..., batch_size=N)` with more prompts than N): the rows are slots; at the block
+boundary after a row stops, the next waiting prompt takes its slot, laid out so that its committed prompt
+head ends at the batch's cursor (`DecodeSession.refill`: the column window and the KV cache slide to the
+columns the live rows use, so they do not grow with the prompts decoded), and its head is encoded by a
+forward of the refilled rows only (`prefill_rows`). Every prompt gets the tokens it gets alone.
 """
 
 from __future__ import annotations
@@ -75,6 +81,12 @@ MASK_KINDS = ("context_causal", "block_causal")
 BLOCK_ALIGNS = ("document", "prompt")
 # Why a row stopped: an EOS id, max_new_tokens, the model's context, the caller's stop function.
 STOP_REASONS = ("eos", "length", "context", "stop")
+
+
+def require_positive_int(name: str, value: Any) -> None:
+    """InferenceError unless `value` is an integer >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InferenceError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -125,12 +137,7 @@ class DecodeConfig:
                 f"mask_kind must be one of {', '.join(MASK_KINDS)} (the checkpoint's "
                 f"curriculum.mask_kind), got {self.mask_kind!r}"
             )
-        if (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or self.block_size < 1
-        ):
-            raise InferenceError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        require_positive_int("block_size", self.block_size)
         if self.sub_block_size is not None and (
             not isinstance(self.sub_block_size, int)
             or self.sub_block_size < 1
@@ -140,14 +147,7 @@ class DecodeConfig:
                 f"sub_block_size={self.sub_block_size!r} must be a positive divisor of "
                 f"block_size={self.block_size} (e.g. block 32 = 4 sub-blocks of 8), or None"
             )
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens < 1
-        ):
-            raise InferenceError(
-                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
-            )
+        require_positive_int("max_new_tokens", self.max_new_tokens)
         if self.sub_block_cache and (self.sub_block_size is None or not self.use_cache):
             raise InferenceError(
                 "--sub-block-cache needs --sub-block-size (smaller than the block) and the KV cache "
@@ -190,9 +190,11 @@ class DecodeStats:
     fused_commits: int = 0
     """Commit forwards that also ran the next block's first refinement step."""
     fused_hits: int = 0
-    """Fused steps used as the next block's first refinement step: each saved one forward."""
+    """Fused steps used as the next block's first refinement step in every row: each saved one
+    forward."""
     fused_misses: int = 0
-    """Fused steps dropped because the guessed first token of the next block was wrong."""
+    """Fused steps whose guessed first token of the next block was wrong in some rows: those rows
+    were run again (in a forward of those rows only); the others kept the fused step."""
 
     @property
     def tokens_per_forward(self) -> float:
@@ -329,15 +331,10 @@ def aligned_layout(
 ) -> BatchLayout:
     """Left padding that puts every row's blocks on the same columns: position-aligned blocks
     ("document"), or blocks starting at each prompt's end ("prompt")."""
-    if block_align == "prompt":
-        first = max(prompt_lens)
-        return BatchLayout(
-            pads=[first - p for p in prompt_lens], prompt_lens=list(prompt_lens), first_block=first
-        )
-    full = [(p // block_size) * block_size for p in prompt_lens]
-    first = max(full)
+    heads = [first_active_offset(p, block_size, block_align) for p in prompt_lens]
+    first = max(heads)
     return BatchLayout(
-        pads=[first - f for f in full], prompt_lens=list(prompt_lens), first_block=first
+        pads=[first - head for head in heads], prompt_lens=list(prompt_lens), first_block=first
     )
 
 
@@ -383,6 +380,7 @@ class DecodeSession:
                     f"(aligned_layout); got pads {layout.pads}, first block {layout.first_block}"
                 )
         self.block_size = block_size
+        self.block_align = block_align
         self.mask_kind = mask_kind
         device = runner.device
         batch = len(prompts)
@@ -435,38 +433,47 @@ class DecodeSession:
         block_end = (torch.div(rows - origin, block, rounding_mode="floor") + 1) * block + origin
         return torch.clamp(block_end - 1, max=stop - 1)
 
-    def _run(self, start: int, block: torch.Tensor, committed: int) -> torch.Tensor:
+    def _run(
+        self, start: int, block: torch.Tensor, committed: int, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One forward of `block` at columns start..; its first `committed` columns are encoded as
-        committed (x_0) rows and advance the cache, the rest attend bidirectionally up to its end."""
+        committed (x_0) rows and advance the cache, the rest attend bidirectionally up to its end.
+
+        `rows` (long [r]): a forward of those batch rows only (`block` is `[r, n]`); their cache
+        columns from `start` on are written, the cache's committed length does not move."""
         n = block.shape[1]
         stop = start + n
-        rows = torch.arange(start, stop, device=block.device)
-        visible = torch.full_like(rows, stop - 1)
+        columns = torch.arange(start, stop, device=block.device)
+        visible = torch.full_like(columns, stop - 1)
         if committed:
-            visible[:committed] = self._committed_visible(rows[:committed], start + committed)
+            visible[:committed] = self._committed_visible(columns[:committed], start + committed)
+        valid, positions = self.valid, self.positions
+        if rows is not None:
+            valid, positions = valid[rows], positions[rows]
         if self.cache is not None:
-            if self.cache.length != start:
+            cache: Any = self.cache
+            if rows is not None:
+                cache = self.cache.rows(rows, start)
+            elif self.cache.length != start:
                 raise RuntimeError(
                     f"cache holds {self.cache.length} columns, forward starts at {start}"
                 )
-            allowed = attention_allowed(self.valid[:, :stop], start, n, visible)
+            allowed = attention_allowed(valid[:, :stop], start, n, visible)
             return self.runner.forward(
-                block,
-                self.positions[:, start:stop],
-                allowed,
-                cache=self.cache,
-                commit_columns=committed,
+                block, positions[:, start:stop], allowed, cache=cache, commit_columns=committed
             )
         # Recompute: the committed prefix is re-encoded (as x_0) in the same forward.
-        prefix_rows = torch.arange(start, device=block.device)
+        prefix_columns = torch.arange(start, device=block.device)
         allowed = attention_allowed(
-            self.valid[:, :stop],
+            valid[:, :stop],
             0,
             stop,
-            torch.cat([self._committed_visible(prefix_rows, start), visible]),
+            torch.cat([self._committed_visible(prefix_columns, start), visible]),
         )
-        tokens = torch.cat([self.tokens[:, :start], block], dim=1)
-        logits = self.runner.forward(tokens, self.positions[:, :stop], allowed)
+        prefix = self.tokens[:, :start] if rows is None else self.tokens[rows, :start]
+        logits = self.runner.forward(
+            torch.cat([prefix, block], dim=1), positions[:, :stop], allowed
+        )
         return logits[:, start:]
 
     def prefill(self) -> torch.Tensor | None:
@@ -480,15 +487,18 @@ class DecodeSession:
         self.last_logits = logits[:, -1]
         return logits
 
-    def block_logits(self, block: torch.Tensor, reuse: int = 0) -> torch.Tensor:
+    def block_logits(
+        self, block: torch.Tensor, reuse: int = 0, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits `[b, n, V]` of the active block (bidirectional, reads the prefix, commits nothing).
 
         `reuse` > 0 (sub-block cache, approximate): the block's first `reuse` columns are not
         re-encoded; their k/v are the ones the previous forward of this block left in the cache.
         Only the later columns are run; the first `reuse` rows of the result are zeros.
+        `rows` (long [r], without `reuse`): the block of those batch rows only, `block` is `[r, n]`.
         """
         if reuse <= 0:
-            return self._run(self.cursor, block, committed=0)
+            return self._run(self.cursor, block, committed=0, rows=rows)
         if self.cache is None:
             raise InferenceError("the sub-block cache needs the KV cache")
         start = self.cursor
@@ -520,6 +530,86 @@ class DecodeSession:
         self.cursor = start + n
         self.last_logits = logits[:, n - 1]
         return logits[:, n:]
+
+    # ------------------------------------------------------------------ refilling (decode_batch)
+    def refill(
+        self, rows: list[int], prompts: list[list[int]], ends: list[int], live: torch.Tensor
+    ) -> None:
+        """Lay `prompts` out in the batch rows `rows` so that their first active block is the next
+        one (at the cursor): the prompt's committed head ends at the cursor, its tail (document
+        alignment) sits in that block. `ends[k]` is the column count prompt k may use (prompt +
+        budget). The column window is first slid and resized to what the rows still decoding
+        (`live`, bool [b]) and the new ones need, so it does not grow with the prompts decoded."""
+        assert self.block_size is not None  # new_session sets it
+        size, cursor = self.block_size, self.cursor
+        heads = [first_active_offset(len(p), size, self.block_align) for p in prompts]
+        pads = [cursor - head for head in heads]
+        starts = [int(c) for c in self.start[live]] + pads
+        row_ends = [int(c) for c in self.end[live]] + [pad + e for pad, e in zip(pads, ends)]
+        # the live rows share the block grid of the cursor: round each end up to a block boundary
+        last = max(cursor + -(-(end - cursor) // size) * size for end in row_ends)
+        shift = min(starts)
+        self.relocate(shift, last - shift)
+        columns = torch.arange(self.num_columns, device=self.tokens.device)
+        for row, prompt, pad, end in zip(rows, prompts, pads, ends):
+            pad -= shift
+            self.tokens[row] = self.mask_id
+            self.tokens[row, pad : pad + len(prompt)] = torch.tensor(prompt, device=columns.device)
+            self.valid[row] = (columns >= pad) & (columns < pad + end)
+            self.tokens[row, ~self.valid[row]] = self.pad_id
+            self.positions[row] = (columns - pad).clamp_min(0)
+            self.start[row], self.end[row] = pad, pad + end
+            self.prompt_end[row] = pad + len(prompt)
+            self.layout.pads[row], self.layout.prompt_lens[row] = pad, len(prompt)
+
+    def relocate(self, shift: int, num_columns: int) -> None:
+        """Slide the column window: column c becomes c - shift, in `num_columns` columns (columns
+        moved out are dropped: no live row uses them). Block boundaries move along (block_origin)."""
+        if shift == 0 and num_columns == self.num_columns:
+            return
+
+        def moved(t: torch.Tensor, fill: Any) -> torch.Tensor:
+            out = t.new_full((t.shape[0], num_columns), fill)
+            lo, hi = max(shift, 0), min(t.shape[1], num_columns + shift)
+            if hi > lo:
+                out[:, lo - shift : hi - shift] = t[:, lo:hi]
+            return out
+
+        self.tokens = moved(self.tokens, self.pad_id)
+        self.valid = moved(self.valid, False)
+        self.positions = moved(self.positions, 0)
+        self.start, self.end, self.prompt_end = (
+            self.start - shift,
+            self.end - shift,
+            self.prompt_end - shift,
+        )
+        self.layout.pads = [pad - shift for pad in self.layout.pads]
+        self.layout.first_block -= shift
+        self.block_origin -= shift
+        self.cursor -= shift
+        if self.cache is not None:
+            self.cache.relocate(shift, num_columns)
+
+    def prefill_rows(self, rows: list[int]) -> None:
+        """Encode the committed prompt heads of the refilled `rows` (one forward of those rows,
+        left-padded to the longest head) and set their last committed logit."""
+        index = torch.tensor(rows, device=self.tokens.device)
+        width = int((self.cursor - self.start[index]).max())
+        if width <= 0:
+            return  # prompts shorter than a block (document alignment): nothing committed yet
+        start = self.cursor - width
+        block = self.tokens[index, start : self.cursor]
+        logits = self._run(start, block, committed=width, rows=index)
+        if self.last_logits is None:
+            self.last_logits = logits.new_zeros((self.tokens.shape[0], logits.shape[-1]))
+        self.last_logits = self.last_logits.clone()
+        self.last_logits[index] = logits[:, -1]
+
+
+def first_active_offset(prompt_len: int, block_size: int, block_align: str) -> int:
+    """Position where a prompt's first active block starts: after its full blocks ("document") or
+    after the whole prompt ("prompt")."""
+    return prompt_len if block_align == "prompt" else (prompt_len // block_size) * block_size
 
 
 def finished_at_eos(
@@ -586,7 +676,12 @@ class ActiveBlock:
 
 
 class BlockRefinement:
-    """The refinement loop over one session (see the module docstring); `run()` decodes it."""
+    """The refinement loop over one session (see the module docstring); `run()` decodes it.
+
+    The session's rows are *slots*: `prompts` (the session's, then the waiting ones) may hold more
+    prompts than the session has rows, and then a slot whose prompt stopped takes the next waiting
+    prompt at the next block boundary (`refill`), so the batch stays full. `generator` holds one
+    generator per prompt (or None); `callback` and `stop` are called with prompt indices."""
 
     def __init__(
         self,
@@ -599,6 +694,7 @@ class BlockRefinement:
         callback: Callable[[int, list[list[int]]], None] | None = None,
         stop: Callable[[int, list[int]], bool] | None = None,
         suppress_mask: bool = True,
+        prompts: Sequence[list[int]],
     ) -> None:
         self.session, self.config = session, config
         self.eos_ids = [int(e) for e in eos_ids]
@@ -612,13 +708,27 @@ class BlockRefinement:
             [session.mask_id] if suppress_mask else [], dtype=torch.long, device=device
         )
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
-        self.reasons = ["length"] * batch
-        self.eos_tokens: list[int | None] = [None] * batch
+        # per slot: the prompt it decodes, why it stopped, the EOS that stopped it, its tokens so far
+        self.row_prompt = list(range(batch))
+        self.row_reasons = ["length"] * batch
+        self.row_eos: list[int | None] = [None] * batch
         self.history: list[list[int]] = [[] for _ in range(batch)]
+        self.in_flight = self.active.clone()  # slots whose prompt's output is not collected yet
+        # per prompt: the results
+        self.prompts = list(prompts)  # the session's rows hold the first ones
+        count = len(self.prompts)
+        self.outputs: list[list[int]] = [[] for _ in range(count)]
+        self.reasons = ["length"] * count
+        self.eos_tokens: list[int | None] = [None] * count
+        self.prompt_generators = generator
+        if isinstance(generator, list):
+            self.generator = generator[:batch]
         self.stats = DecodeStats(prefill_tokens=sum(session.layout.prompt_lens))
         self.check_eos = config.stop_at_eos and bool(self.eos_ids)
-        # The next block's first refinement step, run by a fused commit: (its input, its logits).
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.next_prompt = batch  # the first prompt that waits for a slot
+        # The next block's first refinement step, run by a fused commit: (its input, its logits,
+        # the rows it is valid for: a refilled row's is not).
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.guess_logits: torch.Tensor | None = None  # [b, V] last refinement forward, last column
 
     def _count(self, rows: torch.Tensor) -> None:
@@ -629,7 +739,8 @@ class BlockRefinement:
         return logits.index_fill(-1, self.suppressed, float("-inf"))
 
     def run(self) -> list[list[int]]:
-        """Decode every row; returns each row's generated ids (the EOS that stopped it included)."""
+        """Decode every prompt; returns each prompt's generated ids (the EOS that stopped it
+        included)."""
         session, size = self.session, self.config.block_size
         forwards_before = session.runner.forward_passes
         if session.prefill() is not None:
@@ -641,19 +752,57 @@ class BlockRefinement:
             self.first_token(block)
             self.refine(block)
             new_tokens = self.finish(block, start)
+            per_prompt: list[list[int]] = [[] for _ in self.prompts]
+            for row, tokens in enumerate(new_tokens):
+                per_prompt[self.row_prompt[row]] += tokens
             if bool(self.active.any()):
                 self.commit(block.tokens, start + size)
                 self._count(self.active)
             else:
                 session.tokens[:, start : start + size] = block.tokens
+            self.collect_stopped_rows()
+            self.refill()
             if self.callback is not None:
-                self.callback(block_index, new_tokens)
+                self.callback(block_index, per_prompt)
             block_index += 1
         self.stats.forward_passes = session.runner.forward_passes - forwards_before
-        return [
-            session.tokens[i, int(session.prompt_end[i]) : int(session.end[i])].tolist()
-            for i in range(len(self.reasons))
-        ]
+        return self.outputs
+
+    def collect_stopped_rows(self) -> None:
+        """Move the results of the slots whose prompt stopped to their prompt's entry."""
+        for row in (self.in_flight & ~self.active).nonzero().flatten().tolist():
+            prompt = self.row_prompt[row]
+            self.outputs[prompt] = self.history[row]
+            self.reasons[prompt], self.eos_tokens[prompt] = self.row_reasons[row], self.row_eos[row]
+            self.in_flight[row] = False
+
+    def refill(self) -> None:
+        """Give the free slots the next waiting prompts, their first block the next one."""
+        waiting = range(self.next_prompt, len(self.prompts))
+        free = (~self.in_flight).nonzero().flatten().tolist()
+        rows, ids = free[: len(waiting)], list(waiting[: len(free)])
+        if not rows:
+            return
+        self.next_prompt += len(rows)
+        config, prompts = self.config, [self.prompts[i] for i in ids]
+        lengths = [min(len(p) + config.max_new_tokens, self.max_context) for p in prompts]
+        self.session.refill(rows, prompts, lengths, live=self.active)
+        for row, prompt in zip(rows, ids):
+            self.row_prompt[row], self.history[row] = prompt, []
+            self.row_reasons[row], self.row_eos[row] = "length", None
+            if isinstance(self.prompt_generators, list):
+                self.generator[row] = self.prompt_generators[prompt]
+        refilled = torch.zeros_like(self.active)
+        refilled[rows] = True
+        self.active |= refilled
+        self.in_flight |= refilled
+        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+        if self.pending is not None:
+            self.pending[2][rows] = False  # their fused step ran over the old prompt's columns
+        forwards = self.session.runner.forward_passes
+        self.session.prefill_rows(rows)
+        if self.session.runner.forward_passes > forwards:
+            self._count(refilled)
 
     def prepare(self, start: int) -> ActiveBlock:
         """The block at columns start..: generated columns masked, invalid ones padded."""
@@ -687,15 +836,26 @@ class BlockRefinement:
         self._stop_finished_rows(block)
 
     def _step_logits(self, block: ActiveBlock, reuse: int) -> torch.Tensor:
-        """Raw logits of one refinement step: the fused commit's when its input was this block."""
+        """Raw logits of one refinement step: the fused commit's for the rows whose input it ran on
+        (its guess held), a forward of the other running rows (a miss); all rows without a fused
+        step."""
         pending, self.pending = self.pending, None
-        if pending is not None:
-            if torch.equal(pending[0], block.tokens):
-                self.stats.fused_hits += 1
-                return pending[1]
+        if pending is None:
+            logits = self.session.block_logits(block.tokens, reuse)
+            self._count(block.running)
+            return logits
+        inputs, logits, usable = pending
+        missed = block.running & usable & ~(inputs == block.tokens).all(dim=1)
+        redo = missed | (block.running & ~usable)  # not usable: the row was refilled since
+        if not bool(redo.any()):
+            self.stats.fused_hits += 1
+            return logits
+        if bool(missed.any()):
             self.stats.fused_misses += 1
-        logits = self.session.block_logits(block.tokens, reuse)
-        self._count(block.running)
+        rows = redo.nonzero().flatten()
+        logits = logits.clone()
+        logits[rows] = self.session.block_logits(block.tokens[rows], rows=rows)
+        self._count(redo)
         return logits
 
     def refine(self, block: ActiveBlock) -> None:
@@ -737,7 +897,7 @@ class BlockRefinement:
     def finish(self, block: ActiveBlock, start: int) -> list[list[int]]:
         """Record the block's tokens; rows that produced EOS, hit their budget or were stopped by
         the caller stop here. Returns each row's new tokens."""
-        session, size, batch = self.session, self.config.block_size, len(self.reasons)
+        session, size, batch = self.session, self.config.block_size, len(self.row_reasons)
         new_tokens: list[list[int]] = [[] for _ in range(batch)]
         hit_eos = torch.zeros_like(self.active)
         for i in self.active.nonzero().flatten().tolist():
@@ -746,7 +906,7 @@ class BlockRefinement:
                 new_tokens[i].append(token)
                 self.stats.generated_tokens += 1
                 if self.config.stop_at_eos and token in self.eos_ids:
-                    self.reasons[i], self.eos_tokens[i] = "eos", token
+                    self.row_reasons[i], self.row_eos[i] = "eos", token
                     hit_eos[i] = True
                     break
         if bool(hit_eos.any()):
@@ -757,14 +917,14 @@ class BlockRefinement:
         done_budget = self.active & (session.end <= start + size)
         for i in done_budget.nonzero().flatten().tolist():
             limit = session.layout.pads[i] + self.max_context
-            self.reasons[i] = "context" if int(session.end[i]) >= limit else "length"
+            self.row_reasons[i] = "context" if int(session.end[i]) >= limit else "length"
         self.active &= ~done_budget
         for i in range(batch):
             self.history[i].extend(new_tokens[i])
         if self.stop is not None:
             for i in self.active.nonzero().flatten().tolist():
-                if self.stop(i, self.history[i]):
-                    self.reasons[i] = "stop"
+                if self.stop(self.row_prompt[i], self.history[i]):
+                    self.row_reasons[i] = "stop"
                     row = torch.arange(batch, device=self.device) == i
                     session.stop_rows_after(row, torch.full_like(session.end, start + size - 1))
                     self.active[i] = False
@@ -786,7 +946,7 @@ class BlockRefinement:
             column = upcoming.tokens[:, 0]
             upcoming.tokens[:, 0] = torch.where(upcoming.masked[:, 0], guess, column)
         logits = session.commit_fused(tokens, upcoming.tokens)
-        self.pending = (upcoming.tokens, logits)
+        self.pending = (upcoming.tokens, logits, self.active.clone())
         self.stats.fused_commits += 1
 
 
@@ -803,18 +963,24 @@ def decode_batch(
     callback: Callable[[int, list[list[int]]], None] | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
     suppress_mask: bool = True,
+    batch_size: int | None = None,
 ) -> DecodeOutput:
     """Block-decode `prompts` with `runner`'s model (what `BlockDecoder.generate`, `ARDecoder.generate`
     and the exported decoder run). `row_ids` name the prompts for the sampling seed (default
     0..b-1); `suppress_mask=False` lets `mask_id` be drawn (an AR model without [MASK]: `mask_id` is
-    then only the placeholder of undecoded columns)."""
+    then only the placeholder of undecoded columns). `batch_size`: decode at most that many prompts
+    at once, a slot freed by a stopped prompt taking the next one (None: all prompts in one batch);
+    every prompt gets the tokens it gets alone."""
     began = time.perf_counter()
     prompts = check_prompts(prompts, max_context)
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
         raise InferenceError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
+    if batch_size is not None:
+        require_positive_int("batch_size", batch_size)
+    slots = len(prompts) if batch_size is None else min(batch_size, len(prompts))
     session = new_session(
-        runner, prompts, config, max_context=max_context, mask_id=mask_id, pad_id=pad_id
+        runner, prompts[:slots], config, max_context=max_context, mask_id=mask_id, pad_id=pad_id
     )
     loop = BlockRefinement(
         session,
@@ -825,6 +991,7 @@ def decode_batch(
         callback=callback,
         stop=stop,
         suppress_mask=suppress_mask,
+        prompts=prompts,
     )
     rows = loop.run()
     tokens = [row[:-1] if eos is not None else row for row, eos in zip(rows, loop.eos_tokens)]

@@ -34,6 +34,45 @@ def task_file(tmp_path_factory):
     return path
 
 
+MC_TASK = """\
+task: mc_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def mc_task(tmp_path_factory):
+    """A local multiple-choice task (scored by log-likelihood): 5 questions of 3 choices."""
+    folder = tmp_path_factory.mktemp("mc")
+    rows = [
+        {"question": q, "choices": [" light", " darkness", " water"], "label": i % 3}
+        for i, q in enumerate(
+            [
+                "And God said, Let there be",
+                "The earth was without form, and",
+                "Thou art",
+                "In the beginning God created the",
+                "And the evening and the morning were",
+            ]
+        )
+    ]
+    (folder / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "mc_local.yaml").write_text(MC_TASK.format(path=folder / "mc.jsonl"))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def loaded(trained_checkpoint):
     from nbdiff_megatron.inference.loading import load_for_inference
@@ -42,11 +81,13 @@ def loaded(trained_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def one_rank(trained_checkpoint, task_file, tmp_path_factory):
-    """One `nbdiff eval` at two thresholds, with a plot; (output JSON, stderr, stdout, folder)."""
+def one_rank(trained_checkpoint, task_file, mc_task, tmp_path_factory):
+    """One `nbdiff eval` of a generation task and a log-likelihood task at two thresholds, with a
+    plot; (output JSON, stderr, stdout, folder, arguments)."""
     save, _, _ = trained_checkpoint
     out = tmp_path_factory.mktemp("eval")
     args = ["eval", "--load", str(save), "--task-jsonl", str(task_file), "--max-gen-toks", "8"]
+    args += ["--tasks", "mc_local", "--include-path", str(mc_task)]
     args += ["--thresholds", "0.9,0.3", "--output", str(out / "one.json")]
     args += ["--plot", str(out / "plot.png"), "--batch-size", "2"]
     # capsys is function-scoped: capture by hand for a module fixture
@@ -70,8 +111,10 @@ def test_eval_reports_tpf_nfe_per_task_and_threshold(one_rank, task_file):
     assert record["decoding"] == record["runs"][0]["decoding"]
     assert "threshold 0.9  gsm8k_local: exact_match" in out and "| TPF " in out and "NFE" in out
     assert (folder / "plot.png").stat().st_size > 1000
-    # a generation task: no log-likelihood mode is announced
-    assert "loglikelihood:" not in err
+    # the log-likelihood mode is announced once per run, by the task that scores continuations
+    assert err.count("loglikelihood: causal") == 2
+    assert "acc,none" in record["runs"][0]["results"]["mc_local"]
+    assert "mc_local" not in record["runs"][0]["decoding"]  # scoring decodes nothing
     # malformed lines are counted and listed with file:line and why
     assert "skipped 2 malformed line(s)" in err
     assert f"{task_file}:3: the answer has no '#### <number>'" in err
@@ -80,8 +123,9 @@ def test_eval_reports_tpf_nfe_per_task_and_threshold(one_rank, task_file):
 
 @pytest.mark.multirank
 def test_data_parallel_eval_equals_one_rank(one_rank, tmp_path):
-    """The same run on 2 gloo ranks: generation batches dealt over the ranks, results gathered,
-    every number equal to the one-rank run (one launch: the ranks load the model and lm-eval)."""
+    """The same run on 2 gloo ranks: generation requests and log-likelihood batches dealt over the
+    ranks, results gathered in order, equal to the one-rank run (one launch: the ranks load the
+    model and lm-eval)."""
     record, _, _, _, args = one_rank
     # the first of the one-rank run's thresholds, without the plot (one run: the launch is the cost)
     args = [*args[: args.index("--thresholds")], "--thresholds", "0.9", "--batch-size", "2"]
@@ -92,10 +136,12 @@ def test_data_parallel_eval_equals_one_rank(one_rank, tmp_path):
     assert len(two["runs"]) == 1
     for a, b in zip(record["runs"], two["runs"]):
         assert a["threshold"] == b["threshold"] == 0.9
-        assert a["results"] == b["results"]
-        for key in ("nfe", "tokens", "tpf"):
-            assert a["decoding"]["gsm8k_local"][key] == b["decoding"]["gsm8k_local"][key]
+        assert a["results"] == b["results"]  # exact match of the generations, acc of the scores
+        # every prompt gets the same tokens; the forwards differ (each rank refills its own batch)
+        assert a["decoding"]["gsm8k_local"]["tokens"] == b["decoding"]["gsm8k_local"]["tokens"]
+        assert b["decoding"]["gsm8k_local"]["nfe"] > 0
     assert proc.stdout.count("gsm8k_local: exact_match") == 1  # printed by rank 0 only
+    assert proc.stdout.count("mc_local: acc") == 1
 
 
 def test_chat_template_and_multiturn_fewshot(loaded, tmp_path):

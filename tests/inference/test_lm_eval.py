@@ -72,6 +72,30 @@ def test_loglikelihood_is_the_causal_log_probability(lm, loaded):
     assert rolling[0] < 0
 
 
+def test_scoring_is_dealt_over_data_parallel_ranks(lm, monkeypatch):
+    """Issue 24: log-likelihood batches (and rolling texts) go through run_sharded, which deals them
+    over the data-parallel ranks; here a 2-rank deal is simulated (each rank's share scored on its
+    own, rank 1 first) and the gathered scores equal the one-rank scores, in the requests' order."""
+    from nbdiff_megatron.inference import lm_eval_adapter
+
+    pairs = [("And God said", " Let"), ("In the", " beginning"), ("Thou", " art"), ("", "Amen")]
+    pairs += [("He said", " unto them"), ("And the", " evening")]
+    requests = [Request(c, x) for c, x in pairs]
+    one_rank = lm.loglikelihood(requests)
+    rolling_one = lm.loglikelihood_rolling(requests[:3])
+    dealt: list[int] = []
+
+    def two_ranks(work, score):
+        dealt.append(len(work))
+        shares = {rank: {i: score(work[i]) for i in range(rank, len(work), 2)} for rank in (1, 0)}
+        return [shares[i % 2][i] for i in range(len(work))]
+
+    monkeypatch.setattr(lm_eval_adapter, "run_sharded", two_ranks)
+    assert lm.loglikelihood(requests) == one_rank
+    assert lm.loglikelihood_rolling(requests[:3]) == rolling_one
+    assert dealt == [2, 3]  # 6 requests in batches of 4, then 3 rolling texts
+
+
 def test_generate_until_cuts_at_stop_strings(lm):
     texts = lm.generate_until(
         [
@@ -116,7 +140,7 @@ def test_diffusion_loglikelihood_mode(loaded):
     from nbdiff_megatron.errors import InferenceError
     from nbdiff_megatron.inference import BlockDecoder
     from nbdiff_megatron.inference.likelihood import diffusion_loglikelihood
-    from nbdiff_megatron.inference.lm_eval_adapter import make_lm_class
+    from nbdiff_megatron.inference.lm_eval_adapter import encode_pair, make_lm_class
 
     decoder = BlockDecoder(
         loaded.model, mask_id=loaded.mask_id, eos_ids=loaded.eos_ids, block_size=8
@@ -126,7 +150,7 @@ def test_diffusion_loglikelihood_mode(loaded):
     )
     pairs = [("And God said", " Let there be light"), ("In the beginning", " was")]
     got = lm.loglikelihood([Request(c, x) for c, x in pairs])
-    encoded = [lm._encode_pair(c, x) for c, x in pairs]
+    encoded = [encode_pair(lm.tokenizer, c, x) for c, x in pairs]
     expected = diffusion_loglikelihood(decoder, encoded, samples=2, seed=0)
     assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-6)
     assert all(score < 0 for score, _ in got)

@@ -246,11 +246,11 @@ def test_causal_scorer_buckets_widths_with_unchanged_scores(scorer_lm, monkeypat
 
     monkeypatch.setattr(builder, "ar_forward", recording_forward)
     pairs = _scorer_pairs()
-    bucketed = scorer_lm._causal_score(pairs)
+    bucketed = scorer_lm._score(pairs)
     assert set(widths) <= {16, 32, 64, 96}, widths
     monkeypatch.setattr(lm_eval_adapter, "padded_width", lambda width, max_context: width)
     widths.clear()
-    unbucketed = scorer_lm._causal_score(pairs)
+    unbucketed = scorer_lm._score(pairs)
     assert len(set(widths)) > 4
     # Right padding under a causal mask: the scored positions see exactly the same keys.
     assert [greedy for _, greedy in bucketed] == [greedy for _, greedy in unbucketed]
@@ -265,9 +265,9 @@ def test_causal_scorer_stays_compiled_over_many_widths(scorer_lm, counting, monk
         model, "nbdiff_config", dataclasses.replace(model.nbdiff_config, attention_backend="flex")
     )
     pairs = _scorer_pairs()
-    scorer_lm._causal_score(pairs)
-    scorer_lm._causal_score(pairs[:1])  # loglikelihood_rolling scores a few windows at a time
-    scorer_lm._causal_score(pairs[5:7])
+    scorer_lm._score(pairs)
+    scorer_lm._score(pairs[:1])  # loglikelihood_rolling scores a few windows at a time
+    scorer_lm._score(pairs[5:7])
     # Specialised first (width 32, batch 3), then the sequence and the batch dimension compiled
     # dynamic once each, and batch 1 (torch specialises sizes 0 and 1): at most 4.
     assert 1 <= counting["attention"] <= 4, counting
