@@ -37,13 +37,22 @@ selects rows, and Liger computes the input gradient in forward for one scalar up
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from nbdiff_megatron.kernels import ce_chunk
-from nbdiff_megatron.method.losses import LossTerms, check_rows_covered, loss_rows, loss_terms
+from nbdiff_megatron.method.losses import (
+    LossRowOptions,
+    LossTerms,
+    check_rows_covered,
+    loss_rows,
+    loss_terms,
+)
+
+if TYPE_CHECKING:  # typing.Unpack for **kwargs is Python >= 3.11; annotations are not evaluated
+    from typing_extensions import Unpack
 
 __all__ = ["nbdiff_linear_loss"]
 
@@ -246,22 +255,16 @@ def nbdiff_linear_loss(
     t: torch.Tensor,
     *,
     ar_weight: float,
-    token_shift: bool = False,
-    loss_mask: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
     mdm_denominator: torch.Tensor | float | None = None,
     ar_denominator: torch.Tensor | float | None = None,
     tp_group: Any = None,
     vocab_size: int | None = None,
     sequence_first: bool = False,
     sequence_parallel: bool = False,
-    rows: torch.Tensor | None = None,
     chunk_rows: int | None = None,
-    validate: bool = True,
-    block_size: int | None = None,
-    positions: torch.Tensor | None = None,
     accumulate_into_main_grad: bool = False,
     project_padded: bool = False,
+    **options: Unpack[LossRowOptions],
 ) -> LossTerms:
     """``nbdiff_loss(hidden @ weight.T gathered over tp_group, ...)`` without the logits (module doc).
 
@@ -271,8 +274,8 @@ def nbdiff_linear_loss(
         weight: ``[V_local, h]``, this TP rank's shard of the (padded) output weight; rank r holds
             vocabulary ids ``[r * V_local, (r + 1) * V_local)``.
         x0, masked, t, ar_weight, token_shift, loss_mask, doc_ids, mdm_denominator, ar_denominator,
-        rows, validate, block_size, positions: as in ``method.losses.nbdiff_loss`` (t per token
-            ``[b, L]`` or per sequence ``[b]``).
+        rows, validate, block_size, positions (``options``: ``method.losses.LossRowOptions``):
+            as in ``method.losses.nbdiff_loss`` (t per token ``[b, L]`` or per sequence ``[b]``).
         tp_group: the tensor-parallel group the vocabulary is split over (None: one rank).
         vocab_size: the real vocabulary V (columns at or beyond it are padding and never score);
             None means ``V_local * tp``.
@@ -305,21 +308,9 @@ def nbdiff_linear_loss(
         hidden = _GatherSequence.apply(hidden, seq_dim, tp_group)
     if sequence_first:
         hidden = hidden.transpose(0, 1)
-    sel = loss_rows(
-        x0,
-        masked,
-        t,
-        vocab=vocab,
-        token_shift=token_shift,
-        loss_mask=loss_mask,
-        doc_ids=doc_ids,
-        validate=validate,
-        block_size=block_size,
-        positions=positions,
-        rows=rows,
-    )
+    sel = loss_rows(x0, masked, t, vocab=vocab, **options)
     check_rows_covered(
-        "hidden", hidden, x0, sel, rows, note=" (after the sequence-parallel gather)"
+        "hidden", hidden, x0, sel, options.get("rows"), note=" (after the sequence-parallel gather)"
     )
     vocab_start = _group_rank(tp_group) * v_local
     n_valid = max(0, min(v_local, vocab - vocab_start))

@@ -27,7 +27,7 @@ global loss.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,11 @@ import torch.nn.functional as F
 from nbdiff_megatron.method.masks import document_positions
 from nbdiff_megatron.method.noise import block_layout
 
+if TYPE_CHECKING:  # typing.Unpack for **kwargs is Python >= 3.11; annotations are not evaluated
+    from typing_extensions import Unpack
+
 __all__ = [
+    "LossRowOptions",
     "LossRows",
     "LossTerms",
     "check_rows_covered",
@@ -173,16 +177,10 @@ def nbdiff_loss(
     t: torch.Tensor,
     *,
     ar_weight: float,
-    token_shift: bool = False,
-    loss_mask: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
     mdm_denominator: torch.Tensor | float | None = None,
     ar_denominator: torch.Tensor | float | None = None,
     chunk_rows: int | None = None,
-    validate: bool = True,
-    block_size: int | None = None,
-    positions: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
+    **options: Unpack[LossRowOptions],
 ) -> LossTerms:
     """NBDiff loss, eq. 2: ``total = (1 - λ) L_MDM + λ L_AR`` (docs/METHOD.md §4); reference version.
 
@@ -210,6 +208,9 @@ def nbdiff_loss(
     predictions made by those rows are scored, and the counts are split by the same rule (a loss
     token counts where its x_t position lies, an AR target where its x_0 row lies), so the terms of
     disjoint row sets covering 0..2L-1 add up to the full loss, numerators and counts alike.
+
+    ``options`` (``LossRowOptions``) go to ``loss_rows`` unchanged; their defaults are
+    ``token_shift=False``, ``validate=True`` and None for the others.
     """
     if logits.dim() != 3 or not logits.dtype.is_floating_point:
         raise ValueError(
@@ -218,20 +219,8 @@ def nbdiff_loss(
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
     vocab = logits.shape[-1]
-    sel = loss_rows(
-        x0,
-        masked,
-        t,
-        vocab=vocab,
-        token_shift=token_shift,
-        loss_mask=loss_mask,
-        doc_ids=doc_ids,
-        validate=validate,
-        block_size=block_size,
-        positions=positions,
-        rows=rows,
-    )
-    check_rows_covered("logits", logits, x0, sel, rows)
+    sel = loss_rows(x0, masked, t, vocab=vocab, **options)
+    check_rows_covered("logits", logits, x0, sel, options.get("rows"))
     chunk = chunk_rows or max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     ce = _rows_cross_entropy(logits, sel.seq, sel.pos, sel.targets, chunk)
     return loss_terms(
@@ -262,6 +251,22 @@ class LossRows(NamedTuple):
     """AR targets counted by this call (float, no grad)."""
     n_rows: int
     """Rows the logits must have along the sequence dimension (2L, or len(rows))."""
+
+
+class LossRowOptions(TypedDict, total=False):
+    """The keyword arguments that ``nbdiff_loss`` and ``kernels.nbdiff_linear_loss`` pass on to
+    ``loss_rows`` unchanged (meaning and defaults: ``loss_rows`` and ``nbdiff_loss``'s docstring).
+
+    One declaration for both losses, so that they take the same options by construction.
+    """
+
+    token_shift: bool
+    loss_mask: torch.Tensor | None
+    doc_ids: torch.Tensor | None
+    validate: bool
+    block_size: int | None
+    positions: torch.Tensor | None
+    rows: torch.Tensor | None
 
 
 def loss_rows(
