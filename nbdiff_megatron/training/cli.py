@@ -15,8 +15,23 @@ import sys
 ACCEPTS_OVERRIDES = True
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--model-config``: the job's config files, for every command that loads
+    them as `nbdiff train` does (train, plan, build-index: ``load_config(args.config, ...,
+    model_file=args.model_config)``)."""
     parser.add_argument("--config", required=True, help="YAML config, e.g. examples/tiny_cpu.yaml")
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        help="model.yaml written by `nbdiff convert hf-to-mcore`: its model shape replaces the "
+        "config's (the config keeps model.seq_length, params_dtype, attention_backend, and "
+        "rotary_base / rope_scaling where it sets them; one line at start lists what differs); "
+        "--model.* overrides still apply after it",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    add_config_arguments(parser)
     parser.add_argument(
         "--load",
         default=None,
@@ -31,14 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         action="store_true",
         help="load only the weights from --load (start the next phase); same as "
         "--checkpoint.finetune=true",
-    )
-    parser.add_argument(
-        "--model-config",
-        default=None,
-        help="model.yaml written by `nbdiff convert hf-to-mcore`: its model shape replaces the "
-        "config's (the config keeps model.seq_length, params_dtype, attention_backend, and "
-        "rotary_base / rope_scaling where it sets them; one line at start lists what differs); "
-        "--model.* overrides still apply after it",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the validated config as YAML and exit"

@@ -16,17 +16,14 @@ import argparse
 import os
 import time
 
+from nbdiff_megatron.training.cli import add_config_arguments
+
 # Unknown `--a.b=value` arguments are handed to `run` as config overrides (see nbdiff_megatron/cli.py).
 ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--config", required=True, help="the training job's YAML config")
-    parser.add_argument(
-        "--model-config",
-        default=None,
-        help="the job's --model-config (model.yaml of a converted checkpoint), if it has one",
-    )
+    add_config_arguments(parser)
     parser.epilog = (
         "Pass the job's --section.field=value overrides too (e.g. --data.data_path=... "
         "--train.steps=...): they decide which index the job looks for."

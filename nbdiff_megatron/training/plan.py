@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from nbdiff_megatron.errors import ConfigError
 from nbdiff_megatron.training.checkpoint_cost import checkpoint_lines
+from nbdiff_megatron.training.cli import add_config_arguments
 from nbdiff_megatron.training.config import (
     TrainConfig,
     load_config,
@@ -532,12 +533,7 @@ def header_lines(cfg: TrainConfig, *, gpu_memory_gb: float = 80.0) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--config", required=True, help="YAML config, e.g. examples/phase1_8k.yaml")
-    parser.add_argument(
-        "--model-config",
-        default=None,
-        help="model.yaml of a converted checkpoint, as `nbdiff train --model-config` takes it",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU")
     parser.add_argument(
         "--mfu",
