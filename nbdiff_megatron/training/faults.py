@@ -50,48 +50,65 @@ class TrainingHalted(NBDiffError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what to try."""
 
 
-class NonFiniteGuard:
-    """Counts skipped non-finite steps and halts after too many in a row."""
+class _BadStepRun:
+    """The counting both step guards share: bad steps in a row and in all, and the halt when the
+    run in a row reaches `max_consecutive`."""
 
     def __init__(self, max_consecutive: int) -> None:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
-        self.total_skipped = 0
+        self.total_bad = 0
+
+    def _healthy(self) -> bool:
+        self.consecutive = 0
+        return True
+
+    def _bad(self, step: int, what: str, limits: str) -> bool:
+        """Count a bad step (False: skip it); raise TrainingHalted at the limit, saying `what` went
+        wrong and which `limits` (config fields) set it."""
+        self.consecutive += 1
+        self.total_bad += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingHalted(
+                f"{what} for {self.consecutive} steps in a row, up to step {step}; training "
+                f"halted ({limits})."
+            )
+        return False
+
+
+class NonFiniteGuard(_BadStepRun):
+    """Counts skipped non-finite steps and halts after too many in a row."""
+
+    @property
+    def total_skipped(self) -> int:
+        return self.total_bad
 
     def check(self, step: int, loss: float, grad_norm: float | None = None) -> bool:
         """Return True if the step may update the weights (loss and gradient norm finite); raise
         TrainingHalted after too many skips in a row."""
         if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        self.total_skipped += 1
-        if self.consecutive >= self.max_consecutive:
-            what = (
-                f"the loss was {loss}"
-                if not math.isfinite(loss)
-                else f"the gradient norm was {grad_norm}"
-            )
-            raise TrainingHalted(
-                f"{what} (not finite) for {self.consecutive} steps in a row, up to step "
-                f"{step}; training halted (faults.max_consecutive_nonfinite sets the limit)."
-            )
-        return False
+            return self._healthy()
+        what = (
+            f"the loss was {loss}"
+            if not math.isfinite(loss)
+            else f"the gradient norm was {grad_norm}"
+        )
+        return self._bad(
+            step, f"{what} (not finite)", "faults.max_consecutive_nonfinite sets the limit"
+        )
 
 
-class SpikeGuard:
+class SpikeGuard(_BadStepRun):
     """Loss and gradient-norm spikes against moving averages of the last `window` healthy steps."""
 
     def __init__(
         self, *, loss_factor: float, grad_factor: float, window: int, max_consecutive: int
     ) -> None:
+        super().__init__(max_consecutive)
         self.loss_factor = loss_factor
         self.grad_factor = grad_factor
-        self.max_consecutive = max_consecutive
         self.losses: deque[float] = deque(maxlen=window)
         self.grads: deque[float] = deque(maxlen=window)
-        self.consecutive = 0
-        self.total_spikes = 0
         self.regime: Any = None  # what the averages compare within (the block size moves the loss)
 
     def _spike(self, values: deque[float], value: float | None, factor: float) -> float | None:
@@ -126,27 +143,23 @@ class SpikeGuard:
         loss_mean = self._spike(self.losses, loss, self.loss_factor)
         grad_mean = self._spike(self.grads, grad_norm, self.grad_factor)
         if loss_mean is None and grad_mean is None:
-            self.consecutive = 0
             self.losses.append(loss)
             if grad_norm is not None:
                 self.grads.append(grad_norm)
-            return True
-        self.consecutive += 1
-        self.total_spikes += 1
-        if self.consecutive >= self.max_consecutive:
-            what = (
-                f"the loss ({loss:.4g}) was above {self.loss_factor:g} x its moving average "
-                f"({loss_mean:.4g})"
-                if loss_mean is not None
-                else f"the gradient norm ({grad_norm:.4g}) was above {self.grad_factor:g} x its "
-                f"moving average ({grad_mean:.4g})"
-            )
-            raise TrainingHalted(
-                f"{what} for {self.consecutive} steps in a row, up to step {step}; training "
-                "halted (faults.spike_factor, faults.grad_spike_factor and "
-                "faults.max_consecutive_spikes set the limits)."
-            )
-        return False
+            return self._healthy()
+        what = (
+            f"the loss ({loss:.4g}) was above {self.loss_factor:g} x its moving average "
+            f"({loss_mean:.4g})"
+            if loss_mean is not None
+            else f"the gradient norm ({grad_norm:.4g}) was above {self.grad_factor:g} x its "
+            f"moving average ({grad_mean:.4g})"
+        )
+        return self._bad(
+            step,
+            what,
+            "faults.spike_factor, faults.grad_spike_factor and faults.max_consecutive_spikes set "
+            "the limits",
+        )
 
 
 class LevelShiftGuard:
