@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 DIRECTIONS = ("hf-to-mcore", "mcore-to-hf")
 
@@ -21,21 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "folder into a megatron-core dist checkpoint for `nbdiff train`.",
     )
     to_mcore.add_argument("--hf", required=True, help="HF model folder (config.json, safetensors)")
-    to_mcore.add_argument("--out", required=True, help="output folder (created atomically)")
+    _common(
+        to_mcore,
+        dtype_help="stored dtype (default: the source's; fp16 becomes bf16)",
+        tokenizer_help="tokenizer folder or file (default: the HF folder's own)",
+    )
     to_mcore.add_argument(
         "--tp", type=int, default=1, help="intended tensor-parallel size (vocab padding, checks)"
     )
     to_mcore.add_argument(
         "--pp", type=int, default=1, help="intended pipeline-parallel size (checks)"
-    )
-    to_mcore.add_argument(
-        "--dtype",
-        choices=("bf16", "fp32"),
-        default=None,
-        help="stored dtype (default: the source's; fp16 becomes bf16)",
-    )
-    to_mcore.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder or file (default: the HF folder's own)"
     )
     to_mcore.add_argument(
         "--mask-id",
@@ -68,7 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="where the model's blocks start when decoding: document (ours) or "
         "prompt (the NBDiff release's decoder)",
     )
-    _common(to_mcore)
 
     to_hf = sub.add_parser(
         "mcore-to-hf",
@@ -81,17 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         required=True,
         help="save directory (its latest checkpoint) or one iter_XXXXXXX folder",
     )
-    to_hf.add_argument("--out", required=True, help="output folder (created atomically)")
-    to_hf.add_argument(
-        "--dtype",
-        choices=("bf16", "fp32"),
-        default=None,
-        help="dtype of the safetensors (default: the recorded one)",
-    )
-    to_hf.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer folder or file to copy (default: the checkpoint's)",
+    _common(
+        to_hf,
+        dtype_help="dtype of the safetensors (default: the recorded one)",
+        tokenizer_help="tokenizer folder or file to copy (default: the checkpoint's)",
     )
     to_hf.add_argument(
         "--no-tokenizer",
@@ -104,12 +92,25 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="YAML with a model: section, for checkpoints that record none",
     )
     to_hf.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
-    _common(to_hf)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, dtype_help: str, tokenizer_help: str) -> None:
+    """The options both directions take (``_common_kwargs`` passes them on)."""
+    parser.add_argument("--out", required=True, help="output folder (created atomically)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help=dtype_help)
+    parser.add_argument("--tokenizer", default=None, help=tokenizer_help)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``hf_to_mcore`` and ``mcore_to_hf`` that ``_common`` adds."""
+    return {
+        "dtype": args.dtype,
+        "tokenizer": args.tokenizer,
+        "overwrite": args.overwrite,
+        "show_progress": not args.no_progress,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,16 +126,13 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             tp=args.tp,
             pp=args.pp,
-            dtype=args.dtype,
-            tokenizer=args.tokenizer,
             mask_id=args.mask_id,
             seq_length=args.seq_length,
             block_size=args.block_size,
             token_shift=not args.no_token_shift,
             mask_kind=args.mask_kind,
             block_align=args.block_align,
-            overwrite=args.overwrite,
-            show_progress=not args.no_progress,
+            **_common_kwargs(args),
         )
     else:
         from nbdiff_megatron.convert.mcore_to_hf import mcore_to_hf
@@ -142,13 +140,10 @@ def run(args: argparse.Namespace) -> int:
         summary = mcore_to_hf(
             args.mcore,
             args.out,
-            dtype=args.dtype,
-            tokenizer=args.tokenizer,
             model_config=args.model_config,
             max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            show_progress=not args.no_progress,
             include_tokenizer=not args.no_tokenizer,
+            **_common_kwargs(args),
         )
     print(summary.format(), file=sys.stdout)
     return 0
