@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -34,6 +34,9 @@ from nbdiff_megatron.errors import (
     checkpoint_read_errors,
 )
 from nbdiff_megatron.model.config import ModelConfig
+
+if TYPE_CHECKING:  # typing.Unpack for **kwargs is Python >= 3.11; annotations are not evaluated
+    from typing_extensions import Unpack
 
 
 @dataclass
@@ -189,6 +192,15 @@ def _hf_nbdiff_settings(path: Path) -> dict[str, Any]:
     return {k: nbdiff[k] for k in keys if nbdiff.get(k) is not None}
 
 
+class LoadOptions(TypedDict, total=False):
+    """What every loader takes besides the path (``load_for_inference`` passes them on to
+    ``load_hf`` and ``load_megatron``, whose signature gives the meaning and the defaults)."""
+
+    tokenizer: str | None
+    tokenizer_type: str | None
+    params_dtype: str | None
+
+
 def load_megatron(
     path: Path,
     *,
@@ -263,13 +275,7 @@ def load_megatron(
     )
 
 
-def load_hf(
-    path: Path,
-    *,
-    tokenizer: str | None = None,
-    tokenizer_type: str | None = None,
-    params_dtype: str | None = None,
-) -> LoadedModel:
+def load_hf(path: Path, **options: Unpack[LoadOptions]) -> LoadedModel:
     """A model from an HF folder: converted by `nbdiff_megatron.checkpoint.hf_to_mcore` into a temporary
     megatron-core checkpoint (the converter's own tables, so HF -> model mapping lives in one place),
     then loaded like one. Costs a copy of the weights on disk while loading."""
@@ -285,32 +291,24 @@ def load_hf(
     with tempfile.TemporaryDirectory(prefix="nbdiff_hf_") as tmp:
         out = Path(tmp) / "mcore"
         try:
-            dtype = params_dtype or (None if torch.cuda.is_available() else "fp32")
+            dtype = options.get("params_dtype") or (None if torch.cuda.is_available() else "fp32")
             # Carry the exported NBDiff settings through the temporary checkpoint's metadata.
             hf_to_mcore(
                 path,
                 out,
-                tokenizer=tokenizer,
+                tokenizer=options.get("tokenizer"),
                 dtype=dtype,
                 show_progress=False,
                 **_hf_nbdiff_settings(path),
             )
         except (ConversionError, ConfigError) as exc:
             raise InferenceError(f"cannot load the HF folder {path}: {exc}") from exc
-        loaded = load_megatron(
-            out, tokenizer=tokenizer, tokenizer_type=tokenizer_type, params_dtype=params_dtype
-        )
+        loaded = load_megatron(out, **options)
     loaded.source = f"{path} (HF)"
     return loaded
 
 
-def load_for_inference(
-    path: str | Path,
-    *,
-    tokenizer: str | None = None,
-    tokenizer_type: str | None = None,
-    params_dtype: str | None = None,
-) -> LoadedModel:
+def load_for_inference(path: str | Path, **options: Unpack[LoadOptions]) -> LoadedModel:
     """Load `--load PATH` (megatron-core checkpoint / save dir, or HF folder); InferenceError if unknown."""
     path = Path(path)
     if not path.exists():
@@ -320,15 +318,11 @@ def load_for_inference(
         )
     if _is_megatron_checkpoint_dir(path):
         try:
-            return load_megatron(
-                path, tokenizer=tokenizer, tokenizer_type=tokenizer_type, params_dtype=params_dtype
-            )
+            return load_megatron(path, **options)
         except CheckpointError as exc:
             raise InferenceError(str(exc)) from exc
     if path.is_dir() and (path / "config.json").is_file():
-        return load_hf(
-            path, tokenizer=tokenizer, tokenizer_type=tokenizer_type, params_dtype=params_dtype
-        )
+        return load_hf(path, **options)
     raise InferenceError(
         f"{path} is neither a megatron-core checkpoint (metadata.json, or iter_* sub-directories) nor "
         "an HF model folder (config.json + safetensors)"
