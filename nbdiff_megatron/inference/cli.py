@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbdiff_megatron.errors import InferenceError
 from nbdiff_megatron.inference.refinement import (
@@ -25,6 +25,9 @@ from nbdiff_megatron.inference.refinement import (
     unmasking_config,
 )
 from nbdiff_megatron.inference.unmasking import UNMASKING_RULES
+
+if TYPE_CHECKING:  # a type only: loading imports megatron-core (see load_model_from_args)
+    from nbdiff_megatron.inference.loading import LoadedModel
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +137,19 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=("fp32", "bf16"),
         help="parameter dtype (default: the checkpoint's on GPU, fp32 on CPU)",
+    )
+
+
+def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
+    """The model that the "model" options of ``add_decoding_arguments`` name."""
+    # Lazy: loading imports megatron-core (seconds), which `--help` and argument errors do not need.
+    from nbdiff_megatron.inference.loading import load_for_inference
+
+    return load_for_inference(
+        args.load,
+        tokenizer=args.tokenizer,
+        tokenizer_type=args.tokenizer_type,
+        params_dtype=args.dtype,
     )
 
 
@@ -303,8 +319,6 @@ def warn_capped(
 
 def run(args: argparse.Namespace) -> int:
     """`nbdiff generate`."""
-    from nbdiff_megatron.inference.loading import load_for_inference
-
     if args.max_new_tokens < 1:
         raise InferenceError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
@@ -312,12 +326,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input)
     if any(not p for p in prompts):
         raise InferenceError("a prompt is empty: give some text to continue")
-    loaded = load_for_inference(
-        args.load,
-        tokenizer=args.tokenizer,
-        tokenizer_type=args.tokenizer_type,
-        params_dtype=args.dtype,
-    )
+    loaded = load_model_from_args(args)
     decoder = build_decoder(args, loaded, args.max_new_tokens)
     tok = loaded.tokenizer
     cfg = decoder.config

@@ -41,7 +41,7 @@ from unittest import mock
 import torch
 
 from nbdiff_megatron.errors import InferenceError
-from nbdiff_megatron.inference.cli import build_decoder
+from nbdiff_megatron.inference.cli import build_decoder, load_model_from_args
 from nbdiff_megatron.inference.eval_report import (
     add_stats,
     data_parallel_group,
@@ -747,8 +747,6 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`nbdiff eval`."""
-    from nbdiff_megatron.inference.loading import load_for_inference
-
     make_lm_class()  # lm-eval installed?
     _check_eval_args(args)
     thresholds = parse_thresholds(args.thresholds)
@@ -760,12 +758,7 @@ def run(args: argparse.Namespace) -> int:
                 write_gsm8k_style_task(args.task_jsonl, tmp, max_gen_toks=args.max_gen_toks)
             )
             paths.append(tmp)
-        loaded = load_for_inference(
-            args.load,
-            tokenizer=args.tokenizer,
-            tokenizer_type=args.tokenizer_type,
-            params_dtype=args.dtype,
-        )
+        loaded = load_model_from_args(args)
         runs = [_evaluate_threshold(args, loaded, t, tasks, paths) for t in thresholds]
     if not is_main_rank():
         return 0
