@@ -104,8 +104,10 @@ def _check_training_layout(
     kinds: tuple[str, ...],
     doc_ids: torch.Tensor | None,
     turn_ids: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The checks every training-mask form shares; returns (doc_ids, turn_ids) as LongTensors."""
+    annealed_draw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The checks every training-mask form shares; returns (doc_ids, turn_ids) as LongTensors and
+    the checked ``annealed_draw`` (kind "annealed", which needs it; None for the other kinds)."""
     _check_positive_int("seq_len", seq_len)
     _check_positive_int("block_size", block_size)
     _check_kind(kind, kinds)
@@ -113,7 +115,8 @@ def _check_training_layout(
         doc_ids = _check_doc_ids(doc_ids, seq_len)
     if turn_ids is not None:
         turn_ids = _check_turn_ids(turn_ids, seq_len)
-    return doc_ids, turn_ids
+    draw = _check_draw(annealed_draw, seq_len, block_size) if kind == "annealed" else None
+    return doc_ids, turn_ids, draw
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,12 +265,10 @@ def training_mask(
         BoolTensor [2L, 2L], or [b, 2L, 2L] when ``doc_ids``, ``turn_ids`` or ``annealed_draw`` is
         batched.
     """
-    doc_ids, turn_ids = _check_training_layout(
-        seq_len, block_size, kind, MASK_KINDS, doc_ids, turn_ids
+    doc_ids, turn_ids, draw = _check_training_layout(
+        seq_len, block_size, kind, MASK_KINDS, doc_ids, turn_ids, annealed_draw
     )
-    if kind == "annealed":
-        annealed_draw = _check_draw(annealed_draw, seq_len, block_size)
-    return _assemble(*_tiles(seq_len, block_size, kind, doc_ids, turn_ids, annealed_draw))
+    return _assemble(*_tiles(seq_len, block_size, kind, doc_ids, turn_ids, draw))
 
 
 def annealed_draw(
@@ -325,7 +326,7 @@ def annealed_training_mask(
 
     Returns [2L, 2L] (or [b, 2L, 2L] with batched doc_ids; then each sample draws its own ``r``).
     """
-    doc_ids, turn_ids = _check_training_layout(
+    doc_ids, turn_ids, _ = _check_training_layout(
         seq_len, block_size, kind, BASE_KINDS, doc_ids, turn_ids
     )
     if not 0.0 <= float(progress) <= 1.0:
@@ -357,8 +358,8 @@ def training_mask_mod(
     batch index); kind "annealed" looks its decisions up in ``annealed_draw`` [b, L, B] (indexed by the
     batch index, so its BlockMask is per sample).
     """
-    doc_ids, turn_ids = _check_training_layout(
-        seq_len, block_size, kind, MASK_KINDS, doc_ids, turn_ids
+    doc_ids, turn_ids, draw = _check_training_layout(
+        seq_len, block_size, kind, MASK_KINDS, doc_ids, turn_ids, annealed_draw
     )
     length = seq_len
     if doc_ids is not None:
@@ -369,10 +370,8 @@ def training_mask_mod(
     if turn_ids is not None:
         turns_batched = turn_ids.dim() == 2
     annealed = kind == "annealed"
-    if annealed:
-        draw = _check_draw(annealed_draw, seq_len, block_size)
-        if draw.dim() == 2:
-            draw = draw.unsqueeze(0)
+    if annealed and draw.dim() == 2:
+        draw = draw.unsqueeze(0)
     block_causal = kind == "block_causal"
 
     def mask_mod(b, h, q_idx, kv_idx):
