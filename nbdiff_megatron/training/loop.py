@@ -88,10 +88,13 @@ def train(
         drills = faults.Drills.from_env()  # read once: the step and the saves are handed them
         notes = [lock_note] if lock_note else []
         parts = build_components(cfg, objective)
-        start = load_start(parts, notes)
-        run = _Run.open(parts, start, drills, label, resume_command)
-        run.begin(notes, was_complete=marker is not None)
-        return run.train()
+        try:
+            start = load_start(parts, notes)
+            run = _Run.open(parts, start, drills, label, resume_command)
+            run.begin(notes, was_complete=marker is not None)
+            return run.train()
+        finally:
+            parts.release()
     finally:
         if lock is not None:
             lock.release()

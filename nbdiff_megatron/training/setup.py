@@ -111,6 +111,26 @@ class Components:
     cp_layout: ContextParallelLayout | None = None
     """This rank's share of x_t ⊕ x_0 when parallel.cp > 1, else None."""
 
+    def release(self) -> None:
+        """Let the finished run's model, optimizer and process groups be freed.
+
+        megatron-core's DDP registers a backward hook on each parameter's gradient accumulator, and the
+        hook's closure holds the DDP; the DDP's TransformerConfig holds the optimizer (the callbacks
+        `wrap_ddp` and `build_optimizer` set), and the optimizer holds views of the parameters whose
+        autograd nodes lead back to those accumulators. The cycle runs through autograd's C++ nodes,
+        which Python's garbage collector cannot see, so without this a process that trains more than
+        once (`nbdiff ablate`, the demo, a notebook, the test suite) kept every earlier model and
+        optimizer, and the threads of their gloo process groups: three per group, ~50 per run, each
+        waking many times a second. Dropping the callbacks and the wrapped module breaks it; the
+        parts are unusable after.
+        """
+        config = self.model.config
+        config.grad_scale_func = None
+        config.no_sync_func = None
+        config.finalize_model_grads_func = None
+        if "module" in self.model._modules:
+            del self.model.module
+
 
 def build_components(cfg: TrainConfig, objective: str) -> Components:
     """Start the process group and build model, DDP, optimizer and data, in the order every rank runs

@@ -48,6 +48,7 @@ def test_the_step_runs_the_drills_it_was_given_not_the_environment(
         # Set after the drills were read: the step must not see it.
         monkeypatch.setenv("NBDIFF_FAULT_NAN_STEPS", "1")
         first, second = step(1), step(2)
+        parts.release()
     finally:
         destroy_parallel()
         for name in DIST_VARS:
