@@ -8,6 +8,7 @@ one parameter (e.g. to compare gradients with a 1-rank run).
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections.abc import Iterator
@@ -62,13 +63,20 @@ def initialize_parallel(
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron parallel_state and the default process group (tests call this last)."""
+    """Tear down megatron parallel_state and the default process group (tests call this last).
+
+    Each gloo group runs its own threads until the last reference to it goes. A finished run's
+    model, DDP and optimizer hold their groups in reference cycles (modules <-> config callbacks), so
+    without a collection here they, and the threads, lived on until Python's next full collection:
+    in a process that runs several trainings (ablate, the demo, the test suite), hundreds of them.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def _free_port() -> int:
