@@ -62,10 +62,8 @@ RANDOM_CONFIGS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model a decoding benchmark runs (`load_model` reads them): a checkpoint or a random shape."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="checkpoint (megatron-core or HF folder)")
     src.add_argument("--random", choices=sorted(RANDOM_CONFIGS), help="random-init model")
@@ -73,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on cuda, fp32 on cpu"
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(p)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's (or 32)")

@@ -27,18 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import RANDOM_CONFIGS, load_model  # noqa: E402  (the sibling benchmark's model setup)
+from decode import add_model_arguments, load_model  # noqa: E402  (the sibling benchmark's model setup)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="checkpoint (megatron-core or HF folder)")
-    src.add_argument("--random", choices=sorted(RANDOM_CONFIGS), help="random-init model")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"))
+    add_model_arguments(p)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, nargs=2, default=(8, 64), metavar=("MIN", "MAX"))

@@ -165,3 +165,34 @@ def test_refill_slides_the_cache_columns(tiny_model):
     cache.relocate(-3, 10)
     assert cache.keys[0][3:7, 0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
     assert cache.values[0][3, 0, 0, 0] == -2.0 and cache.length == 7
+
+
+def test_the_refill_benchmark_runs_and_its_two_modes_agree(tmp_path) -> None:
+    """benchmarks/decode_batch.py (BENCHMARKS.md's refill figures) at a toy size: both modes decode
+    every prompt to the same tokens, and refilling takes no more forwards than fixed batches."""
+    import subprocess
+    import sys
+
+    from tests.launch import REPO, clean_env
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "decode_batch.py"),
+            *("--random", "tiny", "--prompts", "6", "--batch-size", "2", "--block-size", "4"),
+            *("--max-new-tokens", "12", "--prompt-tokens", "4", "12", "--repeats", "1"),
+            *("--json", str(out)),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["outputs_equal"] is True
+    fixed, refill = report["rows"]
+    assert (fixed["mode"], refill["mode"]) == ("fixed batches", "refill")
+    assert fixed["tokens"] == refill["tokens"] > 0
+    assert 0 < refill["nfe"] <= fixed["nfe"]
