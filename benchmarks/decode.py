@@ -37,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nbdiff_megatron import install_compat  # noqa: E402  (the repository, put on the path above)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RANDOM_CONFIGS = {
@@ -102,8 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(args: argparse.Namespace):
     """(model, mask_id, block_size, token_shift, prompt ids source)."""
-    from nbdiff_megatron.megatron_compat import apply_cpu_patches
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     if args.device == "cpu" and torch.cuda.is_available():
@@ -111,7 +111,6 @@ def load_model(args: argparse.Namespace):
             "this benchmark builds on the GPU when one is visible: use --device cuda "
             "(or hide it with CUDA_VISIBLE_DEVICES=)"
         )
-    apply_cpu_patches()
     if args.load:
         from nbdiff_megatron.inference.loading import load_for_inference
 
@@ -165,6 +164,7 @@ def timed(decoder, prompts, repeats: int, **options):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    install_compat()  # as the nbdiff command: megatron-core's CPU patches, its import notices dropped
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     from nbdiff_megatron.inference import ARDecoder, BlockDecoder, UnmaskingConfig
 

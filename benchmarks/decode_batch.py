@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import add_model_arguments, load_model  # noqa: E402  (the sibling benchmark's model setup)
 
+from nbdiff_megatron import install_compat  # noqa: E402  (on the path since `decode` is imported)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -84,6 +86,7 @@ def decode(decoder, prompts, stops, batch_size: int, refill: bool):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    install_compat()  # as the nbdiff command: megatron-core's CPU patches, its import notices dropped
     from nbdiff_megatron.inference import BlockDecoder
     from nbdiff_megatron.inference.refinement import unmasking_config
 
