@@ -197,6 +197,38 @@ def _stage_unit(
         del sources, tensor  # before the next rule reads its sources: one rule's tensors at a time
 
 
+def _checkpoint_metadata(
+    hf: HFCheckpoint,
+    family: str,
+    cfg: ModelConfig,
+    *,
+    tokenizer_meta: dict[str, Any] | None,
+    vocab: VocabSizes,
+    mask_id: int,
+    dtype: str,
+    layout: dict[str, int],
+    nbdiff: dict[str, Any],
+) -> dict[str, Any]:
+    """The common state a converted checkpoint records (what loading, resuming and export read)."""
+    return {
+        "format": "nbdiff-mcore",
+        "format_version": common.METADATA_FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "architecture": {"family": family, "hf_config": hf.config},
+        "tokenizer": tokenizer_meta,
+        "tokenizer_dir": common.TOKENIZER_DIR if tokenizer_meta is not None else None,
+        "mask_id": mask_id,
+        "mask_rows_added": vocab.real - vocab.hf,
+        "dtype": dtype,
+        "layout": layout,
+        "nbdiff": nbdiff,
+        # flat copies: what `nbdiff generate` (inference/loading.py) reads
+        "block_size": nbdiff["block_size"],
+        "token_shift": nbdiff["token_shift"],
+        "source": str(hf.path.resolve()),
+    }
+
+
 def hf_to_mcore(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -275,28 +307,23 @@ def hf_to_mcore(
             _stage_unit(unit, hf, template, stager, cfg, vocab, target, tied_lm_head, summary)
         hf.close()
 
-        metadata = {
-            "format": "nbdiff-mcore",
-            "format_version": common.METADATA_FORMAT_VERSION,
-            "model": cfg.to_dict(),
-            "architecture": {"family": family.name, "hf_config": hf.config},
-            "tokenizer": _tokenizer_metadata(tok, out, tokenizer),
-            "tokenizer_dir": common.TOKENIZER_DIR if tok is not None else None,
-            "mask_id": mask_id,
-            "mask_rows_added": real_vocab - hf_vocab,
-            "dtype": target,
-            "layout": {"tp": tp, "pp": pp},
-            "nbdiff": {
-                "block_size": block_size,
-                "token_shift": token_shift,
-                "mask_kind": mask_kind,
-                "block_align": block_align,
-            },
-            # flat copies: what `nbdiff generate` (inference/loading.py) reads
+        nbdiff = {
             "block_size": block_size,
             "token_shift": token_shift,
-            "source": str(hf.path.resolve()),
+            "mask_kind": mask_kind,
+            "block_align": block_align,
         }
+        metadata = _checkpoint_metadata(
+            hf,
+            family.name,
+            cfg,
+            tokenizer_meta=_tokenizer_metadata(tok, out, tokenizer),
+            vocab=vocab,
+            mask_id=mask_id,
+            dtype=target,
+            layout={"tp": tp, "pp": pp},
+            nbdiff=nbdiff,
+        )
         tokenizer_files = _tokenizer_files(hf, tokenizer) if tok is not None else None
         _write_folder(tmp, template, metadata, cfg, tokenizer_files)
         staged_rename(tmp, out.resolve(), overwrite)

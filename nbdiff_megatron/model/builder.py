@@ -233,6 +233,36 @@ def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+def _check_attention_backend(cfg: ModelConfig) -> None:
+    """Refuse the attention backend choices that cannot train (before any weight is built)."""
+    if cfg.resolved_attention_backend() != "flex":
+        return
+    if cfg.attention_dropout > 0:
+        raise ConfigError(
+            "model.attention_dropout > 0 needs model.attention_backend='sdpa' (FlexAttention has no "
+            "attention dropout)"
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "model.attention_backend='flex' has no backward on CPU: use 'sdpa' (or 'auto') on CPU"
+        )
+
+
+def _position_embedding_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """GPTModel's RoPE arguments for this config (base, optional Llama-3 / linear scaling)."""
+    rope = cfg.rope_kwargs()
+    base = rope["rotary_base"]
+    return dict(
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        # GPTModel declares rotary_base an int: pass an integral base as one, a fractional one as is
+        rotary_base=int(base) if float(base).is_integer() else base,
+        rope_scaling=rope.get("rope_scaling", False),
+        rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
+        seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
+    )
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -265,16 +295,7 @@ def build_model(
         initialize_parallel(1, 1, 1)
     tp, pp, cp = _parallel_sizes()
     cfg.validate(tp=tp, pp=pp, cp=cp, block_size=block_size)
-    backend = cfg.resolved_attention_backend()
-    if backend == "flex" and cfg.attention_dropout > 0:
-        raise ConfigError(
-            "model.attention_dropout > 0 needs model.attention_backend='sdpa' (FlexAttention has no "
-            "attention dropout)"
-        )
-    if backend == "flex" and not torch.cuda.is_available():
-        raise ConfigError(
-            "model.attention_backend='flex' has no backward on CPU: use 'sdpa' (or 'auto') on CPU"
-        )
+    _check_attention_backend(cfg)
     if seed is not None:
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -300,8 +321,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage(
             ignore_virtual=vp_stage is None, vp_stage=vp_stage
         )
-    rope = cfg.rope_kwargs()
-    kwargs: dict[str, Any] = dict(
+    kwargs = dict(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=cfg.padded_vocab_size(tp),
@@ -310,16 +330,9 @@ def build_model(
         post_process=post_process,
         parallel_output=parallel_output,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_base=int(rope["rotary_base"])
-        if float(rope["rotary_base"]).is_integer()
-        else rope["rotary_base"],
-        rope_scaling=rope.get("rope_scaling", False),
-        rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
-        seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
         vp_stage=vp_stage,
         pg_collection=model_process_groups(),
+        **_position_embedding_kwargs(cfg),
     )
     kwargs = _filtered_kwargs(GPTModel.__init__, kwargs)
     with cuda_to_cpu():
