@@ -33,7 +33,7 @@ import json
 import math
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -573,6 +573,11 @@ class EvalOptions:
     system_instruction: str | None = None
     """System message of every prompt."""
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalOptions:
+        """The options of `nbdiff eval`'s flags: one per field, named as the field (add_arguments)."""
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+
 
 def task_manager(tasks: list[str], include_path: str | list[str] | None) -> Any:
     """lm-eval's TaskManager over the local task folders, and over lm-eval's own tasks when a task is
@@ -716,13 +721,7 @@ def _evaluate_threshold(
         seed=args.seed if args.seed is not None else 0,
         refill=getattr(args, "refill", True),
     )
-    options = EvalOptions(
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        apply_chat_template=args.apply_chat_template,
-        fewshot_as_multiturn=args.fewshot_as_multiturn,
-        system_instruction=args.system_instruction,
-    )
+    options = EvalOptions.from_args(args)
     # lm-eval returns the results on LOCAL_RANK 0 only (the other ranks helped decode)
     results = evaluate(lm, tasks, include_path=paths, options=options) or {}
     return {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdiff_megatron.cli import main
+from nbdiff_megatron.cli import build_parser, main
 from nbdiff_megatron.errors import InferenceError
 
 from ..launch import output_tail, run_torchrun
@@ -216,3 +216,22 @@ def test_unknown_task_and_flag_errors(trained_checkpoint, tmp_path, capsys):
     bad.write_text('{"question": "q", "answer": "no final answer"}\n')
     assert main(base + ["--task-jsonl", str(bad)]) == 2
     assert "no line does" in capsys.readouterr().err
+
+
+def test_eval_options_are_read_from_the_flags_of_the_same_names():
+    """Every EvalOptions field is an `nbdiff eval` flag of its name, with the field's default."""
+    from nbdiff_megatron.inference.lm_eval_adapter import EvalOptions
+
+    parser = build_parser("eval")
+    assert EvalOptions.from_args(parser.parse_args(["--load", "ckpt"])) == EvalOptions()
+    args = parser.parse_args(
+        ["--load", "ckpt", "--limit", "0.5", "--num-fewshot", "3", "--apply-chat-template"]
+        + ["--fewshot-as-multiturn", "--system-instruction", "Answer briefly."]
+    )
+    assert EvalOptions.from_args(args) == EvalOptions(
+        limit=0.5,
+        num_fewshot=3,
+        apply_chat_template=True,
+        fewshot_as_multiturn=True,
+        system_instruction="Answer briefly.",
+    )
