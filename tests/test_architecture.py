@@ -3,6 +3,7 @@ import."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -10,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from nbdiff_megatron.cli import COMMANDS
 from tests.launch import REPO, clean_env
 
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -189,3 +193,75 @@ def test_every_module_of_the_package_has_its_home_in_the_architecture_document()
     ]
     unnamed = [m for m in modules if f"`{m}`" not in architecture]
     assert not unnamed, f"docs/ARCHITECTURE.md does not say what these hold: {unnamed}"
+
+
+# ------------------------------------------------------------------------------- imports
+def _lazy_imports(path: Path) -> list[tuple[int, str, bool]]:
+    """(line, module, says why) of each import inside a function of `path`.
+
+    The reason is a comment on the import's line or directly above its group of imports."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for inner in ast.walk(node):
+            if not isinstance(inner, ast.Import | ast.ImportFrom):
+                continue
+            module = inner.module if isinstance(inner, ast.ImportFrom) else inner.names[0].name
+            row = inner.lineno - 1
+            while row > 0 and lines[row - 1].strip().startswith(("from ", "import ")):
+                row -= 1  # the first import of the group
+            said = "#" in lines[inner.lineno - 1] or lines[row - 1].strip().startswith("#")
+            found.append((inner.lineno, module or "", said))
+    return found
+
+
+def test_imports_inside_functions_are_third_party_and_say_why() -> None:
+    unexplained, stdlib = [], []
+    for path in sorted((REPO / "nbdiff_megatron").rglob("*.py")):
+        for line, module, said in _lazy_imports(path):
+            where = f"{path.relative_to(REPO)}:{line} {module}"
+            if module.split(".")[0] in sys.stdlib_module_names:
+                stdlib.append(where)
+            elif not said:
+                unexplained.append(where)
+    assert not stdlib, "the standard library imports at module top:\n" + "\n".join(stdlib)
+    assert not unexplained, "a lazy import says why (docs/ARCHITECTURE.md):\n" + "\n".join(
+        unexplained
+    )
+
+
+# Commands that answer without megatron-core, transformers, lm-eval or matplotlib (each costs seconds
+# at start-up): every command's --help, `plan`, and a config's validation errors.
+_LIGHT_COMMAND = r"""
+import json, sys
+from nbdiff_megatron.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = ("megatron", "transformers", "lm_eval", "matplotlib")
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in heavy})))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[command, "--help"] for command in COMMANDS]
+    + [
+        ["plan", "--config", "examples/phase1_8k.yaml"],
+        ["train", "--config", "examples/tiny_cpu.yaml", "--train.steps=-1"],
+    ],
+    ids=lambda argv: " ".join(a for a in argv if not a.startswith("examples")),
+)
+def test_help_plan_and_config_errors_do_not_import_heavy_packages(argv: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _LIGHT_COMMAND, *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [], done.stderr[-2000:]
