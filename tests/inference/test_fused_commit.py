@@ -25,7 +25,7 @@ MODES = [
 ]
 
 
-def _decode(model, options, eos_ids, fused):
+def _decode(model, options, eos_ids, fused, prompts=PROMPTS):
     decoder = BlockDecoder(
         model,
         mask_id=MASK_ID,
@@ -35,12 +35,12 @@ def _decode(model, options, eos_ids, fused):
         fused_commit=fused,
         **options,
     )
-    return decoder.generate(PROMPTS)
+    return decoder.generate(prompts)
 
 
-def _check_equal(model, options, eos_ids):
-    unfused = _decode(model, options, eos_ids, False)
-    fused = _decode(model, options, eos_ids, True)
+def _check_equal(model, options, eos_ids, prompts=PROMPTS):
+    unfused = _decode(model, options, eos_ids, False, prompts)
+    fused = _decode(model, options, eos_ids, True, prompts)
     assert fused.tokens == unfused.tokens, options
     assert fused.stop_reasons == unfused.stop_reasons
     stats = fused.stats
@@ -63,9 +63,12 @@ def test_fused_equals_unfused_on_a_random_model(tiny_model, options):
 @pytest.mark.parametrize("options", MODES[:5])
 def test_fused_equals_unfused_on_a_trained_model(memorised, options):
     model, text = memorised
-    fused, unfused = _check_equal(model, options, [])
+    _check_equal(model, options, [])
+    # Continuing its own text, the model guesses the next block's first token: fewer forwards. (On
+    # the random PROMPTS a fused step is used only when every row's guess holds, which depends on
+    # how the machine rounds the 80 training steps: on one CPU the static rule got no hit there.)
+    fused, unfused = _check_equal(model, options, [], prompts=[text[:8]])
     if options.get("token_shift", True):
-        # a model that knows its text guesses the next block's first token: fewer forwards
         assert fused.stats.forward_passes < unfused.stats.forward_passes
 
 
