@@ -4,10 +4,12 @@ variants, one process launch for all of them.
 For each variant (distributed optimizer on/off x overlapped grad reduce on/off x fp32/bf16, plus
 the untied output layer with the fused loss and overlap, and overlap_param_gather) the model,
 DDP wrapper and optimizer are rebuilt from the same seed (training/setup.py `build_components`)
-and trained 2 steps with the run's own `TrainStep`. Recorded per step, before the optimizer step: the loss terms and the DP-reduced
-gradient of every parameter (the distributed optimizer's reduce-scattered buffer shards are
-all-gathered back, so every variant compares the full reduced gradient) and that gradient's
-float64 norm, the oracle of the optimizer's reported norm; after the last step the parameters. Rank 0 keeps each variant's reference in memory and writes the differences to JSON:
+and trained 2 steps with the run's own `TrainStep`. Recorded per step, before the optimizer step:
+the loss terms and the DP-reduced gradient of every parameter (the distributed optimizer's
+reduce-scattered buffer shards are all-gathered back, so every variant compares the full reduced
+gradient) and that gradient's float64 norm, the oracle of the optimizer's reported norm; after the
+last step the parameters. Rank 0 keeps each variant's reference in memory and writes the
+differences to JSON:
 
     {variant: {"losses": [[total, mdm, ar] per step], "grad_norms": [...],
                "true_grad_norms": [float64 norm of the reduced gradient, per step],
