@@ -33,7 +33,8 @@ pipeline schedules and the optimizer construction; `cuda_type_names()` makes CPU
 names to megatron-core's optimizer type checks. With them the CPU runs megatron-core's own optimizer path:
 the distributed optimizer on gloo, its gradient clipping, bf16 (docs/GPU.md lists what stays GPU-only).
 `patch_local_torch_norm()` is not a CUDA stand-in: the local spec's torch norms get sequence parallelism
-and the training dtype on every device. What is not made to work (GPU-only paths, tested on a GPU
+and the training dtype on every device. Nor is `multi_tensor_l2_norm_float64`: megatron-core's CPU
+fallback for the gradient norm sums fp32 `torch.norm`s, which come out low on long tensors on a CPU. What is not made to work (GPU-only paths, tested on a GPU
 machine): Transformer Engine, apex, fused kernels, CUDA graphs.
 
 megatron-core itself is imported only inside the functions that patch it (`_module`): installing the
@@ -459,9 +460,45 @@ def apply_cpu_patches() -> bool:
             if hasattr(mod, "_set_cuda_rng_state"):
                 _patch(mod, "_set_cuda_rng_state", _cpu_set_rng_state)
 
+    # The gradient norm: without apex / Transformer Engine, get_grad_norm_fp32 (optimizer/clip_grads.py)
+    # sums per-tensor norms from megatron's `local_multi_tensor_l2_norm` (utils.py), i.e. fp32
+    # torch.norm, whose CPU kernel loses accuracy with the tensor's size (`multi_tensor_l2_norm_float64`).
+    clip_grads = _module("megatron.core.optimizer.clip_grads")
+    local_l2_norm = getattr(_module("megatron.core.utils"), "local_multi_tensor_l2_norm", None)
+    if local_l2_norm is not None and getattr(clip_grads, "l2_norm_impl", None) is local_l2_norm:
+        _patch(clip_grads, "l2_norm_impl", multi_tensor_l2_norm_float64)
+
     quiet_cpu_notices()  # megatron-core's CUDA_DEVICE_MAX_CONNECTIONS advice means nothing here
     _CPU_PATCHES_APPLIED = True
     return True
+
+
+def multi_tensor_l2_norm_float64(
+    chunk_size: Any,
+    noop_flag: Any,
+    tensor_lists: list[list[torch.Tensor]],
+    per_tensor: bool,
+    *args: Any,
+) -> tuple[torch.Tensor, None]:
+    """megatron-core's `local_multi_tensor_l2_norm` (megatron/core/utils.py) with float64 sums: the
+    L2 norm of every tensor in `tensor_lists` together, as a 1-element fp32 tensor, and None.
+
+    The original takes fp32 `torch.norm` of each gradient. PyTorch's vectorised CPU 2-norm kernel
+    adds the squares into one vector of fp32 accumulators element after element (`sum` adds in
+    cascades instead; pytorch/pytorch#169237, unchanged in torch 2.13): its relative error grows
+    with the tensor's length and is biased low (-1e-5 for 1M random values, -7e-5 for 3.2M). On
+    the tiny test model (DP = 2, fp32) the 262,144-element embedding gradient's squared norm came
+    out 2.2e-4 low: the plain optimizer reported the global norm 8.1e-5 below the float64 norm of
+    the reduced gradient, the distributed optimizer, whose shards are half as long, 1.4e-5 below.
+    The two disagreed, and clipping scaled by a norm that was too small. Summed in float64, the
+    norm is the float64 one to ~1e-7, whatever the tensor's length or shard. Patched where the
+    CPU patches apply (no CUDA): CUDA's norm kernel reduces in a tree (docs/megatron-compat.md).
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for tensors in tensor_lists:
+        for tensor in tensors:
+            total += torch.linalg.vector_norm(tensor, dtype=torch.float64).square()
+    return torch.tensor([float(total.sqrt())], dtype=torch.float32), None
 
 
 def patch_local_torch_norm() -> None:

@@ -125,3 +125,24 @@ def test_rng_tracker_fork_uses_the_cpu_generator() -> None:
         again = torch.rand(3)
     assert torch.equal(first, again)
     assert not torch.equal(first, outside)
+
+
+@cpu_only
+def test_the_gradient_norm_is_the_float64_norm_whatever_the_tensor_length(one_rank) -> None:
+    """megatron-core's CPU fallback took fp32 torch.norm per gradient, which comes out low on a long
+    tensor (-1e-5 relative at 1M elements): the same gradient whole (the plain optimizer) and in two
+    shards (the distributed optimizer at DP = 2) gave different norms, both below the true one."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+
+    megatron_compat.apply_cpu_patches()
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(1 << 20, generator=generator)  # most of the norm, as in the tiny model
+    layer = torch.randn(4096, generator=generator)
+    true_norm = float(torch.cat([embedding, layer]).double().square().sum().sqrt())
+    group = parallel_state.get_model_parallel_group()
+    with megatron_compat.cuda_to_cpu():
+        whole = get_grad_norm_fp32([embedding, layer], grad_stats_parallel_group=group)
+        shards = get_grad_norm_fp32([*embedding.chunk(2), layer], grad_stats_parallel_group=group)
+    assert whole == pytest.approx(true_norm, rel=1e-6)
+    assert shards == pytest.approx(true_norm, rel=1e-6)

@@ -4,12 +4,15 @@ variants, one process launch for all of them.
 For each variant (distributed optimizer on/off x overlapped grad reduce on/off x fp32/bf16, plus
 the untied output layer with the fused loss and overlap, and overlap_param_gather) the model,
 DDP wrapper and optimizer are rebuilt from the same seed (training/setup.py `build_components`)
-and trained 2 steps with the run's own `TrainStep`. Recorded per step, before the optimizer step: the loss terms and the DP-reduced
-gradient of every parameter (the distributed optimizer's reduce-scattered buffer shards are
-all-gathered back, so every variant compares the full reduced gradient); after the last step the
-parameters. Rank 0 keeps each variant's reference in memory and writes the differences to JSON:
+and trained 2 steps with the run's own `TrainStep`. Recorded per step, before the optimizer step:
+the loss terms and the DP-reduced gradient of every parameter (the distributed optimizer's
+reduce-scattered buffer shards are all-gathered back, so every variant compares the full reduced
+gradient) and that gradient's float64 norm, the oracle of the optimizer's reported norm; after the
+last step the parameters. Rank 0 keeps each variant's reference in memory and writes the
+differences to JSON:
 
     {variant: {"losses": [[total, mdm, ar] per step], "grad_norms": [...],
+               "true_grad_norms": [float64 norm of the reduced gradient, per step],
                "grad_err": [max |g - g_ref| / max |g_ref|, per step], "param_err": ...,
                "reference": name}}
 
@@ -112,6 +115,26 @@ def reduced_grads(model: Any) -> dict[str, torch.Tensor]:
     }
 
 
+def true_grad_norm(model: Any, grads: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of the whole reduced gradient in float64, every parameter counted once: the
+    tensor-parallel shards summed over the TP group, a replicated parameter (a norm's weight, a
+    TP = 1 weight) taken from this rank. What `optimizer.get_grad_norm()` should return."""
+    from megatron.core import parallel_state
+
+    sharded = torch.zeros(1, dtype=torch.float64)
+    replicated = torch.zeros(1, dtype=torch.float64)
+    for name, param in model.module.named_parameters():
+        if name in grads:
+            squares = grads[name].double().square().sum()
+            if getattr(param, "tensor_model_parallel", False):
+                sharded += squares
+            else:
+                replicated += squares
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
+    return float((sharded + replicated).sqrt())
+
+
 def relative_error(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     """max |a - b| / max |b| over all tensors, maximised over the ranks (TP shards differ)."""
     diff = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
@@ -134,10 +157,12 @@ def run_variant(prefix: str, layout: str, overrides: list[str]) -> dict[str, Any
     batches = data_iterator(parts.cfg, parts.dataset, parts.place, consumed_samples=0)
     train_step = TrainStep.build(parts, batches, faults.NO_DRILLS)
     grads: list[dict[str, torch.Tensor]] = []
+    true_norms: list[float] = []
     step_optimizer = step_module.optimizer_step
 
     def snapshot_then_step(parts: Any) -> tuple[float, bool]:
         grads.append(reduced_grads(parts.model))
+        true_norms.append(true_grad_norm(parts.model, grads[-1]))
         return step_optimizer(parts)
 
     step_module.optimizer_step = snapshot_then_step
@@ -151,6 +176,7 @@ def run_variant(prefix: str, layout: str, overrides: list[str]) -> dict[str, Any
         step_module.optimizer_step = step_optimizer
     finish_param_sync(parts.model)
     record["grads"] = grads
+    record["true_grad_norms"] = true_norms
     record["params"] = {
         name: p.detach().float().clone() for name, p in parts.model.module.named_parameters()
     }
@@ -183,10 +209,7 @@ def compare_variants(prefix: str, layout: str) -> dict[str, Any]:
                 relative_error(g, r) for g, r in zip(record["grads"], ref["grads"], strict=True)
             ],
             "param_err": relative_error(record["params"], ref["params"]),
-            "snapshot_norms": [
-                float(torch.stack([(g.double() ** 2).sum() for g in grads.values()]).sum().sqrt())
-                for grads in record["grads"]
-            ],
+            "true_grad_norms": record["true_grad_norms"],
         }
         if name.endswith("-bf16"):  # and against the same variant in fp32
             fp32 = kept[name.replace("-bf16", "-fp32")]

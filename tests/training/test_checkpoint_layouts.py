@@ -23,7 +23,9 @@ from tests.launch import run_torchrun
 from .runs import train_in_process
 
 LOSS_ATOL = 1e-5
-GRAD_RTOL = 1e-4
+# Seen within 1.2e-6 (a TP = 2 resume of a converted checkpoint, step 3), 1.1e-7 elsewhere. It was 1e-4
+# with 6.7e-5 seen, before the CPU gradient norm was summed in float64 (docs/megatron-compat.md).
+GRAD_RTOL = 1e-5
 # Fixed B = 2 (both loss terms live, tokens masked from step 1), λ = 0.5.
 COMPARE = ["--curriculum.start_block_size=2", "--curriculum.target_block_size=2"]
 FULLY = "--checkpoint.optimizer_sharding=fully_reshardable"

@@ -63,8 +63,10 @@ def _assert_match(records: list[dict], reference: list[dict], what: str) -> None
     for mine, ref in zip(records, reference):
         for key in ("loss", "mdm", "ar"):
             assert mine[key] == pytest.approx(ref[key], abs=1e-5), (what, mine["step"], key)
-        # The gradient norm sums squares over ranks in another order: ~1e-5 relative apart in fp32.
-        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), (what, mine["step"])
+        # The gradient norm of another layout's fp32 sums: seen within 1.2e-7 relative. (It was 1e-4,
+        # and 7.4e-5 was seen: the CPU norm was fp32 torch.norm, low by an amount that depends on how
+        # long each gradient shard is; megatron_compat.multi_tensor_l2_norm_float64.)
+        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6), (what, mine["step"])
 
 
 def _two_ranks(
