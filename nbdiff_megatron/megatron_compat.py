@@ -34,8 +34,9 @@ names to megatron-core's optimizer type checks. With them the CPU runs megatron-
 the distributed optimizer on gloo, its gradient clipping, bf16 (docs/GPU.md lists what stays GPU-only).
 `patch_local_torch_norm()` is not a CUDA stand-in: the local spec's torch norms get sequence parallelism
 and the training dtype on every device. Nor is `multi_tensor_l2_norm_float64`: megatron-core's CPU
-fallback for the gradient norm sums fp32 `torch.norm`s, which come out low on long tensors on a CPU. What is not made to work (GPU-only paths, tested on a GPU
-machine): Transformer Engine, apex, fused kernels, CUDA graphs.
+fallback for the gradient norm sums fp32 `torch.norm`s, which come out low on long tensors on a CPU.
+What is not made to work (GPU-only paths, tested on a GPU machine): Transformer Engine, apex, fused
+kernels, CUDA graphs.
 
 megatron-core itself is imported only inside the functions that patch it (`_module`): installing the
 warning policy and the import hook must come before megatron-core's first import.
