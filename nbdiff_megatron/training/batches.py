@@ -7,19 +7,18 @@ any DP size and micro-batch size (the run's loss curve does not depend on the la
 denominators (loss tokens, AR targets) of the global batch are summed over micro-batches and DP ranks
 before the forward (`global_denominators`), so that each micro-batch's loss is its exact share of the
 global loss (method/losses.py).
-
-`model/builder.py` (which imports megatron-core) and megatron-core itself are imported inside the
-functions that use them (start-up time: tests and tools use the noise functions alone).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from nbdiff_megatron.method.losses import loss_token_counts
 from nbdiff_megatron.method.masks import annealed_draw, document_positions, training_position_ids
@@ -30,13 +29,9 @@ from nbdiff_megatron.method.noise import (
     per_token_t,
     sample_t,
 )
+from nbdiff_megatron.model.builder import ModelInputs, ar_model_inputs, nbdiff_model_inputs
 from nbdiff_megatron.training.config import TrainConfig
 from nbdiff_megatron.training.setup import Batch, Components
-
-if TYPE_CHECKING:  # a type only: model/builder.py imports megatron-core
-    from collections.abc import Iterator
-
-    from nbdiff_megatron.model.builder import ModelInputs
 
 NOISE_STREAM_SAMPLE = 0
 """`noise_seed` stream of a sample's own draws: its t (unless antithetic), token mask, annealed mask."""
@@ -221,8 +216,6 @@ def micro_batches(
 
 def micro_batch(parts: Components, batch: Batch, step: int, mb: int, block_size: int) -> MicroBatch:
     """Micro-batch `mb` of this DP rank at `step`: noised (NBDiff) or x_0 alone (the AR objective)."""
-    from nbdiff_megatron.model.builder import nbdiff_model_inputs
-
     cfg, place = parts.cfg, parts.place
     if parts.objective == "ar":
         return _ar_micro_batch(parts, batch)
@@ -258,8 +251,6 @@ def micro_batch(parts: Components, batch: Batch, step: int, mb: int, block_size:
 def _ar_micro_batch(parts: Components, batch: Batch) -> MicroBatch:
     """A micro-batch of the AR objective: a causal forward on x_0, scored as the x_0 rows of the
     x_t ⊕ x_0 layout (nothing masked), so the loss is exactly the NBDiff step's L_AR term."""
-    from nbdiff_megatron.model.builder import ar_model_inputs
-
     device = parts.place.device
     x0, doc_ids, loss_mask = (batch[k].to(device) for k in ("tokens", "doc_ids", "loss_mask"))
     length = x0.shape[1]
@@ -282,8 +273,6 @@ def global_denominators(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss tokens and AR targets of the global batch: full micro-batches, summed over DP ranks only
     (the CP ranks of a DP rank hold the same micro-batches)."""
-    from megatron.core import parallel_state as ps
-
     totals = torch.zeros(2, dtype=torch.float64, device=parts.place.device)
     for mb in mbs:
         mdm, ar = loss_token_counts(mb.x0, loss_mask=mb.loss_mask, doc_ids=mb.doc_ids)

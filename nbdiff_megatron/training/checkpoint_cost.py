@@ -1,12 +1,12 @@
 """What a checkpoint of a config weighs and what a save costs in training time (`nbdiff plan`'s lines).
 
-Sizes from the model's shapes (training/plan.py `parameter_counts`): the weights in the training precision
-(bf16: 2 bytes, fp32: 4), the optimizer state as megatron-core writes it (the distributed optimizer or
-bf16 training: fp32 main weights + two Adam moments = 12 bytes per parameter; the plain fp32 optimizer: the
-two moments = 8). The save time is the checkpoint over an aggregate file-system write bandwidth that the
-lines state (`FS_WRITE_GBPS`); a synchronous save stops training for all of it, an asynchronous one
-(checkpoint.async_save, docs/checkpoints.md) only for the copy of each rank's shard to host memory
-(`HOST_COPY_GBPS`, on GPU) before the write goes on in the background.
+Sizes from the model's shapes (`parameter_counts`, which plan.py's memory and FLOPs use too): the weights
+in the training precision (bf16: 2 bytes, fp32: 4), the optimizer state as megatron-core writes it (the
+distributed optimizer or bf16 training: fp32 main weights + two Adam moments = 12 bytes per parameter;
+the plain fp32 optimizer: the two moments = 8). The save time is the checkpoint over an aggregate
+file-system write bandwidth that the lines state (`FS_WRITE_GBPS`); a synchronous save stops training for
+all of it, an asynchronous one (checkpoint.async_save, docs/checkpoints.md) only for the copy of each
+rank's shard to host memory (`HOST_COPY_GBPS`, on GPU) before the write goes on in the background.
 """
 
 from __future__ import annotations
@@ -40,10 +40,23 @@ class CheckpointCost:
         return self.total_bytes / self.ranks / (host_gbps * 1e9)
 
 
+def parameter_counts(cfg: TrainConfig, tp: int = 1) -> tuple[int, int]:
+    """(parameters of one transformer layer, of the embedding table) before TP splitting."""
+    m = cfg.model
+    d, nq, nkv = m.head_dim, m.num_attention_heads, m.query_groups
+    layer = (
+        m.hidden_size * (nq + 2 * nkv) * d
+        + nq * d * m.hidden_size
+        + 3 * m.hidden_size * m.ffn_hidden_size
+        + 2 * m.hidden_size
+        + (2 * d if m.qk_layernorm else 0)
+        + ((nq + 2 * nkv) * d if m.add_qkv_bias else 0)
+    )
+    return layer, m.padded_vocab_size(tp) * m.hidden_size
+
+
 def checkpoint_cost(cfg: TrainConfig) -> CheckpointCost:
     """Bytes of one checkpoint of `cfg` (weights, optimizer state) and the ranks that write it."""
-    from nbdiff_megatron.training.plan import parameter_counts
-
     m = cfg.model
     layer, embedding = parameter_counts(cfg)
     params = m.num_layers * layer + embedding * (1 if m.tie_embeddings else 2) + m.hidden_size

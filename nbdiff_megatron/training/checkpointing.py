@@ -14,9 +14,11 @@ last healthy one).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.distributed.data_parallel_base import _BaseDataParallel
 
 from nbdiff_megatron.checkpoint import mcore_io
 from nbdiff_megatron.checkpoint.dist import (
@@ -50,6 +57,12 @@ from nbdiff_megatron.checkpoint.dist import (
 )
 from nbdiff_megatron.errors import CheckpointError, checkpoint_read_errors
 from nbdiff_megatron.training import faults
+from nbdiff_megatron.training.run_identity import check_resume
+
+try:
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+except ImportError:  # megatron-core < 0.19 pairs saved and current param groups by position itself
+    param_group_identifier_keys = None
 
 ANOMALOUS_DIR = "anomalous"
 CORRUPT_DIR = "corrupt"
@@ -224,8 +237,6 @@ def go_back_to(save: Path, load: str | None) -> list[str]:
 
     Once only: rewound.json remembers N, so a requeue of the same command continues from what the
     run wrote after going back (docs/resume.md)."""
-    import json
-
     step = _own_checkpoint_step(save, load)
     if step is None:
         return []
@@ -294,8 +305,6 @@ def check_start(plan: StartPlan, identity: dict[str, Any], config: dict[str, Any
     """Compare the checkpoint a start loads with its config (run_identity.check_resume): raise
     CheckpointError for a change of the model or the data position's meaning, else return the
     allowed changes. Converted weights (no train_state) are checked by the converter instead."""
-    from nbdiff_megatron.training.run_identity import check_resume
-
     if plan.path is None:
         return []
     try:
@@ -313,8 +322,6 @@ def check_start(plan: StartPlan, identity: dict[str, Any], config: dict[str, Any
 
 
 def _rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -326,8 +333,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -338,8 +343,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def layout() -> dict[str, int]:
     """This process's parallel layout (sizes and ranks), as stored with a checkpoint."""
-    from megatron.core import parallel_state as ps
-
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -349,9 +352,6 @@ def layout() -> dict[str, int]:
 
 
 def _rng_sharded_object(state: dict[str, Any] | None):
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     shape = (
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
@@ -372,8 +372,6 @@ def _rng_sharded_object(state: dict[str, Any] | None):
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The megatron model inside DDP wrappers (whose own state-dict keys carry a `module.` prefix)."""
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
-
     while isinstance(chunk, _BaseDataParallel):
         chunk = chunk.module
     return chunk
@@ -471,9 +469,7 @@ def _pair_saved_param_groups_by_position(optimizer: Any, saved: Any) -> None:
     learning rate of every step comes from the schedule anyway (_set_lr). No-op on megatron-core
     versions without that pairing, and where the group counts differ (megatron-core then reports it).
     """
-    try:
-        from megatron.core.optimizer.optimizer import param_group_identifier_keys
-    except ImportError:  # megatron-core < 0.19 pairs the groups by position itself
+    if param_group_identifier_keys is None:  # megatron-core < 0.19 pairs them by position itself
         return
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
     if len(opts) == 1:
@@ -706,8 +702,6 @@ def check_free_space(save: str | Path, num_params: int, precision: str) -> None:
 def _dp_group(fully_parallel: bool) -> Any:
     """The group a fully parallel save / load spreads its reads and writes over (data-parallel with
     context parallelism, as Megatron-LM), or None when off or there is nothing to spread."""
-    from megatron.core import parallel_state as ps
-
     if not fully_parallel or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
         return None
     return ps.get_data_parallel_group(with_context_parallel=True)
@@ -748,8 +742,6 @@ def set_aside(save_dir: str | Path, steps: list[int], healthy: int | None) -> li
 
 def read_completion_marker(save_dir: str | Path | None) -> dict[str, Any] | None:
     """The COMPLETE marker of a save directory (JSON with at least `step`), or None."""
-    import json
-
     if not save_dir:
         return None
     path = Path(save_dir) / COMPLETE_FILE
@@ -762,9 +754,6 @@ def read_completion_marker(save_dir: str | Path | None) -> dict[str, Any] | None
 
 def write_completion_marker(save_dir: str | Path, step: int, extra: dict[str, Any]) -> Path:
     """Write <save>/COMPLETE (atomically): the run reached its last step `step`. Rank 0 only."""
-    import json
-    import time
-
     save_dir = Path(save_dir)
     marker = {"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     tmp = save_dir / f"{TMP_PREFIX}{COMPLETE_FILE}"
@@ -798,9 +787,6 @@ def load_checkpoint(
     Raises CheckpointError with the path and the fix when the checkpoint is missing, corrupt or does
     not match the model.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     ckpt = find_checkpoint(path)
     try:
         info = read_checkpoint_info(ckpt)

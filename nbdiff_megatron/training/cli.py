@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+
+import torch
+
+from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.model.parallel import destroy_parallel
+from nbdiff_megatron.training.config import (
+    TrainConfig,
+    check_launch,
+    check_world_size,
+    dump_config,
+    load_config,
+)
 
 # Unknown `--a.b=value` arguments are handed to `run` as config overrides (see nbdiff_megatron/cli.py).
 ACCEPTS_OVERRIDES = True
@@ -73,18 +86,13 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _check_launch_early(cfg) -> None:
+def _check_launch_early(cfg: TrainConfig) -> None:
     """A layout that does not match the launched processes fails here, before megatron-core is
     imported (seconds per process); then with every launch problem, as `train` reports them."""
-    from nbdiff_megatron.errors import ConfigError
-    from nbdiff_megatron.training.config import check_launch, check_world_size
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         check_world_size(cfg, world)
     except ConfigError:
-        import torch
-
         check_launch(cfg, world, torch.cuda.is_available())
         raise
 
@@ -102,8 +110,6 @@ def _say(text: str, *, stderr: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nbdiff_megatron.training.config import dump_config, load_config
-
     notes: list[str] = []
     cfg = load_config(
         args.config, overrides_from_args(args), model_file=args.model_config, notes=notes
@@ -117,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.checkpoint.save or "")
         return 0
     _check_launch_early(cfg)
-    from nbdiff_megatron.model.parallel import destroy_parallel
+    # lazy: training.loop imports megatron-core (seconds); --print-config, --print-save-dir and a
+    # launch error answer without it
     from nbdiff_megatron.training.loop import train
 
     if not cfg.checkpoint.save:
@@ -137,8 +144,6 @@ def launch_command(argv: list[str] | None) -> str | None:
     Under torchrun the launcher's own flags are rebuilt from its environment (processes per node,
     nodes); the rendezvous flags of a multi-node launch are the user's own and shown as `...`.
     """
-    import shlex
-
     if argv is None:
         return None
     train_args = shlex.join(["train", *argv])

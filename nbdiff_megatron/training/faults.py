@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import signal
@@ -39,6 +40,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
+
+from nbdiff_megatron import megatron_compat
 from nbdiff_megatron.errors import NBDiffError
 
 if TYPE_CHECKING:  # a type only: the SLURM supervisor (training/cluster.py) imports this module and
@@ -421,13 +426,8 @@ def any_rank_true(flag: bool) -> bool:
 
 def any_rank_true_each(*flags: bool) -> tuple[bool, ...]:
     """`any_rank_true` of several flags in one all-reduce."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tuple(bool(f) for f in flags)
-    from nbdiff_megatron import megatron_compat
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     with megatron_compat.cuda_to_cpu():
@@ -520,8 +520,6 @@ def children_die_with_this_process() -> None:
     global _DEATHSIG_ARMED
     if _DEATHSIG_ARMED or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):

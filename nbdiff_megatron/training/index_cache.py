@@ -16,7 +16,9 @@ import argparse
 import os
 import time
 
+from nbdiff_megatron.data.datasets import index_cache_dir
 from nbdiff_megatron.training.cli import add_config_arguments
+from nbdiff_megatron.training.config import load_config
 
 # Unknown `--a.b=value` arguments are handed to `run` as config overrides (see nbdiff_megatron/cli.py).
 ACCEPTS_OVERRIDES = True
@@ -41,11 +43,9 @@ def _cache_files(cache_dir: str) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nbdiff_megatron.data.datasets import index_cache_dir
-    from nbdiff_megatron.training.config import load_config
-
     # The training set-up's own tokenizer loading and dataset construction (so that the sample
-    # counts, and so the cache key, are those of `nbdiff train` by construction).
+    # counts, and so the cache key, are those of `nbdiff train` by construction). Lazy: it imports
+    # megatron-core, and `nbdiff build-index --help` must not.
     from nbdiff_megatron.training.setup import build_dataset, load_run_tokenizer
 
     overrides = list(getattr(args, "overrides", None) or [])

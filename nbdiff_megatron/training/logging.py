@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from nbdiff_megatron.errors import ConfigError
+
 # Peak dense bf16 TFLOP/s per GPU, for the MFU estimate when logging.peak_tflops is not set.
 _PEAK_TFLOPS = {
     "H200": 989.0,
@@ -31,8 +36,6 @@ _PEAK_TFLOPS = {
 
 def guess_peak_tflops() -> float | None:
     """Peak bf16 TFLOP/s of this machine's GPU (None on CPU or for an unknown GPU)."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name().upper()
@@ -146,6 +149,7 @@ class RunLogger:
             truncate_metrics(self.metrics_path, start_step)
         if tensorboard_dir:
             try:
+                # may be missing (handled below); only a run with a tensorboard_dir imports it
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step + 1)
@@ -166,8 +170,6 @@ class RunLogger:
             self.wandb.config.update(meta, allow_val_change=True)
 
     def _open_bar(self) -> None:
-        from tqdm.auto import tqdm
-
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes), lines only.
         self.bar = tqdm(
             total=self.total_steps,
@@ -282,10 +284,8 @@ def open_wandb(
     "allow"). Offline mode writes under `directory` for a later `wandb sync` (no network needed).
     """
     try:
-        import wandb
+        import wandb  # optional dependency (the `wandb` extra): only asked for by logging.wandb_project
     except ImportError:
-        from nbdiff_megatron.errors import ConfigError
-
         raise ConfigError(
             f"logging.wandb_project={project!r} needs the optional `wandb` package: "
             "pip install wandb (or drop logging.wandb_project)"

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdiff_megatron.errors import ConfigError
-from nbdiff_megatron.training.checkpoint_cost import checkpoint_lines
+from nbdiff_megatron.training.checkpoint_cost import checkpoint_lines, parameter_counts
 from nbdiff_megatron.training.cli import add_config_arguments
 from nbdiff_megatron.training.config import (
     TrainConfig,
@@ -94,21 +94,6 @@ class Memory:
 
 def _vocab(cfg: TrainConfig) -> int:
     return cfg.model.vocab_size or 32_000
-
-
-def parameter_counts(cfg: TrainConfig, tp: int = 1) -> tuple[int, int]:
-    """(parameters of one transformer layer, of the embedding table) before TP splitting."""
-    m = cfg.model
-    d, nq, nkv = m.head_dim, m.num_attention_heads, m.query_groups
-    layer = (
-        m.hidden_size * (nq + 2 * nkv) * d
-        + nq * d * m.hidden_size
-        + 3 * m.hidden_size * m.ffn_hidden_size
-        + 2 * m.hidden_size
-        + (2 * d if m.qk_layernorm else 0)
-        + ((nq + 2 * nkv) * d if m.add_qkv_bias else 0)
-    )
-    return layer, m.padded_vocab_size(tp) * m.hidden_size
 
 
 def _layer_bytes_per_token(cfg: TrainConfig, lay: Layout, seq: int, dtype_bytes: int) -> float:

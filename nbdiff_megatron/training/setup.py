@@ -9,10 +9,6 @@ step, the checkpoints and the reports need of the run's layout is in its `Placem
 The same code runs on CPU and GPU: megatron-core's DDP and distributed optimizer run on gloo on a CPU,
 with `megatron_compat.py` mapping their CUDA assumptions (docs/GPU.md lists what stays
 device-specific).
-
-megatron-core, and `model/builder.py` and `model/context_parallel.py` which import it, are imported
-inside the functions that use them: a module that imports this one for a helper (`nbdiff
-build-index`) does not pay megatron-core's import (seconds, docs/megatron-compat.md).
 """
 
 from __future__ import annotations
@@ -21,10 +17,17 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from nbdiff_megatron import megatron_compat
 from nbdiff_megatron.data.config import parse_blend
@@ -32,16 +35,12 @@ from nbdiff_megatron.data.datasets import build_datasets
 from nbdiff_megatron.data.loader import build_dataloader
 from nbdiff_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from nbdiff_megatron.errors import ConfigError, DataError
+from nbdiff_megatron.model.builder import build_model
 from nbdiff_megatron.model.config import ModelConfig
+from nbdiff_megatron.model.context_parallel import ContextParallelLayout
 from nbdiff_megatron.model.parallel import initialize_parallel
 from nbdiff_megatron.training import checkpointing
 from nbdiff_megatron.training.config import TrainConfig, check_launch
-
-if TYPE_CHECKING:  # types only: their modules import megatron-core (see the module docstring)
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.optimizer import MegatronOptimizer
-
-    from nbdiff_megatron.model.context_parallel import ContextParallelLayout
 
 OBJECTIVES = ("nbdiff", "ar")
 """What a training step optimises: the NBDiff loss on x_t ⊕ x_0, or next-token CE on x_0 alone."""
@@ -135,9 +134,6 @@ class Components:
 def build_components(cfg: TrainConfig, objective: str) -> Components:
     """Start the process group and build model, DDP, optimizer and data, in the order every rank runs
     their collectives. Raises ConfigError for a launch or vocabulary that does not fit the config."""
-    from nbdiff_megatron.model.builder import build_model
-    from nbdiff_megatron.model.context_parallel import ContextParallelLayout
-
     world, dp = init_distributed(cfg)  # checks the launch first: all its problems at once
     precision = resolve_precision(cfg)
     tokenizer = load_run_tokenizer(cfg)
@@ -174,8 +170,6 @@ def build_components(cfg: TrainConfig, objective: str) -> Components:
 
 
 def _placement(world: int, dp: int) -> Placement:
-    from megatron.core import parallel_state as ps
-
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -233,12 +227,6 @@ def resolve_mask_id(cfg: TrainConfig, tokenizer: Tokenizer) -> int:
 
 def wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
     """megatron-core's DDP around `model` (gradients reduced in fp32, overlap as configured)."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
     par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -258,8 +246,6 @@ def build_optimizer(
     model: DistributedDataParallel, cfg: TrainConfig, precision: str
 ) -> MegatronOptimizer:
     """megatron-core's Adam (distributed when parallel.distributed_optimizer) with its clipping."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     opt = cfg.optimizer
     ocfg = OptimizerConfig(
         optimizer="adam",
@@ -335,9 +321,6 @@ def count_params(model: torch.nn.Module) -> int:
     tied output layer -- a copy of the word embeddings that megatron-core keeps on the last pipeline
     stage when pp > 1 (`shared_embedding`) -- counts once, with the embeddings of the first stage.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
     first_stage = ps.is_pipeline_first_stage(ignore_virtual=True)
     local = 0
     for p in model.parameters():

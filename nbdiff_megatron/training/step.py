@@ -21,9 +21,6 @@ The AR objective (`Components.objective == "ar"`) runs the same steps as a plain
 forward is over the L tokens of x_0 with the causal mask, and the loss is L_AR alone (`nbdiff_loss`
 scoring only the x_0 rows: the same targets, document boundaries and loss mask as the NBDiff step's
 AR term).
-
-megatron-core and `model/context_parallel.py` (which imports it) are imported inside the functions
-that use them (start-up time of modules that import this one without training).
 """
 
 from __future__ import annotations
@@ -32,24 +29,24 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nbdiff_megatron import megatron_compat
 from nbdiff_megatron.kernels import nbdiff_linear_loss
 from nbdiff_megatron.method.losses import nbdiff_loss
+from nbdiff_megatron.model.context_parallel import ContextParallelLayout, cp_local_loss
 from nbdiff_megatron.training import faults
 from nbdiff_megatron.training.batches import MicroBatch, global_denominators, micro_batches
 from nbdiff_megatron.training.config import TrainConfig
 from nbdiff_megatron.training.setup import Batch, Components
-
-if TYPE_CHECKING:  # types only: their modules import megatron-core
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.optimizer import MegatronOptimizer
-
-    from nbdiff_megatron.model.context_parallel import ContextParallelLayout
 
 ForwardBackward = Callable[..., list[dict[str, torch.Tensor]]]
 """megatron-core's `get_forward_backward_func()`: the schedule of the micro-batches' passes."""
@@ -113,8 +110,6 @@ class TrainStep:
 
     @classmethod
     def build(cls, parts: Components, batches: Iterator[Batch], drills: faults.Drills) -> TrainStep:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         return cls(parts, batches, drills, get_forward_backward_func(), fused_loss(parts.cfg))
 
     def __call__(self, step: int) -> StepOutcome:
@@ -187,8 +182,6 @@ def loss_func(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """megatron-core's loss contract: the micro-batch's share of the global loss, and [total, mdm,
     ar] to report."""
-    from nbdiff_megatron.model.context_parallel import cp_local_loss
-
     s = settings
     common: dict[str, Any] = dict(
         ar_weight=s.ar_weight,
@@ -265,8 +258,6 @@ def fused_loss(cfg: TrainConfig) -> FusedLoss | None:
     """The fused loss's layout on this rank (None with loss.fused off: the reference loss)."""
     if not cfg.loss.fused:
         return None
-    from megatron.core import parallel_state as ps
-
     tp = ps.get_tensor_model_parallel_world_size()
     return FusedLoss(
         tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
@@ -278,8 +269,6 @@ def fused_loss(cfg: TrainConfig) -> FusedLoss | None:
 
 def reduce_terms(parts: Components, losses: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """[total, mdm, ar] of the global batch, identical on every rank."""
-    from megatron.core import parallel_state as ps
-
     terms = torch.zeros(3, dtype=torch.float32, device=parts.place.device)
     for item in losses:
         terms += item["terms"].to(parts.place.device)
@@ -323,8 +312,6 @@ def optimizer_step(parts: Components) -> tuple[float, bool]:
 
 def clip_grads(optimizer: MegatronOptimizer, max_norm: float, grad_norm: float) -> None:
     """Megatron's clipping with the global norm already computed (as ChainedOptimizer.step does)."""
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
         if params:
