@@ -603,7 +603,7 @@ def sentence_splitter(split_sentences: bool, keep_newlines: bool, lang: str) -> 
     if not split_sentences:
         return None
     try:
-        # optional (the dev extra): only --split-sentences needs nltk
+        # optional (the `preprocess` extra): only --split-sentences needs nltk
         from nltk.tokenize import punkt
     except ImportError as exc:
         raise ConfigError(
