@@ -21,6 +21,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+import torch
 import yaml
 
 from nbdiff_megatron.errors import ConfigError
@@ -119,8 +120,6 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     if getattr(tp, "__module__", "") == "torch" and isinstance(value, str):  # torch.dtype fields
-        import torch  # only for a dtype field: reading a config (`nbdiff plan`) needs no torch
-
         dtype = getattr(torch, value.replace("torch.", ""), None)
         if isinstance(dtype, torch.dtype):
             return dtype

@@ -11,6 +11,10 @@ Layout of a save directory:
     <save>/latest             the step of the newest complete checkpoint (text)
     <save>/.tmp_iter_0000200/ a save in progress: renamed to iter_0000200 only once complete
     <save>/COMPLETE           written when the run reached train.steps (JSON: step, time, job)
+
+megatron-core is imported inside the functions that use it: `nbdiff convert --help` imports this module
+(through convert.mcore_to_hf and checkpoint.mcore_io) and must not load megatron-core
+(docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def barrier() -> None:
 
 def is_complete_checkpoint(path: str | Path) -> bool:
     """True if `path` is a finished dist_checkpointing directory (its metadata.json is readable)."""
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
 
     path = Path(path)
@@ -175,6 +180,7 @@ def _write_results_queue(asynchronous: bool) -> None:
     asynchronous one writes from a forked child: a fork-context queue, created here before the fork.
     """
     try:
+        # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:  # another megatron-core layout: keep its own queue
         return
@@ -196,6 +202,7 @@ class AsyncWriter:
     worker that needs CUDA). All ranks call every method, at the same points of the run."""
 
     def __init__(self) -> None:
+        # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._calls = AsyncCallsQueue(persistent=False)
@@ -234,6 +241,7 @@ def write_dist_checkpoint(
     parallel strategy spreads the writes of replicated tensors over its ranks (otherwise the first
     replica writes them all). CUDA device arguments are mapped to the CPU on a CPU.
     """
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
@@ -267,6 +275,7 @@ def load_strategy(ckpt: str | Path, parallel_group: Any = None) -> Any:
     exchanged); None (= megatron-core's default) without a group."""
     if parallel_group is None:
         return None
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelLoadStrategyWrapper,
@@ -288,6 +297,7 @@ def damaged_shard_files(ckpt: Path, metadata: Any = None) -> list[Path]:
     (a save that did not finish, an incomplete copy); [] when the index itself is unreadable."""
     try:
         if metadata is None:
+            # lazy: torch.distributed.checkpoint takes ~0.8 s to import; convert --help imports dist.py
             from torch.distributed.checkpoint import FileSystemReader
 
             metadata = FileSystemReader(str(ckpt)).read_metadata()
@@ -317,6 +327,7 @@ def truncated_message(damaged: list[Path]) -> str:
 def read_common_state(ckpt: str | Path) -> dict[str, Any]:
     """The common (non-tensor) state of a dist checkpoint; CheckpointError naming the damaged file
     when a shard is truncated (megatron-core >= 0.19 keeps the common state in the shards)."""
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import dist_checkpointing
 
     try:

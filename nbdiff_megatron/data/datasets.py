@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from nbdiff_megatron.data.config import DataConfig, parse_blend
+from nbdiff_megatron.data.preprocess import read_sidecar
+from nbdiff_megatron.data.sft import build_sft_datasets
 from nbdiff_megatron.data.tokenizer import (
     MegatronTokenizerAdapter,
     Tokenizer,
@@ -105,8 +107,6 @@ def build_datasets(
     config.validate()
     seed = config.seed if seed is None else seed
     if config.mode == "sft":
-        from nbdiff_megatron.data.sft import build_sft_datasets
-
         return build_sft_datasets(config, seq_length, tokenizer, num_samples, seed)
     return _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed)
 
@@ -155,6 +155,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
     (a truncated copy, an index of other data) or holds token ids outside the vocabulary (data
     made with another tokenizer, e.g. by Megatron-LM without our sidecar). Checked before training:
     otherwise a negative offset or an embedding IndexError would stop the run much later."""
+    # lazy: megatron_io imports megatron-core; `nbdiff ablate --help` imports this module
     from nbdiff_megatron.data import megatron_io
 
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
@@ -188,8 +189,8 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
 
 
 def _build_pretrain_datasets(config, seq_length, tokenizer, num_samples, seed):
+    # lazy: megatron_io imports megatron-core; `nbdiff ablate --help` imports this module
     from nbdiff_megatron.data import megatron_io
-    from nbdiff_megatron.data.preprocess import read_sidecar
 
     prefixes, weights = parse_blend(config.data_path)
     for prefix in prefixes:

@@ -36,6 +36,7 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from nbdiff_megatron.data.readers import (
     DEFAULT_MAX_LINE_BYTES,
@@ -374,6 +375,7 @@ def preprocess(
     tokenizer_options: dict[str, Any] | None = None,
 ) -> PreprocessSummary:
     """Tokenize `inputs` into one megatron-core indexed dataset per json key (see module doc)."""
+    # lazy: megatron_io imports megatron-core; `nbdiff preprocess --help` imports this module
     from nbdiff_megatron.data import megatron_io
 
     json_keys = list(json_keys)
@@ -563,8 +565,6 @@ class _ProgressBar:
         self._interval = max(1, log_interval)
         self._t0 = time.perf_counter()
         if enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(unit="doc", desc="preprocess", file=sys.stderr, mininterval=0.5)
 
     def update(self, docs: int, tokens: int) -> None:
@@ -603,6 +603,7 @@ def sentence_splitter(split_sentences: bool, keep_newlines: bool, lang: str) -> 
     if not split_sentences:
         return None
     try:
+        # optional (the `preprocess` extra): only --split-sentences needs nltk
         from nltk.tokenize import punkt
     except ImportError as exc:
         raise ConfigError(

@@ -199,6 +199,7 @@ def _iter_jsonl(path: str, max_line_bytes: int) -> Iterator[RawRecord | Problem]
 
 
 def _iter_parquet(path: str, json_keys: list[str]) -> Iterator[RawRecord | Problem]:
+    # lazy: pyarrow takes ~0.3 s to import, and only parquet inputs need it
     import pyarrow.parquet as pq
 
     try:

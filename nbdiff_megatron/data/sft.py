@@ -270,6 +270,7 @@ class ChatFormatter:
 
 
 def _compile_chat_template(source: str):
+    # lazy: only a tokenizer's own (jinja) chat template needs jinja2
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

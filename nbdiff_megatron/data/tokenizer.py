@@ -353,7 +353,8 @@ class NullTokenizer(Tokenizer):
 
 def _backend_from_transformers(path: str):
     """A folder without tokenizer.json: let transformers build the fast tokenizer (offline)."""
-    try:  # lazy: transformers costs seconds at import, and only this fallback needs it
+    try:
+        # lazy: transformers costs seconds at import, and only this fallback needs it
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -28,6 +28,7 @@ import inspect
 import math
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from nbdiff_megatron.errors import ConfigError, NBDiffError
@@ -164,7 +166,7 @@ class FlexRecompileLimitError(NBDiffError, RuntimeError):
 
 def _recompile_limit_errors() -> tuple[type[BaseException], ...]:
     """What torch raises past a fullgraph function's recompile limit (named differently before 2.6)."""
-    from torch._dynamo import exc  # lazily: a seconds-long import, needed on the flex path only
+    from torch._dynamo import exc  # lazy: TorchDynamo imports in ~0.5 s; only flex needs it
 
     found = (
         getattr(exc, "FailOnRecompileLimitHit", None),
@@ -223,7 +225,7 @@ class CompiledFlex:
     def _limit_scope(self) -> Any:
         if not self._per_call_limit:
             return contextlib.nullcontext()
-        from torch._dynamo import config
+        from torch._dynamo import config  # lazy: TorchDynamo imports in ~0.5 s; only flex needs it
 
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         return config.patch(**{name: self.recompile_limit})
@@ -301,8 +303,6 @@ class BlockMaskCache:
 
     def get(self, key: tuple, build: Callable[[], Any]) -> Any:
         """The cached mask for `key`, built with `build()` on a miss."""
-        import time
-
         with self._lock:
             if key in self._entries:
                 self.hits += 1
@@ -500,8 +500,6 @@ class NBDiffAttention(MegatronModule):
     def _context_parallel_group(self) -> Any:
         if self._cp_group is not None:
             return self._cp_group
-        from megatron.core import parallel_state
-
         return parallel_state.get_context_parallel_group()
 
     def _dropout(self) -> float:
@@ -537,8 +535,6 @@ class NBDiffAttention(MegatronModule):
             allowed = allowed.to(q.device)
         dropout = self._dropout()
         if dropout > 0.0:
-            from megatron.core import tensor_parallel
-
             # Heads are split across TP ranks: draw dropout from the model-parallel RNG stream.
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return F.scaled_dot_product_attention(

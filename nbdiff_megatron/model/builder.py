@@ -29,9 +29,12 @@ from __future__ import annotations
 import inspect
 from typing import Any, NamedTuple
 
+import megatron.core
 import torch
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from nbdiff_megatron.errors import ConfigError
 from nbdiff_megatron.megatron_compat import apply_cpu_patches, cuda_to_cpu
@@ -55,6 +58,8 @@ from nbdiff_megatron.model.context_parallel import (
     local_flex_mask,
     shard_model_inputs,
 )
+from nbdiff_megatron.model.parallel import initialize_parallel
+from nbdiff_megatron.model.recompute import allow_object_arguments
 from nbdiff_megatron.model.spec import (
     nbdiff_block_spec,
     nbdiff_layer_spec,
@@ -161,8 +166,6 @@ class NBDiffGPTModel(GPTModel):
 
     def _real_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Drop (gathered) or neutralise (vocab-parallel) the padded vocabulary columns."""
-        from megatron.core import parallel_state
-
         width = logits.shape[-1]
         padded = self.vocab_size
         if width == padded:
@@ -179,8 +182,6 @@ class NBDiffGPTModel(GPTModel):
 
 # ------------------------------------------------------------------------------- build
 def _parallel_sizes() -> tuple[int, int, int]:
-    from megatron.core import parallel_state
-
     return (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
@@ -192,8 +193,6 @@ def model_process_groups() -> Any:
     """The process groups the model is built for, passed explicitly (megatron-core is making them
     mandatory): parallel_state's groups, the collection GPTModel would otherwise build itself
     (0.16.1 and 0.19.2), so the model and its layers are the same either way."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
@@ -222,8 +221,6 @@ def _filtered_kwargs(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     lost = sorted(k for k, v in kwargs.items() if k not in params and not _droppable(k, v))
     if lost:
-        import megatron.core
-
         raise ConfigError(
             f"the installed megatron-core ({getattr(megatron.core, '__version__', '?')}) GPTModel "
             f"does not accept {', '.join(lost)}, which this model config sets "
@@ -286,12 +283,8 @@ def build_model(
     megatron's sequence parallelism (with TP > 1): activations outside the TP regions, and the hidden
     states `return_hidden` gives, are then the rank's `[b, s / tp, h]` sequence shard.
     """
-    from megatron.core import parallel_state, tensor_parallel
-
     apply_cpu_patches()
     if not parallel_state.model_parallel_is_initialized():
-        from nbdiff_megatron.model.parallel import initialize_parallel
-
         initialize_parallel(1, 1, 1)
     tp, pp, cp = _parallel_sizes()
     cfg.validate(tp=tp, pp=pp, cp=cp, block_size=block_size)
@@ -302,8 +295,6 @@ def build_model(
 
     config = cfg.to_transformer_config(tp=tp, pp=pp, cp=cp, sequence_parallel=sequence_parallel)
     if cfg.recompute_granularity is not None:
-        from nbdiff_megatron.model.recompute import allow_object_arguments
-
         allow_object_arguments()
     if use_transformer_engine is None:
         use_transformer_engine = uses_transformer_engine(cfg.transformer_impl)

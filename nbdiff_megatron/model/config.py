@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from nbdiff_megatron.errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
+from nbdiff_megatron.megatron_compat import known_fields
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-# params_dtype -> the torch dtype's name (torch is imported when a dtype is needed: reading and checking a
-# config, e.g. `nbdiff train --print-config` or a job script's `--print-save-dir`, does not need it).
+# params_dtype -> the name of its torch dtype (`ModelConfig.torch_dtype`).
 PARAMS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 ROPE_SCALING_TYPES = ("llama3", "linear")
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
@@ -101,8 +101,6 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """torch dtype of `params_dtype`."""
-        import torch
-
         return getattr(torch, PARAMS_DTYPES[self.params_dtype])
 
     def padded_vocab_size(self, tp: int = 1) -> int:
@@ -113,8 +111,6 @@ class ModelConfig:
     def resolved_attention_backend(self) -> str:
         """The backend used on this machine ("auto" -> flex with CUDA, sdpa otherwise)."""
         if self.attention_backend == "auto":
-            import torch
-
             return "flex" if torch.cuda.is_available() else "sdpa"
         return self.attention_backend
 
@@ -271,8 +267,7 @@ class ModelConfig:
         **overrides: Any,
     ):
         """megatron-core TransformerConfig: RMSNorm, SwiGLU, no linear bias, CPU-safe settings on CPU."""
-        import torch
-        import torch.nn.functional as F
+        # megatron-core on first use: `nbdiff plan` and config checks import this module without it
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.validate(tp=tp, pp=pp, cp=cp)
@@ -316,8 +311,6 @@ class ModelConfig:
             # p2p_communication calls torch.cuda.synchronize() when batch_p2p_sync is on.
             batch_p2p_sync=on_cuda,
         )
-        from nbdiff_megatron.megatron_compat import known_fields
-
         # A field the installed megatron-core does not know is an error, never silently dropped.
         known_fields(
             TransformerConfig,

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from nbdiff_megatron.errors import ConfigError
 from nbdiff_megatron.method.losses import LossTerms, nbdiff_loss
@@ -86,8 +87,6 @@ class ContextParallelLayout:
     @classmethod
     def current(cls, seq_length: int) -> ContextParallelLayout:
         """The layout of this process, from megatron-core's parallel_state."""
-        from megatron.core import parallel_state
-
         return cls(
             seq_length,
             parallel_state.get_context_parallel_world_size(),
@@ -260,8 +259,6 @@ def gather_cp_sequence(
     For evaluation and tests (e.g. full logits); training computes the loss on local rows instead.
     """
     if group is None:
-        from megatron.core import parallel_state
-
         group = parallel_state.get_context_parallel_group()
     world = dist.get_world_size(group)
     if world != layout.cp_size:

@@ -4,6 +4,9 @@ Used by tests, scripts and the converter: `initialize_parallel()` starts torch.d
 nccl on GPU) and megatron-core's parallel_state; `shard_full_state_dict()` slices a 1-rank ("full") state
 dict into the tensor/pipeline-parallel shard a rank holds, and `gather_full_tensor()` is its inverse for
 one parameter (e.g. to compare gradients with a 1-rank run).
+
+megatron-core is imported inside the functions that use it: `nbdiff convert --help` imports this module
+(through checkpoint.mcore_io) and must not load megatron-core (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import socket
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -37,6 +41,7 @@ def initialize_parallel(
     torch's default, 10 minutes for NCCL). Seeds megatron's RNG tracker so that dropout and weight
     initialisation are reproducible.
     """
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import parallel_state, tensor_parallel
 
     apply_cpu_patches()
@@ -70,6 +75,7 @@ def destroy_parallel() -> None:
     without a collection here they, and the threads, lived on until Python's next full collection:
     in a process that runs several trainings (ablate, the demo, the test suite), hundreds of them.
     """
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -80,8 +86,6 @@ def destroy_parallel() -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -146,6 +150,7 @@ def shard_full_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module)
     Handles column/row parallel linears, the gated fc1, vocab padding and pipeline layer offsets; with
     tied embeddings, a last stage without the embedding takes `output_layer.weight` from the embedding.
     """
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -195,6 +200,7 @@ def gather_full_tensor(
 
     `param` carries megatron's partition attributes; `full_rows` trims vocab padding on dim 0.
     """
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import parallel_state
 
     size = parallel_state.get_tensor_model_parallel_world_size()
@@ -223,6 +229,7 @@ def reduce_tensor_parallel_replicated_grads(model: torch.nn.Module) -> None:
     rank's heads, and sequence-parallel norm weights) for models NOT wrapped in megatron's DDP (tests,
     scripts). Training with DDP gets this from `finalize_model_grads`; do not call both.
     """
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import parallel_state
 
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
@@ -252,6 +259,7 @@ def reduce_context_parallel_grads(model: torch.nn.Module, *, average: bool = Tru
     plain `loss.backward()` on the local share). Training with DDP gets this from
     `finalize_model_grads`; do not call both.
     """
+    # megatron-core on first use: `nbdiff convert --help` imports this module (module doc)
     from megatron.core import parallel_state
 
     size = parallel_state.get_context_parallel_world_size()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from megatron.core import tensor_parallel
 
 __all__ = ["allow_object_arguments"]
 
@@ -40,8 +41,6 @@ def _split_checkpoint(original: Callable) -> Callable:
 
 def allow_object_arguments() -> None:
     """Let megatron-core's `tensor_parallel.checkpoint` take non-tensor arguments (idempotent)."""
-    from megatron.core import tensor_parallel
-
     current = tensor_parallel.checkpoint
     if getattr(current, "_nbdiff_wrapped", False):
         return

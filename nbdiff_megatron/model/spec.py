@@ -19,6 +19,7 @@ import dataclasses
 import functools
 from typing import Any
 
+from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -110,8 +111,6 @@ def nbdiff_layer_spec(
         use_transformer_engine: None = TE when importable; True demands TE (raises without it).
         normalization: "RMSNorm" (Llama/Qwen) or "LayerNorm".
     """
-    from megatron.core.models.gpt import gpt_layer_specs
-
     if use_transformer_engine is None:
         use_transformer_engine = HAVE_TE
     if use_transformer_engine:
@@ -139,6 +138,7 @@ def final_norm_impl(use_transformer_engine: bool) -> type:
     through the patch above) with the local ones -- never apex's FusedLayerNorm, which has no
     RMSNorm and which megatron-core would pick whenever apex imports."""
     if use_transformer_engine:
+        # optional: megatron-core's Transformer Engine extension, needed with TE layers only
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
