@@ -23,8 +23,8 @@ checkpoint folder with `metrics.jsonl` per variant. Under torchrun every variant
 with the config's layout; evaluation then runs the same on every rank at TP = PP = CP = 1 (it needs the
 model on one device) and rank 0 writes the outputs.
 
-megatron-core (through the model builder, parallel state and the training loop) is imported inside the
-functions that use it: seconds that `nbdiff ablate --help` does not pay.
+megatron-core (through the model builder and the training loop, setup and checkpointing) is imported
+inside the functions that use it: seconds that `nbdiff ablate --help` does not pay.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ from nbdiff_megatron.inference.unmasking import UnmaskingConfig
 from nbdiff_megatron.method.losses import nbdiff_loss
 from nbdiff_megatron.method.masks import training_position_ids
 from nbdiff_megatron.method.noise import block_layout, mask_tokens, sample_t
+from nbdiff_megatron.model.parallel import destroy_parallel, initialize_parallel
+from nbdiff_megatron.plots import pyplot, save_figure
+from nbdiff_megatron.training.config import load_config
 
 EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 VARIANTS = ("annealed", "plain", "ar", "nbdiff", "block_causal")
@@ -166,13 +169,8 @@ def variant_overrides(variant: Variant, base: Any, steps: int) -> list[str]:
     return out
 
 
-def _load(config: str, overrides: list[str]) -> Any:
-    from nbdiff_megatron.training.config import load_config
-
-    return load_config(config, overrides)
-
-
 def _train(cfg: Any, label: str) -> Any:
+    # lazy: megatron-core, which `nbdiff ablate --help` skips (module doc)
     from nbdiff_megatron.training.loop import train
 
     return train(cfg, label=label)
@@ -242,8 +240,8 @@ def held_out(cfg: Any, tokenizer: Any, samples: int, prompts: int, prompt_tokens
 
 
 def _build_and_load(cfg: Any, checkpoint: str) -> Any:
+    # lazy: megatron-core, which `nbdiff ablate --help` skips (module doc)
     from nbdiff_megatron.model.builder import build_model
-    from nbdiff_megatron.model.parallel import initialize_parallel
     from nbdiff_megatron.training import checkpointing
 
     initialize_parallel(1, 1, 1, seed=cfg.train.seed)
@@ -336,7 +334,8 @@ def _heldout_losses(
     model: Any, data: HeldOut, *, block: int, kind: str, shift: bool, mask_id: int
 ) -> tuple[float, float]:
     """(L_MDM at the target block size, L_AR of a plain causal forward) over the held-out set."""
-    from nbdiff_megatron.model.builder import ar_forward, nbdiff_forward  # megatron (module doc)
+    # lazy: megatron-core, which `nbdiff ablate --help` skips (module doc)
+    from nbdiff_megatron.model.builder import ar_forward, nbdiff_forward
 
     x_t, masked, p = _noised_views(data, block=block, shift=shift, mask_id=mask_id)
     device = next(model.parameters()).device
@@ -383,9 +382,7 @@ def _heldout_losses(
 
 def draw(results: dict[str, Any], path: Path) -> Path:
     """One PNG: training L_MDM / total loss curves per variant, then the held-out metrics as bars."""
-    from nbdiff_megatron.plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     variants = results["variants"]
     for name, entry in variants.items():
@@ -414,7 +411,7 @@ def draw(results: dict[str, Any], path: Path) -> Path:
         ("agreement with AR greedy", [r["agreement_with_ar"] or 0.0 for r in rows]),
         title=f"block decoding at threshold {results['threshold']:g}, held-out prompts",
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _paired_bars(
@@ -483,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     names = _parse_variants(args.variants)
     config, extra = _config_and_overrides(args, out)
-    base = _load(config, extra)
+    base = load_config(config, extra)
     steps = args.steps or (DEFAULT_STEPS if args.config is None else base.train.steps)
     _say(f"nbdiff ablate: {len(names)} variant(s) x {steps} steps from one AR checkpoint -> {out}")
     ar_checkpoint = args.ar_checkpoint
@@ -492,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
     trained: dict[str, tuple[Any, Any]] = {}
     for name in names:
         spec = VARIANT_SPECS[name]
-        cfg = _load(
+        cfg = load_config(
             config,
             [
                 *extra,
@@ -524,8 +521,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + table(results))
         print(f"\nresults {out / 'results.json'}\npicture {png}")
         print(f"done in {results['seconds'] / 60:.1f} min")
-    from nbdiff_megatron.model.parallel import destroy_parallel  # megatron (module doc)
-
     destroy_parallel()
     return 0
 
@@ -557,7 +552,7 @@ def _config_and_overrides(args: argparse.Namespace, out: Path) -> tuple[str, lis
 
 def _train_ar_start(args: argparse.Namespace, config: str, extra: list[str], out: Path) -> str:
     """Train the AR start model every variant adapts (B = 1, λ = 1); returns its checkpoint."""
-    ar_cfg = _load(
+    ar_cfg = load_config(
         config,
         [
             *extra,
@@ -628,6 +623,7 @@ def _evaluate_all(
 
 def _with_vocab(cfg: Any, tok: Any) -> Any:
     """The config with the model section training resolved (vocabulary from the tokenizer, dtype)."""
+    # lazy: megatron-core, which `nbdiff ablate --help` skips (module doc)
     from nbdiff_megatron.training.setup import model_config, resolve_precision
 
     return dataclasses.replace(cfg, model=model_config(cfg, tok, resolve_precision(cfg)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -26,7 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbdiff_megatron.data.bundled import example_config, prepare_bundled_corpus
+from nbdiff_megatron.data.bundled import (
+    bundled_tokenizer_path,
+    example_config,
+    iter_bundled_documents,
+    prepare_bundled_corpus,
+)
+from nbdiff_megatron.data.preprocess import read_sidecar
+from nbdiff_megatron.inference import ARDecoder, BlockDecoder
+from nbdiff_megatron.inference.unmasking import UnmaskingConfig
+from nbdiff_megatron.model.parallel import destroy_parallel
+from nbdiff_megatron.plots import curriculum_series, draw_curriculum, pyplot, save_figure
+from nbdiff_megatron.training.config import load_config
 
 EXAMPLE = example_config("tiny_cpu.yaml")  # packaged with the wheel (setup.py)
 DEFAULT_PROMPT = "1 In the beginning God created"
@@ -96,8 +108,6 @@ def _note(text: str) -> None:
 
 
 def _overrides(args: argparse.Namespace, data_prefix: str, *extra: str) -> list[str]:
-    from nbdiff_megatron.data.bundled import bundled_tokenizer_path
-
     return [
         f"--data.data_path=[{data_prefix}]",
         f"--data.tokenizer_model={bundled_tokenizer_path()}",
@@ -108,8 +118,7 @@ def _overrides(args: argparse.Namespace, data_prefix: str, *extra: str) -> list[
 
 
 def _train_phase(args: argparse.Namespace, overrides: list[str], label: str) -> Any:
-    from nbdiff_megatron.model.parallel import destroy_parallel
-    from nbdiff_megatron.training.config import load_config
+    # lazy: the training loop brings megatron-core, which `nbdiff demo --help` must not import
     from nbdiff_megatron.training.loop import train
 
     cfg = load_config(EXAMPLE, overrides)
@@ -124,11 +133,7 @@ def _train_phase(args: argparse.Namespace, overrides: list[str], label: str) -> 
 
 
 def _plot_losses(ar_hist: list[dict], nb_hist: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.plot([r["step"] for r in ar_hist], [r["ar"] for r in ar_hist], color="tab:gray")
     left.set_title("1. AR pre-training (B = 1, λ = 1)")
@@ -162,11 +167,7 @@ def _plot_losses(ar_hist: list[dict], nb_hist: list[dict], path: Path) -> Path:
     right.set_xlabel("step")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @dataclass
@@ -196,8 +197,6 @@ def source_continuation(prompt: str, max_documents: int, tok: Any, length: int) 
     Empty when the prompt is not in the training text or its ids are not a prefix of the ids of
     prompt + continuation (a BPE merge across the boundary): then there is nothing to compare with.
     """
-    from nbdiff_megatron.data.bundled import iter_bundled_documents
-
     for index, doc in enumerate(iter_bundled_documents()):
         if max_documents and index >= max_documents:
             break
@@ -215,10 +214,6 @@ def source_continuation(prompt: str, max_documents: int, tok: Any, length: int) 
 def verse_prompts(max_documents: int, count: int, words: int = 6) -> list[str]:
     """`count` verse openings (the verse number and the next words) spread evenly over the first
     `max_documents` documents of the corpus (0 = all): more prompts for the TPF measurement."""
-    import re
-
-    from nbdiff_megatron.data.bundled import iter_bundled_documents
-
     verses = []
     for index, doc in enumerate(iter_bundled_documents()):
         if (max_documents and index >= max_documents) or (not max_documents and index >= 50):
@@ -240,10 +235,8 @@ def _decode(
 
     Returns ([(block runs in threshold order, AR run) per prompt], block size, tokenizer).
     """
-    from nbdiff_megatron.inference import ARDecoder, BlockDecoder
+    # lazy: loading imports megatron-core, which `nbdiff demo --help` must not import
     from nbdiff_megatron.inference.loading import load_megatron
-    from nbdiff_megatron.inference.unmasking import UnmaskingConfig
-    from nbdiff_megatron.model.parallel import destroy_parallel
 
     loaded = load_megatron(Path(checkpoint))
     tok = loaded.tokenizer
@@ -315,8 +308,6 @@ def run(args: argparse.Namespace) -> int:
     headline, ar, same = _decoding(args, nb_result.checkpoint)
 
     _section(5, STEPS, "Pictures")
-    from nbdiff_megatron.plots import curriculum_series, draw_curriculum
-
     losses_png = _plot_losses(ar_result.history, nb_result.history, out / "loss_curves.png")
     curriculum_png = draw_curriculum(
         curriculum_series(nb_cfg),
@@ -364,8 +355,6 @@ def _prepare_corpus(args: argparse.Namespace, out: Path) -> str:
     prefix = prepare_bundled_corpus(str(out / "data"), max_documents=args.max_documents or None)
     _note(f"indexed dataset {prefix}.bin/.idx ({time.monotonic() - t0:.0f} s)")
     if args.max_documents:
-        from nbdiff_megatron.data.preprocess import read_sidecar
-
         size = (read_sidecar(prefix) or {}).get("tokens_all_keys")
         _note(
             f"The demo trains on the first {args.max_documents} chapter(s) of Genesis"

@@ -9,40 +9,39 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from nbdiff_megatron.errors import ConfigError
+from nbdiff_megatron.method.masks import annealed_training_mask, training_mask
 from nbdiff_megatron.training.config import load_config
-
-if TYPE_CHECKING:  # torch is imported by show-mask only (show-curriculum plots plain numbers)
-    import torch
 
 ACCEPTS_OVERRIDES = True  # show-curriculum takes a config's --a.b=value overrides
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend)."""
     # matplotlib costs seconds at import; only the commands that draw pay for it.
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster login nodes or CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot starts on that backend
 
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """`fig` laid out and written to `path` as a PNG (folders created), then closed."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def parse_doc_lengths(text: str | None, seq_len: int) -> torch.Tensor | None:
     """ "3,5,8" -> doc ids [0,0,0,1,1,1,1,1,2,...]; the lengths must add up to seq_len."""
-    import torch  # show-mask only: show-curriculum runs without torch (start-up time)
-
     if not text:
         return None
     try:
@@ -66,7 +65,7 @@ def draw_mask(
     kind: str,
 ) -> Path:
     """Save a [2L, 2L] boolean mask (True = may attend) as a labelled PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     two_l = mask.shape[-1]
     seq_len = two_l // 2
     size = min(12.0, max(5.0, two_l / 12))
@@ -105,7 +104,7 @@ def draw_mask(
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _add_show_mask(parser: argparse.ArgumentParser) -> None:
@@ -126,11 +125,6 @@ def _add_show_mask(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_show_mask(args: argparse.Namespace) -> int:
-    # show-mask only: torch (and masks.py, which imports it) cost seconds that show-curriculum skips.
-    import torch
-
-    from nbdiff_megatron.method.masks import annealed_training_mask, training_mask
-
     doc_ids = parse_doc_lengths(args.doc_lengths, args.seq_len)
     try:
         if args.kind == "annealed":
@@ -199,7 +193,7 @@ def curriculum_series(cfg, max_points: int = 4000) -> dict[str, list]:
 
 def draw_curriculum(series: dict[str, list], path: str | Path, *, title: str) -> Path:
     """Three stacked step plots: block size (log2 axis), AR weight λ, learning rate."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
     panels = [
         ("block_size", "block size B(s)", "tab:blue"),
@@ -213,7 +207,7 @@ def draw_curriculum(series: dict[str, list], path: str | Path, *, title: str) ->
     axes[0].set_yscale("log", base=2)
     axes[-1].set_xlabel("step")
     axes[0].set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _run_show_curriculum(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ import random
 import re
 import sqlite3
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 PLAYS = {
     "hamlet_gut.txt": "Hamlet",
     "macbeth_gut.txt": "Macbeth",
@@ -140,8 +142,6 @@ def chat_set(docs: list[dict], count: int, seed: int) -> list[dict]:
 
 
 def train_tokenizer(docs: list[dict], vocab_size: int, out_dir: str) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -7,6 +7,9 @@ import os
 import sys
 from typing import Any
 
+from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
+from nbdiff_megatron.convert.mcore_to_hf import mcore_to_hf
+
 DIRECTIONS = ("hf-to-mcore", "mcore-to-hf")
 
 
@@ -116,11 +119,7 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run the chosen direction and print its summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Lazy: each direction imports torch and megatron-core or transformers (seconds), which
-    # `nbdiff convert --help` and the other direction do not need.
     if args.direction == "hf-to-mcore":
-        from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
-
         summary = hf_to_mcore(
             args.hf,
             args.out,
@@ -135,8 +134,6 @@ def run(args: argparse.Namespace) -> int:
             **_common_kwargs(args),
         )
     else:
-        from nbdiff_megatron.convert.mcore_to_hf import mcore_to_hf
-
         summary = mcore_to_hf(
             args.mcore,
             args.out,

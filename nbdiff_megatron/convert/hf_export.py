@@ -16,6 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nbdiff_megatron.data.tokenizer import load_tokenizer, stop_token_ids
+from nbdiff_megatron.errors import NBDiffError
+from nbdiff_megatron.inference import hf_generate, refinement, unmasking
+
 # The files' own markers around their package imports, replaced by inlined sources on export.
 PACKAGE_IMPORTS_START = "# --- package imports: replaced by"
 PACKAGE_IMPORTS_END = "# --- end of package imports ---"
@@ -28,9 +32,6 @@ class InferenceError(ValueError):
 
 def special_token_ids(folder: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     """eos ids (a list), bos, pad of the tokenizer copied into `folder`; None if it cannot load."""
-    from nbdiff_megatron.data.tokenizer import load_tokenizer, stop_token_ids
-    from nbdiff_megatron.errors import NBDiffError
-
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         return None
     kind = info.get("tokenizer_type") or (info.get("tokenizer") or {}).get("tokenizer_type")
@@ -53,6 +54,7 @@ def set_special_tokens(config: Any, special: dict[str, Any]) -> None:
 
 def write_generation_config(folder: Path, special: dict[str, Any], mask_id: int | None) -> None:
     """generation_config.json: greedy, stops at every EOS id, never emits [MASK]."""
+    # heavy: transformers costs seconds at import; `nbdiff convert --help` imports this module
     from transformers import GenerationConfig
 
     gen = GenerationConfig(
@@ -86,7 +88,6 @@ def block_generate_source() -> str:
     """inference/hf_generate.py with its package imports replaced by the sources of unmasking.py
     (the unmasking rules) and refinement.py (the refinement loop `nbdiff generate` runs): one file
     that needs torch and transformers only."""
-    from nbdiff_megatron.inference import hf_generate, refinement, unmasking
 
     def source(module: Any) -> str:
         return Path(module.__file__).read_text(encoding="utf-8")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from nbdiff_megatron.checkpoint import common, mcore_io
 from nbdiff_megatron.checkpoint.dist import find_checkpoint, read_common_state
@@ -36,8 +37,8 @@ from nbdiff_megatron.checkpoint.hf_io import (
 )
 from nbdiff_megatron.checkpoint.tables import expected_hf_shape, table_for, to_hf
 from nbdiff_megatron.convert import hf_export
-from nbdiff_megatron.data.tokenizer import tokenizer_in_run
-from nbdiff_megatron.errors import ConfigError, ConversionError
+from nbdiff_megatron.data.tokenizer import load_tokenizer, tokenizer_in_run
+from nbdiff_megatron.errors import ConfigError, ConversionError, NBDiffError
 from nbdiff_megatron.model.config import ModelConfig
 
 
@@ -62,8 +63,6 @@ def parse_size(text: str | int) -> int:
 
 
 def _model_config_from_yaml(path: str) -> ModelConfig:
-    import yaml
-
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -89,9 +88,6 @@ def _find(mapping: Any, *paths: tuple[str, ...]) -> Any:
 
 def _tokenizer_mask_id(kind: str | None, model: str) -> int | None:
     """[MASK] id of the tokenizer a training run recorded (None if it cannot be loaded here)."""
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
-    from nbdiff_megatron.errors import NBDiffError
-
     try:
         return int(load_tokenizer(kind or "HuggingFaceTokenizer", model).mask_id)
     except NBDiffError:

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbdiff_megatron.errors import InferenceError
+from nbdiff_megatron.inference.ar import ARDecoder
+from nbdiff_megatron.inference.decoder import BlockDecoder, DecodeConfig
 from nbdiff_megatron.inference.refinement import (
     BLOCK_ALIGNS,
     capped_budgets,
     unmasking_config,
 )
-from nbdiff_megatron.inference.unmasking import UNMASKING_RULES
+from nbdiff_megatron.inference.unmasking import UNMASKING_RULES, SamplingConfig
 
 if TYPE_CHECKING:  # a type only: loading imports megatron-core (see load_model_from_args)
     from nbdiff_megatron.inference.loading import LoadedModel
@@ -227,10 +229,6 @@ def resolve_block_size(args: argparse.Namespace, loaded: Any) -> int:
 
 def build_decoder(args: argparse.Namespace, loaded: Any, max_new_tokens: int) -> Any:
     """BlockDecoder (or ARDecoder with --ar) from the command-line options and the loaded model."""
-    from nbdiff_megatron.inference.ar import ARDecoder
-    from nbdiff_megatron.inference.decoder import BlockDecoder, DecodeConfig
-    from nbdiff_megatron.inference.unmasking import SamplingConfig
-
     try:
         block_size = 1 if args.ar else resolve_block_size(args, loaded)
         config = DecodeConfig(

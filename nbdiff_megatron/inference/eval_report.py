@@ -73,10 +73,11 @@ def table_rows(runs: list[dict[str, Any]]) -> list[str]:
 def plot_accuracy_vs_tpf(runs: list[dict[str, Any]], path: str | Path) -> None:
     """A PNG of accuracy against TPF, one line per task, one point per threshold."""
     try:
+        # heavy (seconds at import): only --plot draws
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): files only, no display
     except ImportError as exc:
         raise InferenceError("--plot needs matplotlib: pip install matplotlib") from exc
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -110,7 +111,9 @@ def data_parallel_group() -> tuple[int, int, Any]:
     data-parallel group under torchrun (tensor-parallel ranks decode the same inputs), else one rank."""
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1, None
-    from megatron.core import parallel_state  # initialised by the model builder under torchrun
+    # megatron-core on first use (`nbdiff eval --help` imports this module without it); its parallel
+    # state is initialised by the model builder under torchrun
+    from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
         return dist.get_rank(), dist.get_world_size(), None

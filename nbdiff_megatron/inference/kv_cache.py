@@ -173,6 +173,7 @@ class ModelRunner:
     """Forwards of the model on new tokens, optionally through a KV cache."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        # lazy: model.attention imports megatron-core; `nbdiff generate --help` imports this module
         from nbdiff_megatron.model.attention import AttentionMask
 
         self._mask_type = AttentionMask

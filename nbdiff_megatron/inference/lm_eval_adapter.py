@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, fields
@@ -41,7 +42,11 @@ from unittest import mock
 import torch
 
 from nbdiff_megatron.errors import InferenceError
-from nbdiff_megatron.inference.cli import build_decoder, load_model_from_args
+from nbdiff_megatron.inference.cli import (
+    add_decoding_arguments,
+    build_decoder,
+    load_model_from_args,
+)
 from nbdiff_megatron.inference.eval_report import (
     add_stats,
     data_parallel_group,
@@ -51,7 +56,7 @@ from nbdiff_megatron.inference.eval_report import (
     stats_record,
     table_rows,
 )
-from nbdiff_megatron.inference.likelihood import default_loglikelihood
+from nbdiff_megatron.inference.likelihood import default_loglikelihood, diffusion_loglikelihood
 from nbdiff_megatron.inference.refinement import DecodeStats
 from nbdiff_megatron.inference.unmasking import SamplingConfig
 
@@ -60,6 +65,7 @@ LOGLIKELIHOODS = ("causal", "diffusion")
 
 def _require_lm_eval() -> Any:
     try:
+        # optional: lm-eval is the [eval] extra; the message below says how to install it
         import lm_eval  # noqa: F401
         from lm_eval.api.model import LM
     except ImportError as exc:
@@ -166,7 +172,8 @@ def write_gsm8k_style_task(
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """`messages` rendered with the tokenizer's jinja chat template (sandboxed, as transformers
     renders it)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # a transformers dependency
+    # lazy: only --apply-chat-template renders with jinja2 (tens of ms at import)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     template = env.from_string(tokenizer.chat_template)
@@ -207,6 +214,7 @@ def causal_scores(
     model: Any, pad_id: int, pairs: list[tuple[list[int], list[int]]], max_context: int
 ) -> list[tuple[float, bool]]:
     """(log p(continuation | context), continuation is greedy) of one batch, by one causal forward."""
+    # lazy: model.builder imports megatron-core; `nbdiff eval --help` must not (docs/ARCHITECTURE.md)
     from nbdiff_megatron.model.builder import ar_forward
 
     device = next(model.parameters()).device
@@ -244,8 +252,6 @@ def diffusion_scores(
     first_row: int,
 ) -> list[tuple[float, bool]]:
     """The seeded block-diffusion bound of one batch (rows seeded first_row, first_row + 1, ...)."""
-    from nbdiff_megatron.inference.likelihood import diffusion_loglikelihood
-
     chunk = []
     for ctx, cont in pairs:
         cont = cont[-(max_context - 1) :]
@@ -500,8 +506,6 @@ def make_lm_class() -> type:
 # ----------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of `nbdiff eval`."""
-    from nbdiff_megatron.inference.cli import add_decoding_arguments
-
     parser.add_argument(
         "--tasks",
         default=None,
@@ -582,7 +586,7 @@ class EvalOptions:
 def task_manager(tasks: list[str], include_path: str | list[str] | None) -> Any:
     """lm-eval's TaskManager over the local task folders, and over lm-eval's own tasks when a task is
     not found locally; InferenceError naming the unknown tasks."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional: lm-eval (checked by _require_lm_eval)
 
     paths = include_path or None
     manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
@@ -609,8 +613,9 @@ def evaluate(
     """lm_eval.simple_evaluate on local tasks, or lm-eval's own ones whose data is available;
     returns its results dict."""
     _require_lm_eval()
+    # optional: lm-eval, present here (_require_lm_eval); lm_eval loads its evaluator lazily
     import lm_eval
-    import lm_eval.evaluator  # lm_eval loads it lazily
+    import lm_eval.evaluator
 
     options = options or EvalOptions(limit=limit, num_fewshot=num_fewshot)
     manager = task_manager(tasks, include_path)
@@ -642,8 +647,6 @@ def evaluate(
 
 def _quiet_git_hash() -> str | None:
     """The commit of the current directory's git repository, or None (no message on stderr)."""
-    import subprocess
-
     try:
         out = subprocess.run(
             ["git", "describe", "--always"],

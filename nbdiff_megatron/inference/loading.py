@@ -7,16 +7,22 @@
   through `nbdiff_megatron.convert`; the tokenizer is the folder's own.
 
 `--tokenizer` overrides the stored tokenizer (e.g. a checkpoint copied from another machine).
+
+This module imports megatron-core (the model builder, dist_checkpointing): the commands import it when
+they load a model, not for `--help` (inference/cli.py `load_model_from_args`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+from megatron.core import dist_checkpointing
 
 from nbdiff_megatron.checkpoint.dist import (
     device_mode,
@@ -24,7 +30,8 @@ from nbdiff_megatron.checkpoint.dist import (
     raise_if_truncated,
     read_common_state,
 )
-from nbdiff_megatron.data.tokenizer import stop_token_ids, tokenizer_in_run
+from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
+from nbdiff_megatron.data.tokenizer import load_tokenizer, stop_token_ids, tokenizer_in_run
 from nbdiff_megatron.errors import (
     CheckpointError,
     ConfigError,
@@ -33,6 +40,8 @@ from nbdiff_megatron.errors import (
     NBDiffError,
     checkpoint_read_errors,
 )
+from nbdiff_megatron.inference.decoder import BLOCK_ALIGNS, MASK_KINDS
+from nbdiff_megatron.model.builder import build_model
 from nbdiff_megatron.model.config import ModelConfig
 
 if TYPE_CHECKING:  # typing.Unpack for **kwargs is Python >= 3.11; annotations are not evaluated
@@ -76,8 +85,6 @@ def _is_megatron_checkpoint_dir(path: Path) -> bool:
 
 
 def _tokenizer(kind: str, model: str, override: str | None, override_type: str | None) -> Any:
-    from nbdiff_megatron.data.tokenizer import load_tokenizer
-
     name = override or model
     if not name:
         raise InferenceError(
@@ -93,8 +100,6 @@ def _tokenizer(kind: str, model: str, override: str | None, override_type: str |
 
 
 def _build(cfg: ModelConfig, params_dtype: str | None) -> torch.nn.Module:
-    from nbdiff_megatron.model.builder import build_model
-
     changes: dict[str, Any] = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
     if params_dtype is not None:
         changes["params_dtype"] = params_dtype
@@ -112,8 +117,6 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     `nbdiff train` saves the DDP-wrapped model, whose tensors are keyed `module.decoder...`, while
     `nbdiff convert` saves the bare model (`decoder...`): read the stored keys and match them.
     """
-    from megatron.core import dist_checkpointing
-
     try:
         stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
     except Exception as exc:
@@ -143,8 +146,6 @@ def _load_weights(ckpt: Path, model: torch.nn.Module) -> None:
 
 def _stored_mask_kind(config: dict, converted: dict, ckpt: Path) -> str:
     """The training mask kind: train config's curriculum.mask_kind, else the convert metadata's."""
-    from nbdiff_megatron.inference.decoder import MASK_KINDS
-
     kind = (config.get("curriculum") or {}).get("mask_kind")
     if kind is None:
         kind = converted.get("mask_kind") or (converted.get("nbdiff") or {}).get("mask_kind")
@@ -164,8 +165,6 @@ def _stored_mask_kind(config: dict, converted: dict, ckpt: Path) -> str:
 def _stored_block_align(train_state: dict, converted: dict, ckpt: Path) -> str:
     """Training block alignment: the train state's `block_align` (nbdiff train packs documents, so
     "document"), else the convert metadata's, else "document"."""
-    from nbdiff_megatron.inference.decoder import BLOCK_ALIGNS
-
     align = train_state.get("block_align")
     if align is None:
         align = converted.get("block_align") or (converted.get("nbdiff") or {}).get("block_align")
@@ -180,8 +179,6 @@ def _stored_block_align(train_state: dict, converted: dict, ckpt: Path) -> str:
 
 def _hf_nbdiff_settings(path: Path) -> dict[str, Any]:
     """block_size / token_shift / mask_kind from an exported HF config.json's `nbdiff` block."""
-    import json
-
     try:
         hf_config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -279,15 +276,6 @@ def load_hf(path: Path, **options: Unpack[LoadOptions]) -> LoadedModel:
     """A model from an HF folder: converted by `nbdiff_megatron.checkpoint.hf_to_mcore` into a temporary
     megatron-core checkpoint (the converter's own tables, so HF -> model mapping lives in one place),
     then loaded like one. Costs a copy of the weights on disk while loading."""
-    import tempfile
-
-    try:
-        from nbdiff_megatron.checkpoint.hf_to_mcore import hf_to_mcore
-    except ImportError as exc:
-        raise InferenceError(
-            f"{path} is an HF folder but nbdiff_megatron.convert is unavailable ({exc}); convert it "
-            "with `nbdiff convert hf-to-mcore` and pass the result to --load"
-        ) from exc
     with tempfile.TemporaryDirectory(prefix="nbdiff_hf_") as tmp:
         out = Path(tmp) / "mcore"
         try:
