@@ -26,6 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import nbdiff_megatron  # noqa: E402  (the repository, put on the path above)
+
+nbdiff_megatron.install_compat()  # as the `nbdiff` command does, before model.attention imports megatron-core
+
 from nbdiff_megatron.method.masks import training_mask, training_mask_mod  # noqa: E402
 from nbdiff_megatron.model.attention import (  # noqa: E402
     AttentionMask,

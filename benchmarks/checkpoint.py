@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nbdiff_megatron import install_compat
+
 MODES = {
     "sync": ["--checkpoint.fully_parallel_save=false", "--checkpoint.fully_parallel_load=false"],
     "fully_parallel": [
@@ -120,6 +122,7 @@ def run_mode(name: str, args: argparse.Namespace, root: Path, base: list[str]) -
 
 
 def main() -> None:
+    install_compat()  # as the `nbdiff` command does, before megatron-core is imported
     import torch.distributed as dist
 
     from nbdiff_megatron.data.bundled import prepare_bundled_corpus

@@ -38,6 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from nbdiff_megatron import install_compat
+
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = {"nbdiff": ["nbdiff"], "ar": ["ar"], "both": ["nbdiff", "ar"]}
 LABELS = {"nbdiff": "NBDiff", "ar": "AR"}
@@ -119,6 +121,7 @@ def _measure(cfg: Any, objective: str, warmup: int, flops: float, peak: float | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_compat()  # as the `nbdiff` command does, before megatron-core is imported
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )

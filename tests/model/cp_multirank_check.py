@@ -29,6 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from multirank_check import full_gradients  # noqa: E402  (sibling script, same folder)
 
+import nbdiff_megatron  # noqa: E402
+
+nbdiff_megatron.install_compat()  # as the `nbdiff` command does (docs/ARCHITECTURE.md)
+
 from nbdiff_megatron.megatron_compat import cuda_to_cpu  # noqa: E402
 from nbdiff_megatron.method.losses import loss_token_counts, nbdiff_loss  # noqa: E402
 from nbdiff_megatron.method.masks import document_positions  # noqa: E402
