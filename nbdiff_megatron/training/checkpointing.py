@@ -61,7 +61,7 @@ from nbdiff_megatron.training.run_identity import check_resume
 
 try:
     from megatron.core.optimizer.optimizer import param_group_identifier_keys
-except ImportError:  # megatron-core < 0.19 pairs saved and current param groups by position itself
+except ImportError:  # a megatron-core without it pairs saved and current param groups by position
     param_group_identifier_keys = None
 
 ANOMALOUS_DIR = "anomalous"
@@ -462,14 +462,15 @@ def _init_distributed_optimizer_state(optimizer: Any) -> None:
 def _pair_saved_param_groups_by_position(optimizer: Any, saved: Any) -> None:
     """Give the saved param groups the current groups' settings, pairing them by position.
 
-    megatron-core 0.19's DistributedOptimizer.load_state_dict pairs saved and current groups by their
-    settings (`param_group_identifier_keys`: max_lr, min_lr, wd_mult, ...), so a resume that changes
-    --optimizer.lr (a change the resume rule allows) finds no saved group: KeyError. The groups are
+    megatron-core's DistributedOptimizer.load_state_dict pairs saved and current groups by their
+    settings (`param_group_identifier_keys`: wd_mult, lr_mult, ... in 0.16; max_lr and min_lr too in
+    0.19), so on 0.19 a resume that changes --optimizer.lr (a change the resume rule allows) finds no
+    saved group: KeyError. The groups are
     built the same way on every start (same model, same grouping), so their order pairs them; the
     learning rate of every step comes from the schedule anyway (_set_lr). No-op on megatron-core
     versions without that pairing, and where the group counts differ (megatron-core then reports it).
     """
-    if param_group_identifier_keys is None:  # megatron-core < 0.19 pairs them by position itself
+    if param_group_identifier_keys is None:  # this megatron-core pairs them by position itself
         return
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
     if len(opts) == 1:
