@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -375,21 +375,8 @@ def preprocess(
     tokenizer_options: dict[str, Any] | None = None,
 ) -> PreprocessSummary:
     """Tokenize `inputs` into one megatron-core indexed dataset per json key (see module doc)."""
-    # lazy: megatron_io imports megatron-core; `nbdiff preprocess --help` imports this module
-    from nbdiff_megatron.data import megatron_io
-
     json_keys = list(json_keys)
-    if workers < 1:
-        raise DataError(f"--workers must be >= 1, got {workers}.")
-    if partitions < 1:
-        raise DataError(f"--partitions must be >= 1, got {partitions}.")
-    if max_line_bytes < 1:
-        raise DataError(f"--max-line-bytes must be >= 1, got {max_line_bytes}.")
-    if text_split not in TEXT_SPLITS:
-        raise DataError(f"--text-split {text_split!r} must be one of {', '.join(TEXT_SPLITS)}.")
-    # --keep-newlines without --split-sentences does nothing, as in Megatron-LM (which accepts it)
-    if len(set(json_keys)) != len(json_keys) or not json_keys:
-        raise DataError(f"--json-keys {json_keys} must be distinct and non-empty.")
+    _check_options(workers, partitions, max_line_bytes, text_split, json_keys)
     tokenizer_type = canonical_tokenizer_type(tokenizer_type)
     tokenizer_args = dict(
         tokenizer_type=tokenizer_type,
@@ -401,31 +388,14 @@ def preprocess(
     if split_sentences:
         sentence_splitter(*splitter_args)  # a missing nltk or punkt model fails here, once
     _check_writable(output_prefix)
-
-    files, missing = expand_inputs(list(inputs), output_prefix)
-    if strict and missing:
-        raise DataError(
-            f"{missing[0]}; fix the --input path (--strict stops at the first problem)."
-        )
-    if not files:
-        raise DataError(
-            "no input file found: "
-            + "; ".join(f"{m.location} ({m.detail})" for m in missing)
-            + ". Check --input."
-        )
+    files, missing = _input_files(inputs, output_prefix, strict)
 
     summary = PreprocessSummary()
     for problem in missing:
         _record_problem(summary, problem)
     level = "sentence" if split_sentences else "document"
     prefixes = {key: output_prefix_for(output_prefix, key, level) for key in json_keys}
-    tmp_tag = f".tmp{os.getpid()}"
-    # Sized as Megatron-LM sizes it: by the ids text can have, not by an appended [MASK].
-    dtype = megatron_io.optimal_dtype(tokenizer.text_vocab_size)
-    builders = {
-        key: megatron_io.IndexedDatasetBuilder(prefix + tmp_tag + ".bin", dtype=dtype)
-        for key, prefix in prefixes.items()
-    }
+    staged = _StagedDatasets(prefixes, tokenizer.text_vocab_size)
     finished = False
     t0 = time.perf_counter()
 
@@ -442,61 +412,147 @@ def preprocess(
         workers,
     )
     try:
-        bar = _ProgressBar(progress, log_interval)
-        for result in results:
-            if isinstance(result, Problem):
-                if strict:
-                    raise DataError(f"{result}; fix the input or drop --strict to skip it.")
-                _record_problem(summary, result)
-                continue
-            n_tokens = 0
-            for key, (ids, lengths) in result.items():
-                builders[key].add_document(ids, lengths)
-                n_tokens += len(ids)
-            summary.documents += 1
-            summary.tokens += n_tokens
-            bar.update(1, n_tokens)
-        bar.close()
+        _write_documents(results, staged, summary, strict, _ProgressBar(progress, log_interval))
         if summary.documents == 0:
             raise DataError(_no_document_message(files, summary))
-        for key, prefix in prefixes.items():
-            builders[key].finalize(prefix + tmp_tag + ".idx")
         summary.seconds = time.perf_counter() - t0
         meta = tokenizer_metadata(tokenizer)
-        summary.special_ids = (
-            f"end-of-document {meta['eod']}, [MASK] {meta['mask_id']}"
-            + (" (added after the vocabulary)" if meta["mask_added"] else "")
-            + f", vocabulary {meta['vocab_size']} ([MASK] included)"
-        )
-        for key, prefix in prefixes.items():
-            sidecar = dict(
+        summary.special_ids = _special_ids_line(meta)
+
+        def sidecar(key: str) -> dict[str, Any]:
+            return dict(
                 meta,
                 format_version=SIDECAR_VERSION,
                 json_key=key,
                 append_eod=append_eod,
                 documents=summary.documents,
                 tokens_all_keys=summary.tokens,
-                dtype=np.dtype(dtype).name,
+                dtype=np.dtype(staged.dtype).name,
                 inputs=files,
                 split_sentences=split_sentences,
                 include_special_tokens=bool(getattr(tokenizer, "include_special_tokens", False)),
             )
-            with open(prefix + tmp_tag + ".json", "w", encoding="utf-8") as f:
-                json.dump(sidecar, f, indent=2)
-            for ext in (".bin", ".idx", ".json"):
-                os.replace(prefix + tmp_tag + ext, prefix + ext)
-            summary.output_prefixes[key] = prefix
+
+        summary.output_prefixes = staged.commit(sidecar)
         _write_problem_list(output_prefix, summary)
         finished = True
     finally:
         results.close()  # stops the worker pool at once when we leave early
         if not finished:
-            for key, prefix in prefixes.items():
-                builders[key].data_file.close()
-                for ext in (".bin", ".idx", ".json"):
-                    if os.path.exists(prefix + tmp_tag + ext):
-                        os.remove(prefix + tmp_tag + ext)
+            staged.discard()
     return summary
+
+
+def _check_options(
+    workers: int, partitions: int, max_line_bytes: int, text_split: str, json_keys: list[str]
+) -> None:
+    if workers < 1:
+        raise DataError(f"--workers must be >= 1, got {workers}.")
+    if partitions < 1:
+        raise DataError(f"--partitions must be >= 1, got {partitions}.")
+    if max_line_bytes < 1:
+        raise DataError(f"--max-line-bytes must be >= 1, got {max_line_bytes}.")
+    if text_split not in TEXT_SPLITS:
+        raise DataError(f"--text-split {text_split!r} must be one of {', '.join(TEXT_SPLITS)}.")
+    # --keep-newlines without --split-sentences does nothing, as in Megatron-LM (which accepts it)
+    if len(set(json_keys)) != len(json_keys) or not json_keys:
+        raise DataError(f"--json-keys {json_keys} must be distinct and non-empty.")
+
+
+def _input_files(
+    inputs: list[str], output_prefix: str, strict: bool
+) -> tuple[list[str], list[Problem]]:
+    """The input files to read and the inputs that could not be found (an error under --strict)."""
+    files, missing = expand_inputs(list(inputs), output_prefix)
+    if strict and missing:
+        raise DataError(
+            f"{missing[0]}; fix the --input path (--strict stops at the first problem)."
+        )
+    if not files:
+        raise DataError(
+            "no input file found: "
+            + "; ".join(f"{m.location} ({m.detail})" for m in missing)
+            + ". Check --input."
+        )
+    return files, missing
+
+
+def _write_documents(
+    results: Iterable[dict[str, tuple[list[int], list[int]]] | Problem],
+    staged: _StagedDatasets,
+    summary: PreprocessSummary,
+    strict: bool,
+    bar: _ProgressBar,
+) -> None:
+    """Add every tokenized document to the datasets; count, or (--strict) stop at, the bad ones."""
+    for result in results:
+        if isinstance(result, Problem):
+            if strict:
+                raise DataError(f"{result}; fix the input or drop --strict to skip it.")
+            _record_problem(summary, result)
+            continue
+        n_tokens = staged.add_document(result)
+        summary.documents += 1
+        summary.tokens += n_tokens
+        bar.update(1, n_tokens)
+    bar.close()
+
+
+def _special_ids_line(meta: dict[str, Any]) -> str:
+    """The end-of-document and [MASK] ids, as the summary prints them."""
+    return (
+        f"end-of-document {meta['eod']}, [MASK] {meta['mask_id']}"
+        + (" (added after the vocabulary)" if meta["mask_added"] else "")
+        + f", vocabulary {meta['vocab_size']} ([MASK] included)"
+    )
+
+
+class _StagedDatasets:
+    """One indexed dataset per json key, written under temporary names: `commit` finalizes them,
+    writes their sidecars and renames every file into place; `discard` removes what was written."""
+
+    def __init__(self, prefixes: dict[str, str], text_vocab_size: int) -> None:
+        # lazy: megatron_io imports megatron-core; `nbdiff preprocess --help` imports this module
+        from nbdiff_megatron.data import megatron_io
+
+        self.prefixes = prefixes
+        self.tag = f".tmp{os.getpid()}"
+        # Sized as Megatron-LM sizes it: by the ids text can have, not by an appended [MASK].
+        self.dtype = megatron_io.optimal_dtype(text_vocab_size)
+        self.builders = {
+            key: megatron_io.IndexedDatasetBuilder(self._staged(key, ".bin"), dtype=self.dtype)
+            for key in prefixes
+        }
+
+    def _staged(self, key: str, ext: str) -> str:
+        return self.prefixes[key] + self.tag + ext
+
+    def add_document(self, document: dict[str, tuple[list[int], list[int]]]) -> int:
+        """Add one document's ids (and sentence lengths) under each key; returns its token count."""
+        n_tokens = 0
+        for key, (ids, lengths) in document.items():
+            self.builders[key].add_document(ids, lengths)
+            n_tokens += len(ids)
+        return n_tokens
+
+    def commit(self, sidecar_of: Callable[[str], dict[str, Any]]) -> dict[str, str]:
+        """Finalize every key's dataset, write its sidecar, rename its files into place; returns the
+        output prefix of each key."""
+        for key in self.prefixes:
+            self.builders[key].finalize(self._staged(key, ".idx"))
+        for key, prefix in self.prefixes.items():
+            with open(self._staged(key, ".json"), "w", encoding="utf-8") as f:
+                json.dump(sidecar_of(key), f, indent=2)
+            for ext in (".bin", ".idx", ".json"):
+                os.replace(self._staged(key, ext), prefix + ext)
+        return dict(self.prefixes)
+
+    def discard(self) -> None:
+        for key in self.prefixes:
+            self.builders[key].data_file.close()
+            for ext in (".bin", ".idx", ".json"):
+                if os.path.exists(self._staged(key, ext)):
+                    os.remove(self._staged(key, ext))
 
 
 def _no_document_message(files: list[str], summary: PreprocessSummary) -> str:
