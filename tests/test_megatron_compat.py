@@ -11,7 +11,7 @@ import torch
 
 from nbdiff_megatron import megatron_compat
 from nbdiff_megatron.errors import CompatibilityError
-from nbdiff_megatron.model.parallel import initialize_parallel
+from nbdiff_megatron.model.parallel import destroy_parallel, initialize_parallel
 from tests.launch import REPO, clean_env
 
 
@@ -137,16 +137,25 @@ def test_the_gradient_norm_is_the_float64_norm_whatever_the_tensor_length() -> N
     from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 
     megatron_compat.apply_cpu_patches()
-    # The session's `one_rank` state may have been torn down by an in-process run on this worker.
-    if not parallel_state.model_parallel_is_initialized():
-        initialize_parallel(1, 1, 1)
     generator = torch.Generator().manual_seed(0)
     embedding = torch.randn(1 << 20, generator=generator)  # most of the norm, as in the tiny model
     layer = torch.randn(4096, generator=generator)
     true_norm = float(torch.cat([embedding, layer]).double().square().sum().sqrt())
-    group = parallel_state.get_model_parallel_group()
-    with megatron_compat.cuda_to_cpu():
-        whole = get_grad_norm_fp32([embedding, layer], grad_stats_parallel_group=group)
-        shards = get_grad_norm_fp32([*embedding.chunk(2), layer], grad_stats_parallel_group=group)
+    # A 1-rank group of our own, torn down after: the session's `one_rank` state may be gone (an
+    # in-process run on this worker ends with destroy_parallel), and a group left up would change
+    # what a later test on this worker starts from.
+    started = not parallel_state.model_parallel_is_initialized()
+    if started:
+        initialize_parallel(1, 1, 1)
+    try:
+        group = parallel_state.get_model_parallel_group()
+        with megatron_compat.cuda_to_cpu():
+            whole = get_grad_norm_fp32([embedding, layer], grad_stats_parallel_group=group)
+            shards = get_grad_norm_fp32(
+                [*embedding.chunk(2), layer], grad_stats_parallel_group=group
+            )
+    finally:
+        if started:
+            destroy_parallel()
     assert whole == pytest.approx(true_norm, rel=1e-6)
     assert shards == pytest.approx(true_norm, rel=1e-6)

@@ -31,6 +31,9 @@ def test_nccl_timeout_reaches_the_default_group_and_megatrons_groups(corpus_pref
     cfg = load_config(TINY, tiny_overrides(corpus_prefix, "--parallel.nccl_timeout_minutes=7"))
     for name in DIST_VARS:
         os.environ.pop(name, None)
+    # A default group left up by an earlier in-process test on this worker was started with another
+    # timeout, and initialize_parallel keeps a group it finds: start from none.
+    destroy_parallel()
     try:
         init_distributed(cfg)
         assert _group_timeout_minutes(dist.group.WORLD) == 7
